@@ -1,0 +1,1 @@
+"""Example models and checkpoint makers for bntool (importable as ``examples``)."""
