@@ -1,0 +1,56 @@
+"""bntool: BatchNorm surgery for PyTorch checkpoints, each step verified.
+
+The public API::
+
+    import bntool
+    folded, report = bntool.fold(model, example_inputs)
+    model = bntool.load("folded.safetensors", model=MyNet())
+
+Names are imported on first use, so ``import bntool`` (and ``bntool --help``)
+stays fast and never imports typer, rich or onnx.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+#: public name -> module that defines it
+_EXPORTS = {
+    "load": "bntool.checkpoint",
+    "save": "bntool.checkpoint",
+    "fold": "bntool.folding",
+    "plan_fold": "bntool.folding",
+    "FoldPlan": "bntool.folding",
+    "FoldReport": "bntool.folding",
+    "Skip": "bntool.folding",
+    "compare": "bntool.verify",
+    "Comparison": "bntool.verify",
+    "BntoolError": "bntool.errors",
+    "InputError": "bntool.errors",
+    "VerificationError": "bntool.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bntool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import load, save
+    from .errors import BntoolError, InputError, VerificationError
+    from .folding import FoldPlan, FoldReport, Skip, fold, plan_fold
+    from .verify import Comparison, compare

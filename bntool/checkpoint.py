@@ -1,0 +1,407 @@
+"""Reading and writing checkpoints, safely and atomically.
+
+Reading: ``.safetensors`` needs no code; ``.pt/.pth/.bin/.ckpt`` go through
+``torch.load(weights_only=True)``, and a file that would need arbitrary
+unpickling is refused unless ``allow_pickle=True``. Training checkpoints nest
+their state dict (``{"epoch": 3, "state_dict": {...}}``) and prefix its keys
+(``module.`` under DataParallel/DDP, ``_orig_mod.`` under torch.compile); both
+are resolved against the model the weights are meant for.
+
+Writing: a temporary file in the destination folder, checked by the caller,
+then renamed into place. The metadata carries bntool's recipe, so that
+``bntool.load(path, model=MyNet())`` rebuilds the same structure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointMismatchError, InputError, UnsafeFileError
+from .recipe import replay
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+#: Keys under which training scripts store the model's state dict, most likely first.
+STATE_DICT_KEYS = (
+    "state_dict", "model_state_dict", "model", "module", "net", "network", "weights",
+    "state_dict_ema", "model_ema", "ema_state_dict", "ema",
+)
+#: Prefixes added by wrappers: DataParallel/DDP, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+META_KEY = "bntool"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One state dict found in a file: where it sits (``key``) and its tensors."""
+
+    key: str | None
+    state_dict: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a checkpoint file holds, before it meets a model."""
+
+    path: Path
+    sha256: str
+    candidates: tuple[Candidate, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    module: nn.Module | None = None  # a whole pickled model (only with allow_pickle)
+
+    @property
+    def recipe(self) -> list[dict[str, Any]]:
+        return list(self.metadata.get("recipe", []))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The state dict chosen for a model, with what was done to find it."""
+
+    state_dict: dict[str, torch.Tensor]
+    key: str | None
+    stripped_prefix: str | None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read(path: str | os.PathLike, *, key: str | None = None, allow_pickle: bool = False) -> Loaded:
+    """Read a checkpoint file without running code from it (unless ``allow_pickle``)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"`{path}` does not exist; pass the path of a checkpoint file")
+    if path.is_dir():
+        raise InputError(f"`{path}` is a folder; pass a checkpoint file ({', '.join(WEIGHT_SUFFIXES)})")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        obj, metadata = _read_safetensors(path)
+    elif suffix in TORCH_SUFFIXES:
+        obj = _read_torch(path, allow_pickle)
+        metadata = obj.pop(META_KEY, {}) if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict) else {}
+    else:
+        raise InputError(
+            f"`{path}` has an unknown extension `{path.suffix}`; bntool reads {', '.join(WEIGHT_SUFFIXES)}"
+        )
+    module = obj if isinstance(obj, nn.Module) else None
+    if module is not None:
+        obj = module.state_dict()
+    candidates = tuple(_find_state_dicts(obj))
+    if key is not None:
+        candidates = tuple(c for c in candidates if c.key == key)
+        if not candidates:
+            found = ", ".join(f"`{c.key}`" for c in _find_state_dicts(obj) if c.key) or "none"
+            raise InputError(f"`{path}` has no state dict under --key `{key}`; state dicts found under: {found}")
+    if not candidates:
+        raise InputError(
+            f"`{path}` holds no state dict (no mapping of names to tensors); "
+            f"top-level keys: {_describe_keys(obj)}"
+        )
+    return Loaded(path=path, sha256=sha256(path), candidates=candidates, metadata=metadata, module=module)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read `{path}` as safetensors: {exc}") from None
+    metadata = {}
+    if META_KEY in raw_meta:
+        try:
+            metadata = json.loads(raw_meta[META_KEY])
+        except json.JSONDecodeError:
+            raise InputError(f"`{path}` has unreadable bntool metadata; re-create it with bntool") from None
+    return tensors, metadata
+
+
+def _read_torch(path: Path, allow_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as exc:
+        if allow_pickle:
+            raise InputError(f"cannot unpickle `{path}`: {_first_line(exc)}") from None
+        raise UnsafeFileError(
+            f"`{path}` contains pickled Python objects ({_unsafe_global(exc)}); loading it would run code "
+            "from the file, which can do anything. Re-save its state_dict, or pass --allow-pickle "
+            "if you trust where it came from"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read `{path}` as a PyTorch file: {_first_line(exc)}") from None
+
+
+def _unsafe_global(exc: Exception) -> str:
+    for line in str(exc).splitlines():
+        if "GLOBAL" in line or "Unsupported global" in line or "Unsupported operand" in line:
+            return line.strip().rstrip(".")[:160]
+    return _first_line(exc)[:160]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def _find_state_dicts(obj: Any, prefix: str | None = None, depth: int = 0) -> Iterator[Candidate]:
+    if _is_state_dict(obj):
+        yield Candidate(prefix, dict(obj))
+        return
+    if not isinstance(obj, dict) or depth > 3:
+        return
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    nested = [k for k, v in obj.items() if isinstance(k, str) and isinstance(v, dict)]
+    for k in sorted(nested, key=lambda k: (STATE_DICT_KEYS.index(k) if k in STATE_DICT_KEYS else 99, k)):
+        yield from _find_state_dicts(obj[k], k if prefix is None else f"{prefix}.{k}", depth + 1)
+    if tensors and len(tensors) >= len(obj) // 2:  # a state dict with a few non-tensor extras
+        yield Candidate(prefix, tensors)
+
+
+def _describe_keys(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = [str(k) for k in obj][:8]
+        return ", ".join(f"`{k}`" for k in keys) or "(empty)"
+    return f"a {type(obj).__name__}"
+
+
+# ----------------------------------------------------------------------------- matching a model
+
+
+def resolve(loaded: Loaded, model: nn.Module | None, *, strip_prefix: bool = True) -> Resolved:
+    """Choose the state dict that fits ``model`` and strip wrapper prefixes.
+
+    Without a model, the first candidate is taken with ``module.`` /
+    ``_orig_mod.`` removed. With one, every candidate is tried; exactly one
+    must fit, else the error names the candidates and ``--key``.
+    """
+    expected = set(_expected_keys(model, loaded.recipe)) if model is not None else None
+    fits: list[Resolved] = []
+    for cand in loaded.candidates:
+        state, prefix = (_strip(cand.state_dict, expected) if strip_prefix else (cand.state_dict, None))
+        if expected is None or set(state) == expected:
+            fits.append(Resolved(state, cand.key, prefix))
+    if expected is None:
+        return fits[0]
+    if len(fits) == 1:
+        return fits[0]
+    if len(fits) > 1:
+        keys = ", ".join(f"`{r.key}`" for r in fits)
+        raise InputError(
+            f"`{loaded.path}` holds {len(fits)} state dicts that fit the model ({keys}); pass --key to choose one"
+        )
+    best = loaded.candidates[0]
+    state, prefix = _strip(best.state_dict, expected) if strip_prefix else (best.state_dict, None)
+    raise _mismatch(loaded.path, model, state, expected, prefix, strip_prefix)
+
+
+def _strip(state: dict[str, torch.Tensor], expected: set[str] | None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Remove wrapper prefixes (``module.``, ``_orig_mod.``, or one shared prefix that makes the keys fit)."""
+    removed = ""
+    changed = True
+    while changed:
+        changed = False
+        if expected is not None and set(state) == expected:
+            break
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                removed += prefix
+                changed = True
+    if expected is not None and set(state) != expected and state:
+        first = next(iter(state)).split(".", 1)[0] + "."
+        if all(k.startswith(first) for k in state):
+            stripped = {k[len(first):]: v for k, v in state.items()}
+            if set(stripped) == expected:
+                state, removed = stripped, removed + first
+    return state, removed or None
+
+
+def _expected_keys(model: nn.Module, recipe: list[dict[str, Any]]) -> list[str]:
+    if recipe:
+        import copy
+
+        model = replay(copy.deepcopy(model), recipe)
+    return list(model.state_dict().keys())
+
+
+def _mismatch(path, model, state, expected, prefix, strip_prefix) -> CheckpointMismatchError:
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+
+    def short(keys: list[str]) -> str:
+        shown = ", ".join(f"`{k}`" for k in keys[:3])
+        return shown + (", ..." if len(keys) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys missing ({short(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({short(unexpected)})")
+    hint = "check --model and --model-args, or pass --key to pick another state dict in the file"
+    if not strip_prefix and any(k.startswith(WRAPPER_PREFIXES) for k in unexpected):
+        hint = "the checkpoint looks wrapped (DataParallel / torch.compile); drop --no-strip-prefix"
+    return CheckpointMismatchError(
+        f"cannot load `{path}` into `{type(model).__name__}`: {' and '.join(parts)}; {hint}"
+    )
+
+
+def load_state(
+    model: nn.Module, loaded: Loaded, *, strip_prefix: bool = True, resolved: Resolved | None = None
+) -> nn.Module:
+    """Replay the file's recipe on ``model`` (in place), then load its weights strictly."""
+    resolved = resolved or resolve(loaded, model, strip_prefix=strip_prefix)
+    replay(model, loaded.recipe)
+    own = model.state_dict()
+    wrong = [
+        f"`{k}` is {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the model"
+        for k, v in resolved.state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if wrong:
+        more = f" (and {len(wrong) - 2} more)" if len(wrong) > 2 else ""
+        raise CheckpointMismatchError(
+            f"cannot load `{loaded.path}` into `{type(model).__name__}`: {'; '.join(wrong[:2])}{more}; "
+            "check --model-args (sizes, number of classes)"
+        )
+    model.load_state_dict(resolved.state_dict, strict=True)
+    return model
+
+
+def load(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    key: str | None = None,
+    allow_pickle: bool = False,
+    strip_prefix: bool = True,
+) -> nn.Module:
+    """Load a checkpoint (bntool output or any training checkpoint) into ``model``.
+
+    The recipe stored by bntool (folds, frozen layers...) is replayed on
+    ``model`` first, so ``bntool.load("folded.safetensors", model=resnet50())``
+    returns the folded model. ``model`` is changed in place and returned.
+    """
+    return load_state(model, read(path, key=key, allow_pickle=allow_pickle), strip_prefix=strip_prefix)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def check_output_path(out: str | os.PathLike, *, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse an output that exists (without ``force``), that is an input, or whose folder is missing."""
+    out = Path(out)
+    for source in inputs:
+        if out.exists() and source.exists() and out.resolve() == source.resolve():
+            raise InputError(f"--out `{out}` is the input file; bntool never modifies its input, pass another path")
+    if out.exists() and not force:
+        raise InputError(f"`{out}` already exists; pass --force to replace it or choose another --out")
+    if out.is_dir():
+        raise InputError(f"--out `{out}` is a folder; pass a file path")
+    if not out.parent.exists():
+        raise InputError(f"the folder of --out `{out}` does not exist; create `{out.parent}` first")
+    return out
+
+
+def metadata_for(recipe: list[dict[str, Any]], source: Loaded | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"bntool_version": __version__, "recipe": recipe}
+    if source is not None:
+        meta["source"] = {"file": source.path.name, "sha256": source.sha256}
+        if "source" in source.metadata:
+            meta["origin"] = source.metadata.get("origin", source.metadata["source"])
+    return meta
+
+
+@contextlib.contextmanager
+def atomic_path(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; rename it to ``out`` if the block succeeds, else delete it."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{out.suffix}")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        os.replace(tmp_path, out)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_state(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any], fmt: str) -> None:
+    """Write ``state`` with bntool ``metadata`` to ``path`` as ``safetensors`` or ``pt``."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata={META_KEY: json.dumps(metadata), "format": "pt"})
+    else:
+        torch.save({"state_dict": tensors, META_KEY: metadata}, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def output_format(out: Path) -> str:
+    suffix = out.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "pt"
+    raise InputError(f"--out `{out}` has extension `{out.suffix}`; use .safetensors (recommended) or .pt")
+
+
+def save(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    recipe: list[dict[str, Any]],
+    source: Loaded | None = None,
+    force: bool = False,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``model``'s weights and ``recipe`` atomically.
+
+    ``check(tmp_path)`` runs on the written temporary file before it is renamed
+    into place (bntool reloads it into a fresh model and compares again); if it
+    raises, nothing is left behind.
+    """
+    out = check_output_path(out, force=force, inputs=(source.path,) if source else ())
+    fmt = output_format(out)
+    with atomic_path(out) as tmp:
+        write_state(tmp, model.state_dict(), metadata_for(recipe, source), fmt)
+        if check is not None:
+            check(tmp)
+    return out

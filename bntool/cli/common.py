@@ -1,0 +1,126 @@
+"""What every subcommand does around its surgery: load the model, pick inputs, write verified output.
+
+Imported inside command functions (it imports torch).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import checkpoint, console, modelspec
+from ..errors import InputError, VerificationError
+from ..verify import Comparison, compare, make_inputs, parse_shape
+
+
+@dataclass
+class Source:
+    """A model built from ``--model`` with a checkpoint's weights, and how to build it again."""
+
+    model: nn.Module
+    loaded: checkpoint.Loaded
+    resolved: checkpoint.Resolved
+    spec: str | None
+    build_fresh: Callable[[], nn.Module]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "input": str(self.loaded.path),
+            "model": self.spec,
+            "key": self.resolved.key,
+            "stripped_prefix": self.resolved.stripped_prefix,
+            "recipe_in": self.loaded.recipe,
+        }
+
+
+def load_source(
+    path: Path,
+    *,
+    model_spec: str | None,
+    model_args: str | None,
+    key: str | None,
+    allow_pickle: bool,
+    strip_prefix: bool,
+) -> Source:
+    """Read ``path`` safely and load it into the model ``--model`` builds (or the pickled model itself)."""
+    kwargs = modelspec.parse_kwargs(model_args)
+    loaded = checkpoint.read(path, key=key, allow_pickle=allow_pickle)
+    if model_spec is not None:
+        def build_fresh() -> nn.Module:
+            return modelspec.build(model_spec, kwargs)
+    elif loaded.module is not None:
+        skeleton = copy.deepcopy(loaded.module)
+
+        def build_fresh() -> nn.Module:
+            return copy.deepcopy(skeleton)
+    else:
+        raise InputError(
+            f"`{path}` holds weights only; pass --model with the code that builds the network, "
+            "e.g. --model mypkg.models:resnet50 or --model path/to/models.py:resnet50"
+        )
+    model = build_fresh()
+    resolved = checkpoint.resolve(loaded, model, strip_prefix=strip_prefix)
+    checkpoint.load_state(model, loaded, resolved=resolved)
+    model.eval()
+    return Source(model, loaded, resolved, model_spec, build_fresh)
+
+
+def verification_inputs(model: nn.Module, shapes: list[str] | None, seed: int) -> tuple[torch.Tensor, ...]:
+    return make_inputs(model, [parse_shape(s) for s in shapes] if shapes else None, seed=seed)
+
+
+def default_out(path: Path, suffix: str) -> Path:
+    """``best.pth`` -> ``best.folded.safetensors`` beside it."""
+    return path.with_name(f"{path.stem}.{suffix}.safetensors")
+
+
+def write_verified(
+    source: Source,
+    result: nn.Module,
+    out: Path,
+    step: dict[str, Any],
+    *,
+    force: bool,
+    recheck: Callable[[nn.Module], Comparison],
+) -> Path:
+    """Write ``result`` atomically; before the rename, reload the file into a fresh model and check it again."""
+
+    def check(tmp: Path) -> None:
+        fresh = checkpoint.load(tmp, source.build_fresh()).eval()
+        comparison = recheck(fresh)
+        if not comparison.passed:
+            raise VerificationError(comparison.failure_message(f"the model reloaded from `{out}`"))
+
+    return checkpoint.save(result, out, recipe=[*source.loaded.recipe, step], source=source.loaded, force=force, check=check)
+
+
+def comparison_rows(comparison: Comparison) -> list[list[Any]]:
+    rows = []
+    for o in comparison.outputs:
+        agree = f"{o.argmax_agreement:.1%}" if o.argmax_agreement is not None else ""
+        rows.append([o.name, "x".join(map(str, o.shape)), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}",
+                     f"{o.tolerance:.3g}", agree, "ok" if o.passed else "FAILED"])
+    return rows
+
+
+def render_comparison(comparison: Comparison, title: str) -> None:
+    console.table(
+        f"{title} ({comparison.device}, tolerance {comparison.rule})",
+        ["output", "shape", "max abs err", "max rel err", "tolerance", "argmax agree", ""],
+        comparison_rows(comparison),
+    )
+
+
+def recheck_against(original: nn.Module, inputs, *, device: str, atol, rtol, candidate_train: bool = False):
+    """A ``recheck`` for ``write_verified``: compare a reloaded model with ``original``."""
+
+    def recheck(fresh: nn.Module) -> Comparison:
+        return compare(original, fresh, inputs, device=device, atol=atol, rtol=rtol, candidate_train=candidate_train)
+
+    return recheck

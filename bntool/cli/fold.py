@@ -1,0 +1,112 @@
+"""``bntool fold``."""
+
+from __future__ import annotations
+
+from . import app
+from .options import (
+    AllowPickleOpt,
+    AtolOpt,
+    CheckpointArg,
+    DeviceOpt,
+    DryRunOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    KeyOpt,
+    ModelArgsOpt,
+    ModelOpt,
+    OutOpt,
+    RtolOpt,
+    SeedOpt,
+    StripPrefixOpt,
+)
+
+
+@app.command()
+def fold(
+    checkpoint: CheckpointArg,
+    model: ModelOpt = None,
+    model_args: ModelArgsOpt = None,
+    key: KeyOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    strip_prefix: StripPrefixOpt = True,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Fold every BatchNorm that can be folded exactly into the conv / linear next to it.
+
+    The folded model is checked against the original in eval mode, reloaded
+    from the written file and checked again; a BN that cannot be folded
+    exactly is left as it is, with the reason.
+    """
+    from ..folding import fold as fold_model
+    from .. import checkpoint as ckpt
+    from ..errors import VerificationError
+    from ..verify import resolve_device
+    from .common import default_out, load_source, recheck_against, verification_inputs, write_verified
+
+    from .. import console
+
+    console.use_stderr_for_humans(json)
+    out = out or default_out(checkpoint, "folded")
+    if not dry_run:
+        ckpt.check_output_path(out, force=force, inputs=(checkpoint,))
+        ckpt.output_format(out)
+    target = resolve_device(device)
+    source = load_source(
+        checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
+    )
+    inputs = verification_inputs(source.model, input_shape, seed)
+    result: dict = {"command": "fold", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
+    try:
+        folded, report = fold_model(source.model, inputs, device=target, atol=atol, rtol=rtol)
+    except VerificationError as exc:
+        result.update(exc.report.to_dict())
+        _render(result, exc.report, json)
+        raise
+    result.update(report.to_dict())
+    if not dry_run:
+        recheck = recheck_against(source.model, inputs, device=target, atol=atol, rtol=rtol)
+        try:
+            written = write_verified(source, folded, out, report.plan.recipe_step(), force=force, recheck=recheck)
+        except VerificationError:
+            _render(result, report, json)
+            raise
+        result.update(output=str(written), written=True)
+    _render(result, report, json)
+
+
+def _render(result: dict, report, as_json: bool) -> None:
+    from .. import console
+    from .common import render_comparison
+
+    if as_json:
+        console.print_json(result)
+        return
+    plan = report.plan
+    rows = [[p.bn, p.into, p.into_type, p.direction, p.bn_becomes] for p in plan.pairs]
+    if rows:
+        console.table(f"Folded {len(rows)} BatchNorm layer(s)", ["BatchNorm", "into", "type", "direction", "BN becomes"], rows)
+    if plan.skips:
+        console.table(f"Left {len(plan.skips)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
+                      [[s.bn, s.reason] for s in plan.skips])
+    if not plan.pairs and not plan.skips:
+        console.line("The model has no BatchNorm layers; nothing to fold.")
+    if plan.note:
+        console.line(f"Note: {plan.note}", style="yellow")
+    if report.comparison is not None:
+        render_comparison(report.comparison, "Verification: folded vs original (eval mode)")
+        c = report.comparison
+        if c.passed:
+            console.success(f"Verified: max abs error {c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} on {c.device}.")
+    if result.get("written"):
+        console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
+    elif result.get("dry_run", False):
+        console.line("Dry run: nothing written.")

@@ -1,0 +1,126 @@
+"""The arithmetic of folding, on tensors only.
+
+In eval mode a BatchNorm is ``y = k * x + c`` per channel, with
+``k = gamma / sqrt(running_var + eps)`` and ``c = beta - k * running_mean``.
+Folding it *backward* into the layer that produced ``x`` scales that layer's
+output channels by ``k`` and maps its bias ``b`` to ``k * b + c``. Folding it
+*forward* into the layer that reads ``y`` scales that layer's input channels
+by ``k`` and adds the layer's response to the constant ``c`` to its bias.
+
+Everything is computed in float64 and cast back to the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def bn_scale_shift(
+    bn_running_mean: torch.Tensor,
+    bn_running_var: torch.Tensor,
+    bn_eps: float,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, c)`` in float64 such that eval-mode BN(x) == k * x + c per channel."""
+    mean = bn_running_mean.detach().double()
+    var = bn_running_var.detach().double()
+    gamma = bn_weight.detach().double() if bn_weight is not None else torch.ones_like(mean)
+    beta = bn_bias.detach().double() if bn_bias is not None else torch.zeros_like(mean)
+    k = gamma / torch.sqrt(var + bn_eps)
+    return k, beta - k * mean
+
+
+def fold_into_producer(
+    producer_weight: torch.Tensor,
+    producer_bias: torch.Tensor | None,
+    bn_running_mean: torch.Tensor,
+    bn_running_var: torch.Tensor,
+    bn_eps: float,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(weight, bias)`` of a conv / linear / transposed conv followed by a BN.
+
+    Conv and linear weights hold output channels on axis 0. A transposed
+    conv's weight is ``(in_channels, out_channels // groups, *kernel)``: output
+    channel ``g * (out // groups) + j`` is column ``j`` of the rows of group ``g``.
+    """
+    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
+    k, c = k.to(producer_weight.device), c.to(producer_weight.device)
+    if transposed:
+        in_channels, out_per_group = producer_weight.shape[:2]
+        spatial = producer_weight.shape[2:]
+        grouped = (groups, in_channels // groups, out_per_group, *spatial)
+        new_weight = _scale(producer_weight, grouped, k.reshape(groups, 1, out_per_group, *([1] * len(spatial))))
+    else:
+        new_weight = _scale(producer_weight, producer_weight.shape, k.reshape(-1, *([1] * (producer_weight.dim() - 1))))
+    bias = producer_bias.detach().double() if producer_bias is not None else torch.zeros_like(k)
+    new_bias = k * bias + c
+    return new_weight, new_bias.to(producer_bias.dtype if producer_bias is not None else producer_weight.dtype)
+
+
+def _scale(weight: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor) -> torch.Tensor:
+    """``weight * scale`` computed in float64 (the common dtype) and rounded once to ``weight``'s dtype.
+
+    One pass over the weight, no float64 copy of it: the kernel promotes each
+    element on the fly and writes the rounded product.
+    """
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    torch.mul(weight.detach().reshape(shape), scale, out=out.view(shape))
+    return out
+
+
+def fold_into_consumer(
+    consumer_weight: torch.Tensor,
+    consumer_bias: torch.Tensor | None,
+    bn_running_mean: torch.Tensor,
+    bn_running_var: torch.Tensor,
+    bn_eps: float,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    *,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(weight, bias)`` of a linear, or an unpadded conv, that reads a BN's output.
+
+    ``W(k * x + c) + b = (W * k) x + (W c + b)``. For a conv, the input
+    channel of ``weight[o, j]`` is ``g * (in // groups) + j`` with
+    ``g = o // (out // groups)``, and ``W c`` sums over the kernel, which is
+    exact only where no zero padding reaches the input (the caller checks).
+    """
+    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
+    weight = consumer_weight.detach().double()
+    out_channels, in_per_group = weight.shape[:2]
+    spatial = weight.shape[2:]
+    grouped = weight.reshape(groups, out_channels // groups, in_per_group, *spatial)
+    shape = (groups, 1, in_per_group, *([1] * len(spatial)))
+    new_weight = (grouped * k.reshape(shape)).reshape(weight.shape)
+    response = (grouped * c.reshape(shape)).sum(dim=tuple(range(2, grouped.dim()))).reshape(out_channels)
+    bias = consumer_bias.detach().double() if consumer_bias is not None else torch.zeros(out_channels, dtype=torch.float64)
+    new_bias = bias + response
+    dtype = consumer_weight.dtype
+    return new_weight.to(dtype), new_bias.to(consumer_bias.dtype if consumer_bias is not None else dtype)
+
+
+def identity_statistics(
+    bn_running_var: torch.Tensor, bn_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(running_mean, running_var)`` that make an eval-mode BN an exact identity.
+
+    With weight 1 and bias 0, BN(x) = (x - 0) / sqrt(var + eps). ``var`` is
+    chosen in the buffer's dtype so that ``var + eps`` rounds to exactly 1.
+    """
+    dtype = bn_running_var.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # the kernels' accumulation type
+    one, eps = torch.ones((), dtype=acc), torch.tensor(bn_eps, dtype=acc)
+    var = one - eps
+    for _ in range(64):
+        total = var + eps
+        if total == one:
+            break
+        var = torch.nextafter(var, var + (one - total))
+    return torch.zeros_like(bn_running_var), torch.full_like(bn_running_var, var.item())
