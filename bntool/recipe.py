@@ -21,7 +21,7 @@ from .errors import InputError
 
 #: op name -> module providing ``replay(model, step)``; imported on demand.
 REPLAYERS = {
-    "fold": "bntool.fold",
+    "fold": "bntool.folding",
     "freeze": "bntool.freeze",
     "unfreeze": "bntool.freeze",
     "recalibrate": "bntool.recalibrate",
