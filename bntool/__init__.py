@@ -13,6 +13,7 @@ stays fast and never imports typer, rich or onnx.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -31,6 +32,14 @@ _EXPORTS = {
     "BntoolError": "bntool.errors",
     "InputError": "bntool.errors",
     "VerificationError": "bntool.errors",
+    "inspect": "bntool.inspection",
+    "InspectReport": "bntool.inspection",
+    "Finding": "bntool.inspection",
+    "freeze": "bntool.freezing",
+    "unfreeze": "bntool.freezing",
+    "FrozenBatchNorm1d": "bntool.freezing",
+    "FrozenBatchNorm2d": "bntool.freezing",
+    "FrozenBatchNorm3d": "bntool.freezing",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -39,6 +48,8 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: bntool.verify
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'bntool' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
@@ -54,3 +65,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import BntoolError, InputError, VerificationError
     from .folding import FoldPlan, FoldReport, Skip, fold, plan_fold
     from .verify import Comparison, compare
+    from .inspection import Finding, InspectReport, inspect
+    from .freezing import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze

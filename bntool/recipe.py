@@ -22,8 +22,8 @@ from .errors import InputError
 #: op name -> module providing ``replay(model, step)``; imported on demand.
 REPLAYERS = {
     "fold": "bntool.folding",
-    "freeze": "bntool.freeze",
-    "unfreeze": "bntool.freeze",
+    "freeze": "bntool.freezing",
+    "unfreeze": "bntool.freezing",
     "recalibrate": "bntool.recalibrate",
 }
 

@@ -1,0 +1,144 @@
+"""``bntool freeze``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from .options import (
+    AllowPickleOpt,
+    AtolOpt,
+    CheckpointArg,
+    DeviceOpt,
+    DryRunOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    KeyOpt,
+    ModelArgsOpt,
+    ModelOpt,
+    OutOpt,
+    RtolOpt,
+    SeedOpt,
+    StripPrefixOpt,
+)
+
+IncludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--include",
+        help="Freeze only BatchNorm layers whose qualified name (or a parent's) matches this fnmatch pattern, "
+        "e.g. 'layer1.*' or backbone; repeat for several. Default: every BatchNorm.",
+        show_default=False,
+    ),
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
+                 show_default=False),
+]
+TrainableAffineOpt = Annotated[
+    bool,
+    typer.Option("--trainable-affine", help="Keep gamma / beta (weight / bias) trainable; only the statistics are frozen."),
+]
+
+
+@app.command()
+def freeze(
+    checkpoint: CheckpointArg,
+    model: ModelOpt = None,
+    model_args: ModelArgsOpt = None,
+    key: KeyOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    strip_prefix: StripPrefixOpt = True,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    trainable_affine: TrainableAffineOpt = False,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Freeze BatchNorm layers for fine-tuning: they use their stored statistics even under model.train().
+
+    The frozen model in train mode is checked against the original in eval
+    mode (dropout held in eval for the check), and the frozen layers'
+    statistics are checked not to move; the written file is reloaded and
+    checked again. `bntool.load(path, model=MyNet())` rebuilds the frozen layers.
+    """
+    from .. import checkpoint as ckpt
+    from .. import console
+    from ..errors import InputError, VerificationError
+    from ..freezing import check_frozen
+    from ..freezing import freeze as freeze_model
+    from ..verify import resolve_device
+    from .common import default_out, load_source, verification_inputs, write_verified
+
+    console.use_stderr_for_humans(json)
+    out = out or default_out(checkpoint, "frozen")
+    if not dry_run:
+        ckpt.check_output_path(out, force=force, inputs=(checkpoint,))
+        ckpt.output_format(out)
+    target = resolve_device(device)
+    source = load_source(
+        checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
+    )
+    affine = "trainable" if trainable_affine else "frozen"
+    frozen, report = freeze_model(source.model, include=include, exclude=exclude, affine=affine)
+    if not report.frozen:
+        why = "; ".join(f"`{s.name}`: {s.reason}" for s in report.skipped) or "it has no BatchNorm layers"
+        raise InputError(f"nothing to freeze in `{checkpoint}`: {why}")
+    inputs = verification_inputs(source.model, input_shape, seed)
+    result: dict = {"command": "freeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
+    result.update(report.to_dict())
+    check = check_frozen(source.model, frozen, inputs, device=target, atol=atol, rtol=rtol)
+    result["verification"] = check.to_dict()
+    if not check.passed:
+        _render(result, report, check, json)
+        raise VerificationError(check.failure_message("the frozen model in train mode"), report=check)
+    if not dry_run:
+        def recheck(fresh):
+            return check_frozen(source.model, fresh, inputs, device=target, atol=atol, rtol=rtol)
+
+        try:
+            written = write_verified(source, frozen, out, report.recipe_step(), force=force, recheck=recheck)
+        except VerificationError:
+            _render(result, report, check, json)
+            raise
+        result.update(output=str(written), written=True)
+    _render(result, report, check, json)
+
+
+def _render(result: dict, report, check, as_json: bool) -> None:
+    from .. import console
+    from .common import render_comparison
+
+    if as_json:
+        console.print_json(result)
+        return
+    rows = [[f.name, f.type, f.num_features, f"{f.eps:g}", f.affine] for f in report.frozen]
+    console.table(f"Froze {len(rows)} BatchNorm layer(s)", ["BatchNorm", "type", "features", "eps", "affine"], rows)
+    if report.skipped:
+        console.table(f"Left {len(report.skipped)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
+                      [[s.name, s.reason] for s in report.skipped])
+    render_comparison(check.comparison, "Verification: frozen (train mode) vs original (eval mode)")
+    if check.held_in_eval:
+        shown = ", ".join(check.held_in_eval[:8]) + (", ..." if len(check.held_in_eval) > 8 else "")
+        console.line(f"Held in eval mode for the check (dropout-like or not frozen): {shown}")
+    if check.statistics_moved:
+        console.failure("Statistics moved in train mode: " + ", ".join(check.statistics_moved))
+    if check.passed:
+        c = check.comparison
+        console.success(f"Verified: max abs error {c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} "
+                        f"on {c.device}; frozen statistics unchanged in train mode.")
+    if result.get("written"):
+        console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
+    elif result.get("dry_run", False):
+        console.line("Dry run: nothing written.")
