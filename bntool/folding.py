@@ -70,6 +70,10 @@ class FoldPlan:
             ],
         }
 
+    def probes(self) -> list[str]:
+        """Modules whose outputs must be equal before and after the fold (checked layer by layer)."""
+        return [p.bn if p.direction == "backward" else p.into for p in self.pairs]
+
     def reason_for(self, bn: str) -> str | None:
         """``None`` when ``bn`` is folded, else the reason it is not."""
         return next((s.reason for s in self.skips if s.bn == bn), None)
@@ -299,7 +303,8 @@ def fold(
     from the shape the model declares (``input_shape``). Verification runs the
     original and the folded model in eval mode and raises
     ``VerificationError`` (carrying the report) when they differ beyond the
-    derived tolerance. ``model`` is not changed unless ``inplace=True``.
+    derived tolerance, at the outputs and at every folded layer. ``model`` is
+    not changed unless ``inplace=True``.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -307,7 +312,9 @@ def fold(
     plan = plan_fold(model, inputs)
     original = copy.deepcopy(model) if inplace else model
     folded = apply_plan(model if inplace else copy.deepcopy(model), plan)
-    comparison = compare(original, folded, inputs, device=device, atol=atol, rtol=rtol) if verify else None
+    comparison = None
+    if verify:
+        comparison = compare(original, folded, inputs, device=device, atol=atol, rtol=rtol, probes=plan.probes())
     report = FoldReport(plan, comparison)
     if comparison is not None and not comparison.passed:
         raise VerificationError(comparison.failure_message("the folded model"), report)

@@ -112,7 +112,10 @@ def identity_statistics(
     """``(running_mean, running_var)`` that make an eval-mode BN an exact identity.
 
     With weight 1 and bias 0, BN(x) = (x - 0) / sqrt(var + eps). ``var`` is
-    chosen in the buffer's dtype so that ``var + eps`` rounds to exactly 1.
+    chosen so that ``var + eps`` rounds to exactly 1 in the kernels'
+    accumulation type (float32, or float64 for float64 buffers). A float16 or
+    bfloat16 buffer cannot hold such a value for small eps; it gets the
+    nearest one, and verification judges the result.
     """
     dtype = bn_running_var.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32  # the kernels' accumulation type

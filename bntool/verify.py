@@ -29,7 +29,7 @@ from .errors import InputError
 SLACK = 8.0
 #: Floor, in units of the dtype's machine epsilon times the output's largest
 #: magnitude, below which differences are never called failures.
-FLOOR_EPS = {torch.float64: 64.0, torch.float32: 64.0, torch.float16: 16.0, torch.bfloat16: 16.0}
+FLOOR_EPS = {torch.float64: 8.0, torch.float32: 8.0, torch.float16: 8.0, torch.bfloat16: 8.0}
 
 
 @dataclass(frozen=True)
@@ -227,14 +227,37 @@ def training_flags(model: nn.Module, train: bool) -> Iterator[nn.Module]:
 
 
 def run_model(
-    model: nn.Module, inputs: Sequence[torch.Tensor], *, train: bool = False, forward: Callable | None = None
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    train: bool = False,
+    forward: Callable | None = None,
+    probes: Sequence[str] = (),
 ) -> list[tuple[str, torch.Tensor]]:
-    """Run ``model`` on ``inputs`` (moved to the model's device and dtype) with no grad."""
+    """Run ``model`` on ``inputs`` (moved to the model's device and dtype) with no grad.
+
+    Returns the named output tensors, followed by the outputs of the modules
+    named in ``probes`` (as ``layer `name```), in the order given.
+    """
     device, dtype = model_device(model), model_dtype(model)
     moved = [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs]
-    with torch.no_grad(), training_flags(model, train):
-        out = forward(model, moved) if forward else model(*moved)
-    return flatten_outputs(out)
+    seen: dict[str, torch.Tensor] = {}
+
+    def probe(name: str):
+        def hook(module, args, output) -> None:
+            if isinstance(output, torch.Tensor):
+                seen.setdefault(name, output.detach().clone())
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(probe(name)) for name in probes]
+    try:
+        with torch.no_grad(), training_flags(model, train):
+            out = forward(model, moved) if forward else model(*moved)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flatten_outputs(out) + [(f"layer `{name}`", seen[name]) for name in probes if name in seen]
 
 
 def _on_device(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
@@ -253,25 +276,30 @@ def compare(
     atol: float | None = None,
     rtol: float | None = None,
     candidate_train: bool = False,
+    probes: Sequence[str] = (),
 ) -> Comparison:
     """Compare ``candidate`` with ``original`` (eval mode) on ``inputs``, TF32 off.
 
     ``candidate`` is a module (run in eval mode unless ``candidate_train``) or
     a callable taking the list of inputs (an onnxruntime session, say) and
-    returning outputs of the same structure. The models given are not changed:
-    a model not already on ``device`` is copied there.
+    returning outputs of the same structure. ``probes`` names modules, present
+    in both models, whose outputs are compared too: a layer-by-layer check
+    sees an error in one channel that the final output may hide (a ReLU that
+    zeroes it, a sigmoid that saturates). The models given are not changed: a
+    model not already on ``device`` is copied there.
     """
     device = resolve_device(device)
     original_dev = _on_device(original, device)
+    probes = tuple(probes) if isinstance(candidate, nn.Module) else ()
     with tf32_disabled():
-        original_out = run_model(original_dev, inputs)
+        original_out = run_model(original_dev, inputs, probes=probes)
         if isinstance(candidate, nn.Module):
-            candidate_out = run_model(_on_device(candidate, device), inputs, train=candidate_train)
+            candidate_out = run_model(_on_device(candidate, device), inputs, train=candidate_train, probes=probes)
         else:
             candidate_out = flatten_outputs(candidate(inputs))
         reference_out = None
         if atol is None and rtol is None:
-            reference_out = run_model(_on_device(original, device, torch.float64), inputs)
+            reference_out = run_model(_on_device(original, device, torch.float64), inputs, probes=probes)
     if [n for n, _ in original_out] != [n for n, _ in candidate_out]:
         raise InputError(
             "the candidate's outputs do not have the original's structure: "
@@ -311,7 +339,7 @@ def _compare_one(
         r64 = torch.where(both, ref.double(), 0.0)
         original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
         candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
-        floor = FLOOR_EPS.get(orig.dtype, 64.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
+        floor = FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
         tolerance = max(SLACK * original_error, floor)
         passed = finite and candidate_error <= tolerance
     else:

@@ -101,8 +101,17 @@ def write_verified(
 
 
 def comparison_rows(comparison: Comparison) -> list[list[Any]]:
+    """One row per model output; the layer-by-layer probes summarised in one row."""
     rows = []
-    for o in comparison.outputs:
+    outputs = [o for o in comparison.outputs if not o.name.startswith("layer `")]
+    layers = [o for o in comparison.outputs if o.name.startswith("layer `")]
+    if layers:
+        worst = max(layers, key=lambda o: (not o.passed, o.max_abs_error / max(o.tolerance, 1e-300)))
+        failed = sum(not o.passed for o in layers)
+        status = "ok" if not failed else f"{failed} FAILED"
+        rows.append([f"{len(layers)} layers (worst {worst.name[6:]})", "", f"{worst.max_abs_error:.3g}",
+                     f"{worst.max_rel_error:.3g}", f"{worst.tolerance:.3g}", "", status])
+    for o in outputs:
         agree = f"{o.argmax_agreement:.1%}" if o.argmax_agreement is not None else ""
         rows.append([o.name, "x".join(map(str, o.shape)), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}",
                      f"{o.tolerance:.3g}", agree, "ok" if o.passed else "FAILED"])
@@ -117,10 +126,14 @@ def render_comparison(comparison: Comparison, title: str) -> None:
     )
 
 
-def recheck_against(original: nn.Module, inputs, *, device: str, atol, rtol, candidate_train: bool = False):
+def recheck_against(
+    original: nn.Module, inputs, *, device: str, atol, rtol, candidate_train: bool = False, probes=()
+):
     """A ``recheck`` for ``write_verified``: compare a reloaded model with ``original``."""
 
     def recheck(fresh: nn.Module) -> Comparison:
-        return compare(original, fresh, inputs, device=device, atol=atol, rtol=rtol, candidate_train=candidate_train)
+        return compare(
+            original, fresh, inputs, device=device, atol=atol, rtol=rtol, candidate_train=candidate_train, probes=probes
+        )
 
     return recheck

@@ -73,7 +73,9 @@ def fold(
         raise
     result.update(report.to_dict())
     if not dry_run:
-        recheck = recheck_against(source.model, inputs, device=target, atol=atol, rtol=rtol)
+        recheck = recheck_against(
+            source.model, inputs, device=target, atol=atol, rtol=rtol, probes=report.plan.probes()
+        )
         try:
             written = write_verified(source, folded, out, report.plan.recipe_step(), force=force, recheck=recheck)
         except VerificationError:
@@ -105,7 +107,11 @@ def _render(result: dict, report, as_json: bool) -> None:
         render_comparison(report.comparison, "Verification: folded vs original (eval mode)")
         c = report.comparison
         if c.passed:
-            console.success(f"Verified: max abs error {c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} on {c.device}.")
+            layers = sum(o.name.startswith("layer `") for o in c.outputs)
+            console.success(
+                f"Verified on {c.device}: {len(c.outputs) - layers} output(s) and {layers} folded layer(s) "
+                f"within tolerance (max rel error {c.max_rel_error:.2g})."
+            )
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):

@@ -1,0 +1,68 @@
+"""Shared test helpers: BN state that is never the default, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from bntool.norms import is_batchnorm
+
+
+def randomize_bn(model: nn.Module, seed: int = 0, signed: bool = True) -> nn.Module:
+    """Random running statistics (positive variance), gamma (either sign) and beta on every BN."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if not is_batchnorm(m):
+                continue
+            n = m.num_features
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.copy_(torch.randn(n, generator=g) * 2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2.9 + 0.1)
+                m.num_batches_tracked.fill_(100)
+            if getattr(m, "weight", None) is not None:
+                gamma = torch.rand(n, generator=g) + 0.5
+                if signed:
+                    gamma = gamma * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
+                m.weight.copy_(gamma)
+                m.bias.copy_(torch.randn(n, generator=g))
+    return model.eval()
+
+
+@dataclasses.dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``bntool ARGS`` in-process through ``bntool.cli.main`` (the real error boundary)."""
+    from bntool.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, *fragments: str) -> None:
+    """Exit 2, exactly one non-empty stderr line starting with ``Error:``, containing each fragment."""
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert result.code == 2, (result.code, result.err)
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("Error: "), lines[0]
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

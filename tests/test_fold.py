@@ -1,0 +1,402 @@
+"""Folding: every producer kind, every unsafe pattern, dtypes, and the verification that judges it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bntool
+from bntool.errors import VerificationError
+from bntool.folding import apply_plan, plan_fold
+from bntool.foldmath import fold_into_consumer, fold_into_producer, identity_statistics
+from examples import models as zoo
+from tests.conftest import randomize_bn
+
+# name -> (producer factory(bias), BN class, input shape)
+PRODUCERS = {
+    "conv1d": (lambda b: nn.Conv1d(4, 6, 3, bias=b), nn.BatchNorm1d, (3, 4, 10)),
+    "conv2d": (lambda b: nn.Conv2d(4, 6, 3, padding=1, bias=b), nn.BatchNorm2d, (3, 4, 8, 8)),
+    "conv3d": (lambda b: nn.Conv3d(4, 6, 3, bias=b), nn.BatchNorm3d, (2, 4, 5, 6, 6)),
+    "conv2d-grouped": (lambda b: nn.Conv2d(4, 6, 3, groups=2, bias=b), nn.BatchNorm2d, (3, 4, 8, 8)),
+    "conv2d-depthwise": (lambda b: nn.Conv2d(6, 6, 3, groups=6, bias=b), nn.BatchNorm2d, (3, 6, 8, 8)),
+    "convT1d": (lambda b: nn.ConvTranspose1d(4, 6, 3, stride=2, bias=b), nn.BatchNorm1d, (3, 4, 7)),
+    "convT2d": (lambda b: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, bias=b),
+                nn.BatchNorm2d, (3, 4, 5, 5)),
+    "convT3d": (lambda b: nn.ConvTranspose3d(4, 6, 2, stride=2, bias=b), nn.BatchNorm3d, (2, 4, 3, 3, 3)),
+    "convT2d-grouped": (lambda b: nn.ConvTranspose2d(4, 6, 3, groups=2, bias=b), nn.BatchNorm2d, (3, 4, 5, 5)),
+    "convT2d-depthwise": (lambda b: nn.ConvTranspose2d(6, 6, 3, groups=6, bias=b), nn.BatchNorm2d, (3, 6, 5, 5)),
+    "linear": (lambda b: nn.Linear(5, 6, bias=b), nn.BatchNorm1d, (7, 5)),
+}
+
+
+def _inputs(shape, seed=0):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5,)
+
+
+def _oracle(model, inputs):
+    """The original model's eval output, computed in float64."""
+    m64 = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        return m64(*(t.double() for t in inputs))
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "nonaffine"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", list(PRODUCERS))
+def test_fold_each_producer_kind(kind, bias, affine):
+    make, bn_cls, shape = PRODUCERS[kind]
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(make(bias), bn_cls(6, affine=affine)), seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = _inputs(shape)
+
+    folded, report = bntool.fold(model, inputs)
+
+    assert [(p.bn, p.into, p.direction, p.bn_becomes) for p in report.plan.pairs] == [("1", "0", "backward", "removed")]
+    assert report.plan.skips == ()
+    assert isinstance(folded[1], nn.Identity) and folded[0].bias is not None
+    assert report.comparison.passed
+    with torch.no_grad():
+        got = folded(*inputs).double()
+    torch.testing.assert_close(got, _oracle(model, inputs), rtol=1e-5, atol=1e-5)
+    # the input model is untouched
+    assert isinstance(model[1], bn_cls)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_transposed_grouped_math_matches_per_channel_oracle():
+    torch.manual_seed(1)
+    conv = nn.ConvTranspose2d(6, 8, 3, groups=2)  # weight (6, 4, 3, 3): output channel g*4 + j
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(8)), seed=5)[0]
+    weight, bias = fold_into_producer(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                      bn.weight, bn.bias, transposed=True, groups=2)
+    k = (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps))
+    for g in range(2):
+        for j in range(4):
+            out = g * 4 + j
+            rows = slice(g * 3, (g + 1) * 3)
+            expected = (conv.weight[rows, j].double() * k[out]).float()
+            assert torch.equal(weight[rows, j], expected), (g, j)
+    expected_bias = k * (conv.bias.double() - bn.running_mean.double()) + bn.bias.double()
+    torch.testing.assert_close(bias.double(), expected_bias, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_fold_computes_in_float64_and_rounds_once(dtype):
+    torch.manual_seed(2)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), seed=1).to(dtype)
+    inputs = (torch.randn(2, 3, 8, 8).to(dtype),)
+    original = copy.deepcopy(model)
+    folded, report = bntool.fold(model, inputs)
+    assert report.comparison.passed and folded[0].weight.dtype == dtype
+    bn = original[1]
+    k = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    assert torch.equal(folded[0].weight, (original[0].weight.double() * k.view(-1, 1, 1, 1)).to(dtype))
+
+
+# ----------------------------------------------------------------------------- forward folding
+
+
+class BNThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc(self.bn(x))
+
+
+class BNThenConv(nn.Module):
+    def __init__(self, padding=0, groups=1, padding_mode="zeros"):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(6)
+        self.conv = nn.Conv2d(6, 4, 3, padding=padding, groups=groups, padding_mode=padding_mode)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [BNThenLinear(), BNThenConv(), BNThenConv(groups=2), BNThenConv(padding=1, padding_mode="replicate")],
+    ids=["linear", "conv", "conv-grouped", "conv-replicate-padding"],
+)
+def test_bn_on_input_folds_forward_into_its_reader(model):
+    randomize_bn(model, seed=4)
+    shape = (9, 12) if isinstance(model, BNThenLinear) else (3, 6, 7, 7)
+    inputs = _inputs(shape)
+    folded, report = bntool.fold(model, inputs)
+    [pair] = report.plan.pairs
+    assert (pair.direction, pair.into) == ("forward", "fc" if isinstance(model, BNThenLinear) else "conv")
+    assert isinstance(folded.bn, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*inputs).double(), _oracle(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_before_zero_padded_conv_is_left_with_reason():
+    model = randomize_bn(BNThenConv(padding=1), seed=4)
+    folded, report = bntool.fold(model, _inputs((3, 6, 7, 7)))
+    assert report.plan.pairs == ()
+    [skip] = report.plan.skips
+    assert "model input" in skip.reason and "zero-pads" in skip.reason
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+
+
+def test_consumer_math_matches_float64_oracle_for_grouped_conv():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(6, 4, 3, groups=2)
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(6)), seed=2)[0]
+    weight, bias = fold_into_consumer(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                      bn.weight, bn.bias, groups=2)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    expected = F.conv2d(F.batch_norm(x, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(),
+                                     bn.bias.double(), False, 0.0, bn.eps), conv.weight.double(), conv.bias.double(),
+                        groups=2)
+    got = F.conv2d(x, weight.double(), bias.double(), groups=2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- what must be left alone
+
+
+class ConvCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)  # folding would change the second call
+
+
+class SkipReadsConvOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.relu(self.bn(y)) + y
+
+
+class ActivationBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(F.relu(self.conv(x))))
+
+
+class LinearBN1d3D(nn.Module):
+    """Linear over the last axis of (N, C, L), BN1d over axis 1: the axes differ, though both have 6."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return torch.sigmoid(self.bn(self.fc(x)))
+
+
+class BNCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv1(x))) + torch.relu(self.bn(self.conv2(x)))
+
+
+class TiedProducer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.other = nn.Linear(6, 6)
+        self.other.weight = self.fc.weight
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.fc(x))) + self.other(x)
+
+
+class InPlaceReluBetween(nn.Module):
+    """Untraceable (data-dependent branch) with an in-place ReLU between conv and BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > -1e9:  # fx cannot trace this
+            y.relu_()
+        return torch.relu(self.bn(y))
+
+
+UNSAFE = {
+    "conv-module-called-twice": (ConvCalledTwice, (2, 4, 6, 6), "called 2 times"),
+    "producer-output-read-elsewhere": (SkipReadsConvOutput, (2, 4, 6, 6), "also read by"),
+    "activation-between": (ActivationBetween, (2, 4, 6, 6), "(`relu`) stands between"),
+    "linear-then-bn1d-on-3d-input": (LinearBN1d3D, (3, 6, 6), "axis 1 of a 3-D input"),
+    "bn-called-twice": (BNCalledTwice, (2, 4, 6, 6), "called 2 times in one forward"),
+    "tied-weight": (TiedProducer, (4, 6), "shared with `other`"),
+    "in-place-relu-between-untraceable": (InPlaceReluBetween, (2, 4, 6, 6), "relu_"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSAFE))
+def test_unsafe_patterns_are_left_alone_with_a_reason(name):
+    cls, shape, fragment = UNSAFE[name]
+    torch.manual_seed(0)
+    model = randomize_bn(cls(), seed=7)
+    inputs = _inputs(shape)
+    folded, report = bntool.fold(model, inputs)
+    assert report.plan.pairs == ()
+    assert [s.bn for s in report.plan.skips] == ["bn"]
+    assert fragment in report.plan.skips[0].reason, report.plan.skips[0].reason
+    assert type(folded.bn) is nn.BatchNorm1d or type(folded.bn) is nn.BatchNorm2d
+    assert report.comparison.passed
+
+
+@pytest.mark.parametrize("name", ["conv-module-called-twice", "producer-output-read-elsewhere",
+                                  "linear-then-bn1d-on-3d-input", "in-place-relu-between-untraceable"])
+def test_unsafe_patterns_really_are_unsafe(name):
+    """Folding the pair anyway changes the output: the refusals above are not overcautious."""
+    cls, shape, _ = UNSAFE[name]
+    torch.manual_seed(0)
+    model = randomize_bn(cls(), seed=7)
+    inputs = _inputs(shape)
+    producer = "fc" if name.startswith("linear") else "conv"
+    forced = bntool.FoldPlan((bntool.folding.FoldPair("bn", producer, "backward", "removed", ""),), (), "forced")
+    broken = apply_plan(copy.deepcopy(model), forced)
+    comparison = bntool.compare(model, broken, inputs)
+    assert not comparison.passed
+
+
+def test_bn_without_running_stats_is_left_and_points_to_recalibrate():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    randomize_bn(model, seed=1)
+    _, report = bntool.fold(model, _inputs((2, 3, 6, 6)))
+    [skip] = report.plan.skips
+    assert "track_running_stats=False" in skip.reason and "bntool recalibrate" in skip.reason
+
+
+def test_bn_on_model_input_with_no_foldable_reader():
+    model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3)), seed=2)
+    _, report = bntool.fold(model, _inputs((2, 3, 6, 6)))
+    [skip] = report.plan.skips
+    assert "model input" in skip.reason and "`1`" in skip.reason
+
+
+class BNReLU(nn.BatchNorm2d):
+    """A BN subclass that also applies an activation: folding must keep the ReLU."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def test_bn_subclass_with_extra_work_keeps_it_as_exact_identity():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), BNReLU(6), nn.Conv2d(6, 2, 1)), seed=9)
+    inputs = _inputs((2, 3, 8, 8))
+    folded, report = bntool.fold(model, inputs)
+    [pair] = report.plan.pairs
+    assert pair.bn_becomes == "identity"
+    assert isinstance(folded[1], BNReLU)  # kept, so its ReLU still runs
+    x = torch.randn(4, 6, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(folded[1](x), F.relu(x))  # normalization is an exact identity
+        torch.testing.assert_close(folded(*inputs).double(), _oracle(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.1])
+def test_identity_statistics_make_var_plus_eps_exactly_one(dtype, eps):
+    _, var = identity_statistics(torch.ones(3, dtype=dtype), eps)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    total = var.to(acc) + torch.tensor(eps, dtype=acc)
+    if dtype in (torch.float32, torch.float64):
+        assert (total == 1).all()  # exact: BN(x) == x bit for bit
+    else:  # half precision cannot hold 1 - eps: the nearest value, within one unit of the dtype
+        assert ((total - 1).abs() <= torch.finfo(dtype).eps).all()
+
+
+def test_untraceable_model_folds_through_a_recorded_forward_pass():
+    model = randomize_bn(zoo.untraceable_net(), seed=3)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    folded, report = bntool.fold(model)
+    assert report.plan.method == "recorded" and "torch.fx cannot trace" in report.plan.note
+    assert len(report.plan.pairs) >= 2 and report.comparison.passed
+    folded_bns = {p.bn for p in report.plan.pairs}
+    assert all(isinstance(folded.get_submodule(n), nn.Identity) for n in folded_bns)
+
+
+@pytest.mark.parametrize("factory", ["resnet_small", "mlp_bn", "conv1d_net", "conv3d_net", "two_io_net", "lenet"])
+def test_zoo_models_fold_completely(factory):
+    model = randomize_bn(getattr(zoo, factory)(), seed=11)
+    folded, report = bntool.fold(model)
+    assert report.plan.skips == () and report.comparison.passed
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+
+
+def test_inplace_fold_changes_the_given_model():
+    model = randomize_bn(zoo.lenet(), seed=1)
+    folded, _ = bntool.fold(model, inplace=True)
+    assert folded is model and isinstance(model[1], nn.Identity)
+
+
+# ----------------------------------------------------------------------------- verification catches a bad fold
+
+
+@pytest.mark.parametrize(
+    "factory,layer", [("lenet", 1), ("lenet", 2), ("lenet", 3), ("lenet", 4), ("resnet_small", 4), ("resnet_small", 9)]
+)
+def test_a_fold_wrong_in_one_channel_of_one_layer_is_caught(monkeypatch, factory, layer):
+    """A 0.1% error in one output channel of the layer-th folded layer fails verification."""
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(zoo, factory)(), seed=5)
+    import bntool.folding as folding
+
+    real = folding.fold_into_producer
+    calls = []
+
+    def corrupt_one_channel(*args, **kwargs):
+        weight, bias = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == layer:
+            weight = weight.clone()
+            weight[3] *= 1.001
+        return weight, bias
+
+    monkeypatch.setattr(folding, "fold_into_producer", corrupt_one_channel)
+    with pytest.raises(VerificationError) as info:
+        bntool.fold(model)
+    assert not info.value.report.comparison.passed
+    assert "does not match" in str(info.value)
+
+
+def test_user_tolerance_replaces_the_derived_one():
+    model = randomize_bn(zoo.lenet(), seed=2)
+    _, report = bntool.fold(model, atol=1e-3, rtol=0.0)
+    assert report.comparison.rule == "atol=0.001 rtol=0" and report.comparison.passed
+
+
+def test_plan_is_data_and_recipe_step_is_json():
+    import json
+
+    model = randomize_bn(zoo.resnet_small(), seed=1)
+    plan = plan_fold(model)
+    step = json.loads(json.dumps(plan.recipe_step()))
+    assert step["op"] == "fold" and len(step["pairs"]) == len(plan.pairs) == 11
