@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +143,16 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 def _read_torch(path: Path, allow_pickle: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notes are not the user's concern
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
-        if allow_pickle:
-            raise InputError(f"cannot unpickle `{path}`: {_first_line(exc)}") from None
+        unsafe = [] if allow_pickle else _unsafe_globals(path)
+        if not unsafe:
+            raise InputError(f"cannot read `{path}` as a PyTorch file: {_first_line(exc)[:160]}") from None
+        shown = ", ".join(f"`{g}`" for g in unsafe[:3]) + (", ..." if len(unsafe) > 3 else "")
         raise UnsafeFileError(
-            f"`{path}` contains pickled Python objects ({_unsafe_global(exc)}); loading it would run code "
+            f"`{path}` contains pickled Python objects ({shown}); loading it would run code "
             "from the file, which can do anything. Re-save its state_dict, or pass --allow-pickle "
             "if you trust where it came from"
         ) from None
@@ -155,11 +160,37 @@ def _read_torch(path: Path, allow_pickle: bool) -> Any:
         raise InputError(f"cannot read `{path}` as a PyTorch file: {_first_line(exc)}") from None
 
 
-def _unsafe_global(exc: Exception) -> str:
-    for line in str(exc).splitlines():
-        if "GLOBAL" in line or "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip().rstrip(".")[:160]
-    return _first_line(exc)[:160]
+#: Modules whose pickled globals a weights-only load accepts (tensors, storages, ordered dicts).
+_SAFE_GLOBAL_MODULES = ("torch", "collections", "_codecs", "numpy.core.multiarray", "numpy._core.multiarray", "numpy")
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python objects a pickle would import (read with pickletools: nothing is executed).
+
+    Only names outside torch's tensor machinery are returned; an empty list
+    means the file is not a valid pickle, or needs nothing unsafe.
+    """
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # not a pickle we can parse: not unsafe, just unreadable
+        return []
+    return list(dict.fromkeys(g for g in found if not g.startswith(_SAFE_GLOBAL_MODULES)))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -167,11 +167,11 @@ def _ranks(model: nn.Module, example_inputs) -> dict[str, int]:
 
 
 def _forward(model: nn.Module, example_inputs) -> Any:
-    from .verify import model_device, training_flags
+    from .verify import inputs_must_fit, model_device, training_flags
 
     device = model_device(model)
     inputs = [t.to(device) for t in example_inputs]
-    with torch.no_grad(), training_flags(model, False):
+    with torch.no_grad(), training_flags(model, False), inputs_must_fit(model, inputs):
         return model(*inputs)
 
 
@@ -257,12 +257,12 @@ def _recorded_sites(model: nn.Module, example_inputs: Sequence[torch.Tensor]) ->
     for name, m in leaves.items():
         handles.append(m.register_forward_pre_hook(pre_hook(name)))
         handles.append(m.register_forward_hook(post_hook(name)))
-    from .verify import model_device, training_flags
+    from .verify import inputs_must_fit, model_device, training_flags
 
     device = model_device(model)
     inputs = [t.to(device) for t in example_inputs]
     try:
-        with torch.no_grad(), training_flags(model, False), rec:
+        with torch.no_grad(), training_flags(model, False), inputs_must_fit(model, inputs), rec:
             rec.wrote("input", inputs)
             rec.read("output", _tensors(model(*inputs)))
     finally:

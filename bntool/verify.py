@@ -252,12 +252,26 @@ def run_model(
 
     handles = [model.get_submodule(name).register_forward_hook(probe(name)) for name in probes]
     try:
-        with torch.no_grad(), training_flags(model, train):
+        with torch.no_grad(), training_flags(model, train), inputs_must_fit(model, moved):
             out = forward(model, moved) if forward else model(*moved)
     finally:
         for handle in handles:
             handle.remove()
     return flatten_outputs(out) + [(f"layer `{name}`", seen[name]) for name in probes if name in seen]
+
+
+@contextlib.contextmanager
+def inputs_must_fit(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Turn the model's own complaint about its inputs into one clear input error."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"running `{type(model).__name__}` on inputs of shape {shapes} failed: {first[:200]}; "
+            "pass the shape it expects with --input-shape"
+        ) from exc
 
 
 def _on_device(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:

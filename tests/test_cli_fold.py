@@ -1,0 +1,215 @@
+"""``bntool fold`` through the real entry point: outputs, exit codes, and one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bntool
+from examples import models as zoo
+from tests.conftest import assert_one_line_error, randomize_bn
+
+ROOT = Path(__file__).resolve().parents[1]
+LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
+
+
+@pytest.fixture
+def ddp_checkpoint(tmp_path):
+    """A training checkpoint as a DDP script writes it."""
+    torch.manual_seed(0)
+    model = randomize_bn(zoo.lenet(), seed=3)
+    path = tmp_path / "best.pth"
+    torch.save({"epoch": 4, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path, model
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fold_writes_a_verified_checkpoint_the_users_code_can_load(cli, ddp_checkpoint, tmp_path):
+    path, model = ddp_checkpoint
+    before = _sha(path)
+    out = tmp_path / "folded.safetensors"
+    result = cli("fold", path, "--model", LENET, "--out", out)
+    assert result.code == 0, result.err
+    assert "Folded 4 BatchNorm" in result.out and "Verified on cpu" in result.out
+    assert _sha(path) == before
+    fresh = bntool.load(out, zoo.lenet()).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in fresh.modules())
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-5)
+    meta = bntool.checkpoint.read(out).metadata
+    assert meta["source"] == {"file": "best.pth", "sha256": before}
+
+
+def test_json_report_is_the_only_stdout(cli, ddp_checkpoint, tmp_path):
+    path, _ = ddp_checkpoint
+    result = cli("fold", path, "--model", LENET, "--out", tmp_path / "f.pt", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["written"] and report["stripped_prefix"] == "module." and report["key"] == "state_dict"
+    assert len(report["folded"]) == 4 and report["skipped"] == []
+    assert report["verification"]["passed"] is True
+
+
+def test_dry_run_writes_nothing(cli, ddp_checkpoint, tmp_path):
+    path, _ = ddp_checkpoint
+    result = cli("fold", path, "--model", LENET, "--dry-run")
+    assert result.code == 0 and "Dry run" in result.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth"]
+
+
+def test_default_out_is_beside_the_input(cli, ddp_checkpoint):
+    path, _ = ddp_checkpoint
+    assert cli("fold", path, "--model", LENET).code == 0
+    assert (path.parent / "best.folded.safetensors").exists()
+
+
+def test_failed_verification_exits_1_and_writes_nothing(cli, ddp_checkpoint, tmp_path, monkeypatch):
+    import bntool.folding as folding
+
+    real = folding.fold_into_producer
+
+    def wrong_in_one_channel(*args, **kwargs):
+        weight, bias = real(*args, **kwargs)
+        bias = bias.clone()
+        bias[2] += 0.01
+        return weight, bias
+
+    monkeypatch.setattr(folding, "fold_into_producer", wrong_in_one_channel)
+    path, _ = ddp_checkpoint
+    out = tmp_path / "folded.safetensors"
+    result = cli("fold", path, "--model", LENET, "--out", out)
+    assert result.code == 1
+    assert "does not match the original" in result.err and "FAILED" in result.out
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["best.pth"]
+
+
+def test_untraceable_model_folds_from_the_cli(cli, tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(zoo.untraceable_net(), seed=1)
+    path = tmp_path / "u.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), path)
+    result = cli("fold", path, "--model", f"{ROOT / 'examples' / 'models.py'}:untraceable_net", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["dataflow"] == "recorded"
+
+
+# ----------------------------------------------------------------------------- bad input: exit 2, one line
+
+
+def _evil_pickle(path: Path, marker: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"w": torch.zeros(1)}, "x": Evil()}, f)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing-file", "unknown-extension", "spec-without-colon", "missing-module", "missing-factory",
+        "bad-model-args", "weights-only-without-model", "wrong-architecture", "bad-input-shape",
+        "no-declared-shape", "shape-that-does-not-fit", "cuda-without-gpu", "out-exists", "out-is-input",
+        "bad-out-extension", "malicious-pickle", "corrupt-file",
+    ],
+)
+def test_bad_input_exits_2_with_one_line(cli, ddp_checkpoint, tmp_path, case):
+    path, _ = ddp_checkpoint
+    base = ["fold", path, "--model", LENET, "--out", tmp_path / "o.safetensors"]
+    marker = tmp_path / "pwned"
+    args, fragments = {
+        "missing-file": (["fold", tmp_path / "nope.pt", "--model", LENET], ["does not exist"]),
+        "unknown-extension": (["fold", tmp_path / "best.h5", "--model", LENET], ["does not exist"]),
+        "spec-without-colon": (["fold", path, "--model", "examples.models"], ["module:factory"]),
+        "missing-module": (["fold", path, "--model", "nopkg.models:net"], ["cannot import `nopkg.models`"]),
+        "missing-factory": (["fold", path, "--model", f"{ROOT / 'examples' / 'models.py'}:lenett"], ["has no `lenett`", "lenet"]),
+        "bad-model-args": ([*base, "--model-args", "{num_classes: 10}"], ["--model-args is not valid JSON"]),
+        "weights-only-without-model": (["fold", path], ["holds weights only", "--model"]),
+        "wrong-architecture": (["fold", path, "--model", f"{ROOT / 'examples' / 'models.py'}:resnet_small"], ["keys missing"]),
+        "bad-input-shape": ([*base, "--input-shape", "1,a,28"], ["--input-shape `1,a,28`", "1,3,224,224"]),
+        "no-declared-shape": (None, ["--input-shape"]),
+        "shape-that-does-not-fit": ([*base, "--input-shape", "2,3,28,28"], ["--input-shape"]),
+        "cuda-without-gpu": ([*base, "--device", "cuda"], ["--device cpu"]),
+        "out-exists": (None, ["already exists", "--force"]),
+        "out-is-input": (["fold", path, "--model", LENET, "--out", path, "--force"], ["never modifies its input"]),
+        "bad-out-extension": (["fold", path, "--model", LENET, "--out", tmp_path / "o.onnx"], [".safetensors"]),
+        "malicious-pickle": (None, ["pickled Python objects", "--allow-pickle"]),
+        "corrupt-file": (None, ["cannot read"]),
+    }[case]
+    if case == "cuda-without-gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    if case == "unknown-extension":
+        (tmp_path / "best.h5").write_bytes(b"x")
+        fragments = ["unknown extension `.h5`"]
+    if case == "no-declared-shape":
+        model_file = tmp_path / "plain.py"
+        model_file.write_text("import torch.nn as nn\ndef net():\n    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))\n")
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        torch.save(model.state_dict(), tmp_path / "plain.pt")
+        args = ["fold", tmp_path / "plain.pt", "--model", f"{model_file}:net"]
+    if case == "out-exists":
+        (tmp_path / "o.safetensors").write_bytes(b"keep")
+        args = base
+    if case == "malicious-pickle":
+        _evil_pickle(tmp_path / "evil.pth", marker)
+        args = ["fold", tmp_path / "evil.pth", "--model", LENET]
+    if case == "corrupt-file":
+        (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
+        args = ["fold", tmp_path / "broken.safetensors", "--model", LENET]
+    before = _sha(path)
+    result = cli(*args)
+    assert_one_line_error(result, *fragments)
+    assert _sha(path) == before
+    assert not marker.exists()
+    if case == "out-exists":
+        assert (tmp_path / "o.safetensors").read_bytes() == b"keep"
+    assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_usage_errors_are_one_line_too(cli, ddp_checkpoint):
+    result = cli("fold", ddp_checkpoint[0], "--no-such-flag")
+    assert_one_line_error(result, "--no-such-flag", "bntool fold --help")
+
+
+def test_debug_shows_the_traceback(cli, tmp_path):
+    with pytest.raises(bntool.InputError):
+        cli("--debug", "fold", tmp_path / "nope.pt", "--model", LENET)
+
+
+# ----------------------------------------------------------------------------- start-up cost
+
+
+def _run_python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom bntool.cli import main\n"
+        "for args in (['--help'], ['fold', '--help']):\n"
+        "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules)"
+    )
+    assert _run_python(code).strip().splitlines()[-1] == "False"
+
+
+def test_import_bntool_imports_no_cli_or_onnx_libraries():
+    code = "import sys, bntool; bntool.fold; bntool.load; print(sorted({'typer', 'rich', 'onnx', 'onnxruntime'} & set(sys.modules)))"
+    assert _run_python(code).strip() == "[]"
