@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import checkpoint, console, modelspec
 from ..errors import InputError, VerificationError
-from ..verify import Comparison, compare, make_inputs, parse_shape
+from ..verify import Comparison, make_inputs, model_device, parse_shape, run_model
 
 
 @dataclass
@@ -87,17 +87,38 @@ def write_verified(
     step: dict[str, Any],
     *,
     force: bool,
-    recheck: Callable[[nn.Module], Comparison],
+    inputs,
 ) -> Path:
-    """Write ``result`` atomically; before the rename, reload the file into a fresh model and check it again."""
+    """Write ``result`` atomically, with the recipe carried forward and ``step`` added.
+
+    Before the rename, the written file is loaded into a freshly built model
+    (the recipe replayed), which must be identical to ``result``: the same
+    module types under the same names, bit-identical tensors, and the same
+    eval-mode outputs on ``inputs``. So the file holds exactly what was verified.
+    """
 
     def check(tmp: Path) -> None:
-        fresh = checkpoint.load(tmp, source.build_fresh()).eval()
-        comparison = recheck(fresh)
-        if not comparison.passed:
-            raise VerificationError(comparison.failure_message(f"the model reloaded from `{out}`"))
+        fresh = checkpoint.load(tmp, source.build_fresh())
+        assert_identical(result, fresh, inputs, what=f"the model reloaded from `{out}`")
 
     return checkpoint.save(result, out, recipe=[*source.loaded.recipe, step], source=source.loaded, force=force, check=check)
+
+
+def assert_identical(expected: nn.Module, got: nn.Module, inputs, *, what: str) -> None:
+    types = {n: type(m) for n, m in expected.named_modules()}
+    got_types = {n: type(m) for n, m in got.named_modules()}
+    if types != got_types:
+        diff = sorted(n for n in types.keys() | got_types.keys() if types.get(n) is not got_types.get(n))
+        raise VerificationError(f"{what} has other layers than the verified model: {', '.join(diff[:3])}")
+    state, got_state = expected.state_dict(), got.state_dict()
+    changed = [k for k in state if not torch.equal(state[k].cpu(), got_state[k].cpu())]
+    if changed:
+        raise VerificationError(f"{what} differs from the verified model in {', '.join(changed[:3])}")
+    got.to(model_device(expected))
+    outputs = run_model(expected, inputs)
+    got_outputs = run_model(got, inputs)
+    if not all(torch.equal(a, b) for (_, a), (_, b) in zip(outputs, got_outputs)):
+        raise VerificationError(f"{what} computes other outputs than the verified model")
 
 
 def comparison_rows(comparison: Comparison) -> list[list[Any]]:
@@ -124,16 +145,3 @@ def render_comparison(comparison: Comparison, title: str) -> None:
         ["output", "shape", "max abs err", "max rel err", "tolerance", "argmax agree", ""],
         comparison_rows(comparison),
     )
-
-
-def recheck_against(
-    original: nn.Module, inputs, *, device: str, atol, rtol, candidate_train: bool = False, probes=()
-):
-    """A ``recheck`` for ``write_verified``: compare a reloaded model with ``original``."""
-
-    def recheck(fresh: nn.Module) -> Comparison:
-        return compare(
-            original, fresh, inputs, device=device, atol=atol, rtol=rtol, candidate_train=candidate_train, probes=probes
-        )
-
-    return recheck

@@ -50,7 +50,7 @@ def fold(
     from .. import checkpoint as ckpt
     from ..errors import VerificationError
     from ..verify import resolve_device
-    from .common import default_out, load_source, recheck_against, verification_inputs, write_verified
+    from .common import default_out, load_source, verification_inputs, write_verified
 
     from .. import console
 
@@ -73,11 +73,8 @@ def fold(
         raise
     result.update(report.to_dict())
     if not dry_run:
-        recheck = recheck_against(
-            source.model, inputs, device=target, atol=atol, rtol=rtol, probes=report.plan.probes()
-        )
         try:
-            written = write_verified(source, folded, out, report.plan.recipe_step(), force=force, recheck=recheck)
+            written = write_verified(source, folded, out, report.plan.recipe_step(), force=force, inputs=inputs)
         except VerificationError:
             _render(result, report, json)
             raise

@@ -104,11 +104,8 @@ def freeze(
         _render(result, report, check, json)
         raise VerificationError(check.failure_message("the frozen model in train mode"), report=check)
     if not dry_run:
-        def recheck(fresh):
-            return check_frozen(source.model, fresh, inputs, device=target, atol=atol, rtol=rtol)
-
         try:
-            written = write_verified(source, frozen, out, report.recipe_step(), force=force, recheck=recheck)
+            written = write_verified(source, frozen, out, report.recipe_step(), force=force, inputs=inputs)
         except VerificationError:
             _render(result, report, check, json)
             raise
