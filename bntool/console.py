@@ -19,14 +19,14 @@ from rich.text import Text
 
 T = TypeVar("T")
 
-_out = Console(markup=False, highlight=False, soft_wrap=False)
+_out = Console(markup=False, highlight=False, soft_wrap=True)
 _err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 
 def use_stderr_for_humans(flag: bool) -> None:
     """With ``--json``, stdout carries the report alone; human output moves to stderr."""
     global _out
-    _out = Console(stderr=flag, markup=False, highlight=False)
+    _out = Console(stderr=flag, markup=False, highlight=False, soft_wrap=True)
 
 
 def error(message: str) -> None:

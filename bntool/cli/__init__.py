@@ -46,6 +46,7 @@ def _root(
 
 # Subcommands register themselves on `app`.
 from . import fold as _fold  # noqa: E402,F401
+from . import inspect as _inspect  # noqa: E402,F401
 from . import freeze as _freeze  # noqa: E402,F401
 
 
