@@ -40,6 +40,9 @@ _EXPORTS = {
     "FrozenBatchNorm1d": "bntool.freezing",
     "FrozenBatchNorm2d": "bntool.freezing",
     "FrozenBatchNorm3d": "bntool.freezing",
+    "export_onnx": "bntool.onnx_export",
+    "ExportReport": "bntool.onnx_export",
+    "verify_onnx": "bntool.onnx_check",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -67,3 +70,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .verify import Comparison, compare
     from .inspection import Finding, InspectReport, inspect
     from .freezing import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
+    from .onnx_check import verify_onnx
+    from .onnx_export import ExportReport, export_onnx

@@ -1,0 +1,323 @@
+"""What an ONNX file holds and what it computes: checker, BatchNormalization mode, node counts, onnxruntime.
+
+``inspect_file`` runs ``onnx.checker`` (full check, external data included)
+and gathers the facts the export report shows; ``training_mode_bns`` proves
+that no BatchNormalization node is a training op (``training_mode=1``, the
+running-statistics outputs, or ``is_test=0`` in the oldest opsets);
+``OrtRunner`` runs the file in onnxruntime with every graph optimization
+off, so that the file itself is checked and not onnxruntime's rewrite of it;
+``verify_onnx`` compares its outputs with the PyTorch model's at each batch
+size, with the tolerance of ``verify.compare``. onnx and onnxruntime are
+imported inside the functions: ``import bntool`` does not import them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError, VerificationError
+from .verify import (
+    Comparison,
+    compare,
+    flatten_outputs,
+    inputs_must_fit,
+    model_device,
+    resolve_device,
+    training_flags,
+)
+
+#: Node types the report counts on their own (all types are in ``node_counts``).
+KEY_OPS = ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class TrainingBN:
+    """A BatchNormalization node that computes (or updates) batch statistics, and how we know."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class OnnxFacts:
+    """One ONNX file as written: checker result, opset, nodes, size, where the weights are."""
+
+    checker_error: str | None
+    opset: int
+    node_counts: dict[str, int]
+    training_bns: tuple[TrainingBN, ...]
+    size_bytes: int
+    external_data: tuple[str, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    batch_dims: tuple[str | int | None, ...]
+
+    @property
+    def bn_left(self) -> int:
+        return self.node_counts.get("BatchNormalization", 0)
+
+
+def iter_nodes(model: Any) -> Iterator[Any]:
+    """Every node of the main graph, of its subgraphs (If / Loop / Scan) and of its local functions."""
+
+    def walk(nodes) -> Iterator[Any]:
+        for node in nodes:
+            yield node
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from walk(attr.g.node)
+                for g in attr.graphs:
+                    yield from walk(g.node)
+
+    yield from walk(model.graph.node)
+    for function in model.functions:
+        yield from walk(function.node)
+
+
+def training_mode_bns(model: Any) -> list[TrainingBN]:
+    """BatchNormalization nodes in training mode: ``training_mode=1``, extra outputs, or ``is_test=0``."""
+    found = []
+    for i, node in enumerate(iter_nodes(model)):
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        outputs = [o for o in node.output if o]
+        name = node.name or f"BatchNormalization #{i} (output `{node.output[0]}`)"
+        if "training_mode" in attrs and attrs["training_mode"].i != 0:
+            found.append(TrainingBN(name, "training_mode=1: normalizes with batch statistics"))
+        elif "is_test" in attrs and attrs["is_test"].i == 0:
+            found.append(TrainingBN(name, "is_test=0: normalizes with batch statistics"))
+        elif len(outputs) > 1:
+            found.append(TrainingBN(name, f"{len(outputs)} outputs: it also updates running statistics "
+                                          "(a training op)"))
+    return found
+
+
+def inspect_file(path: str | os.PathLike) -> OnnxFacts:
+    """Check ``path`` with ``onnx.checker`` (full check) and gather what the report shows."""
+    import onnx
+
+    path = Path(path)
+    checker_error = None
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        checker_error = _first_lines(str(exc))
+    model = onnx.load(str(path), load_external_data=False)
+    locations = sorted({
+        entry.value
+        for tensor in _initializers(model)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    })
+    data_files = [path.parent / loc for loc in locations if (path.parent / loc).exists()]
+    size = path.stat().st_size + sum(f.stat().st_size for f in data_files)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    initializer_names = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializer_names]
+    return OnnxFacts(
+        checker_error=checker_error,
+        opset=opset,
+        node_counts=dict(sorted(Counter(n.op_type for n in iter_nodes(model)).items())),
+        training_bns=tuple(training_mode_bns(model)),
+        size_bytes=size,
+        external_data=tuple(locations),
+        input_names=tuple(v.name for v in inputs),
+        output_names=tuple(v.name for v in model.graph.output),
+        batch_dims=tuple(_batch_dim(v) for v in inputs),
+    )
+
+
+def _initializers(model: Any) -> Iterator[Any]:
+    yield from model.graph.initializer
+    for node in iter_nodes(model):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+
+
+def _batch_dim(value: Any) -> str | int | None:
+    dims = value.type.tensor_type.shape.dim
+    if not dims:
+        return None
+    return dims[0].dim_param or (dims[0].dim_value if dims[0].HasField("dim_value") else None)
+
+
+def _first_lines(text: str, n: int = 2) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(lines[:n]) or "(no message)"
+
+
+# ----------------------------------------------------------------------------- onnxruntime
+
+
+def providers_for(device: torch.device) -> list[Any]:
+    """The CUDA provider (TF32 off) on a CUDA device when this onnxruntime has it, else the CPU one."""
+    import onnxruntime as ort
+
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        options = {"device_id": str(device.index or 0), "use_tf32": "0"}
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtRunner:
+    """An onnxruntime session on one file, graph optimizations off; called with a list of tensors.
+
+    Returns the outputs as CPU tensors, in the file's output order.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: torch.device, *, optimize: bool = False,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        self.provider = self.session.get_providers()[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"the ONNX file takes {len(self.input_names)} inputs, got {len(inputs)}")
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+        return [torch.from_numpy(a) for a in self.session.run(None, feed)]
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class BatchCheck:
+    batch_size: int
+    comparison: Comparison
+
+
+@dataclass(frozen=True)
+class OnnxVerification:
+    """onnxruntime vs PyTorch at each batch size."""
+
+    provider: str
+    checks: tuple[BatchCheck, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.comparison.passed for c in self.checks)
+
+    def failures(self) -> list[str]:
+        return [c.comparison.failure_message(f"onnxruntime ({self.provider}) at batch {c.batch_size}")
+                for c in self.checks if not c.comparison.passed]
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: Mapping[int, Sequence[torch.Tensor]] | Sequence[torch.Tensor],
+    *,
+    device: str | torch.device = "auto",
+    atol: float | None = None,
+    rtol: float | None = None,
+    template: Any = None,
+) -> OnnxVerification:
+    """Run ``path`` in onnxruntime (graph optimizations off) and compare with ``model`` in eval mode.
+
+    ``inputs`` is one list of tensors or ``{batch_size: tensors}``. The CUDA
+    provider (TF32 off) is used on a CUDA ``device`` when onnxruntime has it.
+    Raises ``VerificationError`` when onnxruntime cannot run the file or its
+    outputs are not the model's.
+    """
+    feed = dict(inputs) if isinstance(inputs, Mapping) else {int(inputs[0].shape[0]): tuple(inputs)}
+    target = resolve_device(device)
+    try:
+        runner = OrtRunner(path, target)
+    except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
+        raise VerificationError(f"onnxruntime cannot load the file: {str(exc).strip().splitlines()[0][:300]}") from exc
+    if template is None:
+        template = output_template(model, feed[min(feed)])
+    expected = len(flatten_outputs(template))
+
+    def candidate(batch_inputs: Sequence[torch.Tensor]) -> Any:
+        try:
+            outputs = runner(batch_inputs)
+        except Exception as exc:
+            raise VerificationError(f"onnxruntime fails on the file: {str(exc).strip().splitlines()[0][:300]}") from exc
+        if len(outputs) != expected:
+            raise VerificationError(f"the ONNX file has {len(outputs)} outputs but the model returns {expected} "
+                                    "tensors")
+        return _fill(template, iter(outputs))
+
+    checks = tuple(BatchCheck(b, compare(model, candidate, feed[b], device=target, atol=atol, rtol=rtol))
+                   for b in sorted(feed))
+    return OnnxVerification(runner.provider, checks)
+
+
+def output_template(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
+    """The model's output structure (eval mode, one forward), to give onnxruntime's flat outputs their names."""
+    device = model_device(model)
+    moved = [t.to(device) for t in inputs]
+    with torch.no_grad(), training_flags(model, False), inputs_must_fit(model, moved):
+        return model(*moved)
+
+
+def _fill(template: Any, leaves: Iterator[torch.Tensor]) -> Any:
+    """``template`` with its tensors replaced, in ``flatten_outputs`` order, by ``leaves``."""
+    if isinstance(template, torch.Tensor):
+        return next(leaves)
+    if isinstance(template, dict):
+        return {k: _fill(v, leaves) for k, v in template.items()}
+    if isinstance(template, (tuple, list)):
+        values = [_fill(v, leaves) for v in template]
+        return type(template)(*values) if hasattr(template, "_fields") else type(template)(values)
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        return dataclasses.replace(template, **{f.name: _fill(getattr(template, f.name), leaves)
+                                                for f in dataclasses.fields(template) if f.init})
+    return template
+
+
+def inputs_at(inputs: Sequence[torch.Tensor], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``inputs`` cut to ``batch`` samples, or grown with new samples drawn like the examples."""
+    generator = torch.Generator().manual_seed(seed + batch)
+    grown = []
+    for t in inputs:
+        have = t.shape[0]
+        if batch <= have:
+            grown.append(t[:batch])
+            continue
+        if t.is_floating_point():
+            ref = t.double()
+            new = torch.randn((batch - have, *t.shape[1:]), generator=generator, dtype=torch.float64)
+            new = (new * ref.std().clamp_min(1e-3) + ref.mean()).to(t.dtype)
+        else:
+            new = t[torch.randint(have, (batch - have,), generator=generator)]
+        grown.append(torch.cat([t, new.to(t.device)]))
+    return tuple(grown)
+
+
+def verification_batch_sizes(batch: int, dynamic: bool, asked: Sequence[int] | None = None) -> list[int]:
+    """``asked`` (checked), else the export batch, plus 1 and ``batch + 1`` when the batch is dynamic."""
+    if not asked:
+        return sorted({batch, 1, batch + 1}) if dynamic else [batch]
+    bad = [b for b in asked if b < 1]
+    if bad:
+        raise InputError(f"--verify-batch-sizes {bad[0]}: pass positive batch sizes")
+    other = [b for b in asked if b != batch]
+    if other and not dynamic:
+        raise InputError(f"the file has the fixed batch size {batch}, so it cannot run at batch {other[0]}; "
+                         "pass --dynamic-batch, or --verify-batch-sizes "
+                         f"{batch}")
+    return sorted(set(asked))
