@@ -32,6 +32,8 @@ _EXPORTS = {
     "BntoolError": "bntool.errors",
     "InputError": "bntool.errors",
     "VerificationError": "bntool.errors",
+    "recalibrate": "bntool.recalibration",
+    "RecalibrationReport": "bntool.recalibration",
     "inspect": "bntool.inspection",
     "InspectReport": "bntool.inspection",
     "Finding": "bntool.inspection",
@@ -66,6 +68,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import load, save
     from .errors import BntoolError, InputError, VerificationError
+    from .recalibration import RecalibrationReport, recalibrate
     from .folding import FoldPlan, FoldReport, Skip, fold, plan_fold
     from .verify import Comparison, compare
     from .inspection import Finding, InspectReport, inspect

@@ -24,7 +24,7 @@ REPLAYERS = {
     "fold": "bntool.folding",
     "freeze": "bntool.freezing",
     "unfreeze": "bntool.freezing",
-    "recalibrate": "bntool.recalibrate",
+    "recalibrate": "bntool.recalibration",
 }
 
 

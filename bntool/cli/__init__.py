@@ -48,6 +48,7 @@ def _root(
 from . import fold as _fold  # noqa: E402,F401
 from . import inspect as _inspect  # noqa: E402,F401
 from . import freeze as _freeze  # noqa: E402,F401
+from . import recalibrate as _recalibrate  # noqa: E402,F401
 from . import export as _export  # noqa: E402,F401
 
 

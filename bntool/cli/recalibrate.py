@@ -1,0 +1,267 @@
+"""``bntool recalibrate`` (also under ``torchrun --nproc-per-node N -m bntool recalibrate ...``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import app
+from .options import (
+    AllowPickleOpt,
+    CheckpointArg,
+    DeviceOpt,
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    KeyOpt,
+    ModelArgsOpt,
+    ModelOpt,
+    OutOpt,
+    StripPrefixOpt,
+)
+
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        metavar="SOURCE",
+        help="Calibration data: a tensor file (.pt, .safetensors, .npy, .npz) of inputs stacked along dim 0, "
+        "a folder of images, or package.module:factory / path/file.py:factory returning an iterable of batches.",
+        show_default=False,
+    ),
+]
+DataArgsOpt = Annotated[
+    Optional[str], typer.Option("--data-args", metavar="JSON", help='Keyword arguments for the data factory, as JSON: \'{"split": "val"}\'.')
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="Samples per batch for a tensor file or an image folder.")]
+ImageSizeOpt = Annotated[
+    Optional[str], typer.Option("--image-size", metavar="SIZE", help="Resize images to SIZE or H,W (image folders).", show_default=False)
+]
+MeanOpt = Annotated[
+    Optional[str],
+    typer.Option("--mean", metavar="FLOATS", help="Per-channel mean to subtract from images in [0, 1], e.g. 0.485,0.456,0.406.",
+                 show_default=False),
+]
+StdOpt = Annotated[
+    Optional[str],
+    typer.Option("--std", metavar="FLOATS", help="Per-channel std to divide images by, e.g. 0.229,0.224,0.225.", show_default=False),
+]
+InputKeyOpt = Annotated[
+    Optional[str], typer.Option("--input-key", metavar="KEY", help="Which entry of a dict batch (or file) is the model input.")
+]
+NumBatchesOpt = Annotated[
+    Optional[int], typer.Option("--num-batches", metavar="N", help="Use only the first N batches. Default: all of them.")
+]
+VerifyBatchesOpt = Annotated[
+    int,
+    typer.Option("--verify-batches", metavar="N", help="Hold out N batches after the calibration batches and report how close each "
+                 "BN's normalised input comes to mean 0 / variance 1 there, before and after."),
+]
+OnlyOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--only", metavar="PATTERN", help="Recalibrate only BNs whose qualified name (or a parent's) matches this fnmatch "
+                 "pattern, e.g. 'layer4.*'; repeatable.", show_default=False),
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", metavar="PATTERN", help="Leave BNs matching this pattern as they are; repeatable.", show_default=False),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no tables; errors only.")]
+
+
+@app.command()
+def recalibrate(
+    checkpoint: CheckpointArg,
+    data: DataOpt,
+    model: ModelOpt = None,
+    model_args: ModelArgsOpt = None,
+    key: KeyOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    strip_prefix: StripPrefixOpt = True,
+    data_args: DataArgsOpt = None,
+    batch_size: BatchSizeOpt = 32,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    input_key: InputKeyOpt = None,
+    num_batches: NumBatchesOpt = None,
+    verify_batches: VerifyBatchesOpt = 0,
+    only: OnlyOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Recompute every BatchNorm's running statistics over real data: exact population mean and variance.
+
+    Only the BN layers run in training mode (dropout and the rest stay in
+    eval), statistics are accumulated in float64 over every value each BN sees,
+    and every other parameter and buffer is checked to be bit-identical. Under
+    torchrun each process takes every N-th batch, the statistics are reduced
+    across processes, and process 0 writes the file.
+    """
+    import torch
+
+    from .. import checkpoint as ckpt
+    from .. import console
+    from ..data import load_batches, model_input, plan_batches
+    from ..errors import VerificationError
+    from ..recalibration import recalibrate as recalibrate_model
+    from ..verify import resolve_device
+    from .common import default_out, load_source, write_verified
+
+    console.use_stderr_for_humans(json)
+    out = out or default_out(checkpoint, "recalibrated")
+    if not dry_run:
+        ckpt.check_output_path(out, force=force, inputs=(checkpoint,))
+        ckpt.output_format(out)
+    target = resolve_device(device)
+    group = _init_distributed(target)
+    rank, world_size = (group["rank"], group["world_size"]) if group else (0, 1)
+    if group and target.type == "cuda":
+        target = torch.device("cuda", group["local_rank"])
+    try:
+        source = load_source(checkpoint, model_spec=model, model_args=model_args, key=key,
+                             allow_pickle=allow_pickle, strip_prefix=strip_prefix)
+        batches = load_batches(data, batch_size=batch_size, image_size=_ints(image_size, "--image-size"),
+                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_args=data_args,
+                               input_key=input_key)
+        plan = plan_batches(batches, num_batches=num_batches, verify_batches=verify_batches, rank=rank,
+                            world_size=world_size)
+        work = source.model.to(target)
+        counted = _Counted(plan.calibration)
+        shown = console.progress(counted, total=plan.total, description="Recalibrating",
+                                 enabled=not quiet and rank == 0, samples=lambda: counted.samples)
+        report = recalibrate_model(work, shown, input_key=input_key, only=only or (), exclude=exclude or (),
+                                   verify_batches=plan.verification)
+        result: dict[str, Any] = {"command": "recalibrate", **source.describe(), "data": str(data), "output": None,
+                                  "written": False, "dry_run": dry_run, **report.to_dict(),
+                                  "recipe_step": report.recipe_step()}
+        if not report.unchanged_non_bn:
+            if rank == 0:
+                _render(result, report, json, quiet)
+            names = ", ".join(f"`{n}`" for n in report.changed_non_bn[:5]) or "on another process"
+            raise VerificationError(
+                f"parameters or buffers other than BatchNorm statistics changed during the pass ({names}); "
+                "something in the model's forward writes its own state; nothing was written", report=report)
+        if rank == 0 and not dry_run:
+            inputs = (model_input(counted.first, input_key)[:8],)  # the reloaded file must compute the same on it
+            written = write_verified(source, work, out, report.recipe_step(), force=force, inputs=inputs)
+            result.update(output=str(written), written=True)
+        if rank == 0:
+            _render(result, report, json, quiet)
+        if group:
+            import torch.distributed as dist
+
+            dist.barrier()
+    finally:
+        if group and group["created"]:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class _Counted:
+    """Pass batches through, counting samples for the progress bar's rate and keeping the first one."""
+
+    def __init__(self, batches: Any):
+        self.batches, self.samples, self.first = batches, 0, None
+
+    def __iter__(self):
+        from ..data import batch_size_of
+
+        for batch in self.batches:
+            self.samples += batch_size_of(batch)
+            if self.first is None:
+                self.first = batch
+            yield batch
+
+
+def _init_distributed(target: Any) -> dict[str, Any] | None:
+    """Join the torchrun process group (gloo on CPU, NCCL on GPU) when WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    created = not dist.is_initialized()
+    if created:
+        if target.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "local_rank": local_rank, "created": created}
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    from ..errors import InputError
+
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise InputError(f"{flag} `{text}` is not a list of numbers; pass e.g. {flag} 0.485,0.456,0.406") from None
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    values = _floats(text, flag)
+    if values is None:
+        return None
+    from ..errors import InputError
+
+    if not values or any(v != int(v) or v < 1 for v in values) or len(values) > 2:
+        raise InputError(f"{flag} `{text}`: pass one positive size (224) or height,width (224,320)")
+    return [int(v) for v in values]
+
+
+def _fmt(value: float | None, spec: str = ".3g") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _render(result: dict, report: Any, as_json: bool, quiet: bool) -> None:
+    from .. import console
+
+    if as_json:
+        console.print_json(result)
+        return
+    if quiet:
+        return
+    verified = report.verify_batches > 0
+    columns = ["BatchNorm", "calls", "values/ch", "Δmean/std", "Δvar rel", "batch-var gap"]
+    if verified:
+        columns += ["|mean| before→after", "|var-1| before→after"]
+    rows = []
+    for layer in report.layers:
+        row = [layer.name + (" (now tracking)" if layer.converted else ""), layer.calls, layer.count,
+               _fmt(layer.mean_change), _fmt(layer.var_change), f"{layer.batch_var_gap:.2%}"]
+        if verified:
+            for attr in ("mean_error", "var_error"):
+                before = getattr(layer.verify_before, attr, None)
+                after = getattr(layer.verify_after, attr, None)
+                row.append(f"{_fmt(before) or '-'} → {_fmt(after) or '-'}")
+        rows.append(row)
+    console.table(f"Recalibrated {len(rows)} BatchNorm layer(s)", columns, rows)
+    if report.skipped:
+        console.table(f"Left {len(report.skipped)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
+                      [[s.name, s.reason] for s in report.skipped])
+    where = f" on {report.world_size} processes" if report.world_size > 1 else ""
+    console.line(f"{report.num_batches} batches, {report.num_samples} samples{where}. Averaging per-batch variances "
+                 f"instead would have been off by up to {report.mean_of_batch_vars_vs_population:.2%}.")
+    if report.converted:
+        console.line("Now tracking running statistics (were track_running_stats=False): " + ", ".join(report.converted))
+    if verified:
+        console.line(f"Checked on {report.verify_batches} held-out batches (eval mode).")
+    if report.unchanged_non_bn:
+        console.success("Every parameter and buffer other than the BatchNorm statistics is bit-identical.")
+    else:
+        console.failure("Changed outside BatchNorm statistics: " + ", ".join(report.changed_non_bn[:10]))
+    if result.get("written"):
+        console.success(f"Wrote {result['output']} (reloaded and checked before it was renamed into place).")
+    elif result.get("dry_run", False):
+        console.line("Dry run: nothing written.")

@@ -1,0 +1,351 @@
+"""Batches for recalibration: a tensor file, an image folder, or a Python factory.
+
+``load_batches(source, ...)`` turns what the user passed to ``--data`` into an
+iterable of batches:
+
+- a tensor file (``.pt``/``.pth``, ``.safetensors``, ``.npy``, ``.npz``) holding
+  inputs stacked along the first dimension, cut into ``batch_size`` batches
+  (the last one may be shorter);
+- a folder of images, read with PIL, resized to ``image_size`` and normalised
+  with ``mean`` / ``std`` (one value per channel: 1 value reads grey, 3 RGB);
+- ``package.module:factory`` or ``path/file.py:factory``, called with the
+  ``data_args`` keyword arguments, returning any iterable of batches (a
+  DataLoader) or one stacked tensor.
+
+``model_input(batch, input_key)`` picks the model input out of one batch (a
+tensor, the first element of a tuple/list, or a dict entry), and
+``plan_batches`` splits a source into this rank's calibration batches and the
+held-out verification batches (rank ``r`` of ``world_size`` takes the batches
+``i`` with ``i % world_size == r``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .modelspec import parse_kwargs, resolve_callable
+
+TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".npz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: dict keys taken as the model input when a dict batch has several entries and no --input-key
+OBVIOUS_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "data")
+
+
+class TensorBatches:
+    """Consecutive ``batch_size`` slices of one stacked tensor; the last batch may be shorter."""
+
+    def __init__(self, tensor: torch.Tensor, batch_size: int, name: str = "the tensor"):
+        if batch_size < 1:
+            raise InputError(f"--batch-size {batch_size}: pass a positive number of samples per batch")
+        if tensor.dim() == 0 or tensor.shape[0] == 0:
+            raise InputError(f"{name} holds no samples (shape {tuple(tensor.shape)}); pass inputs stacked along dim 0")
+        self.tensor, self.batch_size = tensor, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.tensor.shape[0] / self.batch_size)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.tensor[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+
+class ImageFolderBatches:
+    """Images of a folder (recursively, sorted by path) as normalised float32 ``(N, C, H, W)`` batches."""
+
+    def __init__(self, paths: Sequence[Path], batch_size: int, image_size: tuple[int, int] | None,
+                 mean: Sequence[float] | None, std: Sequence[float] | None):
+        if batch_size < 1:
+            raise InputError(f"--batch-size {batch_size}: pass a positive number of images per batch")
+        channels = len(mean) if mean else len(std) if std else 3
+        if channels not in (1, 3) or (mean and std and len(mean) != len(std)):
+            raise InputError(
+                f"--mean/--std need 1 value (grey) or 3 values (RGB) each, got {list(mean or [])} / {list(std or [])}"
+            )
+        self.paths, self.batch_size, self.image_size = list(paths), batch_size, image_size
+        self.mode = "L" if channels == 1 else "RGB"
+        self.mean = torch.tensor(mean if mean else [0.0] * channels, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std if std else [1.0] * channels, dtype=torch.float32)[:, None, None]
+        if (self.std == 0).any():
+            raise InputError(f"--std {list(std)} contains 0; pass positive standard deviations")
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def _read(self, path: Path) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+                if self.image_size is not None:
+                    image = image.resize((self.image_size[1], self.image_size[0]), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.float32) / 255.0
+        except OSError as exc:
+            raise InputError(f"cannot read image `{path}`: {exc}; remove it or convert it to PNG/JPEG") from None
+        tensor = torch.from_numpy(array.copy())
+        tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+        return (tensor - self.mean) / self.std
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        chunk = self.paths[index * self.batch_size : (index + 1) * self.batch_size]
+        images = [self._read(p) for p in chunk]
+        sizes = {tuple(t.shape[1:]) for t in images}
+        if len(sizes) > 1:
+            raise InputError(
+                f"images in the folder have different sizes ({', '.join('x'.join(map(str, s)) for s in sorted(sizes))}); "
+                "pass --image-size, e.g. --image-size 224"
+            )
+        return torch.stack(images)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+
+def load_batches(
+    source: str | Path,
+    *,
+    batch_size: int = 32,
+    image_size: int | Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    data_args: str | Mapping[str, Any] | None = None,
+    input_key: str | None = None,
+) -> Iterable[Any]:
+    """What ``--data SOURCE`` names, as an iterable of batches (see the module docstring)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise InputError(
+                f"--data `{source}`: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                "pass a folder of images, a tensor file or a module:factory"
+            )
+        return ImageFolderBatches(paths, batch_size, _image_size(image_size), mean, std)
+    if path.is_file():
+        return TensorBatches(_read_tensor_file(path, input_key), batch_size, f"--data `{source}`")
+    if ":" in str(source):
+        factory = resolve_callable(str(source), flag="--data")
+        kwargs = parse_kwargs(data_args, "--data-args") if isinstance(data_args, (str, type(None))) else dict(data_args)
+        try:
+            batches = factory(**kwargs)
+        except TypeError as exc:
+            raise InputError(f"--data `{source}` rejected its arguments: {exc}; check --data-args") from None
+        except Exception as exc:
+            raise InputError(f"--data `{source}` raised {type(exc).__name__}: {exc}") from None
+        if isinstance(batches, torch.Tensor):
+            return TensorBatches(batches, batch_size, f"--data `{source}`")
+        if not isinstance(batches, Iterable):
+            raise InputError(
+                f"--data `{source}` returned a {type(batches).__name__}, not an iterable of batches; "
+                "return a DataLoader, a list of batches or one stacked tensor"
+            )
+        return batches
+    raise InputError(
+        f"--data `{source}`: no such file or folder; pass a tensor file ({', '.join(TENSOR_SUFFIXES)}), "
+        "a folder of images, or package.module:factory / path/file.py:factory"
+    )
+
+
+def _image_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    dims = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) < 1:
+        raise InputError(f"--image-size {size}: pass one positive size (224) or height,width (224,320)")
+    return dims
+
+
+def _read_tensor_file(path: Path, input_key: str | None) -> torch.Tensor:
+    suffix = path.suffix.lower()
+    where = f"--data `{path}`"
+    if suffix in (".pt", ".pth"):
+        import pickle
+
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f" (`{found.group(1)}`)" if found else ""
+            raise InputError(f"{where} holds objects other than tensors{what}; loading them could run code, so it is "
+                             "not loaded; save the inputs with torch.save(tensor) or as .safetensors") from None
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise InputError(f"cannot read {where}: {exc}") from None
+    elif suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            content = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"cannot read {where}: {exc}") from None
+    elif suffix in (".npy", ".npz"):
+        import numpy as np
+
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"cannot read {where} as a numeric array: {exc}") from None
+        content = {k: torch.from_numpy(loaded[k]) for k in loaded.files} if suffix == ".npz" else torch.from_numpy(loaded)
+    else:
+        raise InputError(f"{where}: unknown file type `{suffix}`; pass one of {', '.join(TENSOR_SUFFIXES)}, "
+                         "a folder of images, or package.module:factory")
+    tensor = model_input(content, input_key, where=where)
+    return tensor
+
+
+def model_input(batch: Any, input_key: str | None = None, *, where: str = "a batch") -> torch.Tensor:
+    """The model input of one batch: a tensor, a tuple/list's first element, or a dict entry.
+
+    A dict uses ``input_key`` when given, else its only tensor, else the one of
+    ``OBVIOUS_KEYS`` it holds; anything else is an ``InputError`` naming the keys.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return model_input(batch[0], input_key, where=where)
+    if isinstance(batch, Mapping):
+        keys = list(batch)
+        if input_key is not None:
+            if input_key not in batch:
+                raise InputError(f"{where} has no key `{input_key}` (keys: {', '.join(map(str, keys))}); "
+                                 "pass one of those with --input-key")
+            return model_input(batch[input_key], None, where=where)
+        tensors = [k for k in keys if isinstance(batch[k], torch.Tensor)]
+        if len(tensors) == 1:
+            return batch[tensors[0]]
+        obvious = [k for k in keys if k in OBVIOUS_KEYS]
+        if len(obvious) == 1:
+            return model_input(batch[obvious[0]], None, where=where)
+        raise InputError(f"{where} is a dict with keys {', '.join(f'`{k}`' for k in keys)} and none is obviously "
+                         "the model input; pass --input-key KEY (or forward=... in the Python API)")
+    raise InputError(f"{where} is a {type(batch).__name__}, not a tensor, tuple, list or dict; "
+                     "return tensors from the data factory, or pass forward=callable(model, batch) in the Python API")
+
+
+def batch_size_of(batch: Any) -> int:
+    """Leading dimension of the first tensor found in a batch (0 if there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        size = batch_size_of(value)
+        if size:
+            return size
+    return 0
+
+
+def expected_input(model: nn.Module) -> str:
+    """What the model's first layer (in registration order) takes, e.g. "`conv1` (Conv2d) expects (N, 3, H, W)"."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            dims = len(module.kernel_size)
+            spatial = {1: "L", 2: "H, W", 3: "D, H, W"}.get(dims, "...")
+            return f"`{name}` ({type(module).__name__}) expects (N, {module.in_channels}, {spatial})"
+        if isinstance(module, nn.Linear):
+            return f"`{name}` (Linear) expects (N, ..., {module.in_features})"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return f"`{name}` ({type(module).__name__}) expects (N, {module.num_features}, ...)"
+    return f"`{type(model).__name__}` declares no first layer bntool recognises"
+
+
+# ----------------------------------------------------------------------------- splitting and sharding
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """This rank's calibration batches, its held-out verification batches, and how many calibration batches it gets."""
+
+    calibration: Iterable[Any]
+    verification: Iterable[Any] | None
+    total: int | None
+
+
+def plan_batches(batches: Iterable[Any], *, num_batches: int | None = None, verify_batches: int = 0,
+                 rank: int = 0, world_size: int = 1) -> BatchPlan:
+    """Split ``batches`` into the first ``num_batches`` for calibration and the next ``verify_batches``.
+
+    Without ``num_batches``, calibration takes all but the last ``verify_batches``
+    (this needs a source with a length). Each part is sharded: rank ``r`` takes
+    the batches ``i`` with ``i % world_size == r``. The calibration iterable
+    must be consumed before the verification one (they may share one iterator).
+    """
+    if num_batches is not None and num_batches < 1:
+        raise InputError(f"--num-batches {num_batches}: pass a positive number of batches")
+    if verify_batches < 0:
+        raise InputError(f"--verify-batches {verify_batches}: pass 0 or a positive number of batches")
+    if not 0 <= rank < world_size:
+        raise InputError(f"rank {rank} is not in a world of {world_size} processes")
+    try:
+        length = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        length = None
+    if length is not None:
+        if length == 0:
+            raise InputError("the data is empty (0 batches); pass a data source with at least one batch")
+        room = length - verify_batches
+        n_cal = room if num_batches is None else min(num_batches, room)
+        if n_cal < 1:
+            raise InputError(f"the data has {length} batches: not enough for --verify-batches {verify_batches} "
+                             "plus at least one calibration batch; pass fewer --verify-batches")
+    else:
+        if verify_batches and num_batches is None:
+            raise InputError("--verify-batches needs --num-batches for a data source without a length "
+                             "(the verification batches are the ones after the calibration batches)")
+        n_cal = num_batches
+    total = len(range(rank, n_cal, world_size)) if n_cal is not None else None
+    if length is not None and hasattr(batches, "__getitem__"):
+        calibration = _Indexed(batches, range(rank, n_cal, world_size))
+        verification = _Indexed(batches, range(n_cal + rank, n_cal + verify_batches, world_size))
+    else:
+        shared: list[Iterator[Any]] = []  # one iterator, created when calibration starts
+        calibration = _Take(batches, shared, n_cal, rank, world_size)
+        verification = _Take(batches, shared, verify_batches, rank, world_size)
+    return BatchPlan(calibration, verification if verify_batches else None, total)
+
+
+class _Indexed:
+    def __init__(self, batches: Any, indices: range):
+        self.batches, self.indices = batches, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.batches[i] for i in self.indices)
+
+
+class _Take:
+    def __init__(self, batches: Iterable[Any], shared: list, count: int | None, rank: int, world_size: int):
+        self.batches, self.shared, self.count, self.rank, self.world_size = batches, shared, count, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.shared:
+            self.shared.append(iter(self.batches))
+        source = self.shared[0]
+        for i in range(self.count) if self.count is not None else itertools.count():
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+            if i % self.world_size == self.rank:
+                yield batch
+
+
+def shard(batches: Iterable[Any], rank: int, world_size: int) -> Iterable[Any]:
+    """Rank ``rank``'s share of ``batches``: the batches ``i`` with ``i % world_size == rank``."""
+    return plan_batches(batches, rank=rank, world_size=world_size).calibration

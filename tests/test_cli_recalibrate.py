@@ -1,0 +1,219 @@
+"""``bntool recalibrate`` through the real entry point: exit codes, output, what is (not) written, torchrun."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+import bntool.checkpoint
+from bntool import modelspec
+from bntool.cli import main
+from bntool.data import plan_batches
+from bntool.recalibration import recalibrate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        input_shape = (4, 3, 8, 8)
+
+        def __init__(self, track=True):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+            self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=track),
+                                        nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6),
+                                      nn.Dropout(0.5), nn.Linear(6, 3))
+
+        def forward(self, x):
+            return self.head(self.layer1(self.stem(x)))
+
+    class Counting(Net):
+        # writes a buffer of its own in every forward: recalibration must not silently keep that change
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    def net():
+        return Net()
+
+    def counting():
+        return Counting()
+
+    def untracked():
+        return Net(track=False)
+    """
+)
+
+
+def _entry() -> typer.Typer:
+    """A one-command app that hands its arguments to ``bntool.cli.main`` (the real error boundary)."""
+    app = typer.Typer(add_completion=False)
+
+    @app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                   "help_option_names": []})
+    def run(ctx: typer.Context) -> None:
+        main(list(ctx.args))
+
+    return app
+
+
+def bntool_cli(*args):
+    return CliRunner(env={"COLUMNS": "200"}).invoke(_entry(), [str(a) for a in args])
+
+
+@pytest.fixture
+def setup(tmp_path):
+    models = tmp_path / "models.py"
+    models.write_text(MODELS)
+    model = modelspec.build(f"{models}:net")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    ckpt = tmp_path / "best.pt"
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, ckpt)
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(38, 3, 8, 8, generator=gen) * 2 + 1, data)  # 5 batches of 8, the last one 6
+    return tmp_path, models, ckpt, data, model
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def expected_state(model, data: Path, **plan):
+    """What the Python API gives on the same batches."""
+    batches = plan_batches(bntool.data.load_batches(data, batch_size=8), **plan)
+    expected = modelspec.build(f"{data.parent / 'models.py'}:net")
+    expected.load_state_dict(model.state_dict())
+    recalibrate(expected, batches.calibration)
+    return expected.state_dict()
+
+
+def test_recalibrate_writes_the_statistics_of_the_data(setup):
+    tmp_path, models, ckpt, data, model = setup
+    before = sha(ckpt)
+    out = tmp_path / "recal.safetensors"
+    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", data, "--batch-size", 8,
+                        "--verify-batches", 1, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for fragment in ("stem.1", "layer1.1", "head.3", "bit-identical", "Wrote", "4 batches, 32 samples",
+                     "1 held-out batches"):
+        assert fragment in result.stdout, fragment
+    assert sha(ckpt) == before
+    loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:net")).state_dict()
+    for key, value in expected_state(model, data, verify_batches=1).items():
+        assert torch.equal(loaded[key], value), key
+    assert not torch.equal(loaded["stem.1.running_var"], model.state_dict()["stem.1.running_var"])
+
+
+def test_json_report_and_recipe(setup):
+    tmp_path, models, ckpt, data, _ = setup
+    out = tmp_path / "recal.pt"
+    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", data, "--batch-size", 8,
+                        "--num-batches", 3, "--exclude", "head.*", "--out", out, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["command"] == "recalibrate" and report["written"] and report["output"] == str(out)
+    assert [layer["name"] for layer in report["layers"]] == ["stem.1", "layer1.1"]
+    assert report["skipped"] == [{"name": "head.3", "reason": "excluded by --exclude `head.*`; statistics unchanged"}]
+    assert report["num_batches"] == 3 and report["num_samples"] == 24 and report["passed"]
+    assert report["recipe_step"] == {"op": "recalibrate", "layers": ["stem.1", "layer1.1"], "tracking_enabled": [],
+                                     "num_batches": 3, "num_samples": 24}
+    assert bntool.checkpoint.read(out).recipe == [report["recipe_step"]]
+
+
+def test_untracked_bn_becomes_tracking_and_the_file_loads(setup):
+    tmp_path, models, _, data, _ = setup
+    model = modelspec.build(f"{models}:untracked")
+    ckpt = tmp_path / "untracked.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), ckpt)
+    out = tmp_path / "tracked.safetensors"
+    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:untracked", "--data", data, "--out", out,
+                        "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:untracked"))
+    assert loaded.layer1[1].track_running_stats and "layer1.1.running_var" in loaded.state_dict()
+
+
+def test_bad_data_exits_2_with_one_line(setup):
+    tmp_path, models, ckpt, data, _ = setup
+    out = tmp_path / "recal.safetensors"
+    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", tmp_path / "nope.pt", "--out", out)
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert result.stderr.startswith("Error: --data ") and "no such file or folder" in result.stderr
+    torch.save(torch.randn(8, 5, 8, 8), tmp_path / "wrong.pt")
+    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", tmp_path / "wrong.pt",
+                        "--out", out, "--device", "cpu")
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
+    assert "input shape (8, 5, 8, 8)" in result.stderr and "expects (N, 3, H, W)" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".recal*"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(setup):
+    tmp_path, models, ckpt, data, model = setup
+    out = tmp_path / "dist.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "bntool", "recalibrate", str(ckpt), "--model", f"{models}:net", "--data", str(data),
+           "--batch-size", "8", "--out", str(out), "--device", "cpu", "--json"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # kill the launcher and its workers, never leave a rank waiting
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout + stderr
+    report = json.loads(stdout)  # only rank 0 prints
+    assert report["world_size"] == 2 and report["num_batches"] == 5 and report["num_samples"] == 38
+    loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:net")).state_dict()
+    for key, value in expected_state(model, data).items():
+        if value.is_floating_point():
+            torch.testing.assert_close(loaded[key], value, rtol=1e-6, atol=1e-6 * value.abs().max().item())
+        else:
+            assert torch.equal(loaded[key], value), key
+
+
+def test_state_written_outside_bn_fails_with_exit_1_and_writes_nothing(setup):
+    tmp_path, models, _, data, _ = setup
+    ckpt = tmp_path / "counting.pt"
+    torch.save(modelspec.build(f"{models}:counting").state_dict(), ckpt)
+    out = tmp_path / "recal.safetensors"
+    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:counting", "--data", data, "--out", out,
+                        "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    assert "Error: parameters or buffers other than BatchNorm statistics changed during the pass (`calls`)" \
+        in result.stderr
+    assert "Changed outside BatchNorm statistics: calls" in result.stdout
+    assert not out.exists() and not list(tmp_path.glob(".recal*"))
