@@ -42,9 +42,10 @@ def fold(
 ) -> None:
     """Fold every BatchNorm that can be folded exactly into the conv / linear next to it.
 
-    The folded model is checked against the original in eval mode, reloaded
-    from the written file and checked again; a BN that cannot be folded
-    exactly is left as it is, with the reason.
+    The folded model is checked against the original in eval mode, at the
+    outputs and at every folded layer; the written file is reloaded into a
+    fresh model that must be identical to the verified one. A BN that cannot
+    be folded exactly is left as it is, with the reason.
     """
     from ..folding import fold as fold_model
     from .. import checkpoint as ckpt

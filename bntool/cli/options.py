@@ -10,6 +10,7 @@ import typer
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
+        metavar="CHECKPOINT",
         help="Checkpoint to read: .safetensors, or .pt/.pth/.bin/.ckpt (a state dict or a training "
         "checkpoint holding one). It is never modified.",
         show_default=False,
@@ -19,17 +20,18 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option(
         "--model",
+        metavar="SPEC",
         help="Code that builds the network: package.module:factory or path/to/file.py:factory.",
         show_default=False,
     ),
 ]
 ModelArgsOpt = Annotated[
     Optional[str],
-    typer.Option("--model-args", help='Keyword arguments for the factory, as JSON: \'{"num_classes": 10}\'.'),
+    typer.Option("--model-args", metavar="JSON", help='Keyword arguments for the factory, as JSON: \'{"num_classes": 10}\'.'),
 ]
 KeyOpt = Annotated[
     Optional[str],
-    typer.Option("--key", help="Where the state dict sits in a training checkpoint (e.g. state_dict, model, a.b)."),
+    typer.Option("--key", metavar="KEY", help="Where the state dict sits in a training checkpoint (e.g. state_dict, model, a.b)."),
 ]
 AllowPickleOpt = Annotated[
     bool,
@@ -47,26 +49,27 @@ StripPrefixOpt = Annotated[
 ]
 OutOpt = Annotated[
     Optional[Path],
-    typer.Option("--out", "-o", help="Output file (.safetensors or .pt). Default: beside the input.", show_default=False),
+    typer.Option("--out", "-o", metavar="PATH", help="Output file (.safetensors or .pt). Default: beside the input.", show_default=False),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace --out if it exists.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON report on stdout.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Do and verify everything, but write nothing.")]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="Where to verify: auto (a CUDA GPU when present), cpu, cuda or cuda:N.")
+    str, typer.Option("--device", metavar="DEVICE", help="Where to verify: auto (a CUDA GPU when present), cpu, cuda or cuda:N.")
 ]
 InputShapeOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--input-shape",
+        metavar="SHAPE",
         help="Shape of a verification input, e.g. 1,3,224,224; repeat for several inputs. "
         "Default: the shape the model declares (input_shape / example_input_array).",
         show_default=False,
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs.")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="INT", help="Seed of the random verification inputs.")]
 AtolOpt = Annotated[
     Optional[float],
-    typer.Option("--atol", help="Absolute tolerance; with --rtol replaces the tolerance derived from the model."),
+    typer.Option("--atol", metavar="FLOAT", help="Absolute tolerance; with --rtol replaces the tolerance derived from the model."),
 ]
-RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (see --atol).")]
+RtolOpt = Annotated[Optional[float], typer.Option("--rtol", metavar="FLOAT", help="Relative tolerance (see --atol).")]
