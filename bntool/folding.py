@@ -236,12 +236,13 @@ def apply_plan(model: nn.Module, plan: FoldPlan) -> nn.Module:
         if pair.direction == "backward":
             weight, bias = fold_into_producer(
                 target.weight, target.bias, *stats,
-                transposed=isinstance(target, TRANSPOSED), groups=getattr(target, "groups", 1),
+                transposed=isinstance(target, TRANSPOSED), groups=getattr(target, "groups", 1), out=target.weight,
             )
         else:
             weight, bias = fold_into_consumer(target.weight, target.bias, *stats, groups=getattr(target, "groups", 1))
         with torch.no_grad():
-            target.weight.copy_(weight)
+            if weight is not target.weight:
+                target.weight.set_(weight)  # the new tensor itself: no second pass over the weights
             if target.bias is None:
                 target.bias = nn.Parameter(bias.to(target.weight.device), requires_grad=target.weight.requires_grad)
             else:

@@ -42,8 +42,12 @@ def fold_into_producer(
     *,
     transposed: bool = False,
     groups: int = 1,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New ``(weight, bias)`` of a conv / linear / transposed conv followed by a BN.
+
+    ``out`` (a tensor shaped like the weight, possibly the weight itself)
+    receives the new weight in place, saving an allocation and a copy.
 
     Conv and linear weights hold output channels on axis 0. A transposed
     conv's weight is ``(in_channels, out_channels // groups, *kernel)``: output
@@ -55,22 +59,27 @@ def fold_into_producer(
         in_channels, out_per_group = producer_weight.shape[:2]
         spatial = producer_weight.shape[2:]
         grouped = (groups, in_channels // groups, out_per_group, *spatial)
-        new_weight = _scale(producer_weight, grouped, k.reshape(groups, 1, out_per_group, *([1] * len(spatial))))
+        scale = k.reshape(groups, 1, out_per_group, *([1] * len(spatial)))
+        new_weight = _scale(producer_weight, grouped, scale, out)
     else:
-        new_weight = _scale(producer_weight, producer_weight.shape, k.reshape(-1, *([1] * (producer_weight.dim() - 1))))
+        scale = k.reshape(-1, *([1] * (producer_weight.dim() - 1)))
+        new_weight = _scale(producer_weight, producer_weight.shape, scale, out)
     bias = producer_bias.detach().double() if producer_bias is not None else torch.zeros_like(k)
     new_bias = k * bias + c
     return new_weight, new_bias.to(producer_bias.dtype if producer_bias is not None else producer_weight.dtype)
 
 
-def _scale(weight: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor) -> torch.Tensor:
+def _scale(
+    weight: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``weight * scale`` computed in float64 (the common dtype) and rounded once to ``weight``'s dtype.
 
     One pass over the weight, no float64 copy of it: the kernel promotes each
-    element on the fly and writes the rounded product.
+    element on the fly and writes the rounded product (into ``out`` if given).
     """
-    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    torch.mul(weight.detach().reshape(shape), scale, out=out.view(shape))
+    if out is None or not out.is_contiguous():
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    torch.mul(weight.detach().reshape(shape), scale, out=out.detach().view(shape))
     return out
 
 
