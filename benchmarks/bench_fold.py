@@ -63,11 +63,15 @@ def bench(name: str, model: nn.Module, batch: int, repeats: int) -> dict:
 
     folded = ours()
     fused = fx_optimization.fuse(model)
+    ours_s, fx_s = [], []
+    for _ in range(repeats):  # interleaved, so both see the same machine
+        ours_s.append(median_seconds(ours, 1))
+        fx_s.append(median_seconds(lambda: fx_optimization.fuse(model), 1))
     row = {
         "model": name,
         "bn": total_bn,
-        "bntool_fold_s": median_seconds(ours, repeats),
-        "fx_fuse_s": median_seconds(lambda: fx_optimization.fuse(model), repeats),
+        "bntool_fold_s": statistics.median(ours_s),
+        "fx_fuse_s": statistics.median(fx_s),
         "bntool_folded": total_bn - count_bn(folded),
         "fx_folded": total_bn - count_bn(fused),
     }
@@ -92,9 +96,33 @@ def bench(name: str, model: nn.Module, batch: int, repeats: int) -> dict:
     return row
 
 
+def coverage() -> list[tuple[str, int, int, str]]:
+    """How many BNs each tool folds on the smaller example models (fx fuse raises on untraceable ones)."""
+    from bntool.folding import fold
+
+    rows = []
+    for label, model in [
+        ("lenet (conv + linear)", zoo.lenet()),
+        ("convtranspose_net(dims=2, groups=4)", zoo.convtranspose_net(dims=2, groups=4)),
+        ("convtranspose_net(dims=3)", zoo.convtranspose_net(dims=3)),
+        ("untraceable_net (data-dependent branch)", zoo.untraceable_net()),
+    ]:
+        zoo.randomize_bn_(model, seed=0)
+        model.eval()
+        total = count_bn(model)
+        try:
+            fx_folded = total - count_bn(fx_optimization.fuse(model))
+            fx_text = str(fx_folded)
+        except Exception as exc:  # fx cannot trace it
+            fx_text = f"0 ({type(exc).__name__})"
+        _, report = fold(model)
+        rows.append((label, total, len(report.plan.pairs), fx_text))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -110,6 +138,11 @@ def main() -> None:
         print(f"| {r['model']} | {r['bn']} | {r['bntool_fold_s'] * 1e3:.0f} ms | {r['fx_fuse_s'] * 1e3:.0f} ms | "
               f"{r['bntool_folded']} / {r['fx_folded']} | {r['cli_s']:.1f} s | {r['eval_original_ms']:.1f} ms | "
               f"{r['eval_folded_ms']:.1f} ms |")
+    print()
+    print("| model | BN layers | folded by bntool | folded by fx fuse |")
+    print("|---|---|---|---|")
+    for label, total, ours, fx_text in coverage():
+        print(f"| {label} | {total} | {ours} | {fx_text} |")
 
 
 if __name__ == "__main__":

@@ -229,6 +229,11 @@ def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
 
 def apply_plan(model: nn.Module, plan: FoldPlan) -> nn.Module:
     """Fold every pair of ``plan`` into ``model`` in place and return it."""
+    sizes: dict[torch.device, int] = {}
+    for pair in plan.pairs:  # one float64 buffer per device, for the largest weight, reused by every fold
+        weight = model.get_submodule(pair.into).weight
+        sizes[weight.device] = max(sizes.get(weight.device, 0), weight.numel())
+    scratch = {device: torch.empty(n, dtype=torch.float64, device=device) for device, n in sizes.items()}
     for pair in plan.pairs:
         bn = model.get_submodule(pair.bn)
         target = model.get_submodule(pair.into)
@@ -237,6 +242,7 @@ def apply_plan(model: nn.Module, plan: FoldPlan) -> nn.Module:
             weight, bias = fold_into_producer(
                 target.weight, target.bias, *stats,
                 transposed=isinstance(target, TRANSPOSED), groups=getattr(target, "groups", 1), out=target.weight,
+                scratch=scratch[target.weight.device],
             )
         else:
             weight, bias = fold_into_consumer(target.weight, target.bias, *stats, groups=getattr(target, "groups", 1))

@@ -43,11 +43,13 @@ def fold_into_producer(
     transposed: bool = False,
     groups: int = 1,
     out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New ``(weight, bias)`` of a conv / linear / transposed conv followed by a BN.
 
     ``out`` (a tensor shaped like the weight, possibly the weight itself)
-    receives the new weight in place, saving an allocation and a copy.
+    receives the new weight in place, saving an allocation and a copy;
+    ``scratch`` is a float64 buffer of at least the weight's size to compute in.
 
     Conv and linear weights hold output channels on axis 0. A transposed
     conv's weight is ``(in_channels, out_channels // groups, *kernel)``: output
@@ -60,26 +62,37 @@ def fold_into_producer(
         spatial = producer_weight.shape[2:]
         grouped = (groups, in_channels // groups, out_per_group, *spatial)
         scale = k.reshape(groups, 1, out_per_group, *([1] * len(spatial)))
-        new_weight = _scale(producer_weight, grouped, scale, out)
+        new_weight = _scale(producer_weight, grouped, scale, out, scratch)
     else:
         scale = k.reshape(-1, *([1] * (producer_weight.dim() - 1)))
-        new_weight = _scale(producer_weight, producer_weight.shape, scale, out)
+        new_weight = _scale(producer_weight, producer_weight.shape, scale, out, scratch)
     bias = producer_bias.detach().double() if producer_bias is not None else torch.zeros_like(k)
     new_bias = k * bias + c
     return new_weight, new_bias.to(producer_bias.dtype if producer_bias is not None else producer_weight.dtype)
 
 
 def _scale(
-    weight: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor, out: torch.Tensor | None = None
+    weight: torch.Tensor,
+    shape: tuple[int, ...],
+    scale: torch.Tensor,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``weight * scale`` computed in float64 (the common dtype) and rounded once to ``weight``'s dtype.
+    """``weight * scale`` computed in float64 and rounded once to ``weight``'s dtype (into ``out`` if given).
 
-    One pass over the weight, no float64 copy of it: the kernel promotes each
-    element on the fly and writes the rounded product (into ``out`` if given).
+    Through a float64 ``scratch`` buffer (reused across layers when given): a
+    widening copy, a float64 multiply and a narrowing copy are each vectorized,
+    several times faster than one mixed-dtype multiply, and give the same bits.
     """
+    n = weight.numel()
+    if scratch is None or scratch.numel() < n or scratch.device != weight.device:
+        scratch = torch.empty(n, dtype=torch.float64, device=weight.device)
+    buffer = scratch[:n].view(shape)
+    buffer.copy_(weight.detach().reshape(shape))
+    buffer.mul_(scale)
     if out is None or not out.is_contiguous():
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    torch.mul(weight.detach().reshape(shape), scale, out=out.detach().view(shape))
+    out.detach().view(shape).copy_(buffer)
     return out
 
 
