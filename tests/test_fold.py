@@ -400,3 +400,20 @@ def test_plan_is_data_and_recipe_step_is_json():
     plan = plan_fold(model)
     step = json.loads(json.dumps(plan.recipe_step()))
     assert step["op"] == "fold" and len(step["pairs"]) == len(plan.pairs) == 11
+
+
+@pytest.mark.parametrize("affine", ["frozen", "trainable"])
+def test_a_frozen_model_folds_like_an_ordinary_one(affine):
+    """Frozen BNs (bntool freeze) fold into their producers; the result matches the original in eval mode."""
+    from bntool.freezing import FrozenBatchNorm1d, FrozenBatchNorm2d, freeze
+
+    torch.manual_seed(0)
+    original = randomize_bn(zoo.lenet(), seed=6)
+    frozen, _ = freeze(original, affine=affine)
+    assert sum(isinstance(m, FrozenBatchNorm1d | FrozenBatchNorm2d) for m in frozen.modules()) == 4
+    folded, report = bntool.fold(frozen)
+    assert len(report.plan.pairs) == 4 and report.plan.skips == ()
+    assert not any(isinstance(m, FrozenBatchNorm1d | FrozenBatchNorm2d) for m in folded.modules())
+    inputs = _inputs((3, 1, 28, 28))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*inputs).double(), _oracle(original, inputs), rtol=1e-5, atol=1e-5)
