@@ -232,8 +232,28 @@ def _commit(stage: Path, tmp: Path, out: Path, force: bool) -> None:
         if (out.parent / p.name).exists() and not force:
             raise InputError(f"`{out.parent / p.name}` (the weights of the .onnx file) already exists; "
                              "pass --force to replace it or choose another --out")
+    stale = _external_data_files(out) if out.exists() else set()
     for p in [*extra, tmp]:
         os.replace(p, out if p == tmp else out.parent / p.name)
+    for name in stale - {p.name for p in extra}:  # the replaced file's weights, now unreferenced
+        (out.parent / name).unlink(missing_ok=True)
+
+
+def _external_data_files(path: Path) -> set[str]:
+    """Names of the external-data files an existing .onnx file refers to (in its own folder only)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file we can read: nothing of ours to clean up
+        return set()
+    names = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location and Path(location).name == location:
+                names.add(location)
+    return names
 
 
 # ----------------------------------------------------------------------------- exporting

@@ -272,3 +272,13 @@ def test_import_bntool_does_not_import_onnx():
             "print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_replacing_an_external_data_export_removes_its_old_weights_file(tmp_path):
+    model = _model(zoo.conv1d_net)
+    out = tmp_path / "c.onnx"
+    bntool.export_onnx(model, make_inputs(model), out, external_data=True)
+    assert (tmp_path / "c.onnx.data").exists()
+    report = bntool.export_onnx(model, make_inputs(model), out, external_data=False, force=True)
+    assert report.passed and report.facts.external_data == ()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx"]
