@@ -237,7 +237,7 @@ def _select(model: nn.Module, candidates: list[str], include, exclude, what: str
         for pattern in patterns:
             if not any(_matches(name, pattern) for name in candidates):
                 shown = ", ".join(f"`{n}`" for n in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-                available = f"the {len(candidates)} available are {shown}" if candidates else f"it has none"
+                available = f"the {len(candidates)} available are {shown}" if candidates else "it has none"
                 raise InputError(
                     f"{option} pattern `{pattern}` matches no {what} layer in `{type(model).__name__}`; "
                     f"{available} — patterns are fnmatch on qualified module names, e.g. `layer1.*`"

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import typer
 from torch import nn
 
 from bntool.norms import is_batchnorm
@@ -66,3 +67,18 @@ def assert_one_line_error(result: CliResult, *fragments: str) -> None:
     assert "Traceback" not in result.err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def invoke_main(*args, env: dict[str, str] | None = None):
+    """Run ``bntool ARGS`` through ``bntool.cli.main`` under Typer's ``CliRunner`` (stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    from bntool.cli import main
+
+    app = typer.Typer(add_completion=False)
+
+    @app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+    def run(ctx: typer.Context) -> None:
+        main(list(ctx.args))
+
+    return CliRunner(env=env).invoke(app, [str(a) for a in args])

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
-from typer.testing import CliRunner
 
 import bntool.checkpoint
 from bntool import modelspec
-from bntool.cli import main
+from tests.conftest import invoke_main
 from bntool.data import plan_batches
 from bntool.recalibration import recalibrate
 
@@ -66,20 +64,8 @@ MODELS = textwrap.dedent(
 )
 
 
-def _entry() -> typer.Typer:
-    """A one-command app that hands its arguments to ``bntool.cli.main`` (the real error boundary)."""
-    app = typer.Typer(add_completion=False)
-
-    @app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                   "help_option_names": []})
-    def run(ctx: typer.Context) -> None:
-        main(list(ctx.args))
-
-    return app
-
-
 def bntool_cli(*args):
-    return CliRunner(env={"COLUMNS": "200"}).invoke(_entry(), [str(a) for a in args])
+    return invoke_main(*args, env={"COLUMNS": "200"})
 
 
 @pytest.fixture
