@@ -138,6 +138,32 @@ def inspect_file(path: str | os.PathLike) -> OnnxFacts:
     )
 
 
+def compare_initializers(path: str | os.PathLike, model: nn.Module) -> tuple[int, list[str]]:
+    """Compare every initializer named like one of ``model``'s tensors with that tensor, bit for bit.
+
+    The exporters name initializers after the state-dict keys, so this sees a
+    wrong value in any channel of any weight, including channels that no
+    verification input reaches (a channel a ReLU always zeroes). Returns how
+    many initializers were compared and the names of those that differ.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    checked, differ = 0, []
+    for tensor in onnx.load(str(path)).graph.initializer:
+        own = state.get(tensor.name)
+        if own is None or tuple(tensor.dims) != tuple(own.shape):
+            continue
+        array = numpy_helper.to_array(tensor)
+        expected = own.numpy() if own.dtype != torch.bfloat16 else own.float().numpy()
+        checked += 1
+        if array.dtype != expected.dtype or not np.array_equal(array, expected, equal_nan=True):
+            differ.append(tensor.name)
+    return checked, differ
+
+
 def _initializers(model: Any) -> Iterator[Any]:
     yield from model.graph.initializer
     for node in iter_nodes(model):

@@ -38,6 +38,7 @@ from .folding import FoldReport
 from .folding import fold as fold_model
 from .onnx_check import (
     KEY_OPS,
+    compare_initializers,
     OnnxFacts,
     OnnxVerification,
     TrainingBN,
@@ -85,6 +86,7 @@ class ExportReport:
     export_seconds: float
     failures: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    initializers_checked: int = 0  # initializers compared bit for bit with the model's tensors of the same name
 
     @property
     def passed(self) -> bool:
@@ -113,6 +115,7 @@ class ExportReport:
             "provider": v.provider if v else None,
             "verification": [{"batch_size": c.batch_size, **c.comparison.to_dict()} for c in v.checks] if v else [],
             "export_seconds": round(self.export_seconds, 3), "notes": list(self.notes),
+            "initializers_checked": self.initializers_checked,
         }
 
 
@@ -191,6 +194,10 @@ def export_onnx(
             raise InputError(f"the exporter wrote opset {facts.opset}, not the --opset {opset} asked for (it cannot "
                              f"convert this graph); pass --opset {facts.opset} or newer")
         failures = _structural_failures(facts, dynamic_batch)
+        weights_checked, differ = compare_initializers(tmp, export_model)
+        if differ:
+            shown = ", ".join(f"`{name}`" for name in differ[:3]) + (", ..." if len(differ) > 3 else "")
+            failures.append(f"{len(differ)} initializer(s) differ from the model's tensors: {shown}")
         verification = None
         try:
             verification = verify_onnx(model, tmp, feed, device=target, atol=atol, rtol=rtol, template=template)
@@ -199,7 +206,7 @@ def export_onnx(
             failures.append(str(exc))
         report = ExportReport(str(out), False, described, facts.opset, spec.optimize, dynamic_batch,
                               facts.input_names, facts.output_names, facts, fold_report, verification, seconds,
-                              tuple(failures), tuple(notes))
+                              tuple(failures), tuple(notes), weights_checked)
         if failures and not keep_on_fail:
             raise VerificationError("the ONNX file was not written: " + "; ".join(failures), report)
         _commit(stage, tmp, out, force)

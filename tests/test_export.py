@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -282,3 +283,39 @@ def test_replacing_an_external_data_export_removes_its_old_weights_file(tmp_path
     report = bntool.export_onnx(model, make_inputs(model), out, external_data=False, force=True)
     assert report.passed and report.facts.external_data == ()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx"]
+
+
+def test_a_wrong_weight_in_a_channel_no_input_reaches_is_caught_by_the_initializer_check(tmp_path, monkeypatch):
+    """Channel 0 is always zeroed by the ReLU, so the outputs cannot show its weights; the bit-for-bit check can."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)), seed=1)
+    with torch.no_grad():
+        model[1].weight[0], model[1].bias[0] = 1.0, -1e4  # channel 0 is dead after the ReLU
+    inputs = (torch.randn(2, 3, 8, 8),)
+    real = onnx_export.write_onnx
+
+    def exporter_with_a_wrong_dead_channel(model, inputs, path, spec):
+        described = real(model, inputs, path, spec)
+        proto = onnx.load(path)
+        init = next(i for i in proto.graph.initializer if i.name == "0.weight")
+        weight = numpy_helper.to_array(init).copy()
+        weight[0] *= 1.5
+        init.CopyFrom(numpy_helper.from_array(weight, init.name))
+        onnx.save(proto, path)
+        shutil.copy(path, tmp_path.parent / f"{tmp_path.name}-broken.onnx")
+        return described
+
+    monkeypatch.setattr(onnx_export, "write_onnx", exporter_with_a_wrong_dead_channel)
+    with pytest.raises(VerificationError, match=r"1 initializer\(s\) differ from the model's tensors: `0.weight`") as info:
+        bntool.export_onnx(model, inputs, tmp_path / "m.onnx")
+    assert not info.value.report.written and list(tmp_path.iterdir()) == []
+    # the outputs alone do not show it
+    folded, _ = bntool.fold(model, inputs)
+    assert verify_onnx(folded, tmp_path.parent / f"{tmp_path.name}-broken.onnx", {2: inputs}).passed
+
+
+def test_every_weight_of_a_folded_export_is_compared(zoo_export):
+    model, _, inputs, _, report, _ = zoo_export
+    folded, _ = bntool.fold(model, inputs)
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d)]
+    assert report.initializers_checked >= len(convs)  # every conv weight (Linear weights may be renamed)
