@@ -159,7 +159,11 @@ def recalibrate(
             import torch.distributed as dist
 
             dist.barrier()
-    finally:
+    except BaseException:
+        # No teardown on failure: a peer may already be gone, and tearing the group down then can
+        # abort this process before the error reaches the user. The process is exiting anyway.
+        raise
+    else:
         if group and group["created"]:
             import torch.distributed as dist
 
