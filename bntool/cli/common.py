@@ -145,3 +145,26 @@ def render_comparison(comparison: Comparison, title: str) -> None:
         ["output", "shape", "max abs err", "max rel err", "tolerance", "argmax agree", ""],
         comparison_rows(comparison),
     )
+
+
+def parse_numbers(text: str | None, flag: str, kind: type) -> list | None:
+    """``"0.485,0.456"`` -> ``[0.485, 0.456]`` (``kind`` int or float); ``None`` stays ``None``."""
+    if not text:
+        return None
+    try:
+        return [kind(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        example = "1,16" if kind is int else "0.485,0.456,0.406"
+        raise InputError(f"{flag} `{text}` is not a list of {kind.__name__} values; pass e.g. {flag} {example}") from None
+
+
+def image_options(image_size: str | None, mean: str | None, std: str | None) -> dict[str, Any]:
+    """``--image-size`` / ``--mean`` / ``--std`` as the keyword arguments of ``bntool.data.load_batches``."""
+    size = parse_numbers(image_size, "--image-size", float)
+    if size is not None and (not size or len(size) > 2 or any(v != int(v) or v < 1 for v in size)):
+        raise InputError(f"--image-size `{image_size}`: pass one positive size (224) or height,width (224,320)")
+    return {
+        "image_size": [int(v) for v in size] if size is not None else None,
+        "mean": parse_numbers(mean, "--mean", float),
+        "std": parse_numbers(std, "--std", float),
+    }

@@ -10,6 +10,11 @@ import typer
 from . import app
 from .options import (
     AllowPickleOpt,
+    DataArgsOpt,
+    ImageSizeOpt,
+    InputKeyOpt,
+    MeanOpt,
+    StdOpt,
     AtolOpt,
     CheckpointArg,
     DeviceOpt,
@@ -61,16 +66,7 @@ KeepOnFailOpt = Annotated[bool, typer.Option("--keep-on-fail", help="Write the f
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="Real inputs instead of --input-shape: a tensor file (.pt/.safetensors/.npy/.npz), a folder of "
     "images, or package.module:factory.", show_default=False)]
-DataArgsOpt = Annotated[Optional[str], typer.Option("--data-args",
-                                                    help="Keyword arguments for a --data factory, as JSON.")]
-InputKeyOpt = Annotated[Optional[str], typer.Option("--input-key",
-                                                    help="Which entry of a dict batch is the model input.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="With --data: samples per export batch.")]
-ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", help="With an image folder: 224 or 224,320.")]
-MeanOpt = Annotated[Optional[str], typer.Option(
-    "--mean", help="With an image folder: per-channel mean to subtract, e.g. 0.485,0.456,0.406.", show_default=False)]
-StdOpt = Annotated[Optional[str], typer.Option(
-    "--std", help="With an image folder: per-channel std to divide by, e.g. 0.229,0.224,0.225.", show_default=False)]
 
 
 @app.command()
@@ -119,7 +115,7 @@ def export(
     from ..errors import InputError, VerificationError
     from ..onnx_export import EXPORTERS, export_onnx
     from ..verify import resolve_device
-    from .common import load_source, verification_inputs
+    from .common import image_options, load_source, parse_numbers, verification_inputs
 
     console.use_stderr_for_humans(json)
     if exporter not in EXPORTERS:
@@ -131,13 +127,12 @@ def export(
     ckpt.check_output_path(out, force=force, inputs=(checkpoint,))
     if input_shape and data:
         raise InputError("pass --input-shape or --data, not both")
-    sizes = _numbers(verify_batch_sizes, "--verify-batch-sizes", int)
+    sizes = parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int)
     source = load_source(checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle,
                          strip_prefix=strip_prefix)
     verify_inputs = None
     if data:
-        images = {"image_size": _numbers(image_size, "--image-size", int), "mean": _numbers(mean, "--mean", float),
-                  "std": _numbers(std, "--std", float)}
+        images = image_options(image_size, mean, std)
         inputs, verify_inputs = _data_inputs(source.model, data, data_args, input_key, batch_size, images,
                                              dynamic_batch, sizes)
     else:
@@ -161,18 +156,6 @@ def export(
 
 def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
-
-
-def _numbers(text: str | None, flag: str, kind: type) -> list | None:
-    from ..errors import InputError
-
-    if not text:
-        return None
-    try:
-        return [kind(p) for p in text.replace(" ", "").split(",") if p]
-    except ValueError:
-        example = "1,16" if kind is int else "0.485,0.456,0.406"
-        raise InputError(f"{flag} `{text}` is not a list of {kind.__name__} values; pass e.g. {example}") from None
 
 
 def _data_inputs(model, data, data_args, input_key, batch_size, images, dynamic_batch, sizes):

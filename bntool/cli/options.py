@@ -73,3 +73,25 @@ AtolOpt = Annotated[
     typer.Option("--atol", metavar="FLOAT", help="Absolute tolerance; with --rtol replaces the tolerance derived from the model."),
 ]
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", metavar="FLOAT", help="Relative tolerance (see --atol).")]
+
+# Data options shared by the commands that read real inputs (recalibrate, export).
+DataArgsOpt = Annotated[
+    Optional[str],
+    typer.Option("--data-args", metavar="JSON", help='Keyword arguments for a --data factory, as JSON: \'{"split": "val"}\'.'),
+]
+InputKeyOpt = Annotated[
+    Optional[str], typer.Option("--input-key", metavar="KEY", help="Which entry of a dict batch (or file) is the model input.")
+]
+ImageSizeOpt = Annotated[
+    Optional[str],
+    typer.Option("--image-size", metavar="SIZE", help="Resize images to SIZE or H,W (image folders).", show_default=False),
+]
+MeanOpt = Annotated[
+    Optional[str],
+    typer.Option("--mean", metavar="FLOATS", help="Per-channel mean to subtract from images in [0, 1], e.g. 0.485,0.456,0.406.",
+                 show_default=False),
+]
+StdOpt = Annotated[
+    Optional[str],
+    typer.Option("--std", metavar="FLOATS", help="Per-channel std to divide images by, e.g. 0.229,0.224,0.225.", show_default=False),
+]

@@ -10,6 +10,11 @@ import typer
 from . import app
 from .options import (
     AllowPickleOpt,
+    DataArgsOpt,
+    ImageSizeOpt,
+    InputKeyOpt,
+    MeanOpt,
+    StdOpt,
     CheckpointArg,
     DeviceOpt,
     DryRunOpt,
@@ -32,25 +37,7 @@ DataOpt = Annotated[
         show_default=False,
     ),
 ]
-DataArgsOpt = Annotated[
-    Optional[str], typer.Option("--data-args", metavar="JSON", help='Keyword arguments for the data factory, as JSON: \'{"split": "val"}\'.')
-]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="Samples per batch for a tensor file or an image folder.")]
-ImageSizeOpt = Annotated[
-    Optional[str], typer.Option("--image-size", metavar="SIZE", help="Resize images to SIZE or H,W (image folders).", show_default=False)
-]
-MeanOpt = Annotated[
-    Optional[str],
-    typer.Option("--mean", metavar="FLOATS", help="Per-channel mean to subtract from images in [0, 1], e.g. 0.485,0.456,0.406.",
-                 show_default=False),
-]
-StdOpt = Annotated[
-    Optional[str],
-    typer.Option("--std", metavar="FLOATS", help="Per-channel std to divide images by, e.g. 0.229,0.224,0.225.", show_default=False),
-]
-InputKeyOpt = Annotated[
-    Optional[str], typer.Option("--input-key", metavar="KEY", help="Which entry of a dict batch (or file) is the model input.")
-]
 NumBatchesOpt = Annotated[
     Optional[int], typer.Option("--num-batches", metavar="N", help="Use only the first N batches. Default: all of them.")
 ]
@@ -113,7 +100,7 @@ def recalibrate(
     from ..errors import VerificationError
     from ..recalibration import recalibrate as recalibrate_model
     from ..verify import resolve_device
-    from .common import default_out, load_source, write_verified
+    from .common import default_out, image_options, load_source, write_verified
 
     console.use_stderr_for_humans(json)
     out = out or default_out(checkpoint, "recalibrated")
@@ -128,9 +115,8 @@ def recalibrate(
     try:
         source = load_source(checkpoint, model_spec=model, model_args=model_args, key=key,
                              allow_pickle=allow_pickle, strip_prefix=strip_prefix)
-        batches = load_batches(data, batch_size=batch_size, image_size=_ints(image_size, "--image-size"),
-                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_args=data_args,
-                               input_key=input_key)
+        batches = load_batches(data, batch_size=batch_size, data_args=data_args, input_key=input_key,
+                               **image_options(image_size, mean, std))
         plan = plan_batches(batches, num_batches=num_batches, verify_batches=verify_batches, rank=rank,
                             world_size=world_size)
         work = source.model.to(target)
@@ -200,28 +186,6 @@ def _init_distributed(target: Any) -> dict[str, Any] | None:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
     return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "local_rank": local_rank, "created": created}
-
-
-def _floats(text: str | None, flag: str) -> list[float] | None:
-    if text is None:
-        return None
-    from ..errors import InputError
-
-    try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise InputError(f"{flag} `{text}` is not a list of numbers; pass e.g. {flag} 0.485,0.456,0.406") from None
-
-
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    values = _floats(text, flag)
-    if values is None:
-        return None
-    from ..errors import InputError
-
-    if not values or any(v != int(v) or v < 1 for v in values) or len(values) > 2:
-        raise InputError(f"{flag} `{text}`: pass one positive size (224) or height,width (224,320)")
-    return [int(v) for v in values]
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
