@@ -235,10 +235,11 @@ def resolve(loaded: Loaded, model: nn.Module | None, *, strip_prefix: bool = Tru
     """Choose the state dict that fits ``model`` and strip wrapper prefixes.
 
     Without a model, the first candidate is taken with ``module.`` /
-    ``_orig_mod.`` removed. With one, every candidate is tried; exactly one
-    must fit, else the error names the candidates and ``--key``.
+    ``_orig_mod.`` removed. With one (whose structure already has the file's
+    recipe replayed, as ``load_state`` does), every candidate is tried; exactly
+    one must fit, else the error names the candidates and ``--key``.
     """
-    expected = set(_expected_keys(model, loaded.recipe)) if model is not None else None
+    expected = set(model.state_dict().keys()) if model is not None else None
     fits: list[Resolved] = []
     for cand in loaded.candidates:
         state, prefix = (_strip(cand.state_dict, expected) if strip_prefix else (cand.state_dict, None))
@@ -280,14 +281,6 @@ def _strip(state: dict[str, torch.Tensor], expected: set[str] | None) -> tuple[d
     return state, removed or None
 
 
-def _expected_keys(model: nn.Module, recipe: list[dict[str, Any]]) -> list[str]:
-    if recipe:
-        import copy
-
-        model = replay(copy.deepcopy(model), recipe)
-    return list(model.state_dict().keys())
-
-
 def _mismatch(path, model, state, expected, prefix, strip_prefix) -> CheckpointMismatchError:
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -309,12 +302,13 @@ def _mismatch(path, model, state, expected, prefix, strip_prefix) -> CheckpointM
     )
 
 
-def load_state(
-    model: nn.Module, loaded: Loaded, *, strip_prefix: bool = True, resolved: Resolved | None = None
-) -> nn.Module:
-    """Replay the file's recipe on ``model`` (in place), then load its weights strictly."""
-    resolved = resolved or resolve(loaded, model, strip_prefix=strip_prefix)
+def load_state(model: nn.Module, loaded: Loaded, *, strip_prefix: bool = True) -> Resolved:
+    """Replay the file's recipe on ``model`` (in place), then load its weights strictly.
+
+    Returns which state dict of the file was loaded and what prefix was removed.
+    """
     replay(model, loaded.recipe)
+    resolved = resolve(loaded, model, strip_prefix=strip_prefix)
     own = model.state_dict()
     wrong = [
         f"`{k}` is {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the model"
@@ -328,7 +322,7 @@ def load_state(
             "check --model-args (sizes, number of classes)"
         )
     model.load_state_dict(resolved.state_dict, strict=True)
-    return model
+    return resolved
 
 
 def load(
@@ -345,7 +339,8 @@ def load(
     ``model`` first, so ``bntool.load("folded.safetensors", model=resnet50())``
     returns the folded model. ``model`` is changed in place and returned.
     """
-    return load_state(model, read(path, key=key, allow_pickle=allow_pickle), strip_prefix=strip_prefix)
+    load_state(model, read(path, key=key, allow_pickle=allow_pickle), strip_prefix=strip_prefix)
+    return model
 
 
 # ----------------------------------------------------------------------------- writing

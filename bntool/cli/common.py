@@ -65,8 +65,7 @@ def load_source(
             "e.g. --model mypkg.models:resnet50 or --model path/to/models.py:resnet50"
         )
     model = build_fresh()
-    resolved = checkpoint.resolve(loaded, model, strip_prefix=strip_prefix)
-    checkpoint.load_state(model, loaded, resolved=resolved)
+    resolved = checkpoint.load_state(model, loaded, strip_prefix=strip_prefix)
     model.eval()
     return Source(model, loaded, resolved, model_spec, build_fresh)
 
