@@ -74,9 +74,18 @@ def verification_inputs(model: nn.Module, shapes: list[str] | None, seed: int) -
     return make_inputs(model, [parse_shape(s) for s in shapes] if shapes else None, seed=seed)
 
 
-def default_out(path: Path, suffix: str) -> Path:
-    """``best.pth`` -> ``best.folded.safetensors`` beside it."""
-    return path.with_name(f"{path.stem}.{suffix}.safetensors")
+def output_path(checkpoint_path: Path, out: Path | None, suffix: str, *, force: bool, dry_run: bool) -> Path:
+    """``--out``, or ``best.pth`` -> ``best.<suffix>.safetensors`` beside the input; refused early if unusable.
+
+    Checked before any work (an existing file without ``--force``, the input
+    itself, a missing folder, an unknown extension), so nobody waits for a
+    verification only to be told the output cannot be written.
+    """
+    out = out or checkpoint_path.with_name(f"{checkpoint_path.stem}.{suffix}.safetensors")
+    if not dry_run:
+        checkpoint.check_output_path(out, force=force, inputs=(checkpoint_path,))
+        checkpoint.output_format(out)
+    return out
 
 
 def write_verified(

@@ -48,18 +48,14 @@ def fold(
     be folded exactly is left as it is, with the reason.
     """
     from ..folding import fold as fold_model
-    from .. import checkpoint as ckpt
     from ..errors import VerificationError
     from ..verify import resolve_device
-    from .common import default_out, load_source, verification_inputs, write_verified
+    from .common import load_source, output_path, verification_inputs, write_verified
 
     from .. import console
 
     console.use_stderr_for_humans(json)
-    out = out or default_out(checkpoint, "folded")
-    if not dry_run:
-        ckpt.check_output_path(out, force=force, inputs=(checkpoint,))
-        ckpt.output_format(out)
+    out = output_path(checkpoint, out, "folded", force=force, dry_run=dry_run)
     target = resolve_device(device)
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix

@@ -73,19 +73,15 @@ def freeze(
     statistics are checked not to move; the written file is reloaded and
     checked again. `bntool.load(path, model=MyNet())` rebuilds the frozen layers.
     """
-    from .. import checkpoint as ckpt
     from .. import console
     from ..errors import InputError, VerificationError
     from ..freezing import check_frozen
     from ..freezing import freeze as freeze_model
     from ..verify import resolve_device
-    from .common import default_out, load_source, verification_inputs, write_verified
+    from .common import load_source, output_path, verification_inputs, write_verified
 
     console.use_stderr_for_humans(json)
-    out = out or default_out(checkpoint, "frozen")
-    if not dry_run:
-        ckpt.check_output_path(out, force=force, inputs=(checkpoint,))
-        ckpt.output_format(out)
+    out = output_path(checkpoint, out, "frozen", force=force, dry_run=dry_run)
     target = resolve_device(device)
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix

@@ -94,19 +94,15 @@ def recalibrate(
     """
     import torch
 
-    from .. import checkpoint as ckpt
     from .. import console
     from ..data import load_batches, model_input, plan_batches
     from ..errors import VerificationError
     from ..recalibration import recalibrate as recalibrate_model
     from ..verify import resolve_device
-    from .common import default_out, image_options, load_source, write_verified
+    from .common import image_options, load_source, output_path, write_verified
 
     console.use_stderr_for_humans(json)
-    out = out or default_out(checkpoint, "recalibrated")
-    if not dry_run:
-        ckpt.check_output_path(out, force=force, inputs=(checkpoint,))
-        ckpt.output_format(out)
+    out = output_path(checkpoint, out, "recalibrated", force=force, dry_run=dry_run)
     target = resolve_device(device)
     group = _init_distributed(target)
     rank, world_size = (group["rank"], group["world_size"]) if group else (0, 1)
