@@ -44,6 +44,13 @@ def _oracle(model, inputs):
         return m64(*(t.double() for t in inputs))
 
 
+def _assert_computes_original(folded, original, inputs):
+    """``folded`` (eval mode) matches ``original``'s float64 eval output."""
+    with torch.no_grad():
+        got = folded(*inputs).double()
+    torch.testing.assert_close(got, _oracle(original, inputs), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "nonaffine"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("kind", list(PRODUCERS))
@@ -60,9 +67,7 @@ def test_fold_each_producer_kind(kind, bias, affine):
     assert report.plan.skips == ()
     assert isinstance(folded[1], nn.Identity) and folded[0].bias is not None
     assert report.comparison.passed
-    with torch.no_grad():
-        got = folded(*inputs).double()
-    torch.testing.assert_close(got, _oracle(model, inputs), rtol=1e-5, atol=1e-5)
+    _assert_computes_original(folded, model, inputs)
     # the input model is untouched
     assert isinstance(model[1], bn_cls)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -134,8 +139,7 @@ def test_bn_on_input_folds_forward_into_its_reader(model):
     [pair] = report.plan.pairs
     assert (pair.direction, pair.into) == ("forward", "fc" if isinstance(model, BNThenLinear) else "conv")
     assert isinstance(folded.bn, nn.Identity)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(*inputs).double(), _oracle(model, inputs), rtol=1e-5, atol=1e-5)
+    _assert_computes_original(folded, model, inputs)
 
 
 def test_bn_before_zero_padded_conv_is_left_with_reason():
@@ -317,7 +321,7 @@ def test_bn_subclass_with_extra_work_keeps_it_as_exact_identity():
     x = torch.randn(4, 6, 5, 5)
     with torch.no_grad():
         assert torch.equal(folded[1](x), F.relu(x))  # normalization is an exact identity
-        torch.testing.assert_close(folded(*inputs).double(), _oracle(model, inputs), rtol=1e-5, atol=1e-5)
+    _assert_computes_original(folded, model, inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -414,6 +418,4 @@ def test_a_frozen_model_folds_like_an_ordinary_one(affine):
     folded, report = bntool.fold(frozen)
     assert len(report.plan.pairs) == 4 and report.plan.skips == ()
     assert not any(isinstance(m, FrozenBatchNorm1d | FrozenBatchNorm2d) for m in folded.modules())
-    inputs = _inputs((3, 1, 28, 28))
-    with torch.no_grad():
-        torch.testing.assert_close(folded(*inputs).double(), _oracle(original, inputs), rtol=1e-5, atol=1e-5)
+    _assert_computes_original(folded, original, _inputs((3, 1, 28, 28)))
