@@ -108,7 +108,7 @@ def test_a_pickled_module_needs_allow_pickle_and_then_serves_as_the_model(tmp_pa
     assert _same_state(loaded.module, lenet)
 
 
-@pytest.mark.parametrize("content,fragment", [(b"not a checkpoint", "cannot read"), (b"", "cannot read")])
+@pytest.mark.parametrize("content,fragment", [(b"not a checkpoint", "cannot read"), (b"", "is empty")])
 def test_corrupt_files_are_input_errors(tmp_path, content, fragment):
     for suffix in (".pt", ".safetensors"):
         path = tmp_path / f"bad{suffix}"
