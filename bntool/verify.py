@@ -8,6 +8,8 @@ floor of a few units of the dtype's rounding at the output's scale. A fold
 that is wrong in one channel of one layer lands far outside that band.
 ``atol`` / ``rtol`` replace the derived rule with a plain
 ``|candidate - original| <= atol + rtol * |original|`` check.
+Whatever the rule, an output with a NaN or an infinity, in the candidate or
+in the original, never passes: equal NaNs prove nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, out_of_memory, out_of_memory_message, shorten
 
 #: The candidate may be this many times further from the float64 reference
 #: than the original model in its own dtype is.
@@ -45,6 +49,7 @@ class OutputComparison:
     original_error: float | None = None
     candidate_error: float | None = None
     argmax_agreement: float | None = None
+    nonfinite: str | None = None  # which side holds NaN / inf values, and how many
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class Comparison:
     def failure_message(self, what: str) -> str:
         bad = [o for o in self.outputs if not o.passed]
         parts = [
+            f"`{o.name}` has non-finite values ({o.nonfinite}), which are never verified" if o.nonfinite else
             f"`{o.name}` max abs error {o.max_abs_error:.3g} > tolerance {o.tolerance:.3g} "
             f"(max rel error {o.max_rel_error:.3g})"
             for o in bad
@@ -179,8 +185,44 @@ def make_inputs(
             "--input-shape 1,3,224,224 (repeat it for a model with several inputs)"
         )
     dtype = dtype or model_dtype(model)
+    _inputs_must_fit_in_memory(shapes, dtype)
     generator = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _inputs_must_fit_in_memory(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> None:
+    """Refuse, before allocating, inputs that cannot fit: drawn in float64, then cast (several copies)."""
+    size = sum(math.prod(shape) for shape in shapes)
+    need = size * (8 + torch.empty((), dtype=dtype).element_size())
+    free = available_memory()
+    if free is not None and need > free:
+        text = ", ".join(",".join(map(str, s)) for s in shapes)
+        raise InputError(f"--input-shape {text} needs {_bytes(need)} for the inputs alone, but only {_bytes(free)} "
+                         "of memory is available (the model needs more still); pass a smaller shape, "
+                         "e.g. batch size 1")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} PB"
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -265,11 +307,14 @@ def inputs_must_fit(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Iterato
     """Turn the model's own complaint about its inputs into one clear input error."""
     try:
         yield
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as exc:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+        if out_of_memory(exc):
+            raise InputError(out_of_memory_message(exc, f"running `{type(model).__name__}` on inputs of shape "
+                                                        f"{shapes}")) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"running `{type(model).__name__}` on inputs of shape {shapes} failed: {first[:200]}; "
+            f"running `{type(model).__name__}` on inputs of shape {shapes} failed: {shorten(first, 200)}; "
             "pass the shape it expects with --input-shape"
         ) from exc
 
@@ -341,7 +386,8 @@ def _compare_one(
         equal = bool(torch.equal(orig, cand))
         return OutputComparison(name, tuple(orig.shape), 0.0 if equal else float("inf"), 0.0, 0.0, equal)
     o64, c64 = orig.double(), cand.double()
-    finite = bool(torch.equal(torch.isfinite(c64), torch.isfinite(o64)))
+    nonfinite = _nonfinite(o64, c64)
+    finite = nonfinite is None
     both = torch.isfinite(c64) & torch.isfinite(o64)
     o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
     diff = (c64 - o64).abs()
@@ -373,4 +419,16 @@ def _compare_one(
         original_error=original_error,
         candidate_error=candidate_error,
         argmax_agreement=agreement,
+        nonfinite=nonfinite,
     )
+
+
+def _nonfinite(orig: torch.Tensor, cand: torch.Tensor) -> str | None:
+    """``None`` if both are finite, else which side holds how many NaN / inf values."""
+    parts = []
+    for side, tensor in (("candidate", cand), ("original", orig)):
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        if nan or inf:
+            what = " and ".join(f"{n} {k}" for n, k in ((nan, "NaN"), (inf, "inf")) if n)
+            parts.append(f"{what} of {tensor.numel()} in the {side}")
+    return "; ".join(parts) or None

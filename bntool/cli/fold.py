@@ -55,7 +55,7 @@ def fold(
     from .. import console
 
     console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "folded", force=force, dry_run=dry_run)
+    out = output_path(checkpoint, out, "folded", force=force, dry_run=dry_run, model=model)
     target = resolve_device(device)
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
@@ -81,7 +81,7 @@ def fold(
 
 def _render(result: dict, report, as_json: bool) -> None:
     from .. import console
-    from .common import render_comparison
+    from .common import render_comparison, worst_summary
 
     if as_json:
         console.print_json(result)
@@ -104,7 +104,7 @@ def _render(result: dict, report, as_json: bool) -> None:
             layers = sum(o.name.startswith("layer `") for o in c.outputs)
             console.success(
                 f"Verified on {c.device}: {len(c.outputs) - layers} output(s) and {layers} folded layer(s) "
-                f"within tolerance (max rel error {c.max_rel_error:.2g})."
+                f"within tolerance ({worst_summary(c)})."
             )
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")

@@ -29,6 +29,7 @@ IncludeOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--include",
+        metavar="PATTERN",
         help="Freeze only BatchNorm layers whose qualified name (or a parent's) matches this fnmatch pattern, "
         "e.g. 'layer1.*' or backbone; repeat for several. Default: every BatchNorm.",
         show_default=False,
@@ -36,7 +37,7 @@ IncludeOpt = Annotated[
 ]
 ExcludeOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--exclude", help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
+    typer.Option("--exclude", metavar="PATTERN", help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
                  show_default=False),
 ]
 TrainableAffineOpt = Annotated[
@@ -81,7 +82,7 @@ def freeze(
     from .common import load_source, output_path, verification_inputs, write_verified
 
     console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "frozen", force=force, dry_run=dry_run)
+    out = output_path(checkpoint, out, "frozen", force=force, dry_run=dry_run, model=model)
     target = resolve_device(device)
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
@@ -111,7 +112,7 @@ def freeze(
 
 def _render(result: dict, report, check, as_json: bool) -> None:
     from .. import console
-    from .common import render_comparison
+    from .common import render_comparison, worst_summary
 
     if as_json:
         console.print_json(result)
@@ -129,8 +130,7 @@ def _render(result: dict, report, check, as_json: bool) -> None:
         console.failure("Statistics moved in train mode: " + ", ".join(check.statistics_moved))
     if check.passed:
         c = check.comparison
-        console.success(f"Verified: max abs error {c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} "
-                        f"on {c.device}; frozen statistics unchanged in train mode.")
+        console.success(f"Verified on {c.device} ({worst_summary(c)}); frozen statistics unchanged in train mode.")
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):
