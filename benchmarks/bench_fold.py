@@ -38,6 +38,8 @@ from bntool.folding import apply_plan, plan_fold  # noqa: E402
 from bntool.norms import is_batchnorm  # noqa: E402
 from examples import models as zoo  # noqa: E402
 
+from _progress import start, step  # noqa: E402
+
 
 def median_seconds(fn, repeats: int) -> float:
     times = []
@@ -61,6 +63,7 @@ def bench(name: str, model: nn.Module, batch: int, repeats: int) -> dict:
     def ours():
         return apply_plan(copy.deepcopy(model), plan_fold(model, (x,)))
 
+    step(f"{name}: bntool fold vs fx fuse, {repeats} interleaved runs")
     folded = ours()
     fused = fx_optimization.fuse(model)
     ours_s, fx_s = [], []
@@ -75,6 +78,7 @@ def bench(name: str, model: nn.Module, batch: int, repeats: int) -> dict:
         "bntool_folded": total_bn - count_bn(folded),
         "fx_folded": total_bn - count_bn(fused),
     }
+    step(f"{name}: eval latency, original and folded")
     with torch.no_grad():
         for _ in range(2):
             model(x), folded(x)
@@ -90,9 +94,10 @@ def bench(name: str, model: nn.Module, batch: int, repeats: int) -> dict:
         cmd = [sys.executable, "-m", "bntool", "fold", str(ckpt), "--model", f"{ROOT / 'examples' / 'models.py'}:{factory}",
                "--input-shape", f"{batch},3,224,224", "--out", str(Path(tmp) / "folded.safetensors"), "--force",
                "--device", "cpu"]
-        start = time.perf_counter()
+        step(f"{name}: the whole `bntool fold` command")
+        began = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        row["cli_s"] = time.perf_counter() - start
+        row["cli_s"] = time.perf_counter() - began
     return row
 
 
@@ -107,6 +112,7 @@ def coverage() -> list[tuple[str, int, int, str]]:
         ("convtranspose_net(dims=3)", zoo.convtranspose_net(dims=3)),
         ("untraceable_net (data-dependent branch)", zoo.untraceable_net()),
     ]:
+        step(f"coverage: {label}")
         zoo.randomize_bn_(model, seed=0)
         model.eval()
         total = count_bn(model)
@@ -125,6 +131,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
+    start()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, median of {args.repeats}")

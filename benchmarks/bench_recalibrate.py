@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bntool import recalibration  # noqa: E402
 from bntool.recalibration import recalibrate  # noqa: E402
 from bntool.verify import resolve_device  # noqa: E402
+
+from _progress import start, step  # noqa: E402
 from examples.models import mobilenet_v2, randomize_bn_, resnet50  # noqa: E402
 
 CPU_SETTINGS = {"resnet50": (112, 16, 8), "mobilenet_v2": (112, 32, 12)}  # image size, batch size, batches
@@ -124,10 +126,12 @@ def bench(name: str, factory, device: torch.device, settings: tuple[int, int, in
     }
     times = {key: float("inf") for key in runs}
     cpu_times = dict(times)
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for key, fn in runs.items():
+            step(f"{name}: run {repeat + 1} of {repeats}, {key}")
             wall, cpu = timed(fn)
             times[key], cpu_times[key] = min(times[key], wall), min(cpu_times[key], cpu)
+    step(f"{name}: float64 oracle and accuracy")
     reference = oracle(model, batches)
     ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
     report = recalibrate(ours, batches)
@@ -155,6 +159,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = parser.parse_args()
+    start()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
