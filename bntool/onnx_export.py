@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import InputError, VerificationError, shorten
 from .inputs import mentions
-from .outputs import check_output_path, commit_all, staging_folder, write_errno
+from . import outputs
 from .folding import FoldReport
 from .folding import fold as fold_model
 from .onnx_check import (
@@ -160,7 +160,7 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise InputError(f"unknown exporter `{exporter}`; pass dynamo (recommended) or torchscript")
-    out = check_output_path(path, force=force)
+    out = outputs.check_output_path(path, force=force)
     inputs = _as_model_dtype(model, (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs)
     target = resolve_device(device)
     batch = _batch_of(inputs, dynamic_batch)
@@ -182,7 +182,7 @@ def export_onnx(
     spec = ExportSpec(exporter, opset, dynamic_batch, _names(input_names, _input_names(model, len(inputs)), "input"),
                       _names(output_names, _output_names(template), "output"),
                       {True: "full", False: "off", None: "full" if fold else "constants"}[optimize], external_data)
-    with staging_folder(out) as stage:
+    with outputs.staging_folder(out) as stage:
         tmp = stage / out.name
         start = time.perf_counter()
         described = write_onnx(export_model, cpu_inputs, tmp, spec)
@@ -251,7 +251,7 @@ def _commit(stage: Path, tmp: Path, out: Path, force: bool) -> list[str]:
         if users:
             raise InputError(f"`{dst}` (the weights of the .onnx file) is also used by {_list(users)}; replacing it "
                              "would break that file; choose another --out or pass --embed-weights")
-    commit_all([*((p, out.parent / p.name) for p in extra), (tmp, out)], force=force)
+    outputs.commit_all([*((p, out.parent / p.name) for p in extra), (tmp, out)], force=force)
     notes = []
     written = {p.name for p in extra}
     stale = out.parent / ours
@@ -336,7 +336,7 @@ def write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, spe
     except InputError:
         raise
     except Exception as exc:  # the exporter's own reason, in one or two lines
-        if write_errno(exc) is not None:
+        if outputs.write_errno(exc) is not None:
             raise  # writing the file failed, not the model: the staging folder says so
         raise InputError(_exporter_reason(exc, type(model).__name__, spec.exporter)) from exc
     return EXPORTER_TEXT[spec.exporter]

@@ -13,10 +13,12 @@ file beside it, checked by the caller, then moved into place:
   appeared at ``out`` while bntool worked is never replaced;
 - with ``force`` by ``os.replace``, never onto one of the command's inputs.
 
-Temporaries are named ``.bntool-<host>-<pid>-<random>.tmp[.suffix]`` (short,
-whatever the output's name). A run that is killed leaves one behind; the next
-run that writes into that folder removes those whose process is gone on this
-host (names of exactly that pattern, nothing else). An output that cannot be
+The files of an output are written into a staging folder beside it,
+``.bntool-<host>-<pid>-<random>.tmpdir`` (short whatever the output's name;
+a writer's own temporaries land in it too), and the writability probe is a
+file ``.bntool-<host>-<pid>-<random>.tmp``. A run that is killed leaves one
+behind; the next run that writes into that folder removes those whose process
+is gone on this host (names of exactly that pattern, nothing else). An output that cannot be
 written (full disk, read-only file system, no permission, a name too long, a
 parent that is a file) is one ``InputError`` saying so, with nothing left.
 """
@@ -40,7 +42,7 @@ from .inputs import refuse_inputs
 
 #: Host part of temporary names: a process id means something only on the host that made it.
 HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
-TEMP_PATTERN = re.compile(r"\.bntool-([0-9a-f]{6})-(\d+)-[0-9a-z]{8}\.tmp(?:dir|\.[A-Za-z0-9_]{1,16})?")
+TEMP_PATTERN = re.compile(r"\.bntool-([0-9a-f]{6})-(\d+)-[0-9a-f]{8}\.tmp(?:dir)?")
 #: Outputs moved into place by this process (so an interruption can say what was written).
 committed: list[Path] = []
 
@@ -96,7 +98,7 @@ def check_output_path(out: str | os.PathLike, *, force: bool, inputs: Iterable =
         raise InputError(f"`{out}` already exists; pass --force to replace it or choose another {what}")
     remove_stale_temporaries(parent)
     with _mapped(out, what):
-        tmp = _create_temp(parent, "")
+        tmp = _create_temp(parent)
         os.unlink(tmp)
     return out
 
@@ -111,15 +113,15 @@ def _name_max(folder: Path) -> int:
 # ----------------------------------------------------------------------------- temporaries
 
 
-def _temp_name(suffix: str) -> str:
-    suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9_]{1,16}", suffix or "") else ""
-    return f".bntool-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}"
+def _temp_name() -> str:
+    """``.bntool-<host>-<pid>-<random>.tmp``: short whatever the output's name, and recognisable."""
+    return f".bntool-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
-def _create_temp(folder: Path, suffix: str) -> Path:
+def _create_temp(folder: Path) -> Path:
     """A new empty file with a bntool temporary name in ``folder`` (mode 0666 less the umask)."""
     while True:
-        path = folder / _temp_name(suffix)
+        path = folder / _temp_name()
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
@@ -220,34 +222,30 @@ def _mapped(out: Path, what: str) -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_write(out: str | os.PathLike, *, force: bool = False, inputs: Iterable = (),
                  what: str = "--out") -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; move it to ``out`` if the block succeeds, else remove it.
+    """Yield a temporary path for ``out``; move it to ``out`` if the block succeeds, else remove it.
 
-    Without ``force`` a file that appeared at ``out`` meanwhile is not
-    replaced (``InputError``). Write failures become one ``InputError``.
+    The path lies in a bntool staging folder beside ``out`` and has ``out``'s
+    name, so a writer that makes temporaries of its own beside its target
+    (safetensors does) makes them in that folder too: a run that is killed
+    leaves one folder that the next run removes. Without ``force`` a file that
+    appeared at ``out`` meanwhile is not replaced (``InputError``). Write
+    failures become one ``InputError``.
     """
     out = Path(out)
-    remove_stale_temporaries(out.parent)
-    with _mapped(out, what):
-        tmp = _create_temp(out.parent, out.suffix)
-    try:
-        with _mapped(out, what):
-            yield tmp
+    with staging_folder(out, what) as stage:
+        tmp = stage / out.name
+        yield tmp
         commit_all([(tmp, out)], force=force, inputs=inputs, what=what)
-    finally:
-        with contextlib.suppress(OSError):
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
 
 
 @contextlib.contextmanager
 def staging_folder(out: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
-    """A temporary folder beside ``out`` for several files written together; removed afterwards."""
+    """A temporary folder beside ``out`` for the files of one output; removed afterwards."""
     out = Path(out)
     remove_stale_temporaries(out.parent)
     with _mapped(out, what):
         while True:
-            stage = out.parent / _temp_name("")
-            stage = stage.with_name(stage.name + "dir")
+            stage = out.parent / (_temp_name() + "dir")
             try:
                 os.mkdir(stage)
                 break
@@ -260,6 +258,14 @@ def staging_folder(out: str | os.PathLike, what: str = "--out") -> Iterator[Path
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _usual_mode(path: Path) -> None:
+    """Give a written file the mode a new file gets here (0666 less the umask); writers may create it 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if os.path.isfile(path) and not os.path.islink(path):
+        os.chmod(path, 0o666 & ~umask)
+
+
 def commit_all(moves: Sequence[tuple[Path, Path]], *, force: bool, inputs: Iterable = (), what: str = "--out") -> None:
     """Move each written temporary to its destination, in order; undo the new ones if one fails.
 
@@ -270,6 +276,7 @@ def commit_all(moves: Sequence[tuple[Path, Path]], *, force: bool, inputs: Itera
     try:
         for tmp, dst in moves:
             with _mapped(dst, what):
+                _usual_mode(tmp)
                 if force:
                     refuse_inputs(dst, inputs, what)
                     os.replace(tmp, dst)

@@ -82,3 +82,36 @@ def invoke_main(*args, env: dict[str, str] | None = None):
         main(list(ctx.args))
 
     return CliRunner(env=env).invoke(app, [str(a) for a in args])
+
+
+def folder_state(folder) -> dict[str, object]:
+    """Every entry under ``folder``: a regular file by its sha256, a link by its target, a FIFO, device or
+    socket by its kind (never opened: a FIFO would block), a folder by name. Compare before/after a run."""
+    import hashlib
+    import os
+    import stat
+
+    state: dict[str, object] = {}
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            key = os.path.relpath(path, folder)
+            if stat.S_ISLNK(st.st_mode):
+                state[key] = ("link", os.readlink(path))
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    state[key] = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISDIR(st.st_mode):
+                state[key] = "folder"
+            else:
+                state[key] = ("special", stat.S_IFMT(st.st_mode))
+    return state
+
+
+def bntool_temporaries(folder) -> list[str]:
+    """Names under ``folder`` that look like bntool's temporaries (or any temporary at all)."""
+    import os
+
+    return [name for _, dirs, names in os.walk(folder) for name in dirs + names
+            if name.startswith(".bntool-") or ".tmp" in name]

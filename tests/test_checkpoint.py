@@ -137,7 +137,7 @@ def test_save_is_atomic_and_leaves_nothing_when_the_check_fails(tmp_path, lenet)
     out = tmp_path / "out.safetensors"
 
     def failing_check(tmp):
-        assert tmp.exists() and tmp.parent == tmp_path
+        assert tmp.exists() and tmp.parent.parent == tmp_path and tmp.name == out.name  # in a staging folder beside out
         raise InputError("check failed")
 
     with pytest.raises(InputError, match="check failed"):
