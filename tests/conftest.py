@@ -84,6 +84,17 @@ def invoke_main(*args, env: dict[str, str] | None = None):
     return CliRunner(env=env).invoke(app, [str(a) for a in args])
 
 
+@pytest.fixture
+def lenet_checkpoint(tmp_path):
+    """``ck.pt``: the example LeNet's state dict with randomized BN state, in ``tmp_path``."""
+    from examples import models as zoo
+
+    torch.manual_seed(0)
+    path = tmp_path / "ck.pt"
+    torch.save(randomize_bn(zoo.lenet(), seed=3).state_dict(), path)
+    return path
+
+
 def folder_state(folder) -> dict[str, object]:
     """Every entry under ``folder``: a regular file by its sha256, a link by its target, a FIFO, device or
     socket by its kind (never opened: a FIFO would block), a folder by name. Compare before/after a run."""

@@ -109,28 +109,15 @@ def _pickled_module(run, mp):
     return ["pickled Python objects", "torch.nn.modules.", "--allow-pickle"]
 
 
-def _nan_statistics(run, mp):
-    torch.save(_lenet_state(**{"5.running_var": (3, float("nan"))}), run.folder / "nan.pt")
-    run.checkpoint = run.folder / "nan.pt"
-    return ["`5.running_var`", "NaN", "bntool recalibrate"]
+def _bad_tensor(key: str, index: int, value: float, *fragments: str):
+    """A case: the checkpoint with one value of ``key`` set to ``value``."""
 
+    def prepare(run, mp):
+        run.checkpoint = run.folder / "bad.pt"
+        torch.save(_lenet_state(**{key: (index, value)}), run.checkpoint)
+        return [f"`{key}`", *fragments]
 
-def _negative_variance(run, mp):
-    torch.save(_lenet_state(**{"1.running_var": (2, -0.5)}), run.folder / "neg.pt")
-    run.checkpoint = run.folder / "neg.pt"
-    return ["`1.running_var`", "negative", "bntool recalibrate"]
-
-
-def _inf_weight(run, mp):
-    torch.save(_lenet_state(**{"0.weight": (7, float("inf"))}), run.folder / "inf.pt")
-    run.checkpoint = run.folder / "inf.pt"
-    return ["`0.weight`", "inf", "earlier checkpoint"]
-
-
-def _nan_weight(run, mp):
-    torch.save(_lenet_state(**{"12.weight": (0, float("nan"))}), run.folder / "nanw.pt")
-    run.checkpoint = run.folder / "nanw.pt"
-    return ["`12.weight`", "NaN", "earlier checkpoint"]
+    return prepare
 
 
 def _out_under_proc(run, mp):
@@ -206,22 +193,15 @@ def _data_empty(run, mp):
     return ["--data", "empty (0 bytes)"]
 
 
-def _model_file_exits(run, mp):
-    (run.folder / "exits.py").write_text("import sys\nsys.exit(3)\n")
-    run.model = f"{run.folder / 'exits.py'}:net"
-    return ["sys.exit(3)"]
+def _model_code(source: str, *fragments: str):
+    """A case: ``--model`` is a file holding ``source``, with a ``net`` factory (or not)."""
 
+    def prepare(run, mp):
+        (run.folder / "user.py").write_text(source)
+        run.model = f"{run.folder / 'user.py'}:net"
+        return list(fragments)
 
-def _model_factory_exits(run, mp):
-    (run.folder / "exits.py").write_text("import sys\n\n\ndef net():\n    raise SystemExit(3)\n")
-    run.model = f"{run.folder / 'exits.py'}:net"
-    return ["sys.exit(3)", "instead of returning a model"]
-
-
-def _model_factory_raises_base_exception(run, mp):
-    (run.folder / "boom.py").write_text("class Boom(BaseException):\n    pass\n\n\ndef net():\n    raise Boom('no')\n")
-    run.model = f"{run.folder / 'boom.py'}:net"
-    return ["raised Boom"]
+    return prepare
 
 
 def _model_file_is_a_fifo(run, mp):
@@ -315,10 +295,13 @@ CASES = {
     "empty-checkpoint": (_empty_checkpoint, COMMANDS),
     "random-bytes-checkpoint": (_random_checkpoint, COMMANDS),
     "pickled-module": (_pickled_module, COMMANDS),
-    "nan-statistics": (_nan_statistics, ("fold", "freeze", "export")),  # inspect reports, recalibrate replaces
-    "negative-variance": (_negative_variance, ("fold", "freeze", "export")),
-    "inf-weight": (_inf_weight, WRITERS),
-    "nan-weight": (_nan_weight, WRITERS),
+    # inspect reports these as findings; recalibrate replaces broken statistics (but not broken weights)
+    "nan-statistics": (_bad_tensor("5.running_var", 3, float("nan"), "NaN", "bntool recalibrate"),
+                       ("fold", "freeze", "export")),
+    "negative-variance": (_bad_tensor("1.running_var", 2, -0.5, "negative", "bntool recalibrate"),
+                          ("fold", "freeze", "export")),
+    "inf-weight": (_bad_tensor("0.weight", 7, float("inf"), "inf", "earlier checkpoint"), WRITERS),
+    "nan-weight": (_bad_tensor("12.weight", 0, float("nan"), "NaN", "earlier checkpoint"), WRITERS),
     "out-under-proc": (_out_under_proc, COMMANDS),
     "out-parent-is-a-file": (_out_parent_is_a_file, COMMANDS),
     "out-name-too-long": (_out_name_too_long, COMMANDS),
@@ -330,9 +313,11 @@ CASES = {
     "out-in-the-data-folder": (_out_in_the_data_folder, ("recalibrate", "export")),
     "data-fifo": (_data_fifo, ("recalibrate", "export")),
     "data-empty": (_data_empty, ("recalibrate", "export")),
-    "model-file-exits": (_model_file_exits, COMMANDS),
-    "model-factory-exits": (_model_factory_exits, COMMANDS),
-    "model-factory-raises-base-exception": (_model_factory_raises_base_exception, COMMANDS),
+    "model-file-exits": (_model_code("import sys\nsys.exit(3)\n", "sys.exit(3)"), COMMANDS),
+    "model-factory-exits": (_model_code("def net():\n    raise SystemExit(3)\n", "sys.exit(3)",
+                                        "instead of returning a model"), COMMANDS),
+    "model-factory-raises-base-exception": (_model_code(
+        "class Boom(BaseException):\n    pass\n\n\ndef net():\n    raise Boom('no')\n", "raised Boom"), COMMANDS),
     "model-file-is-a-fifo": (_model_file_is_a_fifo, COMMANDS),
     "input-shape-too-large": (_input_shape_too_large, ("fold", "freeze", "export", "inspect")),
     "full-disk": (_full_disk, COMMANDS),

@@ -10,7 +10,7 @@ import torch
 
 from bntool.errors import shorten
 from examples import models as zoo
-from tests.conftest import assert_one_line_error, invoke_main, randomize_bn
+from tests.conftest import assert_one_line_error, invoke_main
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
@@ -18,11 +18,8 @@ BOX = "┏┃┡│└"
 
 
 @pytest.fixture
-def checkpoint(tmp_path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "ck.pt"
-    torch.save(randomize_bn(zoo.lenet(), seed=3).state_dict(), path)
-    return path
+def checkpoint(lenet_checkpoint) -> Path:
+    return lenet_checkpoint
 
 
 def test_off_a_terminal_tables_and_lines_are_never_wrapped(checkpoint, tmp_path):

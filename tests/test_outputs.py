@@ -27,11 +27,8 @@ LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
 
 
 @pytest.fixture
-def checkpoint(tmp_path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "ck.pt"
-    torch.save(randomize_bn(zoo.lenet(), seed=3).state_dict(), path)
-    return path
+def checkpoint(lenet_checkpoint) -> Path:
+    return lenet_checkpoint
 
 
 # ----------------------------------------------------------------------------- no-replace moves
