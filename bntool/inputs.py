@@ -4,7 +4,9 @@
 opens it and refuses a FIFO, a device, a socket or an empty file: a pipe or
 ``/dev/zero`` would block or never end. ``refuse_inputs`` says whether an
 output path is one of the inputs (by name, link or hard link; a folder
-protects every file in it). ``reason`` words an OS error for a message.
+protects every file in it). ``mentions`` looks for a name in a file through a
+memory map (which ``.onnx`` files refer to an external-data file), and
+``reason`` words an OS error for a message.
 """
 
 from __future__ import annotations

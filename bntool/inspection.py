@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, shorten
 from .folding import FoldPlan, plan_from_dataflow
 from .graph import Dataflow, dataflow
 from .norms import has_statistics, is_batchnorm, is_frozen
@@ -210,7 +210,7 @@ def _dataflow_and_plan(model: nn.Module, example_inputs, seed: int) -> tuple[Dat
     except InputError:
         raise
     except Exception as exc:  # fx and user models raise many types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)
         if example_inputs is None:
             return None, None, (f"torch.fx cannot trace the model ({first}) and its input shape is unknown; "
                                 "pass --input-shape (example_inputs) to see what feeds each BN and whether it folds")

@@ -373,3 +373,25 @@ def test_stdin_like_inputs_are_refused_before_they_are_opened(tmp_path):
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling.pt")
     with pytest.raises(InputError, match="a link to nothing"):
         require_regular_file(tmp_path / "dangling.pt", "the checkpoint")
+
+
+def test_a_name_the_file_system_refuses_while_writing_is_one_line(cli, checkpoint, tmp_path):
+    """The .onnx name fits, its external-data name (NAME.onnx.data) does not: the OS's ENAMETOOLONG, mapped."""
+    before = folder_state(tmp_path)
+    result = cli("export", checkpoint, "--model", LENET, "--external-data", "--out", tmp_path / ("e" * 247 + ".onnx"))
+    assert_one_line_error(result, "cannot write", "ENAMETOOLONG", "nothing was written")
+    assert folder_state(tmp_path) == before
+
+
+def test_a_module_spec_protects_the_module_file(cli, checkpoint, tmp_path, monkeypatch):
+    """--model package.module:factory: the module's file is an input too, found without importing it."""
+    (tmp_path / "mynets").mkdir()
+    (tmp_path / "mynets" / "__init__.py").write_text("raise SystemExit('importing the package runs code')\n")
+    (tmp_path / "mynets" / "lenets.py").write_text("from examples.models import lenet\n")
+    monkeypatch.chdir(tmp_path)
+    from bntool.cli.common import input_files
+
+    assert (tmp_path / "mynets" / "lenets.py", "the --model file") in input_files(checkpoint, model="mynets.lenets:lenet")
+    os.link(tmp_path / "mynets" / "lenets.py", tmp_path / "out.safetensors")
+    result = cli("fold", checkpoint, "--model", "mynets.lenets:lenet", "--out", tmp_path / "out.safetensors", "--force")
+    assert_one_line_error(result, "the --model file", "never modifies its inputs")
