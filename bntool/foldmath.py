@@ -31,6 +31,23 @@ def bn_scale_shift(
     return k, beta - k * mean
 
 
+def through_before(k: torch.Tensor, c: torch.Tensor, a: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The producer's ``(k', c')`` when ``y -> a * y + s`` runs between it and the BN and keeps running.
+
+    ``a * y' + s == k * (a * y + s) + c`` for ``y' = k * y + (k * s + c - s) / a``.
+    """
+    if a == 1.0 and s == 0.0:
+        return k, c
+    return k, (k * s + c - s) / a
+
+
+def through_after(k: torch.Tensor, c: torch.Tensor, a: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BN as its reader sees it when ``z -> a * z + s`` runs between them: ``a * (k x + c) + s``."""
+    if a == 1.0 and s == 0.0:
+        return k, c
+    return a * k, a * c + s
+
+
 def fold_into_producer(
     producer_weight: torch.Tensor,
     producer_bias: torch.Tensor | None,
@@ -45,7 +62,24 @@ def fold_into_producer(
     out: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """New ``(weight, bias)`` of a conv / linear / transposed conv followed by a BN.
+    """New ``(weight, bias)`` of a conv / linear / transposed conv followed by a BN (see ``scale_producer``)."""
+    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
+    return scale_producer(producer_weight, producer_bias, k, c, transposed=transposed, groups=groups, out=out,
+                          scratch=scratch)
+
+
+def scale_producer(
+    producer_weight: torch.Tensor,
+    producer_bias: torch.Tensor | None,
+    k: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(weight, bias)`` of a layer whose output channels are then mapped by ``k * y + c`` (float64).
 
     ``out`` (a tensor shaped like the weight, possibly the weight itself)
     receives the new weight in place, saving an allocation and a copy;
@@ -55,7 +89,6 @@ def fold_into_producer(
     conv's weight is ``(in_channels, out_channels // groups, *kernel)``: output
     channel ``g * (out // groups) + j`` is column ``j`` of the rows of group ``g``.
     """
-    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
     k, c = k.to(producer_weight.device), c.to(producer_weight.device)
     if transposed:
         in_channels, out_per_group = producer_weight.shape[:2]
@@ -107,14 +140,27 @@ def fold_into_consumer(
     *,
     groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """New ``(weight, bias)`` of a linear, or an unpadded conv, that reads a BN's output.
+    """New ``(weight, bias)`` of a linear, or an unpadded conv, that reads a BN's output (see ``scale_consumer``)."""
+    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
+    return scale_consumer(consumer_weight, consumer_bias, k, c, groups=groups)
+
+
+def scale_consumer(
+    consumer_weight: torch.Tensor,
+    consumer_bias: torch.Tensor | None,
+    k: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(weight, bias)`` of a linear, or an unpadded conv, whose input channels arrive as ``k * x + c``.
 
     ``W(k * x + c) + b = (W * k) x + (W c + b)``. For a conv, the input
     channel of ``weight[o, j]`` is ``g * (in // groups) + j`` with
     ``g = o // (out // groups)``, and ``W c`` sums over the kernel, which is
     exact only where no zero padding reaches the input (the caller checks).
     """
-    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
+    k, c = k.to(consumer_weight.device), c.to(consumer_weight.device)
     weight = consumer_weight.detach().double()
     out_channels, in_per_group = weight.shape[:2]
     spatial = weight.shape[2:]
@@ -122,7 +168,8 @@ def fold_into_consumer(
     shape = (groups, 1, in_per_group, *([1] * len(spatial)))
     new_weight = (grouped * k.reshape(shape)).reshape(weight.shape)
     response = (grouped * c.reshape(shape)).sum(dim=tuple(range(2, grouped.dim()))).reshape(out_channels)
-    bias = consumer_bias.detach().double() if consumer_bias is not None else torch.zeros(out_channels, dtype=torch.float64)
+    bias = (consumer_bias.detach().double() if consumer_bias is not None
+            else torch.zeros(out_channels, dtype=torch.float64, device=weight.device))
     new_bias = bias + response
     dtype = consumer_weight.dtype
     return new_weight.to(dtype), new_bias.to(consumer_bias.dtype if consumer_bias is not None else dtype)

@@ -236,28 +236,32 @@ def run_model(
 ) -> list[tuple[str, torch.Tensor]]:
     """Run ``model`` on ``inputs`` (moved to the model's device and dtype) with no grad.
 
-    Returns the named output tensors, followed by the outputs of the modules
-    named in ``probes`` (as ``layer `name```), in the order given.
+    Returns the named output tensors, followed by the outputs of every call of
+    the modules named in ``probes`` (as ``layer `name``` and ``layer `name`
+    (call 2)``...), in the order the calls ran.
     """
     device, dtype = model_device(model), model_dtype(model)
     moved = [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs]
-    seen: dict[str, torch.Tensor] = {}
+    seen: list[tuple[str, torch.Tensor]] = []
+    calls: dict[str, int] = {}
 
     def probe(name: str):
         def hook(module, args, output) -> None:
             if isinstance(output, torch.Tensor):
-                seen.setdefault(name, output.detach().clone())
+                calls[name] = calls.get(name, 0) + 1
+                label = f"layer `{name}`" + (f" (call {calls[name]})" if calls[name] > 1 else "")
+                seen.append((label, output.detach().clone()))
 
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(probe(name)) for name in probes]
+    handles = [model.get_submodule(name).register_forward_hook(probe(name)) for name in dict.fromkeys(probes)]
     try:
         with torch.no_grad(), training_flags(model, train), inputs_must_fit(model, moved):
             out = forward(model, moved) if forward else model(*moved)
     finally:
         for handle in handles:
             handle.remove()
-    return flatten_outputs(out) + [(f"layer `{name}`", seen[name]) for name in probes if name in seen]
+    return flatten_outputs(out) + seen
 
 
 @contextlib.contextmanager
