@@ -241,8 +241,11 @@ def _form_of_graph(module: nn.Module, graph: torch.fx.Graph, rank: int) -> NormF
     at_input = bool(placeholders) and source is placeholders[0] and _data_users(source) == [first]
     at_output = _output_source(graph, module) is last and len(last.users) == 1
     form = NormForm("traced", at_input=at_input, at_output=at_output, _graph=graph, _segment=tuple(segment))
-    form.keeps = tuple(str(n.target) for n in nodes if n.op == "call_module" and n not in segment
-                       and not isinstance(_child(module, n.target), nn.Identity))
+    form.keeps = tuple(dict.fromkeys(
+        str(n.target) if n.op == "call_module" else _name(n) for n in nodes
+        if n.op in ("call_module", "call_function", "call_method") and n not in segment and _is_data(n)
+        and not _is_metadata(n) and n.target is not torch._assert
+        and not (n.op == "call_module" and isinstance(_child(module, n.target), nn.Identity))))
     form.removable = _nothing_left(module, graph, segment, placeholders)
     return form
 
@@ -425,6 +428,10 @@ def _nothing_left(module: nn.Module, graph: torch.fx.Graph, segment: list[torch.
     rest = [n for n in graph.nodes if n not in segment and n.op in ("call_function", "call_method", "call_module")
             and not _is_metadata(n) and n.target is not torch._assert and _is_data(n)]
     return all(n.op == "call_module" and isinstance(_child(module, n.target), nn.Identity) for n in rest)
+
+
+def _name(node: torch.fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
 
 def _child(module: nn.Module, target: str) -> Any:

@@ -13,7 +13,6 @@ fold's structure on a freshly built model (``bntool.load``).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from . import bnform
+from .cloning import clone
 from .errors import InputError, VerificationError
 from .foldmath import identity_statistics, scale_consumer, scale_producer, through_after, through_before
 from .foldplan import TRANSPOSED, FoldPair, FoldPlan, Skip, plan_fold, plan_from_dataflow
@@ -220,18 +220,15 @@ def fold(
 
 def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:
     """A copy of ``model`` that owns every tensor, without copying the ones ``apply_plan`` will replace."""
-    replaced: dict[int, Any] = {}
+    replaced: list[torch.Tensor] = []
     for pair in plan.pairs:
         target = model.get_submodule(pair.into)
-        for tensor in (target.weight, target.bias):
-            if tensor is not None:
-                replaced[id(tensor)] = tensor
+        replaced += [t for t in (target.weight, target.bias) if t is not None]
         bn = model.get_submodule(pair.bn)
         names = ("running_mean", "running_var", "weight", "bias") if pair.bn_becomes == "identity" else None
-        for key, tensor in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
-            if tensor is not None and (names is None or key in names):
-                replaced[id(tensor)] = tensor
-    return copy.deepcopy(model, memo=replaced)
+        replaced += [t for key, t in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]
+                     if t is not None and (names is None or key in names)]
+    return clone(model, share=replaced)
 
 
 def _blame(plan: FoldPlan, comparison: Comparison) -> dict[str, str]:
