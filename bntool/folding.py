@@ -27,7 +27,7 @@ from .errors import InputError, VerificationError
 from .foldmath import identity_statistics, scale_consumer, scale_producer, through_after, through_before
 from .foldplan import TRANSPOSED, FoldPair, FoldPlan, Skip, plan_fold, plan_from_dataflow
 from .graph import dataflow
-from .verify import Comparison, compare, make_inputs
+from .verify import Comparison, Reference, compare, make_inputs
 
 __all__ = ["FoldPair", "FoldPlan", "FoldReport", "Skip", "apply_plan", "fold", "plan_fold", "plan_from_dataflow",
            "replay"]
@@ -199,13 +199,17 @@ def fold(
     inputs = tuple(example_inputs) if example_inputs is not None else make_inputs(model, seed=seed)
     flow = dataflow(model, inputs)
     rejected: dict[str, str] = {}
+    reference = None
     for _ in range(MAX_ROUNDS):
         plan = plan_from_dataflow(model, flow, rejected)
         folded = apply_plan(_copy_for(model, plan), plan)
         comparison = None
         if not verify:
             break
-        comparison = compare(model, folded, inputs, device=device, atol=atol, rtol=rtol, probes=plan.probes())
+        if reference is None:  # every later plan checks at some of these points
+            points = [*plan.probes(), *(p.into for p in plan.pairs)]
+            reference = Reference.of(model, inputs, device=device, probes=points, float64=atol is None and rtol is None)
+        comparison = compare(model, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(), reference=reference)
         blamed = {} if comparison.passed or strict else _blame(plan, comparison)
         if not blamed:
             break
