@@ -207,9 +207,10 @@ def fold(
         if not verify:
             break
         if reference is None:  # every later plan checks at some of these points
-            points = [*plan.probes(), *(p.into for p in plan.pairs)]
+            points = [*plan.probes(), *(p.into for p in plan.pairs if p.direction == "forward")]
             reference = Reference.of(model, inputs, device=device, probes=points, float64=atol is None and rtol is None)
-        comparison = compare(model, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(), reference=reference)
+        comparison = compare(model, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(), reference=reference,
+                             fan_in=plan.fan_in(model))
         blamed = {} if comparison.passed or strict else _blame(plan, comparison)
         if not blamed:
             break

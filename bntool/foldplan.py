@@ -102,6 +102,21 @@ class FoldPlan:
         return [p for p in self.pairs
                 if (p.bn if p.direction == "backward" else restored_at.get(p.into, p.into)) == point]
 
+    def fan_in(self, model: nn.Module) -> dict[str, int]:
+        """Per check point (and ``""`` for the outputs): the largest fan-in of the folded weights it depends on."""
+        sizes = {}
+        for p in self.pairs:
+            weight = model.get_submodule(p.into).weight
+            if isinstance(model.get_submodule(p.into), TRANSPOSED):  # (in, out / groups, *kernel)
+                sizes[p.into] = weight.shape[0] // model.get_submodule(p.into).groups * weight[0, 0].numel()
+            else:  # (out, in / groups, *kernel) or (out, in)
+                sizes[p.into] = weight[0].numel()
+        points: dict[str, int] = {}
+        for point in self.probes():
+            points[point] = max(sizes[p.into] for p in self.pairs_checked_at(point))
+        points[""] = max(sizes.values(), default=0)
+        return points
+
     def reason_for(self, bn: str) -> str | None:
         """``None`` when ``bn`` is folded, else the reason it is not."""
         return next((s.reason for s in self.skips if s.bn == bn), None)

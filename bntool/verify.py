@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,14 @@ SLACK = 8.0
 #: Floor, in units of the dtype's machine epsilon times the output's largest
 #: magnitude, below which differences are never called failures.
 FLOOR_EPS = {torch.float64: 8.0, torch.float32: 8.0, torch.float16: 8.0, torch.bfloat16: 8.0}
+#: A candidate whose weights were recomputed (folded) carries their rounding, about one unit each, summed
+#: over a layer's fan-in: the floor grows with ``sqrt(fan_in / FAN_IN_FREE)`` for fan-ins above this.
+FAN_IN_FREE = 64
+
+
+def rounding_factor(fan_in: int | None) -> float:
+    """How much the floor widens for outputs that depend on rounded weights with this fan-in."""
+    return max(1.0, (fan_in / FAN_IN_FREE) ** 0.5) if fan_in else 1.0
 
 
 @dataclass(frozen=True)
@@ -355,15 +363,16 @@ class Reference:
 
     ``outputs``: its outputs in its own dtype; ``layers``: the outputs of the
     probed layers (by label); ``float64``: its outputs in float64, and
-    ``layer_errors``: how far each probed layer is from its float64 self
-    (max abs), for the derived tolerance. Layer outputs are kept in the
-    model's dtype only, so the float64 run is compared as it goes.
+    ``layer_deltas``: for each probed layer, float64 minus own-dtype output,
+    for the derived tolerance. The deltas are tiny next to the outputs, so
+    they are kept in bfloat16 (their own error stays below 0.4%), and no
+    layer output is kept in float64.
     """
 
     outputs: tuple[tuple[str, torch.Tensor], ...]
     layers: dict[str, torch.Tensor]
     float64: tuple[tuple[str, torch.Tensor], ...] | None
-    layer_errors: dict[str, float]
+    layer_deltas: dict[str, torch.Tensor]
     device: torch.device
 
     @classmethod
@@ -379,21 +388,20 @@ class Reference:
         """Run ``original`` (eval mode, TF32 off) on ``inputs``, and in float64 when ``float64``, layer by layer."""
         device = resolve_device(device)
         layers: dict[str, torch.Tensor] = {}
-        errors: dict[str, float] = {}
+        deltas: dict[str, torch.Tensor] = {}
 
         def keep(label: str, output: torch.Tensor) -> None:
             layers[label] = output.clone()
 
         def measure(label: str, output: torch.Tensor) -> None:
             mine = layers.get(label)
-            if mine is not None and mine.shape == output.shape and mine.numel():
-                both = torch.isfinite(mine) & torch.isfinite(output)
-                errors[label] = float(torch.where(both, mine.double() - output, 0.0).abs().max())
+            if mine is not None and mine.shape == output.shape and mine.is_floating_point():
+                deltas[label] = (output - mine.double()).to(torch.bfloat16)
 
         with tf32_disabled():
             outputs = run_on(original, inputs, device, probes=probes, on_probe=keep)
             high = run_on(original, inputs, device, torch.float64, probes=probes, on_probe=measure) if float64 else None
-        return cls(tuple(outputs), layers, tuple(high) if high is not None else None, errors, device)
+        return cls(tuple(outputs), layers, tuple(high) if high is not None else None, deltas, device)
 
 
 def compare(
@@ -407,6 +415,7 @@ def compare(
     candidate_train: bool = False,
     probes: Sequence[str] = (),
     reference: Reference | None = None,
+    fan_in: Mapping[str, int] | None = None,
 ) -> Comparison:
     """Compare ``candidate`` with ``original`` (eval mode) on ``inputs``, TF32 off.
 
@@ -415,11 +424,11 @@ def compare(
     returning outputs of the same structure. ``probes`` names modules, present
     in both models, whose outputs are compared too: a layer-by-layer check
     sees an error in one channel that the final output may hide (a ReLU that
-    zeroes it, a sigmoid that saturates). At a layer, the candidate's distance
-    from the float64 reference is bounded by its distance from the original
-    plus the original's from the reference, so only the original's layer
-    outputs are kept in memory. ``reference`` (``Reference.of``, with at least
-    these probes) saves running the original again. The models given are not
+    zeroes it, a sigmoid that saturates). ``reference`` (``Reference.of``, with at least
+    these probes) saves running the original again. ``fan_in`` gives, per
+    probed module (and ``""`` for the outputs), the largest fan-in of the
+    candidate's recomputed weights it depends on; the floor of the derived
+    tolerance widens with it (``rounding_factor``). The models given are not
     changed, and a model not on ``device`` is run there layer by layer rather
     than copied.
     """
@@ -435,8 +444,9 @@ def compare(
         if label not in reference.layers:
             unknown.append(label)
             return
-        error = reference.layer_errors.get(label) if derived else None
-        layers.append(_compare_one(label, reference.layers[label], output, None, atol, rtol, original_error=error))
+        delta = reference.layer_deltas.get(label) if derived else None
+        widen = rounding_factor((fan_in or {}).get(label.split("`")[1]))
+        layers.append(_compare_one(label, reference.layers[label], output, None, atol, rtol, delta=delta, widen=widen))
 
     with tf32_disabled():
         if isinstance(candidate, nn.Module):
@@ -450,7 +460,8 @@ def compare(
             f"{[n for n, _ in reference.outputs]} vs {names + unknown}"
         )
     high = dict(reference.float64) if derived and reference.float64 is not None else {}
-    results = [_compare_one(name, orig, cand.to(orig.device), high.get(name), atol, rtol)
+    widen = rounding_factor((fan_in or {}).get(""))
+    results = [_compare_one(name, orig, cand.to(orig.device), high.get(name), atol, rtol, widen=widen)
                for (name, orig), (_, cand) in zip(reference.outputs, candidate_out)]
     rule = "derived" if derived else f"atol={atol or 0.0:g} rtol={rtol or 0.0:g}"
     return Comparison(outputs=tuple(results + layers), device=str(device), rule=rule)
@@ -463,11 +474,11 @@ def _compare_one(
     ref: torch.Tensor | None,
     atol: float | None,
     rtol: float | None,
-    original_error: float | None = None,
+    delta: torch.Tensor | None = None,
+    widen: float = 1.0,
 ) -> OutputComparison:
-    """One output against the original: within the derived tolerance of the float64 reference ``ref`` (or,
-    without ``ref``, given the original's own ``original_error`` from it, bounding the candidate's by
-    ``|cand - orig| + original_error``), or within ``atol``/``rtol`` of the original."""
+    """One output against the original: within the derived tolerance of the float64 reference ``ref``
+    (or ``orig + delta``), its floor widened by ``widen``; or within ``atol``/``rtol`` of the original."""
     if orig.shape != cand.shape:
         return OutputComparison(name, tuple(orig.shape), float("inf"), float("inf"), 0.0, False)
     if not orig.is_floating_point():
@@ -481,15 +492,14 @@ def _compare_one(
     scale = o64.abs().max().item() if o64.numel() else 0.0
     max_abs = diff.max().item() if diff.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
-    candidate_error = None
-    if ref is not None or original_error is not None:
-        if ref is not None:
-            r64 = torch.where(both, ref.double().to(o64.device), 0.0)
-            original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
-            candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
-        else:
-            candidate_error = max_abs + original_error
-        floor = FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
+    original_error = candidate_error = None
+    if ref is None and delta is not None:
+        ref = o64 + delta.to(o64.device)
+    if ref is not None:
+        r64 = torch.where(both, ref.double().to(o64.device), 0.0)
+        original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
+        candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
+        floor = widen * FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
         tolerance = max(SLACK * original_error, floor)
         passed = finite and candidate_error <= tolerance
     else:
