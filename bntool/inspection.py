@@ -23,7 +23,7 @@ from torch import nn
 from .errors import InputError, shorten
 from .folding import FoldPlan, plan_from_dataflow
 from .graph import Dataflow, dataflow
-from .norms import has_statistics, is_batchnorm, is_frozen
+from .norms import has_statistics, is_batchnorm, is_foreign_batchnorm, is_frozen, num_features
 from .validity import problems
 from .verify import declared_input_shapes, make_inputs
 
@@ -234,8 +234,8 @@ def _model_row(name: str, bn: nn.Module, flow: Dataflow | None, plan: FoldPlan |
     return _row(
         name, type(bn).__name__, "model",
         {n: getattr(bn, n, None) for n in ("weight", "bias", "running_mean", "running_var")},
-        features=int(bn.num_features), eps=float(bn.eps), momentum=None if momentum is None else float(momentum),
-        affine=bool(bn.affine),
+        features=num_features(bn), eps=float(bn.eps), momentum=None if momentum is None else float(momentum),
+        affine=bool(getattr(bn, "affine", getattr(bn, "weight", None) is not None)),
         track=has_statistics(bn), tracked=int(tracked.item()) if tracked is not None else None,
         fed_by=fed_by, feeds=site.consumers if site else (), foldable=foldable, fold_into=fold_into,
         fold_reason=reason,
@@ -358,7 +358,7 @@ def _model_findings(model: nn.Module, rows: Sequence[BNRow], bns: dict[str, nn.M
         "{n} BN layer(s) have track_running_stats=False: {names}",
         "eval mode normalizes with the statistics of each batch, so outputs depend on the batch (and batch size "
         "1 fails or is meaningless); give them statistics with `bntool recalibrate`, then they can be folded")
-    add("momentum_none", "info", [n for n in names if has_statistics(bns[n]) and not is_frozen(bns[n])
+    add("momentum_none", "info", [n for n in names if has_statistics(bns[n]) and not _fixed(bns[n])
                                   and getattr(bns[n], "momentum", 0.1) is None],
         "{n} BN layer(s) have momentum=None: {names}",
         "their statistics are a cumulative average over every batch since the last reset, early batches (other "
@@ -377,19 +377,19 @@ def _model_findings(model: nn.Module, rows: Sequence[BNRow], bns: dict[str, nn.M
         "no conv / linear output reaches them directly, so they cannot fold backward; fold can only push them "
         "forward into the next layer (exact only without zero padding). Check the order is intended: the usual "
         "block is conv -> BN -> activation")
-    add("frozen", "info", [n for n in names if is_frozen(bns[n])],
-        "{n} BN layer(s) are frozen (bntool freeze): {names}",
+    add("frozen", "info", [n for n in names if _fixed(bns[n])],
+        "{n} BN layer(s) are frozen (by bntool freeze, or a frozen BatchNorm class): {names}",
         "they normalize with their stored statistics even in train mode and never update them: right for "
         "fine-tuning with small batches; `bntool.unfreeze` turns them back into ordinary BNs")
     trains = any(p.requires_grad for n, m in modules.items() if n not in bns for p in m.parameters(recurse=False))
     add("frozen_parameters", "info", [
-        n for n in names if trains and not is_frozen(bns[n])
+        n for n in names if trains and not _fixed(bns[n])
         and (params := list(bns[n].parameters(recurse=False))) and not any(p.requires_grad for p in params)],
         "{n} BN layer(s) have weight / bias with requires_grad=False while other layers train: {names}",
         "their affine parameters are fixed, but in train mode they still normalize with batch statistics and "
         "update running_mean / running_var; to fix the statistics as well, use `bntool freeze`")
     add("eval_mode_in_train", "info", [n for n in names if model.training and not bns[n].training
-                                       and not is_frozen(bns[n])],
+                                       and not _fixed(bns[n])],
         "{n} BN layer(s) are in eval mode while the model is in train mode: {names}",
         "they use and keep their stored statistics for now, but the next model.train() puts them back in train "
         "mode (the `fix_bn` snippet must be re-run after every call); `bntool freeze` makes it stick")
@@ -472,3 +472,8 @@ def plot(report: InspectReport, path: str | Path, *, title: str | None = None, f
     with atomic_write(path, force=force, what="--plot") as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
     return path
+
+
+def _fixed(module: nn.Module) -> bool:
+    """Frozen by bntool, or a frozen BN class of another library: statistics that never move."""
+    return is_frozen(module) or is_foreign_batchnorm(module)

@@ -9,7 +9,7 @@ import torch
 import typer
 from torch import nn
 
-from bntool.norms import is_batchnorm
+from bntool.norms import is_batchnorm, num_features
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, signed: bool = True) -> nn.Module:
@@ -19,16 +19,18 @@ def randomize_bn(model: nn.Module, seed: int = 0, signed: bool = True) -> nn.Mod
         for m in model.modules():
             if not is_batchnorm(m):
                 continue
-            n = m.num_features
+            n = num_features(m)
             if getattr(m, "running_mean", None) is not None:
                 m.running_mean.copy_(torch.randn(n, generator=g) * 2)
                 m.running_var.copy_(torch.rand(n, generator=g) * 2.9 + 0.1)
-                m.num_batches_tracked.fill_(100)
+                if getattr(m, "num_batches_tracked", None) is not None:
+                    m.num_batches_tracked.fill_(100)
             if getattr(m, "weight", None) is not None:
                 gamma = torch.rand(n, generator=g) + 0.5
                 if signed:
                     gamma = gamma * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
                 m.weight.copy_(gamma)
+            if getattr(m, "bias", None) is not None:
                 m.bias.copy_(torch.randn(n, generator=g))
     return model.eval()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from .. import checkpoint, console, modelspec
@@ -165,11 +166,18 @@ def write_verified(
                            check=check, protect=protect)
 
 
+def _kind(module: nn.Module) -> Any:
+    """What a module is: its type, or for an fx GraphModule (a class per instance) its class name and code."""
+    if isinstance(module, torch.fx.GraphModule):
+        return type(module).__name__, module.code
+    return type(module)
+
+
 def assert_identical(expected: nn.Module, got: nn.Module, inputs, *, what: str) -> None:
-    types = {n: type(m) for n, m in expected.named_modules()}
-    got_types = {n: type(m) for n, m in got.named_modules()}
+    types = {n: _kind(m) for n, m in expected.named_modules()}
+    got_types = {n: _kind(m) for n, m in got.named_modules()}
     if types != got_types:
-        diff = sorted(n for n in types.keys() | got_types.keys() if types.get(n) is not got_types.get(n))
+        diff = sorted(n for n in types.keys() | got_types.keys() if types.get(n) != got_types.get(n))
         raise VerificationError(f"{what} has other layers than the verified model: {', '.join(diff[:3])}")
     state, got_state = expected.state_dict(), got.state_dict()
     changed = [k for k in state if not _same_bits(state[k], got_state[k])]
