@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import shorten
 from .foldmath import bn_scale_shift
 from .norms import bn_forward_is_standard, num_features
 
@@ -100,7 +101,7 @@ def analyze(module: nn.Module, rank: int | None = None) -> NormForm:
     try:
         graph = _trace(module, rank)
     except Exception as exc:  # fx raises many types for untraceable code
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0])
         if isinstance(module, _BatchNorm):
             return NormForm("identity", at_input=True, note=(
                 f"torch.fx cannot trace the forward of `{type(module).__name__}` ({first}); it keeps running, "

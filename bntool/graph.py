@@ -37,6 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .errors import shorten
 from .norms import is_batchnorm
 
 #: Module types that ``fold`` can fold a BN into (from either side).
@@ -138,7 +139,7 @@ def dataflow(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) ->
     except Exception as exc:  # fx raises many types for untraceable code
         if example_inputs is None:
             raise
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = shorten(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         ops, shapes = _recorded_ops(model, example_inputs)
         return Dataflow(ops, "recorded", f"torch.fx cannot trace the model ({reason}); dataflow was recorded "
                         "from a forward pass on the verification inputs, so only the branches they take are seen",
