@@ -80,6 +80,7 @@ class NormForm:
     keeps: tuple[str, ...] = ()
     removable: bool = False  # nothing of the module is left after folding
     _graph: torch.fx.Graph | None = field(default=None, repr=False)
+    _root: nn.Module | None = field(default=None, repr=False)  # the traced clone: the graph's attributes
     _segment: tuple[torch.fx.Node, ...] = field(default=(), repr=False)
 
     @property
@@ -99,7 +100,7 @@ def analyze(module: nn.Module, rank: int | None = None) -> NormForm:
         return NormForm("standard", at_input=True, at_output=True, removable=True)
     rank = rank or guess_rank(module)
     try:
-        graph = _trace(module, rank)
+        root, graph = _trace(module, rank)
     except Exception as exc:  # fx raises many types for untraceable code
         first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0])
         if isinstance(module, _BatchNorm):
@@ -108,13 +109,14 @@ def analyze(module: nn.Module, rank: int | None = None) -> NormForm:
                 "with statistics that make its normalization an exact identity"))
         return NormForm("none", reason=f"torch.fx cannot trace the forward of `{type(module).__name__}` ({first}), "
                                        "so what it computes is unknown")
-    return _form_of_graph(module, graph, rank)
+    return _form_of_graph(root, graph, rank)
 
 
 def scale_shift(module: nn.Module, form: NormForm, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k, c)``, float64 per channel, such that the module's normalization is ``k * x + c`` (on the CPU)."""
     if form.kind in ("standard", "identity"):
         return bn_scale_shift(module.running_mean, module.running_var, module.eps, module.weight, module.bias)
+    module = form._root if form._root is not None else module
     channels = num_features(module)
     k = torch.ones(channels, dtype=torch.float64)
     c = torch.zeros(channels, dtype=torch.float64)
@@ -152,9 +154,9 @@ def remainder(module: nn.Module, form: NormForm) -> nn.Module | None:
     last.replace_all_uses_with(source)
     for node in reversed(segment):
         graph.erase_node(node)
-    graph.owning_module = module  # what dead-code elimination asks whether a child call is pure
+    graph.owning_module = form._root  # what dead-code elimination asks whether a child call is pure
     graph.eliminate_dead_code()
-    rest = torch.fx.GraphModule(module, graph, class_name=f"{type(module).__name__}WithoutNorm")
+    rest = torch.fx.GraphModule(form._root, graph, class_name=f"{type(module).__name__}WithoutNorm")
     rest.train(module.training)
     return rest
 
@@ -207,13 +209,17 @@ class _ModuleTracer(torch.fx.Tracer):
         return _InputProxy(node, self)
 
 
-def _trace(module: nn.Module, rank: int) -> torch.fx.Graph:
-    training = module.training
-    module.training = False  # the folded model is an inference model: trace the eval-mode path
-    try:
-        return _ModuleTracer(rank, num_features(module)).trace(module)
-    finally:
-        module.training = training
+def _trace(module: nn.Module, rank: int) -> tuple[nn.Module, torch.fx.Graph]:
+    """The module's eval-mode forward (the folded model is an inference model), traced on a clone of it.
+
+    The clone shares the module's tensors; constants the trace creates
+    (``_tensor_constant0``) are attached to it, never to the user's module.
+    """
+    from .cloning import clone
+
+    copy = clone(module, share=[*module.parameters(), *module.buffers()])
+    copy.training = False
+    return copy, _ModuleTracer(rank, num_features(module)).trace(copy)
 
 
 # ----------------------------------------------------------------------------- the segment
@@ -241,7 +247,8 @@ def _form_of_graph(module: nn.Module, graph: torch.fx.Graph, rank: int) -> NormF
     source = _data_inputs(first)[0]
     at_input = bool(placeholders) and source is placeholders[0] and _data_users(source) == [first]
     at_output = _output_source(graph, module) is last and len(last.users) == 1
-    form = NormForm("traced", at_input=at_input, at_output=at_output, _graph=graph, _segment=tuple(segment))
+    form = NormForm("traced", at_input=at_input, at_output=at_output, _graph=graph, _root=module,
+                    _segment=tuple(segment))
     form.keeps = tuple(dict.fromkeys(
         str(n.target) if n.op == "call_module" else _name(n) for n in nodes
         if n.op in ("call_module", "call_function", "call_method") and n not in segment and _is_data(n)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from . import tensorfile
 from .errors import CheckpointMismatchError, InputError, UnsafeFileError, shorten
 from .inputs import require_regular_file
 from .outputs import atomic_write, check_output_path
@@ -402,16 +403,19 @@ atomic_path = atomic_write  # the earlier name
 
 
 def write_state(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any], fmt: str) -> None:
-    """Write ``state`` with bntool ``metadata`` to ``path`` as ``safetensors`` or ``pt``."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
+    """Write ``state`` with bntool ``metadata`` to ``path`` as ``safetensors`` or ``pt``, tensor by tensor.
 
-        save_file(tensors, str(path), metadata={META_KEY: json.dumps(metadata), "format": "pt"})
-    else:
-        with open(path, "wb") as f:  # through a Python file, so that a failed write keeps its OS error
-            torch.save({"state_dict": tensors, META_KEY: metadata}, f)
-    with open(path, "rb+") as f:
+    safetensors is streamed from the tensors themselves (no copy of the
+    model); a ``.pt`` file is ``torch.save`` of the state dict, which writes
+    each storage as it goes.
+    """
+    tensors = {k: v.detach() for k, v in state.items()}
+    if fmt == "safetensors":
+        tensorfile.write(path, tensors, {META_KEY: json.dumps(metadata), "format": "pt"})
+        return
+    with open(path, "wb") as f:  # through a Python file, so that a failed write keeps its OS error
+        torch.save({"state_dict": {k: v.cpu() for k, v in tensors.items()}, META_KEY: metadata}, f)
+        f.flush()
         os.fsync(f.fileno())
 
 

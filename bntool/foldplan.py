@@ -161,6 +161,10 @@ def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners) -> list[
     if name == "":
         return "the model is a single BatchNorm: there is no layer to fold it into"
     if not calls:
+        host = _called_ancestor(name, flow)
+        if host is not None:
+            return (f"runs inside `{host}` (a {type(modules[host]).__name__} with its own forward), which bntool "
+                    "treats as one layer and does not look into")
         if flow.method == "recorded":
             return "did not run on the verification inputs, so its dataflow is unknown"
         return "is never called in the model's forward"
@@ -188,6 +192,15 @@ def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners) -> list[
     return f"{backward}; folding forward is not exact either: {forward}"
 
 
+def _called_ancestor(name: str, flow: Dataflow) -> str | None:
+    """The nearest enclosing module that the dataflow saw called as one op (``a.conv`` for ``a.conv.norm``)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in flow.calls:
+            return ".".join(parts[:i])
+    return None
+
+
 def _rank(flow: Dataflow, calls: tuple[int, ...], bn: nn.Module) -> int | None:
     """The BN's input rank, measured only where its form depends on it (a forward of its own)."""
     if bn_forward_is_standard(bn):
@@ -209,7 +222,8 @@ def _backward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tu
     result = []
     for producer, group in _by_module(links).items():
         module = modules[producer]
-        reason = (_layer_reason(module, producer, owners) or _all_calls_reason(flow, producer, group, name)
+        reason = (_layer_reason(module, producer, owners, _functional(flow, group))
+                  or _all_calls_reason(flow, producer, group, name)
                   or _through_reason(group, producer, name))
         if reason:
             return reason
@@ -269,7 +283,8 @@ def _forward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tup
         module = modules[consumer]
         if isinstance(module, TRANSPOSED):
             return f"`{consumer}` is a transposed conv, into which bntool folds only from the output side"
-        reason = (_layer_reason(module, consumer, owners) or _all_calls_reason(flow, consumer, group, name)
+        reason = (_layer_reason(module, consumer, owners, _functional(flow, group))
+                  or _all_calls_reason(flow, consumer, group, name)
                   or _through_reason(group, consumer, name))
         if reason:
             return reason
@@ -320,10 +335,15 @@ def _by_module(links: list[_Link]) -> dict[str, list[_Link]]:
     return dict(groups)
 
 
-def _layer_reason(module: nn.Module, name: str, owners) -> str | None:
+def _functional(flow: Dataflow, group: list[_Link]) -> bool:
+    """Every call is the layer's own ``F.conv*`` / ``F.linear`` inside a forward of its own."""
+    return all(flow.ops[link.op].functional for link in group)
+
+
+def _layer_reason(module: nn.Module, name: str, owners, functional: bool = False) -> str | None:
     if not isinstance(module, FOLDABLE_TYPES):
         return f"`{name}` is a {type(module).__name__}, which bntool cannot fold into"
-    if not standard_forward(module, FOLDABLE_TYPES):
+    if not functional and not standard_forward(module, FOLDABLE_TYPES):
         return f"`{name}` is a {type(module).__name__} with its own forward, so its arithmetic is unknown"
     shared = [o for o in owners.get(id(module.weight), ()) if o != name]
     if shared:

@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .errors import shorten
-from .norms import is_batchnorm
+from .norms import is_batchnorm, standard_forward
 
 #: Module types that ``fold`` can fold a BN into (from either side).
 FOLDABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -72,6 +72,7 @@ class Op:
     inputs: tuple[int, ...] = ()
     affine: tuple[float, float] | None = None  # y = a * x + s on its one data input (a, s numbers)
     reshape: bool = False  # a view of its one data input in another shape, element order kept
+    functional: bool = False  # a module's layer computed by its own forward with F.conv* / F.linear on its weights
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,14 @@ def bn_names(model: nn.Module) -> list[str]:
 
 
 def dataflow(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> Dataflow:
-    """The model's dataflow: fx when the model traces, else a recorded forward pass."""
+    """The model's dataflow: fx when the model traces, else a recorded forward pass.
+
+    fx runs the forward on proxies, and a forward that stores what it computes
+    (a cache keyed by device, say) would keep proxies: the trace runs on a
+    clone (sharing the tensors, in eval mode), never on the user's modules.
+    """
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(_tracing_copy(model))
     except Exception as exc:  # fx raises many types for untraceable code
         if example_inputs is None:
             raise
@@ -151,13 +157,72 @@ def dataflow(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) ->
     return flow
 
 
+def _tracing_copy(model: nn.Module) -> nn.Module:
+    from .cloning import clone
+
+    copy = clone(model, share=[*model.parameters(), *model.buffers()])
+    return copy.eval()
+
+
 def is_leaf(module: nn.Module) -> bool:
-    return is_batchnorm(module) or isinstance(module, FOLDABLE_TYPES)
+    """BNs, and conv / linear layers that run their class's own forward, are single ops of the dataflow.
+
+    A conv / linear subclass with a forward of its own (detectron2's ``Conv2d``
+    applies its ``norm`` and ``activation`` inside) is looked into: its
+    ``F.conv2d(x, self.weight, self.bias, ...)`` is the layer (``functional_layer``)
+    and what it calls after that are ops like any other.
+    """
+    return is_batchnorm(module) or (isinstance(module, FOLDABLE_TYPES) and standard_forward(module, FOLDABLE_TYPES))
+
+
+#: functional call -> the layer type whose forward it is
+_FUNCTIONAL_LAYERS = {
+    "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "linear": nn.Linear,
+    "conv_transpose1d": nn.ConvTranspose1d, "conv_transpose2d": nn.ConvTranspose2d,
+    "conv_transpose3d": nn.ConvTranspose3d,
+}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+
+def functional_layer(name: str, args: Sequence[Any], kwargs: dict[str, Any], module_of: Callable[[Any], str | None],
+                     modules: dict[str, nn.Module]) -> str | None:
+    """The module whose layer a call ``F.conv2d(x, m.weight, m.bias, m.stride, ...)`` computes, exactly as its
+    class's forward would (its own weight and bias, its own hyper-parameters), else None."""
+    kind = _FUNCTIONAL_LAYERS.get(name)
+    if kind is None:
+        return None
+    names = ("input", "weight", "bias") if kind is nn.Linear else (
+        _TRANSPOSED_ARGS if "transpose" in name else _CONV_ARGS)
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    owner = module_of(bound.get("weight"))
+    module = modules.get(owner) if owner is not None else None
+    if not isinstance(module, kind) or module_of(bound.get("bias")) != (owner if module.bias is not None else None):
+        return None
+    if module.bias is None and bound.get("bias") is not None:
+        return None
+    for key in names[3:]:
+        expected = getattr(module, key)
+        given = bound.get(key, expected if key != "output_padding" else 0)
+        if _as_tuple(given, len(expected) if isinstance(expected, tuple) else 1) != _as_tuple(expected, 1):
+            return None
+    return owner
+
+
+def _as_tuple(value: Any, n: int) -> tuple:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,) * n if n > 1 else (value,)
 
 
 def transparent_module(module: nn.Module) -> tuple[tuple[float, float] | None, bool]:
-    """``(affine, reshape)`` of a module that only passes its input on (Identity) or reshapes it (Flatten)."""
-    if type(module) is nn.Identity:
+    """``(affine, reshape)`` of a module that passes its input on in eval mode (Identity, dropout) or reshapes it.
+
+    Folding makes an inference model, and the folded model is verified in
+    eval mode, where every dropout layer is the identity.
+    """
+    if type(module) is nn.Identity or isinstance(module, nn.modules.dropout._DropoutNd):
         return (1.0, 0.0), False
     return None, type(module) in (nn.Flatten, nn.Unflatten)
 
@@ -227,6 +292,14 @@ def _fx_ops(model: nn.Module, graph: torch.fx.Graph) -> tuple[Op, ...]:
     index: dict[torch.fx.Node, int] = {}
     meta: set[torch.fx.Node] = set()
     ops: list[Op] = []
+
+    def attr_owner(value: Any) -> str | None:
+        """``conv`` for a get_attr node of ``conv.weight`` / ``conv.bias``."""
+        if isinstance(value, torch.fx.Node) and value.op == "get_attr":
+            owner, _, attr = str(value.target).rpartition(".")
+            return owner if attr in ("weight", "bias") else None
+        return None
+
     for node in graph.nodes:
         if node.op in ("call_function", "call_method") and _fx_is_metadata(node, meta):
             meta.add(node)
@@ -246,6 +319,9 @@ def _fx_ops(model: nn.Module, graph: torch.fx.Graph) -> tuple[Op, ...]:
             op = Op(i, "module", str(node.target), inputs, affine, reshape)
         elif node.op == "output":
             op = Op(i, "output", "output", inputs)
+        elif (owner := functional_layer(name, node.args, dict(node.kwargs), attr_owner, modules)) is not None:
+            source = node.args[0] if node.args else node.kwargs.get("input")
+            op = Op(i, "module", owner, (index[source],) if source in index else (), functional=True)
         else:
             is_data = lambda a: isinstance(a, torch.fx.Node) and a in index and a not in meta  # noqa: E731
             affine = affine_of(name, node.args, dict(node.kwargs), is_data)
@@ -310,8 +386,12 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 class _Recorder(TorchFunctionMode):
     """Builds the op list from a real forward pass; tensors are keyed by ``(id, _version)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__()
+        self.modules = modules
+        self.owners = {id(getattr(m, attr)): name for name, m in modules.items() if isinstance(m, FOLDABLE_TYPES)
+                       for attr in ("weight", "bias") if getattr(m, attr, None) is not None}
+        self.shapes: dict[int, tuple[Shape | None, Shape | None]] = {}
         self.ops: list[Op] = []
         self.producer: dict[tuple[int, int], int] = {}
         self.keep: list[torch.Tensor] = []  # keeps ids unique for the whole pass
@@ -331,9 +411,9 @@ class _Recorder(TorchFunctionMode):
         return self.producer[k]
 
     def add(self, kind: str, target: str, inputs: tuple[int, ...], outputs: list[torch.Tensor],
-            affine: tuple[float, float] | None = None, reshape: bool = False) -> int:
+            affine: tuple[float, float] | None = None, reshape: bool = False, functional: bool = False) -> int:
         index = len(self.ops)
-        self.ops.append(Op(index, kind, target, inputs, affine, reshape))
+        self.ops.append(Op(index, kind, target, inputs, affine, reshape, functional))
         for t in outputs:
             self.producer[self.key(t)] = index
         return index
@@ -348,18 +428,26 @@ class _Recorder(TorchFunctionMode):
         keys = [self.key(t) for t in inputs]  # before the call: an in-place op changes the version
         out = func(*args, **kwargs)
         outputs = _tensors(out)
-        if outputs:  # shape/dtype queries are not data reads
-            affine = affine_of(name, args, kwargs, lambda a: isinstance(a, torch.Tensor))
-            sources = tuple(self.source_of(k) for k in keys)
-            self.add("function", name, sources, outputs, affine, is_reshape(name, args, len(inputs)))
+        if not outputs:  # shape/dtype queries are not data reads
+            return out
+        owner = functional_layer(name, args, kwargs, lambda a: self.owners.get(id(a)) if isinstance(a, torch.Tensor)
+                                 else None, self.modules)
+        if owner is not None:
+            index = self.add("module", owner, (self.source_of(keys[0]),), outputs, functional=True)
+            self.shapes[index] = (tuple(inputs[0].shape), tuple(outputs[0].shape))
+            return out
+        affine = affine_of(name, args, kwargs, lambda a: isinstance(a, torch.Tensor))
+        sources = tuple(self.source_of(k) for k in keys)
+        self.add("function", name, sources, outputs, affine, is_reshape(name, args, len(inputs)))
         return out
 
 
 def _recorded_ops(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[tuple[Op, ...], dict]:
-    rec = _Recorder()
     modules = dict(model.named_modules())
-    leaves = {n: m for n, m in modules.items() if n and (not any(m.children()) or is_leaf(m))}
-    shapes: dict[int, tuple[Shape | None, Shape | None]] = {}
+    rec = _Recorder(modules)
+    leaves = {n: m for n, m in modules.items() if n and (not any(m.children()) or is_leaf(m))
+              and not (isinstance(m, FOLDABLE_TYPES) and not is_leaf(m))}
+    shapes = rec.shapes
     stack: list[tuple[str, tuple[int, ...], Shape | None] | None] = []
 
     def pre_hook(name):

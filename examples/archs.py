@@ -20,6 +20,8 @@ Every public factory returns an ``nn.Module`` with ``input_shape`` set, as in
 
 from __future__ import annotations
 
+import warnings
+
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -1316,6 +1318,9 @@ class Detectron2Conv2d(nn.Conv2d):
         self.activation = activation
 
     def forward(self, x):
+        with warnings.catch_warnings(record=True):
+            if x.numel() == 0 and self.training:  # as detectron2: a data-dependent check fx cannot trace
+                assert not isinstance(self.norm, torch.nn.SyncBatchNorm), "SyncBatchNorm does not support empty inputs!"
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.norm is not None:
             x = self.norm(x)

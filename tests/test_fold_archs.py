@@ -100,8 +100,6 @@ def _inputs(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, ...]:
 # ----------------------------------------------------------------------------- the architectures
 
 PRE_ACT = "runs `act` after normalizing, so no layer after it can absorb it"
-LEVIT_CACHE = ("fx-tracing the model runs LeViT's get_attention_biases, which stores an fx Proxy in the user's "
-               "attention_bias_cache (and the folded copy's): neither model pickles afterwards")
 
 
 @dataclass(frozen=True)
@@ -167,15 +165,13 @@ ARCHS = {
         "features.conv3_2.c1x1_a.bn": _cat_then(PRE_ACT),
         "features.conv5_bn_ac.bn": _cat_then(PRE_ACT),
     }),
-    "levit-blocks": Arch("levit_like", {"head": False}, gaps={"untouched": LEVIT_CACHE}),
-    "levit": Arch("levit_like", gaps={"untouched": LEVIT_CACHE, "plan": "LeViT's NormLinear head is BatchNorm1d -> "
-                                      "Dropout(p=0) -> Linear; the Dropout (an identity) blocks the forward fold"}),
+    "levit-blocks": Arch("levit_like", {"head": False}),
+    "levit": Arch("levit_like"),  # its NormLinear head: BatchNorm1d -> Dropout -> Linear, folded forward
     # frozen BNs of other libraries
     "torchvision-frozen-resnet": Arch("torchvision_frozen_resnet"),
     "timm-frozen-efficientnet": Arch("timm_frozen_efficientnet"),
     "detectron2-frozen-separate": Arch("conv_detectron2_frozen_bn"),
-    "detectron2-frozen-resnet": Arch("detectron2_frozen_resnet", gaps={"plan": "detectron2 calls its FrozenBN inside "
-                                     "its own Conv2d subclass; bntool reports these BNs as 'never called'"}),
+    "detectron2-frozen-resnet": Arch("detectron2_frozen_resnet"),  # the BN runs inside detectron2's Conv2d
     # mmcv and PyTorch's fusion tests
     "mmcv-bn-conv-bn": Arch("mmcv_fuse_conv_bn_model"),
     "bn-linear-bn": Arch("bn_linear_bn"),
@@ -205,6 +201,7 @@ class Folded:
     inputs: tuple[torch.Tensor, ...]
     report: bntool.FoldReport
     state_before: dict[str, torch.Tensor]  # the original's state dict before folding
+    attributes_before: dict[str, set[str]]  # each module's attribute names before folding
 
 
 _FOLDED: dict[str, Folded] = {}
@@ -217,8 +214,9 @@ def _folded(name: str) -> Folded:
         model = randomize_bn(ARCHS[name].build(), seed=1)
         inputs = _inputs(model)
         before = copy.deepcopy(model.state_dict())
+        attributes = {n: set(vars(m)) for n, m in model.named_modules()}
         folded, report = bntool.fold(model, inputs, strict=True)
-        _FOLDED[name] = Folded(model, folded, inputs, report, before)
+        _FOLDED[name] = Folded(model, folded, inputs, report, before, attributes)
     return _FOLDED[name]
 
 
@@ -273,10 +271,10 @@ def test_fold_leaves_the_given_model_as_it_was(name):
     state = f.original.state_dict()
     assert state.keys() == f.state_before.keys()
     assert all(torch.equal(f.state_before[k], v) for k, v in state.items())
+    assert {n: set(vars(m)) for n, m in f.original.named_modules()} == f.attributes_before  # no `_tensor_constant0`
     pickle.dumps(f.original)
 
 
-@pytest.mark.xfail(strict=True, reason=LEVIT_CACHE)
 def test_folded_levit_holds_no_tracing_leftovers():
     """timm's LeViT caches attention biases per device in a dict: tracing must not leave an fx Proxy in it."""
     f = _folded("levit-blocks")
