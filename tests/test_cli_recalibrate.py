@@ -203,3 +203,29 @@ def test_state_written_outside_bn_fails_with_exit_1_and_writes_nothing(setup):
         in result.stderr
     assert "Changed outside BatchNorm statistics: calls" in result.stdout
     assert not out.exists() and not list(tmp_path.glob(".recal*"))
+
+
+def test_a_frozen_checkpoint_is_recalibrated_stays_frozen_and_loads(setup, cli):
+    # AdaBN after frozen fine-tuning: catches frozen layers skipped, unfrozen in the output, or a recipe that
+    # bntool.load cannot replay
+    from bntool.freezing import FrozenBatchNorm1d, FrozenBatchNorm2d
+
+    tmp_path, models, ckpt, data, model = setup
+    frozen, out = tmp_path / "frozen.safetensors", tmp_path / "adapted.safetensors"
+    assert cli("freeze", ckpt, "--model", f"{models}:net", "--out", frozen).code == 0
+    result = cli("recalibrate", frozen, "--model", f"{models}:net", "--data", data, "--batch-size", 8,
+                 "--out", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [(layer["name"], layer["frozen"]) for layer in report["layers"]] == [
+        ("stem.1", True), ("layer1.1", True), ("head.3", True)]
+    assert report["passed"] and report["skipped"] == []
+    loaded = bntool.load(out, model=modelspec.build(f"{models}:net"))
+    assert type(loaded.stem[1]) is FrozenBatchNorm2d and type(loaded.head[3]) is FrozenBatchNorm1d
+    assert [step["op"] for step in bntool.checkpoint.read(out).recipe] == ["freeze", "recalibrate"]
+    state = loaded.state_dict()
+    for key, value in expected_state(model, data).items():  # what the unfrozen model gets on the same data
+        if value.is_floating_point():
+            torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-6 * value.abs().max().item())
+        else:
+            assert torch.equal(state[key], value), key
