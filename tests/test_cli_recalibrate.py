@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,11 +12,10 @@ import torch
 
 import bntool.checkpoint
 from bntool import modelspec
-from tests.conftest import invoke_main
+from tests.conftest import invoke_main, torchrun
 from bntool.data import plan_batches
 from bntool.recalibration import recalibrate
 
-ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = textwrap.dedent(
     """
@@ -168,21 +163,12 @@ def test_bad_data_exits_2_with_one_line(setup):
 def test_torchrun_two_processes_match_one(setup):
     tmp_path, models, ckpt, data, model = setup
     out = tmp_path / "dist.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "bntool", "recalibrate", str(ckpt), "--model", f"{models}:net", "--data", str(data),
-           "--batch-size", "8", "--out", str(out), "--device", "cpu", "--json"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:  # kill the launcher and its workers, never leave a rank waiting
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stdout + stderr
-    report = json.loads(stdout)  # only rank 0 prints
+    proc = torchrun("recalibrate", ckpt, "--model", f"{models}:net", "--data", data, "--batch-size", "8",
+                    "--out", out, "--device", "cpu", "--json", nproc=2, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)  # only rank 0 prints
     assert report["world_size"] == 2 and report["num_batches"] == 5 and report["num_samples"] == 38
+    assert report["backend"] == "gloo"
     loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:net")).state_dict()
     for key, value in expected_state(model, data).items():
         if value.is_floating_point():

@@ -130,7 +130,8 @@ def recalibrate(
                                    verify_batches=plan.verification, allow_tf32=allow_tf32)
         result: dict[str, Any] = {"command": "recalibrate", **source.describe(), "data": str(data), "output": None,
                                   "written": False, "dry_run": dry_run, "device": str(target),
-                                  "tf32": allow_tf32 and target.type == "cuda", **report.to_dict(),
+                                  "tf32": allow_tf32 and target.type == "cuda",
+                                  "backend": group["backend"] if group else None, **report.to_dict(),
                                   "recipe_step": report.recipe_step()}
         if not report.unchanged_non_bn:
             if rank == 0:
@@ -203,7 +204,8 @@ def _init_distributed(target: Any) -> dict[str, Any] | None:
         if target.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-    return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "local_rank": local_rank, "created": created}
+    return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "local_rank": local_rank, "created": created,
+            "backend": str(dist.get_backend())}
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
