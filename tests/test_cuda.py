@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bntool
 from bntool.errors import VerificationError
@@ -225,11 +226,20 @@ def test_the_recalibration_pass_never_waits_for_the_gpu(monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
+    class Equals(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Equals.count += func is torch.ops.aten.equal.default
+            return func(*args, **(kwargs or {}))
+
     monkeypatch.setattr(recalibration, "_pass", strict)
     model = on_device(zoo.resnet_small(), seed=7)
     batches = [b.to(DEVICE) for b in uneven_batches((3, 16, 16), sizes=(6, 9, 4, 7, 5))]
-    report = recalibrate(model, batches, merge_every=2)
+    with Equals():
+        report = recalibrate(model, batches, merge_every=2)
     assert all(layer.calls == 5 for layer in report.layers) and report.unchanged_non_bn
+    assert Equals.count == 1  # after the pass: every parameter and buffer checked with one comparison
 
 
 def test_recalibrate_cli_on_cuda_with_and_without_tf32(cli, tmp_path):

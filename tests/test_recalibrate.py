@@ -532,8 +532,38 @@ def test_the_hot_path_issues_no_tensor_work_per_bn_call(monkeypatch):
     calls = sum(layer.calls for layer in report.layers)
     assert calls == 4 * len(report.layers)
     assert ops.in_hook and set(ops.in_hook) <= {"aten.select.int"}  # views of a preallocated slot: no kernel
-    assert ops.all.count("aten.equal.default") == 1  # the state check: one comparison for all tensors
-    assert not any("num_batches_tracked" in op or op.startswith("aten.add_") for op in ops.in_hook)
+
+
+def test_the_gpu_state_check_compares_once_and_still_names_what_changed(monkeypatch):
+    # the GPU path (one copy, one comparison: one synchronisation), forced on the CPU; catches a check that
+    # compares tensor by tensor on a GPU, and a batched check that cannot say which tensor changed
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bntool import snapshot
+
+    class Equals(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Equals.count += func is torch.ops.aten.equal.default
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(snapshot, "COMPARE_IN_PLACE", ())
+    model = randomize_bn_(resnet_small(), seed=18)
+    with Equals():
+        report = recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 3)))
+    assert report.unchanged_non_bn and Equals.count == 1
+
+    def corrupt(module, args):  # returns None: the input stays the input
+        module.weight.data[0].mul_(1.0001)
+
+    def nudge(module, args, output):
+        module.weight.data.add_(1e-3)
+
+    model.layer1[0].conv1.register_forward_pre_hook(corrupt)
+    model.bn1.register_forward_hook(nudge)
+    report = recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 3)))
+    assert set(report.changed_non_bn) == {"layer1.0.conv1.weight", "bn1.weight"}
 
 
 # ----------------------------------------------------------------------------- two processes
