@@ -2,20 +2,21 @@
 
 During the pass every selected BN is in training mode with momentum 1.0. A
 forward pre-hook (one that also sees keyword arguments: ``self.bn(input=x)``)
-points the BN's ``running_mean`` / ``running_var`` at a fresh, zeroed slot
-of a buffer allocated once per layer, so BatchNorm itself writes that call's
-batch mean and unbiased batch variance there (``1.0 * batch + 0.0 * 0``,
-exact). bntool adds no kernel and no host synchronisation per call: the hook
-only does Python bookkeeping (the call's value count comes from the shape).
-The BN's own buffers are not touched until the pass has succeeded.
+points the BN's ``running_mean`` / ``running_var`` at a fresh, zeroed slot,
+so BatchNorm itself writes that call's batch mean and unbiased batch variance
+there (``1.0 * batch + 0.0 * 0``, exact). bntool adds no kernel and no host
+synchronisation per call: the hook only does Python bookkeeping (the call's
+value count comes from the shape). The BN's own buffers are not touched until
+the pass has succeeded.
 
-Every ``merge_every`` calls the filled slots are merged into a float64
-``ChannelStats`` on the device (a few vectorised kernels, no synchronisation:
-the per-call counts go up through pinned memory) and zeroed again. At the end
-of the pass ``gather`` brings everything every layer holds to the CPU in one
-transfer per device, where the rest is plain float64 arithmetic on small
-vectors; ``write_back`` sends the results down in one transfer per (device,
-dtype) and copies them into place with fused copies.
+The layers that share a device and a buffer dtype share a ``Pool``: one
+allocation for all their slots, one for the float64 estimators, one for
+scratch. Every ``merge_every`` calls a layer's filled slots are merged into
+its float64 estimator on the device (a few vectorised kernels, no
+synchronisation: the per-call counts go up through pinned memory) and zeroed.
+At the end ``gather`` brings every pool to the CPU in one transfer and merges
+what is left for all layers at once, as vectors over every channel of every
+layer (``Totals``).
 
 Calls with no values (an empty batch) are skipped and counted. BatchNorm
 computes batch statistics in its input dtype, so for a float16 / bfloat16
@@ -26,6 +27,7 @@ the input itself in float64 instead (slower, exact).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,29 +55,60 @@ def values_per_channel(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
 
 
-class Collector:
-    """One selected BN during the pass: where its calls' statistics go, and how many calls it had."""
+class Pool:
+    """Device memory of the selected BNs that share a device and a buffer dtype, allocated at once.
 
-    def __init__(self, name: str, module: nn.Module, merge_every: int, *, plain_forward: bool):
-        self.name, self.module, self.merge_every = name, module, merge_every
-        buffers = module._buffers
-        self.own = {key: buffers.get(key) for key in BN_BUFFERS}  # put back after the pass, written on success
-        mean = self.own["running_mean"]
-        channels, device, self.dtype = module.num_features, mean.device, mean.dtype
-        self.stats = ChannelStats(channels, device)
-        self.batch_var_sum = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.readback = self.dtype in READBACK_DTYPES
-        self.slots = torch.zeros(merge_every if self.readback else 0, 2, channels, dtype=self.dtype, device=device)
-        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []  # slot i's (mean, var) views, made at first use
-        scratch = torch.zeros(2, channels, dtype=self.dtype, device=device)
-        self.scratch = (scratch[0], scratch[1])  # what BN writes to when a call is not read back
+    ``slots[i, 0 | 1, channels]``: a layer's i-th unmerged call (mean, unbiased
+    variance), written by BatchNorm itself; ``scratch``: where BatchNorm writes
+    when a call is not read back; ``acc[0 | 1 | 2, channels]``: each layer's
+    float64 estimator (mean, M2) and its sum of batch variances.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, channels: int, merge_every: int):
+        self.device, self.dtype = device, dtype
+        self.readback = dtype in READBACK_DTYPES
+        self.slots = torch.zeros(merge_every if self.readback else 0, 2, channels, dtype=dtype, device=device)
+        self.scratch = torch.zeros(2, channels, dtype=dtype, device=device)
+        self.acc = torch.zeros(3, channels, dtype=torch.float64, device=device)
+        self.layers: list[Collector] = []
+
+
+def collectors(entries: Sequence[tuple[str, nn.Module, bool]], merge_every: int) -> list[Collector]:
+    """One ``Collector`` per ``(name, bn, plain_forward)``, in order, on pools by (device, buffer dtype)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, nn.Module, bool]]] = {}
+    for entry in entries:
+        mean = entry[1]._buffers["running_mean"]
+        groups.setdefault((mean.device, mean.dtype), []).append(entry)
+    made: dict[str, Collector] = {}
+    for (device, dtype), members in groups.items():
+        pool = Pool(device, dtype, sum(bn._buffers["running_mean"].numel() for _, bn, _ in members), merge_every)
+        offset = 0
+        for name, bn, plain in members:
+            made[name] = Collector(name, bn, pool, offset, plain_forward=plain)
+            offset += made[name].width
+    return [made[name] for name, _, _ in entries]
+
+
+class Collector:
+    """One selected BN during the pass: the forward pre-hook, and what its calls left."""
+
+    def __init__(self, name: str, module: nn.Module, pool: Pool, offset: int, *, plain_forward: bool):
+        self.name, self.module, self.pool = name, module, pool
+        self.own = {key: module._buffers.get(key) for key in BN_BUFFERS}  # put back after the pass
+        self.width = self.own["running_mean"].numel()
+        self.span = slice(offset, offset + self.width)
+        self.stats = ChannelStats.on(pool.acc[0, self.span], pool.acc[1, self.span])
+        self.var_sum = pool.acc[2, self.span]
+        self.scratch = (pool.scratch[0, self.span], pool.scratch[1, self.span])
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []  # slot i's (mean, var), made at first use
         self.exact: torch.Tensor | None = None  # float64 slots, made at the first half-precision call
         self.counts: list[int] = []
         self.exact_counts: list[int] = []
         self.calls = self.empty_calls = self.float64_calls = 0
+        pool.layers.append(self)
         # _BatchNorm.forward skips num_batches_tracked when it is None (one small kernel less per call);
         # a forward of its own gets a scratch counter instead
-        self.tracked = None if plain_forward else torch.zeros((), dtype=torch.long, device=device)
+        self.tracked = None if plain_forward else torch.zeros((), dtype=torch.long, device=pool.device)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = bn_input(args, kwargs)
@@ -88,12 +121,14 @@ class Collector:
             buffers["running_mean"], buffers["running_var"] = self.scratch
             return
         self.calls += 1
-        if self.readback and x.dtype in READBACK_DTYPES:
-            if len(self.counts) == self.merge_every:
-                self.flush()
+        if self.pool.readback and x.dtype in READBACK_DTYPES:
             index = len(self.counts)
+            if index == len(self.pool.slots):
+                self.flush()
+                index = 0
             if index == len(self.views):
-                self.views.append((self.slots[index, 0], self.slots[index, 1]))
+                slot = self.pool.slots[index]
+                self.views.append((slot[0, self.span], slot[1, self.span]))
             buffers["running_mean"], buffers["running_var"] = self.views[index]
             self.counts.append(count)
             return
@@ -101,11 +136,10 @@ class Collector:
         if count < 2:
             return  # BatchNorm refuses one value per channel itself, with the message the pass explains
         if self.exact is None:
-            self.exact = torch.empty(self.merge_every, 2, x.shape[1], dtype=torch.float64, device=x.device)
-        if len(self.exact_counts) == self.merge_every:
-            self.flush()
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=1)
+            self.exact = torch.empty(max(len(self.pool.slots), 1), 2, self.width, dtype=torch.float64, device=x.device)
+        if len(self.exact_counts) == len(self.exact):
+            self.flush_exact()
+        var, mean = torch.var_mean(x.detach().to(torch.float64), dim=[0, *range(2, x.dim())], correction=1)
         slot = self.exact[len(self.exact_counts)]
         slot[0].copy_(mean)
         slot[1].copy_(var)
@@ -115,38 +149,19 @@ class Collector:
     def flush(self) -> None:
         """Merge the filled slots into the float64 estimator, on the device, and zero them for reuse."""
         if self.counts:
-            calls = self.slots[: len(self.counts)]
-            merge_calls(self.stats, self.batch_var_sum, self.counts, calls)
+            calls = self.pool.slots[: len(self.counts), :, self.span]
+            merge_calls(self.stats, self.var_sum, self.counts, calls)
             calls.zero_()  # queued after the merge reads them; a zeroed slot makes BN's write exact
             self.counts = []
+
+    def flush_exact(self) -> None:
         if self.exact_counts:
-            merge_calls(self.stats, self.batch_var_sum, self.exact_counts, self.exact[: len(self.exact_counts)])
+            merge_calls(self.stats, self.var_sum, self.exact_counts, self.exact[: len(self.exact_counts)])
             self.exact_counts = []
 
     def put_back(self) -> None:
         """The BN's own buffer objects, as they were before the pass (they were not written)."""
         self.module._buffers.update(self.own)
-
-    def pending(self) -> list[torch.Tensor]:
-        """Everything this layer holds on the device, flat: the estimator, the batch-variance sum, unmerged calls."""
-        parts = [self.stats.mean, self.stats.m2, self.batch_var_sum, self.slots[: len(self.counts)].reshape(-1)]
-        if self.exact_counts:
-            parts.append(self.exact[: len(self.exact_counts)].reshape(-1))
-        return parts
-
-    def finish(self, flat: torch.Tensor) -> tuple[ChannelStats, torch.Tensor]:
-        """The CPU float64 estimator and batch-variance sum, from this layer's share of ``gather``."""
-        channels = self.stats.mean.numel()
-        stats = ChannelStats(channels)
-        stats.count = self.stats.count
-        stats.mean, stats.m2, var_sum = (flat[i * channels : (i + 1) * channels].clone() for i in range(3))
-        offset = 3 * channels
-        for counts in (self.counts, self.exact_counts):
-            if counts:
-                calls = flat[offset : offset + 2 * channels * len(counts)].reshape(len(counts), 2, channels)
-                merge_calls(stats, var_sum, counts, calls)
-                offset += 2 * channels * len(counts)
-        return stats, var_sum
 
 
 def merge_calls(stats: ChannelStats, var_sum: torch.Tensor, counts: Sequence[int], calls: torch.Tensor) -> None:
@@ -155,29 +170,96 @@ def merge_calls(stats: ChannelStats, var_sum: torch.Tensor, counts: Sequence[int
     var_sum.add_(calls[:, 1].sum(dim=0))
 
 
-def gather(groups: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-    """Each group of flat tensors concatenated as float64 on the CPU: one transfer (one synchronisation) per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    for index, parts in enumerate(groups):
-        by_device.setdefault(parts[0].device, []).append(index)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(groups)
-    for indices in by_device.values():
-        flat = torch.cat([p.reshape(-1) for i in indices for p in groups[i]]).to(torch.float64).cpu()
-        offset = 0
-        for i in indices:
-            n = sum(p.numel() for p in groups[i])
-            out[i] = flat[offset : offset + n]
-            offset += n
-    return out
+# ----------------------------------------------------------------------------- after the pass
+
+
+@dataclass
+class Totals:
+    """Every layer's statistics after the pass, float64 on the CPU, as vectors over all their channels.
+
+    ``layers`` (collectors) in the order of the channel axis, ``widths`` their
+    channel counts; per layer ``counts`` (values per channel), ``calls``,
+    ``empty_calls``; per channel ``mean``, ``m2``, ``var_sum`` (the sum of
+    batch variances) and the BN buffers as they were, ``old_mean``, ``old_var``.
+    """
+
+    layers: list[Collector]
+    widths: list[int]
+    counts: list[int]
+    calls: list[int]
+    empty_calls: list[int]
+    mean: torch.Tensor
+    m2: torch.Tensor
+    var_sum: torch.Tensor
+    old_mean: torch.Tensor
+    old_var: torch.Tensor
+
+    def per_channel(self, values: Sequence[float]) -> torch.Tensor:
+        """One value per layer, repeated over that layer's channels."""
+        return torch.tensor(values, dtype=torch.float64).repeat_interleave(torch.tensor(self.widths))
+
+    def per_layer_max(self, values: torch.Tensor) -> list[float]:
+        """The largest of each layer's channels."""
+        index = torch.arange(len(self.widths)).repeat_interleave(torch.tensor(self.widths))
+        out = torch.full((len(self.widths),), -torch.inf, dtype=values.dtype)
+        return out.scatter_reduce_(0, index, values, "amax").tolist()
+
+    def split(self, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return values.split(self.widths)
+
+
+def gather(layers: Sequence[Collector]) -> Totals:
+    """Every pool to the CPU in one transfer, and its unmerged calls merged there for all layers at once."""
+    for c in layers:
+        c.flush_exact()
+    parts = []
+    for pool in dict.fromkeys(c.pool for c in layers):
+        pending = max(len(c.counts) for c in pool.layers)
+        own = [c.own[key] for key in ("running_mean", "running_var") for c in pool.layers]
+        flat = torch.cat([pool.acc.reshape(-1), pool.slots[:pending].reshape(-1), *own]).to(torch.float64).cpu()
+        parts.append(_merge_pending(pool, pending, flat))
+    order = [c for pool_part in parts for c in pool_part.layers]
+    if len(parts) == 1:
+        return parts[0]
+    join = lambda key: torch.cat([getattr(p, key) for p in parts])  # noqa: E731
+    return Totals(order, [w for p in parts for w in p.widths], [n for p in parts for n in p.counts],
+                  [n for p in parts for n in p.calls], [n for p in parts for n in p.empty_calls],
+                  *(join(key) for key in ("mean", "m2", "var_sum", "old_mean", "old_var")))
+
+
+def _merge_pending(pool: Pool, pending: int, flat: torch.Tensor) -> Totals:
+    """Chan-merge each layer's unmerged calls into its estimator: vectors over every channel of the pool."""
+    layers, channels = pool.layers, pool.acc.shape[1]
+    acc = flat[: 3 * channels].view(3, channels)
+    slots = flat[3 * channels : 3 * channels + 2 * pending * channels].view(pending, 2, channels)
+    old = flat[3 * channels + 2 * pending * channels :].view(2, channels)
+    widths = [c.width for c in layers]
+    rows = [[c.counts[k] if k < len(c.counts) else 0 for c in layers] for k in range(pending)]
+    weights = torch.tensor(rows, dtype=torch.float64).view(pending, len(layers))
+    weights = weights.repeat_interleave(torch.tensor(widths), dim=1)  # (calls, channels); 0 where a layer had fewer
+    means, variances = slots[:, 0], slots[:, 1]
+    n_new = weights.sum(dim=0)
+    mean_new = (weights * means).sum(dim=0) / n_new.clamp_min(1.0)
+    m2_new = ((weights - 1.0).clamp_min(0.0) * variances).sum(dim=0) + (weights * (means - mean_new).square()).sum(dim=0)
+    n_old = torch.tensor([c.stats.count for c in layers], dtype=torch.float64).repeat_interleave(torch.tensor(widths))
+    total = n_old + n_new
+    share = torch.where(total > 0, n_new / total.clamp_min(1.0), 0.0)
+    delta = mean_new - acc[0]
+    return Totals(
+        layers=list(layers), widths=widths, counts=[c.stats.count + sum(c.counts) for c in layers],
+        calls=[c.calls for c in layers], empty_calls=[c.empty_calls for c in layers],
+        mean=acc[0] + delta * share, m2=acc[1] + m2_new + delta.square() * n_old * share,
+        var_sum=acc[2] + variances.sum(dim=0), old_mean=old[0], old_var=old[1],
+    )
 
 
 def write_back(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """``target.copy_(values)`` for CPU ``values``: one upload per (device, dtype), then fused copies."""
+    """``target.copy_(values)`` for CPU float64 ``values``: one upload per (device, dtype), then fused copies."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for target, values in pairs:
         groups.setdefault((target.device, target.dtype), []).append((target, values))
     with torch.no_grad():
         for (device, dtype), items in groups.items():
-            flat = torch.cat([values.reshape(-1).to(dtype) for _, values in items]).to(device)
+            flat = torch.cat([values.reshape(-1) for _, values in items]).to(dtype).to(device)
             pieces = flat.split([target.numel() for target, _ in items])
             copy_all([target for target, _ in items], [p.view(target.shape) for p, (target, _) in zip(pieces, items)])

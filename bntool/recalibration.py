@@ -55,7 +55,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .collect import BN_BUFFERS, Collector, bn_input, gather, write_back
+from .collect import BN_BUFFERS, Collector, Totals, bn_input, gather, write_back
+from .collect import collectors as make_collectors
 from .data import batch_size_of, expected_input, model_input
 from .errors import InputError
 from .norms import is_frozen
@@ -130,49 +131,32 @@ def recalibrate(
         return int(x.shape[0]) if x.dim() else 1
 
     try:
+        entries = []
         for name, bn in selected:
             plain = _batch_statistics_forward(bn)
             _enable_tracking(bn, device, dtype)
             bn.momentum = 1.0
-            collectors.append(Collector(name, bn, merge_every, plain_forward=plain))
+            entries.append((name, bn, plain))
+        collectors = make_collectors(entries, merge_every)
         totals = [0, 0, 0]  # batches, samples, empty batches
         error = _pass(model, selected, collectors, batches, num_batches, run, callback, totals, group, allow_tf32)
-        sums = {"": torch.tensor(totals, dtype=torch.float64)}
-        stats, old = {}, {}
-        olds = [[c.own["running_mean"], c.own["running_var"]] if held[c.name].track else [] for c in collectors]
-        parts = [c.pending() for c in collectors]
-        for c, mine, flat in zip(collectors, parts, gather([p + o for p, o in zip(parts, olds)])):
-            n = sum(t.numel() for t in mine)  # one transfer for every layer; the rest is CPU arithmetic
-            stats[c.name], var_sum = c.finish(flat[:n])
-            old[c.name] = flat[n:].reshape(2, -1) if held[c.name].track else None
-            sums[c.name] = torch.cat([torch.tensor([float(c.calls), float(c.empty_calls)], dtype=torch.float64), var_sum])
+        flat = gather(collectors)  # one transfer; from here on plain float64 arithmetic on the CPU
         if group is not None:
-            stats, sums = merge_across_ranks(stats, sums, group, world_size, failed=error is not None)
+            flat, totals = _merge_ranks(flat, totals, group, world_size, failed=error is not None)
             if error is not None:
                 raise error
-        num_batches_seen, num_samples, empty_batches = (int(v) for v in sums[""])
+        num_batches_seen, num_samples, empty_batches = totals
         if num_batches_seen == 0:
             raise InputError("the data gave no batches; pass a non-empty data source (and --num-batches of at least 1)")
         if num_samples == 0:
             raise InputError(f"all {num_batches_seen} batches are empty (0 samples); pass data with samples in it")
-        layers, writes = [], []
-        for c in collectors:
-            calls, empty_calls = int(sums[c.name][0]), int(sums[c.name][1])
+        layers, writes = _results(flat, held)
+        for c, calls, empty_calls in zip(flat.layers, flat.calls, flat.empty_calls):
             if calls == 0:
                 held[c.name].untrack(c.module)
                 how = "called only with empty batches" if empty_calls else "never called"
                 reason = f"{how} during the pass ({num_batches_seen} batches); statistics unchanged"
                 skipped.append(SkippedLayer(c.name, reason + ("" if held[c.name].track else ", still track_running_stats=False")))
-                continue
-            mean, var = stats[c.name].result()
-            if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-                raise InputError(f"`{c.name}` got non-finite statistics (NaN or inf): the data or the weights "
-                                 "feeding it contain NaN/inf; check the checkpoint and the data")
-            writes += [(c.own["running_mean"], mean), (c.own["running_var"], var)]
-            if c.own["num_batches_tracked"] is not None:
-                writes.append((c.own["num_batches_tracked"], torch.tensor(float(calls))))
-            layers.append(_layer_stats(c, old[c.name], stats[c.name].count, calls, empty_calls, mean, var,
-                                       sums[c.name][2:] / calls))
         write_back(writes)  # nothing is written unless every layer's statistics are good
         quality: dict[str, tuple[NormQuality | None, NormQuality | None]] = {}
         verified = 0
@@ -192,13 +176,11 @@ def recalibrate(
             module.training = flag
         for name, bn in selected:
             held[name].restore(bn, failed=not done)
-    none = (None, None)
+    if quality:
+        layers = [dataclasses.replace(layer, verify_before=quality[layer.name][0], verify_after=quality[layer.name][1])
+                  for layer in layers]
     return RecalibrationReport(
-        layers=tuple(
-            dataclasses.replace(layer, verify_before=quality.get(layer.name, none)[0],
-                                verify_after=quality.get(layer.name, none)[1])
-            for layer in layers
-        ),
+        layers=tuple(layers),
         skipped=tuple(sorted(skipped, key=lambda s: s.name)),
         converted=tuple(layer.name for layer in layers if layer.converted),
         num_batches=num_batches_seen,
@@ -441,22 +423,55 @@ def _shape_of(batch: Any) -> Any:
 # ----------------------------------------------------------------------------- report pieces
 
 
-def _layer_stats(c: Collector, old: torch.Tensor | None, count: int, calls: int, empty_calls: int,
-                 mean: torch.Tensor, var: torch.Tensor, mean_batch_var: torch.Tensor) -> LayerStats:
-    """One layer's report line; ``old`` holds its previous (mean, var) in float64, None if it had none."""
-    eps = c.module.eps
-    mean_change = var_change = None
-    if old is not None:
-        old_mean, old_var = old[0], old[1]
-        mean_change = float(((mean - old_mean).abs() / (var + eps).sqrt()).max())
-        var_change = float((var / old_var - 1.0).abs().max()) if (old_var > 0).all() else float("inf")
-    gap = float(((mean_batch_var - var).abs() / var.clamp_min(torch.finfo(torch.float64).tiny)).max())
-    kind = type(c.module).__name__
-    return LayerStats(
-        name=c.name, kind=kind, channels=c.module.num_features, count=count, calls=calls,
-        mean_change=mean_change, var_change=var_change, batch_var_gap=gap, converted=old is None,
-        method="float64" if c.float64_calls else "readback", empty_calls=empty_calls, frozen=is_frozen(c.module),
-    )
+def _results(flat: Totals, held: dict[str, _Held]) -> tuple[list[LayerStats], list[tuple]]:
+    """Each called layer's report line and the (buffer, values) to write, computed for all layers at once."""
+    called = flat.per_channel([calls > 0 for calls in flat.calls]) > 0
+    count = flat.per_channel(flat.counts)
+    var = flat.m2 / (count - 1.0)
+    bad = called & ~(torch.isfinite(flat.mean) & torch.isfinite(var))
+    if bad.any():
+        name = flat.layers[int(flat.per_channel(range(len(flat.widths)))[bad][0])].name
+        raise InputError(f"`{name}` got non-finite statistics (NaN or inf): the data or the weights "
+                         "feeding it contain NaN/inf; check the checkpoint and the data")
+    eps = flat.per_channel([c.module.eps for c in flat.layers])
+    mean_change = flat.per_layer_max((flat.mean - flat.old_mean).abs() / (var + eps).sqrt())
+    ratio = torch.where(flat.old_var > 0, (var / flat.old_var - 1.0).abs(), torch.inf)
+    var_change = flat.per_layer_max(ratio)
+    mean_batch_var = flat.var_sum / flat.per_channel(flat.calls).clamp_min(1.0)
+    gap = flat.per_layer_max((mean_batch_var - var).abs() / var.clamp_min(torch.finfo(torch.float64).tiny))
+    layers, writes = [], []
+    columns = zip(flat.layers, flat.split(flat.mean), flat.split(var), flat.counts, flat.calls, flat.empty_calls,
+                  mean_change, var_change, gap)
+    for c, mean, variance, values, calls, empty_calls, d_mean, d_var, layer_gap in columns:
+        if calls == 0:
+            continue
+        writes += [(c.own["running_mean"], mean), (c.own["running_var"], variance)]
+        if c.own["num_batches_tracked"] is not None:
+            writes.append((c.own["num_batches_tracked"], torch.tensor(float(calls), dtype=torch.float64)))
+        tracked = held[c.name].track
+        layers.append(LayerStats(
+            name=c.name, kind=type(c.module).__name__, channels=c.width, count=values, calls=calls,
+            mean_change=d_mean if tracked else None, var_change=d_var if tracked else None, batch_var_gap=layer_gap,
+            converted=not tracked, method="float64" if c.float64_calls else "readback", empty_calls=empty_calls,
+            frozen=is_frozen(c.module),
+        ))
+    return layers, writes
+
+
+def _merge_ranks(flat: Totals, totals: list[int], group: Any, world_size: int, failed: bool) -> tuple[Totals, list[int]]:
+    """Every rank's estimators merged in rank order (bit-identical on every rank), back as one ``Totals``."""
+    names = [c.name for c in flat.layers]
+    stats = {name: ChannelStats.on(mean, m2, count)
+             for name, mean, m2, count in zip(names, flat.split(flat.mean), flat.split(flat.m2), flat.counts)}
+    sums = {"": torch.tensor(totals, dtype=torch.float64)}
+    for name, calls, empty, var_sum in zip(names, flat.calls, flat.empty_calls, flat.split(flat.var_sum)):
+        sums[name] = torch.cat([torch.tensor([float(calls), float(empty)], dtype=torch.float64), var_sum])
+    stats, sums = merge_across_ranks(stats, sums, group, world_size, failed=failed)
+    merged = dataclasses.replace(
+        flat, counts=[stats[n].count for n in names], calls=[int(sums[n][0]) for n in names],
+        empty_calls=[int(sums[n][1]) for n in names], mean=torch.cat([stats[n].mean for n in names]),
+        m2=torch.cat([stats[n].m2 for n in names]), var_sum=torch.cat([sums[n][2:] for n in names]))
+    return merged, [int(v) for v in sums[""]]
 
 
 def _verify(model: nn.Module, layers: list, saved: dict, batches: Iterable[Any], run: Callable, group: Any,

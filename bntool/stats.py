@@ -54,6 +54,13 @@ class ChannelStats:
         return f"ChannelStats(channels={self.mean.numel()}, count={self.count})"
 
     @classmethod
+    def on(cls, mean: torch.Tensor, m2: torch.Tensor, count: int = 0) -> ChannelStats:
+        """An estimator over existing float64 tensors (views of a larger buffer): updates write into them."""
+        stats = cls.__new__(cls)
+        stats.count, stats.mean, stats.m2 = count, mean, m2
+        return stats
+
+    @classmethod
     def of(cls, x: torch.Tensor, channel_dim: int = 1) -> ChannelStats:
         """Statistics of one tensor, computed in float64 (two passes over the values)."""
         x64 = x.detach().to(torch.float64).movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
