@@ -38,6 +38,8 @@ from .stats import ChannelStats, reduce_calls
 
 #: input dtypes whose batch statistics BatchNorm computes precisely enough to read back
 READBACK_DTYPES = (torch.float32, torch.float64)
+#: each layer's channels start at a multiple of this in a pool (64-byte aligned views for cuDNN's kernels)
+ALIGN = 16
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -81,11 +83,12 @@ def collectors(entries: Sequence[tuple[str, nn.Module, bool]], merge_every: int)
         groups.setdefault((mean.device, mean.dtype), []).append(entry)
     made: dict[str, Collector] = {}
     for (device, dtype), members in groups.items():
-        pool = Pool(device, dtype, sum(bn._buffers["running_mean"].numel() for _, bn, _ in members), merge_every)
+        widths = [-(-bn._buffers["running_mean"].numel() // ALIGN) * ALIGN for _, bn, _ in members]
+        pool = Pool(device, dtype, sum(widths), merge_every)
         offset = 0
-        for name, bn, plain in members:
+        for (name, bn, plain), width in zip(members, widths):
             made[name] = Collector(name, bn, pool, offset, plain_forward=plain)
-            offset += made[name].width
+            offset += width
     return [made[name] for name, _, _ in entries]
 
 
@@ -230,9 +233,10 @@ def gather(layers: Sequence[Collector]) -> Totals:
 def _merge_pending(pool: Pool, pending: int, flat: torch.Tensor) -> Totals:
     """Chan-merge each layer's unmerged calls into its estimator: vectors over every channel of the pool."""
     layers, channels = pool.layers, pool.acc.shape[1]
-    acc = flat[: 3 * channels].view(3, channels)
-    slots = flat[3 * channels : 3 * channels + 2 * pending * channels].view(pending, 2, channels)
-    old = flat[3 * channels + 2 * pending * channels :].view(2, channels)
+    used = torch.cat([torch.arange(c.span.start, c.span.stop) for c in layers])  # without the alignment padding
+    acc = flat[: 3 * channels].view(3, channels)[:, used]
+    slots = flat[3 * channels : 3 * channels + 2 * pending * channels].view(pending, 2, channels)[:, :, used]
+    old = flat[3 * channels + 2 * pending * channels :].view(2, -1)
     widths = [c.width for c in layers]
     rows = [[c.counts[k] if k < len(c.counts) else 0 for c in layers] for k in range(pending)]
     weights = torch.tensor(rows, dtype=torch.float64).view(pending, len(layers))

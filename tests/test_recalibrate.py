@@ -467,6 +467,30 @@ def test_a_frozen_model_is_recalibrated_exactly_and_stays_frozen():
     assert check.passed, check.failure_message()
 
 
+class MixedDtypes(nn.Module):
+    """A float32 BN, then a float64 one: two pools of slots, merged back into one report."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn32, self.fc, self.bn64 = nn.BatchNorm1d(5), nn.Linear(5, 3), nn.BatchNorm1d(3).double()
+
+    def forward(self, x):
+        return self.bn64(self.fc(self.bn32(x)).double())
+
+
+def test_layers_with_other_buffer_dtypes_are_exact_and_reported_in_order():
+    torch.manual_seed(0)
+    model = randomize_bn_(MixedDtypes(), seed=19)
+    batches = uneven_batches((5,), sizes=(7, 4, 9))
+    capture = Capture(model)
+    report = recalibrate(model, batches, merge_every=2)
+    capture.remove()
+    assert [layer.name for layer in report.layers] == ["bn32", "bn64"]
+    assert model.bn64.running_var.dtype == torch.float64
+    assert_stats(model.bn32, *capture.oracle("bn32"))
+    assert_stats(model.bn64, *capture.oracle("bn64"))
+
+
 def _set_tf32_flags(values: dict[str, str]) -> None:
     owners = {"cuda.matmul": torch.backends.cuda.matmul, "cudnn.conv": torch.backends.cudnn.conv,
               "cudnn.rnn": torch.backends.cudnn.rnn}
