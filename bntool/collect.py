@@ -75,7 +75,11 @@ class Pool:
         self.layers: list[Collector] = []
 
 
-def collectors(entries: Sequence[tuple[str, nn.Module, bool]], merge_every: int) -> list[Collector]:
+#: calls held per layer before a merge, by device type, when the caller does not say
+MERGE_EVERY = {"cuda": 64, "cpu": 16}
+
+
+def collectors(entries: Sequence[tuple[str, nn.Module, bool]], merge_every: int | None) -> list[Collector]:
     """One ``Collector`` per ``(name, bn, plain_forward)``, in order, on pools by (device, buffer dtype)."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, nn.Module, bool]]] = {}
     for entry in entries:
@@ -84,7 +88,7 @@ def collectors(entries: Sequence[tuple[str, nn.Module, bool]], merge_every: int)
     made: dict[str, Collector] = {}
     for (device, dtype), members in groups.items():
         widths = [-(-bn._buffers["running_mean"].numel() // ALIGN) * ALIGN for _, bn, _ in members]
-        pool = Pool(device, dtype, sum(widths), merge_every)
+        pool = Pool(device, dtype, sum(widths), merge_every or MERGE_EVERY.get(device.type, 64))
         offset = 0
         for (name, bn, plain), width in zip(members, widths):
             made[name] = Collector(name, bn, pool, offset, plain_forward=plain)
