@@ -35,6 +35,8 @@ from bntool import export_onnx, fold  # noqa: E402
 from bntool.onnx_check import OrtRunner  # noqa: E402
 from examples.models import mlp_bn, randomize_bn_, resnet50  # noqa: E402
 
+from _progress import start, step  # noqa: E402
+
 
 def timed_ms(fn) -> float:
     start = time.perf_counter()
@@ -48,12 +50,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    start()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = randomize_bn_(resnet50()).eval()
     example = torch.randn(1, 3, args.image_size, args.image_size)
     batches = {b: torch.randn(b, 3, args.image_size, args.image_size) for b in (1, 16)}
+    step("folding ResNet-50 for the eager baseline")
     folded_model, _ = fold(model, (example,), device="cpu")
+    step("warm-up export of a small model")
     with tempfile.TemporaryDirectory() as folder:  # the exporter's one-time start-up is not the export's cost
         export_onnx(mlp_bn().eval(), (torch.randn(2, 32),), Path(folder) / "warm-up.onnx", device="cpu")
     print(f"ResNet-50 (examples.models.resnet50), input 3x{args.image_size}x{args.image_size}, "
@@ -65,10 +70,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name, do_fold, eager in variants:
             path = Path(folder) / f"{name}.onnx"
-            start = time.perf_counter()
+            step(f"exporting the {name} ResNet-50 (fold, export, checker, onnxruntime check)")
+            began = time.perf_counter()
             reports[name] = export_onnx(model, (example,), path, fold=do_fold, dynamic_batch=True,
                                         verify_batch_sizes=[1], device="cpu")
-            totals[name] = time.perf_counter() - start
+            totals[name] = time.perf_counter() - began
             runners = {opt: OrtRunner(path, torch.device("cpu"), optimize=opt, threads=args.threads)
                        for opt in (True, False)}
             runs[name] = {"eager": lambda x, m=eager: m(x), "ort": lambda x, r=runners[True]: r([x]),
@@ -76,6 +82,7 @@ def main() -> None:
         times: dict = {}
         with torch.inference_mode():
             for repeat in range(args.repeats + 1):  # interleaved; the first round is the warm-up
+                step(f"latency round {repeat} of {args.repeats}" + (" (warm-up)" if not repeat else ""))
                 for b, x in batches.items():
                     for name, fns in runs.items():
                         for kind, fn in fns.items():

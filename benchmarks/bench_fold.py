@@ -1,15 +1,21 @@
-"""Fold benchmark: bntool's fold beside torch.fx's fuse, the whole CLI run, and eval latency.
+"""Fold benchmark: bntool's fold beside torch.fx's fuse, what still runs afterwards, and eval latency.
 
-    python benchmarks/bench_fold.py [--repeats 5] [--batch 1]
+    python benchmarks/bench_fold.py [--repeats 11] [--batch 1] [--threads 2]
 
-For a ResNet-50-sized and a MobileNetV2-sized network from examples/models.py
-(BN statistics randomized), it prints:
+For ResNet-50 and MobileNetV2 (plain BatchNorm2d, examples/models.py) and
+EfficientNet-B0 / MobileNetV2 built from timm's BatchNormAct2d (BN + drop +
+activation in one module, examples/archs.py), BN statistics randomized, it
+prints:
 
-* fold (plan + apply on a copy) vs ``torch.fx.experimental.optimization.fuse``
-  on the same model in the same process, and how many BNs each folded;
-* the whole ``bntool fold`` command on a saved checkpoint (load, fold,
-  verify in float64 layer by layer, write, reload, verify again);
-* eval latency of the original and the folded model.
+* the fold itself (dataflow, plan, and the surgery on a copy: ``bntool.fold``
+  with ``verify=False``) beside ``torch.fx.experimental.optimization.fuse`` on
+  the same model in the same process, interleaved, and how many BNs each folded;
+* the normalizations that still run in one eval forward (batch-norm and
+  rsqrt kernels, counted at the aten level), before and after, and the eval
+  latency of both models;
+* the whole ``bntool fold`` command on a saved checkpoint (load, fold, verify
+  against float64 layer by layer, write, check the written file);
+* which BNs each tool folds on the example and look-alike architectures.
 
 Timings are medians over ``--repeats`` runs, on whatever this machine is.
 """
@@ -17,7 +23,6 @@ Timings are medians over ``--repeats`` runs, on whatever this machine is.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import statistics
@@ -25,26 +30,52 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.fx.experimental.optimization as fx_optimization
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bntool.folding import apply_plan, plan_fold  # noqa: E402
+import bntool  # noqa: E402
 from bntool.norms import is_batchnorm  # noqa: E402
+from examples import archs  # noqa: E402
 from examples import models as zoo  # noqa: E402
+
+from _progress import start, step  # noqa: E402
+
+#: aten kernels that normalize with running statistics (one per BN call); frozen BNs that compute
+#: ``x * w * rsqrt(var + eps) + ...`` themselves (torchvision's, timm's) run one ``rsqrt`` per call
+NORM_KERNELS = ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+                "cudnn_batch_norm", "miopen_batch_norm", "batch_norm", "rsqrt")
+
+
+class KernelCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func._overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def batch_norm_kernels(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), KernelCount() as count:
+        model(x)
+    return sum(count.ops[k] for k in NORM_KERNELS)
 
 
 def median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        began = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - began)
     return statistics.median(times)
 
 
@@ -52,15 +83,30 @@ def count_bn(module: nn.Module) -> int:
     return sum(is_batchnorm(m) for m in module.modules())
 
 
-def bench(name: str, model: nn.Module, batch: int, repeats: int) -> dict:
+MODELS = {
+    "resnet50": ("examples/models.py:resnet50", "{}", lambda: zoo.resnet50()),
+    "mobilenet_v2": ("examples/models.py:mobilenet_v2", "{}", lambda: zoo.mobilenet_v2()),
+    "efficientnet_b0 (BatchNormAct2d)": (
+        "examples/archs.py:efficientnet_like", '{"width": 1.0, "depth": 1.0, "image_size": 224, "num_classes": 1000}',
+        lambda: archs.efficientnet_like(width=1.0, depth=1.0, image_size=224, num_classes=1000)),
+    "mobilenetv2 (BatchNormAct2d)": (
+        "examples/archs.py:mobilenetv2_like", '{"width": 1.0, "depth": 1.0, "image_size": 224, "num_classes": 1000}',
+        lambda: archs.mobilenetv2_like(width=1.0, depth=1.0, image_size=224, num_classes=1000)),
+}
+
+
+def bench(name: str, batch: int, repeats: int) -> dict:
+    spec, spec_args, build = MODELS[name]
+    model = build()
     zoo.randomize_bn_(model, seed=0)
     model.eval()
     x = torch.randn(batch, 3, 224, 224)
     total_bn = count_bn(model)
 
     def ours():
-        return apply_plan(copy.deepcopy(model), plan_fold(model, (x,)))
+        return bntool.fold(model, (x,), verify=False)[0]
 
+    step(f"{name}: bntool fold vs fx fuse, {repeats} interleaved runs")
     folded = ours()
     fused = fx_optimization.fuse(model)
     ours_s, fx_s = [], []
@@ -68,55 +114,72 @@ def bench(name: str, model: nn.Module, batch: int, repeats: int) -> dict:
         ours_s.append(median_seconds(ours, 1))
         fx_s.append(median_seconds(lambda: fx_optimization.fuse(model), 1))
     row = {
-        "model": name,
-        "bn": total_bn,
-        "bntool_fold_s": statistics.median(ours_s),
-        "fx_fuse_s": statistics.median(fx_s),
-        "bntool_folded": total_bn - count_bn(folded),
-        "fx_folded": total_bn - count_bn(fused),
+        "model": name, "bn": total_bn,
+        "bntool_fold_s": statistics.median(ours_s), "fx_fuse_s": statistics.median(fx_s),
+        "bntool_folded": total_bn - count_bn(folded), "fx_folded": total_bn - count_bn(fused),
+        "kernels_original": batch_norm_kernels(model, x), "kernels_folded": batch_norm_kernels(folded, x),
+        "kernels_fx": batch_norm_kernels(fused, x),
     }
+    step(f"{name}: eval latency, original and folded")
     with torch.no_grad():
         for _ in range(2):
             model(x), folded(x)
-        row["eval_original_ms"] = 1e3 * median_seconds(lambda: model(x), repeats)
-        row["eval_folded_ms"] = 1e3 * median_seconds(lambda: folded(x), repeats)
+        original, after = [], []
+        for _ in range(repeats):
+            original.append(median_seconds(lambda: model(x), 1))
+            after.append(median_seconds(lambda: folded(x), 1))
+        row["eval_original_ms"] = 1e3 * statistics.median(original)
+        row["eval_folded_ms"] = 1e3 * statistics.median(after)
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / f"{name}.safetensors"
+        ckpt = Path(tmp) / "model.safetensors"
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
-        factory = "resnet50" if name.startswith("resnet") else "mobilenet_v2"
-        cmd = [sys.executable, "-m", "bntool", "fold", str(ckpt), "--model", f"{ROOT / 'examples' / 'models.py'}:{factory}",
+        cmd = [sys.executable, "-m", "bntool", "fold", str(ckpt), "--model", str(ROOT / spec), "--model-args", spec_args,
                "--input-shape", f"{batch},3,224,224", "--out", str(Path(tmp) / "folded.safetensors"), "--force",
-               "--device", "cpu"]
-        start = time.perf_counter()
+               "--device", "cpu", "--strict"]
+        step(f"{name}: the whole `bntool fold` command")
+        began = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        row["cli_s"] = time.perf_counter() - start
+        row["cli_s"] = time.perf_counter() - began
     return row
 
 
-def coverage() -> list[tuple[str, int, int, str]]:
-    """How many BNs each tool folds on the smaller example models (fx fuse raises on untraceable ones)."""
-    from bntool.folding import fold
+COVERAGE = [
+    ("lenet (conv + linear)", lambda: zoo.lenet()),
+    ("convtranspose_net(dims=2, groups=4)", lambda: zoo.convtranspose_net(dims=2, groups=4)),
+    ("untraceable_net (data-dependent branch)", lambda: zoo.untraceable_net()),
+    ("EfficientNet, BatchNormAct2d (timm)", lambda: archs.efficientnet_like(depth=0.25)),
+    ("RegNetY, BatchNormAct2d + SE (timm)", lambda: archs.regnet_like()),
+    ("ResNetV2 pre-activation (timm)", lambda: archs.resnetv2_like()),
+    ("DenseNet (torchvision)", lambda: archs.densenet_like()),
+    ("DPN dual path (timm)", lambda: archs.dpn_like()),
+    ("RepVGG (timm)", lambda: archs.repvgg_like()),
+    ("LeViT (timm)", lambda: archs.levit_like()),
+    ("ResNet, FrozenBatchNorm2d (torchvision)", lambda: archs.torchvision_frozen_resnet()),
+    ("ResNet, Conv2d(norm=FrozenBN) (detectron2)", lambda: archs.detectron2_frozen_resnet()),
+    ("BN -> conv -> BN (mmcv fuse_conv_bn test)", lambda: archs.mmcv_fuse_conv_bn_model()),
+]
 
+
+def coverage() -> list[tuple[str, int, int, str]]:
+    """Normalizations one eval forward runs: before, after bntool, after fx fuse (which raises on models it
+    cannot trace). Counted by running them, since fx inlines a BN subclass's forward and leaves no BN module."""
     rows = []
-    for label, model in [
-        ("lenet (conv + linear)", zoo.lenet()),
-        ("convtranspose_net(dims=2, groups=4)", zoo.convtranspose_net(dims=2, groups=4)),
-        ("convtranspose_net(dims=3)", zoo.convtranspose_net(dims=3)),
-        ("untraceable_net (data-dependent branch)", zoo.untraceable_net()),
-    ]:
+    for label, build in COVERAGE:
+        step(f"coverage: {label}")
+        model = build()
         zoo.randomize_bn_(model, seed=0)
         model.eval()
-        total = count_bn(model)
+        x = torch.randn(model.input_shape)
+        before = batch_norm_kernels(model, x)
         try:
-            fx_folded = total - count_bn(fx_optimization.fuse(model))
-            fx_text = str(fx_folded)
+            fx_text = str(batch_norm_kernels(fx_optimization.fuse(model), x))
         except Exception as exc:  # fx cannot trace it
-            fx_text = f"0 ({type(exc).__name__})"
-        _, report = fold(model)
-        rows.append((label, total, len(report.plan.pairs), fx_text))
+            fx_text = f"{before} ({type(exc).__name__})"
+        folded, _ = bntool.fold(model, (x,), strict=True)
+        rows.append((label, before, batch_norm_kernels(folded, x), fx_text))
     return rows
 
 
@@ -124,25 +187,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     args = parser.parse_args()
+    start()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, median of {args.repeats}")
-    rows = [bench("resnet50", zoo.resnet50(), args.batch, args.repeats),
-            bench("mobilenet_v2", zoo.mobilenet_v2(), args.batch, args.repeats)]
+    rows = [bench(name, args.batch, args.repeats) for name in args.models.split(",")]
     print()
-    print("| model | BN layers | bntool fold (plan+apply) | fx fuse | folded: bntool / fx | "
-          "`bntool fold` CLI, end to end | eval original | eval folded |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | BN layers | bntool fold | fx fuse | bntool / fx | folded: bntool / fx | "
+          "normalizations per forward: original → bntool (fx) | eval original → folded | `bntool fold` CLI |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['bn']} | {r['bntool_fold_s'] * 1e3:.0f} ms | {r['fx_fuse_s'] * 1e3:.0f} ms | "
-              f"{r['bntool_folded']} / {r['fx_folded']} | {r['cli_s']:.1f} s | {r['eval_original_ms']:.1f} ms | "
-              f"{r['eval_folded_ms']:.1f} ms |")
+              f"{r['bntool_fold_s'] / r['fx_fuse_s']:.2f}× | {r['bntool_folded']} / {r['fx_folded']} | "
+              f"{r['kernels_original']} → {r['kernels_folded']} ({r['kernels_fx']}) | "
+              f"{r['eval_original_ms']:.1f} → {r['eval_folded_ms']:.1f} ms | {r['cli_s']:.1f} s |")
     print()
-    print("| model | BN layers | folded by bntool | folded by fx fuse |")
+    print("| architecture | normalizations per forward | after bntool fold | after fx fuse |")
     print("|---|---|---|---|")
-    for label, total, ours, fx_text in coverage():
-        print(f"| {label} | {total} | {ours} | {fx_text} |")
+    for label, before, ours, fx_text in coverage():
+        print(f"| {label} | {before} | {ours} | {fx_text} |")
 
 
 if __name__ == "__main__":

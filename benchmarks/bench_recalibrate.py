@@ -29,7 +29,7 @@ received in a TF32-off pass, ``|mean - mean*| / sqrt(var*)`` and ``|var -
 var*| / var*`` over all channels of all layers. In a TF32-on row both
 contenders differ from it by TF32's own rounding; ``update_bn`` also by
 averaging per-batch variances (it misses the spread between batch means).
-Progress is printed as it goes; ``--json`` writes every figure.
+Progress goes to stderr as it goes, results to stdout; ``--json`` writes every figure.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _progress import start, step  # noqa: E402
 from bntool import snapshot  # noqa: E402
 from bntool.recalibration import recalibrate  # noqa: E402
 from bntool.verify import resolve_device, tf32  # noqa: E402
@@ -143,7 +144,7 @@ def bench_row(model: nn.Module, batches: list[torch.Tensor], device: torch.devic
             for key, fn in runs.items():
                 w, c = timed(model, fn, device)
                 wall[key], cpu[key] = min(wall[key], w), min(cpu[key], c)
-            say(f"    repeat {repeat + 1}/{repeats}: " + ", ".join(f"{k} {wall[k]:.3f}s" for k in runs))
+            step(f"    repeat {repeat + 1}/{repeats}: " + ", ".join(f"{k} {wall[k]:.3f}s" for k in runs))
         ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
         report = recalibrate(ours, batches, allow_tf32=allow_tf32)
         torch.optim.swa_utils.update_bn(batches, theirs, device=device)
@@ -173,13 +174,13 @@ def bench(name: str, device: torch.device, settings: tuple[int, int, int], repea
                for _ in range(num_batches)]
     say(f"\n{name}: input {batch_size}x3x{size}x{size}, {num_batches} batches on the {data_on}, {len(bns(model))} BN "
         f"layers, device {device}, torch threads {torch.get_num_threads()}")
-    say("  float64 oracle (TF32 off) ...")
+    step(f"{name}: float64 oracle (TF32 off)")
     reference = oracle(model, batches, device)
     settings_tf32 = (False, True) if device.type == "cuda" else (False,)
     rows = []
     for allow in settings_tf32:
         label = ("TF32 on" if allow else "TF32 off") if device.type == "cuda" else "float32"
-        say(f"  row: {label}")
+        step(f"{name}: row {label}")
         row = bench_row(model, batches, device, allow, repeats, reference)
         row["label"] = label
         rows.append(row)
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-on", choices=("device", "host"), default="device")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
+    start()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -8,7 +8,8 @@ their state dict (``{"epoch": 3, "state_dict": {...}}``) and prefix its keys
 are resolved against the model the weights are meant for.
 
 Writing: a temporary file in the destination folder, checked by the caller,
-then renamed into place. The metadata carries bntool's recipe, so that
+then moved into place without replacing anything that appeared meanwhile
+(``outputs.atomic_write``). The metadata carries bntool's recipe, so that
 ``bntool.load(path, model=MyNet())`` rebuilds the same structure.
 """
 
@@ -19,9 +20,10 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import re
 import warnings
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointMismatchError, InputError, UnsafeFileError
+from . import tensorfile
+from .errors import CheckpointMismatchError, InputError, UnsafeFileError, shorten
+from .inputs import require_regular_file
+from .outputs import atomic_write, check_output_path
 from .recipe import replay
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -91,10 +96,9 @@ def sha256(path: Path) -> str:
 def read(path: str | os.PathLike, *, key: str | None = None, allow_pickle: bool = False) -> Loaded:
     """Read a checkpoint file without running code from it (unless ``allow_pickle``)."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"`{path}` does not exist; pass the path of a checkpoint file")
     if path.is_dir():
         raise InputError(f"`{path}` is a folder; pass a checkpoint file ({', '.join(WEIGHT_SUFFIXES)})")
+    require_regular_file(path, "the checkpoint")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         obj, metadata = _read_safetensors(path)
@@ -141,56 +145,96 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, metadata
 
 
+def torch_load(path: Path, *, weights_only: bool = True) -> Any:
+    """``torch.load`` to the CPU, memory-mapping the tensors of a zip-format file (no copy of the file in memory)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pickle-protocol notes are not the user's concern
+        if zipfile.is_zipfile(path):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+            except (RuntimeError, OSError) as exc:  # a file system without mmap: read it instead
+                if "mmap" not in str(exc).lower():
+                    raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def _read_torch(path: Path, allow_pickle: bool) -> Any:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pickle-protocol notes are not the user's concern
-            return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        return torch_load(path, weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
-        unsafe = [] if allow_pickle else _unsafe_globals(path)
+        unsafe = [] if allow_pickle else unsafe_globals(path)
         if not unsafe:
-            raise InputError(f"cannot read `{path}` as a PyTorch file: {_first_line(exc)[:160]}") from None
-        shown = ", ".join(f"`{g}`" for g in unsafe[:3]) + (", ..." if len(unsafe) > 3 else "")
+            raise InputError(f"cannot read `{path}` as a PyTorch file: {torch_reason(exc)}") from None
+        shown = ", ".join(f"`{g}`" for g in unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
         raise UnsafeFileError(
             f"`{path}` contains pickled Python objects ({shown}); loading it would run code "
             "from the file, which can do anything. Re-save its state_dict, or pass --allow-pickle "
             "if you trust where it came from"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read `{path}` as a PyTorch file: {_first_line(exc)}") from None
+    except Exception as exc:  # a corrupt file can make the unpickler fail in any way (KeyError, struct.error...)
+        raise InputError(f"cannot read `{path}` as a PyTorch file: {torch_reason(exc)}") from None
 
 
-#: Modules whose pickled globals a weights-only load accepts (tensors, storages, ordered dicts).
-_SAFE_GLOBAL_MODULES = ("torch", "collections", "_codecs", "numpy.core.multiarray", "numpy._core.multiarray", "numpy")
+def torch_reason(exc: BaseException) -> str:
+    """torch.load's reason without its advice about torch.load's own arguments."""
+    text = str(exc).strip()
+    if isinstance(exc, EOFError) or "Ran out of input" in text:
+        return "the file ends early (cut short while being written or copied?)"
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if found:
+        return f"it is not a valid PyTorch file (its pickle is unreadable: {shorten(found.group(1).strip(), 120)})"
+    if not isinstance(exc, (RuntimeError, OSError, ValueError, pickle.UnpicklingError)):
+        return f"it is not a valid PyTorch file (its pickle is unreadable: {type(exc).__name__} {shorten(text, 80)})"
+    if "invalid load key" in text or "could not find" in text.lower() or "failed finding central directory" in text:
+        return f"it is not a PyTorch file ({shorten(_first_line(exc), 120)})"
+    return shorten(_first_line(exc), 200)
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    """The Python objects a pickle would import (read with pickletools: nothing is executed).
+def _allowed_globals() -> set[str]:
+    """What torch's weights-only unpickler accepts (its own list plus any the user registered)."""
+    allowed: set[str] = set()
+    try:
+        from torch import _weights_only_unpickler as unpickler
 
-    Only names outside torch's tensor machinery are returned; an empty list
-    means the file is not a valid pickle, or needs nothing unsafe.
+        allowed |= set(unpickler._get_allowed_globals())
+        allowed |= set(unpickler._get_user_allowed_globals())
+    except Exception:  # another torch: fall back to the classes every tensor file needs
+        allowed |= {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+                    "torch.FloatStorage", "torch.storage.UntypedStorage", "torch.Size", "torch.device"}
+    return allowed | {g.replace("builtins.", "__builtin__.") for g in allowed if g.startswith("builtins.")}
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """The Python objects a pickle would import that a weights-only load does not allow.
+
+    Read with pickletools from a stream (nothing is executed, the file is not
+    read whole: a legacy file stops at the pickle's end). An empty list means
+    the file is not a valid pickle, or needs nothing unsafe.
     """
     import pickletools
-    import zipfile
 
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                archive = stack.enter_context(zipfile.ZipFile(path))
                 name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-                data = archive.read(name) if name else b""
-        else:
-            data = path.read_bytes()
-        found, strings = [], []
-        for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(arg)
-            elif opcode.name == "GLOBAL":
-                found.append(arg.replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
+                if name is None:
+                    return []
+                stream = stack.enter_context(archive.open(name))  # the pickle alone, streamed
+            else:
+                stream = stack.enter_context(open(path, "rb"))
+            found, strings = [], []
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(arg)
+                elif opcode.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
     except Exception:  # not a pickle we can parse: not unsafe, just unreadable
         return []
-    return list(dict.fromkeys(g for g in found if not g.startswith(_SAFE_GLOBAL_MODULES)))
+    allowed = _allowed_globals()
+    return list(dict.fromkeys(g for g in found if g not in allowed))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -346,21 +390,6 @@ def load(
 # ----------------------------------------------------------------------------- writing
 
 
-def check_output_path(out: str | os.PathLike, *, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """Refuse an output that exists (without ``force``), that is an input, or whose folder is missing."""
-    out = Path(out)
-    for source in inputs:
-        if out.exists() and source.exists() and out.resolve() == source.resolve():
-            raise InputError(f"--out `{out}` is the input file; bntool never modifies its input, pass another path")
-    if out.exists() and not force:
-        raise InputError(f"`{out}` already exists; pass --force to replace it or choose another --out")
-    if out.is_dir():
-        raise InputError(f"--out `{out}` is a folder; pass a file path")
-    if not out.parent.exists():
-        raise InputError(f"the folder of --out `{out}` does not exist; create `{out.parent}` first")
-    return out
-
-
 def metadata_for(recipe: list[dict[str, Any]], source: Loaded | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"bntool_version": __version__, "recipe": recipe}
     if source is not None:
@@ -370,33 +399,23 @@ def metadata_for(recipe: list[dict[str, Any]], source: Loaded | None = None) -> 
     return meta
 
 
-@contextlib.contextmanager
-def atomic_path(out: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; rename it to ``out`` if the block succeeds, else delete it."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{out.suffix}")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp_path, out)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+atomic_path = atomic_write  # the earlier name
 
 
 def write_state(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any], fmt: str) -> None:
-    """Write ``state`` with bntool ``metadata`` to ``path`` as ``safetensors`` or ``pt``."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
+    """Write ``state`` with bntool ``metadata`` to ``path`` as ``safetensors`` or ``pt``, tensor by tensor.
 
-        save_file(tensors, str(path), metadata={META_KEY: json.dumps(metadata), "format": "pt"})
-    else:
-        torch.save({"state_dict": tensors, META_KEY: metadata}, path)
-    with open(path, "rb+") as f:
+    safetensors is streamed from the tensors themselves (no copy of the
+    model); a ``.pt`` file is ``torch.save`` of the state dict, which writes
+    each storage as it goes.
+    """
+    tensors = {k: v.detach() for k, v in state.items()}
+    if fmt == "safetensors":
+        tensorfile.write(path, tensors, {META_KEY: json.dumps(metadata), "format": "pt"})
+        return
+    with open(path, "wb") as f:  # through a Python file, so that a failed write keeps its OS error
+        torch.save({"state_dict": {k: v.cpu() for k, v in tensors.items()}, META_KEY: metadata}, f)
+        f.flush()
         os.fsync(f.fileno())
 
 
@@ -417,16 +436,20 @@ def save(
     source: Loaded | None = None,
     force: bool = False,
     check: Callable[[Path], None] | None = None,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write ``model``'s weights and ``recipe`` atomically.
 
     ``check(tmp_path)`` runs on the written temporary file before it is renamed
     into place (bntool reloads it into a fresh model and compares again); if it
-    raises, nothing is left behind.
+    raises, nothing is left behind. ``out`` is never ``source``'s file or one
+    of ``protect``; without ``force`` nothing existing is replaced, even a file
+    that appears while the model is written.
     """
-    out = check_output_path(out, force=force, inputs=(source.path,) if source else ())
+    inputs = [*((source.path,) if source else ()), *(Path(p) for p in protect)]
+    out = check_output_path(out, force=force, inputs=inputs)
     fmt = output_format(out)
-    with atomic_path(out) as tmp:
+    with atomic_write(out, force=force, inputs=inputs) as tmp:
         write_state(tmp, model.state_dict(), metadata_for(recipe, source), fmt)
         if check is not None:
             check(tmp)

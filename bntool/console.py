@@ -2,7 +2,9 @@
 
 Human output (tables, lines, progress) goes to stdout, or to stderr when
 ``--json`` owns stdout; errors always go to stderr. Markup is never parsed in
-text that comes from the user (paths, layer names, messages).
+text that comes from the user (paths, layer names, messages). Off a terminal
+(a pipe, a file, CI logs) nothing is wrapped to a guessed width: tables are as
+wide as their content and numbers are never split across lines.
 """
 
 from __future__ import annotations
@@ -19,14 +21,39 @@ from rich.text import Text
 
 T = TypeVar("T")
 
-_out = Console(markup=False, highlight=False, soft_wrap=True)
-_err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+#: Width of output that is not a terminal: wide enough that no table is ever wrapped.
+WIDE = 100_000
+
+
+class _Stream:
+    """A rich Console for stdout or stderr, made when printing: the stream (and whether it is a terminal) may change."""
+
+    def __init__(self, stderr: bool):
+        self.stderr = stderr
+
+    @property
+    def console(self) -> Console:
+        console = Console(stderr=self.stderr, markup=False, highlight=False, soft_wrap=True)
+        if not console.is_terminal:
+            console = Console(stderr=self.stderr, markup=False, highlight=False, soft_wrap=True, width=WIDE)
+        return console
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.console.is_terminal
+
+    def print(self, *objects: Any) -> None:
+        self.console.print(*objects)
+
+
+_out = _Stream(stderr=False)
+_err = _Stream(stderr=True)
 
 
 def use_stderr_for_humans(flag: bool) -> None:
     """With ``--json``, stdout carries the report alone; human output moves to stderr."""
     global _out
-    _out = Console(stderr=flag, markup=False, highlight=False, soft_wrap=True)
+    _out = _Stream(stderr=flag)
 
 
 def error(message: str) -> None:
@@ -78,7 +105,8 @@ def progress(
     ``samples``, when given, is a callable returning how many samples have
     been seen so far; the bar then shows samples per second.
     """
-    if not enabled or not _err.is_terminal:
+    err = _err.console
+    if not enabled or not err.is_terminal:
         yield from iterable
         return
     columns = [
@@ -91,7 +119,7 @@ def progress(
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=_err, transient=False) as bar:
+    with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(description, total=total, rate="")
         for item in iterable:
             yield item

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, shorten, user_exit
+from .inputs import reason, require_regular_file
 from .modelspec import parse_kwargs, resolve_callable
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".npz")
@@ -134,7 +134,8 @@ def load_batches(
                 "pass a folder of images, a tensor file or a module:factory"
             )
         return ImageFolderBatches(paths, batch_size, _image_size(image_size), mean, std)
-    if path.is_file():
+    if path.exists() or path.is_symlink():
+        require_regular_file(path, "--data")  # not a FIFO or a device, not empty: before opening it
         return TensorBatches(_read_tensor_file(path, input_key), batch_size, f"--data `{source}`")
     if ":" in str(source):
         factory = resolve_callable(str(source), flag="--data")
@@ -143,8 +144,10 @@ def load_batches(
             batches = factory(**kwargs)
         except TypeError as exc:
             raise InputError(f"--data `{source}` rejected its arguments: {exc}; check --data-args") from None
-        except Exception as exc:
-            raise InputError(f"--data `{source}` raised {type(exc).__name__}: {exc}") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # an exception, or sys.exit() in the factory
+            raise InputError(f"--data `{source}` {user_exit(exc)} instead of returning batches") from None
         if isinstance(batches, torch.Tensor):
             return TensorBatches(batches, batch_size, f"--data `{source}`")
         if not isinstance(batches, Iterable):
@@ -176,15 +179,19 @@ def _read_tensor_file(path: Path, input_key: str | None) -> torch.Tensor:
     if suffix in (".pt", ".pth"):
         import pickle
 
+        from .checkpoint import torch_load, torch_reason, unsafe_globals
+
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            content = torch_load(path)
         except pickle.UnpicklingError as exc:
-            found = re.search(r"GLOBAL (\S+)", str(exc))
-            what = f" (`{found.group(1)}`)" if found else ""
-            raise InputError(f"{where} holds objects other than tensors{what}; loading them could run code, so it is "
-                             "not loaded; save the inputs with torch.save(tensor) or as .safetensors") from None
-        except (RuntimeError, OSError, EOFError) as exc:
-            raise InputError(f"cannot read {where}: {exc}") from None
+            unsafe = unsafe_globals(path)
+            if not unsafe:
+                raise InputError(f"cannot read {where} as a PyTorch file: {torch_reason(exc)}") from None
+            what = ", ".join(f"`{g}`" for g in unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+            raise InputError(f"{where} holds objects other than tensors ({what}); loading them could run code, so it "
+                             "is not loaded; save the inputs with torch.save(tensor) or as .safetensors") from None
+        except Exception as exc:  # a corrupt file can make the unpickler fail in any way
+            raise InputError(f"cannot read {where} as a PyTorch file: {torch_reason(exc)}") from None
     elif suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -192,14 +199,14 @@ def _read_tensor_file(path: Path, input_key: str | None) -> torch.Tensor:
         try:
             content = load_file(path)
         except (SafetensorError, OSError) as exc:
-            raise InputError(f"cannot read {where}: {exc}") from None
+            raise InputError(f"cannot read {where} as safetensors: {shorten(reason(exc), 200)}") from None
     elif suffix in (".npy", ".npz"):
         import numpy as np
 
         try:
             loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"cannot read {where} as a numeric array: {exc}") from None
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"cannot read {where} as a numeric array: {shorten(reason(exc), 200)}") from None
         content = {k: torch.from_numpy(loaded[k]) for k in loaded.files} if suffix == ".npz" else torch.from_numpy(loaded)
     else:
         raise InputError(f"{where}: unknown file type `{suffix}`; pass one of {', '.join(TENSOR_SUFFIXES)}, "

@@ -31,6 +31,23 @@ def bn_scale_shift(
     return k, beta - k * mean
 
 
+def through_before(k: torch.Tensor, c: torch.Tensor, a: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The producer's ``(k', c')`` when ``y -> a * y + s`` runs between it and the BN and keeps running.
+
+    ``a * y' + s == k * (a * y + s) + c`` for ``y' = k * y + (k * s + c - s) / a``.
+    """
+    if a == 1.0 and s == 0.0:
+        return k, c
+    return k, (k * s + c - s) / a
+
+
+def through_after(k: torch.Tensor, c: torch.Tensor, a: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BN as its reader sees it when ``z -> a * z + s`` runs between them: ``a * (k x + c) + s``."""
+    if a == 1.0 and s == 0.0:
+        return k, c
+    return a * k, a * c + s
+
+
 def fold_into_producer(
     producer_weight: torch.Tensor,
     producer_bias: torch.Tensor | None,
@@ -45,7 +62,24 @@ def fold_into_producer(
     out: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """New ``(weight, bias)`` of a conv / linear / transposed conv followed by a BN.
+    """New ``(weight, bias)`` of a conv / linear / transposed conv followed by a BN (see ``scale_producer``)."""
+    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
+    return scale_producer(producer_weight, producer_bias, k, c, transposed=transposed, groups=groups, out=out,
+                          scratch=scratch)
+
+
+def scale_producer(
+    producer_weight: torch.Tensor,
+    producer_bias: torch.Tensor | None,
+    k: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(weight, bias)`` of a layer whose output channels are then mapped by ``k * y + c`` (float64).
 
     ``out`` (a tensor shaped like the weight, possibly the weight itself)
     receives the new weight in place, saving an allocation and a copy;
@@ -55,7 +89,6 @@ def fold_into_producer(
     conv's weight is ``(in_channels, out_channels // groups, *kernel)``: output
     channel ``g * (out // groups) + j`` is column ``j`` of the rows of group ``g``.
     """
-    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
     k, c = k.to(producer_weight.device), c.to(producer_weight.device)
     if transposed:
         in_channels, out_per_group = producer_weight.shape[:2]
@@ -71,6 +104,10 @@ def fold_into_producer(
     return new_weight, new_bias.to(producer_bias.dtype if producer_bias is not None else producer_weight.dtype)
 
 
+#: float64 values per block of ``_scale`` on the CPU: 2 MB, so the three passes over a block stay in cache.
+BLOCK = 1 << 18
+
+
 def _scale(
     weight: torch.Tensor,
     shape: tuple[int, ...],
@@ -83,16 +120,26 @@ def _scale(
     Through a float64 ``scratch`` buffer (reused across layers when given): a
     widening copy, a float64 multiply and a narrowing copy are each vectorized,
     several times faster than one mixed-dtype multiply, and give the same bits.
+    On the CPU this runs block by block (``BLOCK`` values, along the first
+    axis longer than 1), so memory is read and written once.
     """
-    n = weight.numel()
-    if scratch is None or scratch.numel() < n or scratch.device != weight.device:
-        scratch = torch.empty(n, dtype=torch.float64, device=weight.device)
-    buffer = scratch[:n].view(shape)
-    buffer.copy_(weight.detach().reshape(shape))
-    buffer.mul_(scale)
     if out is None or not out.is_contiguous():
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    out.detach().view(shape).copy_(buffer)
+    source, target = weight.detach().reshape(shape), out.detach().view(shape)
+    axis = next((i for i, d in enumerate(shape) if d > 1), 0)  # every axis before it has length 1
+    per_item = max(1, source.numel() // max(1, shape[axis]))
+    step = shape[axis] if weight.device.type != "cpu" else max(1, BLOCK // per_item)
+    need = min(source.numel(), step * per_item)
+    if scratch is None or scratch.numel() < need or scratch.device != weight.device:
+        scratch = torch.empty(max(need, 1), dtype=torch.float64, device=weight.device)
+    for start in range(0, shape[axis], step):
+        stop = min(start + step, shape[axis])
+        block = source.narrow(axis, start, stop - start)
+        factor = scale.narrow(axis, start, stop - start) if scale.shape[axis] > 1 else scale
+        buffer = scratch[: block.numel()].view(block.shape)
+        buffer.copy_(block)
+        buffer.mul_(factor)
+        target.narrow(axis, start, stop - start).copy_(buffer)
     return out
 
 
@@ -107,14 +154,27 @@ def fold_into_consumer(
     *,
     groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """New ``(weight, bias)`` of a linear, or an unpadded conv, that reads a BN's output.
+    """New ``(weight, bias)`` of a linear, or an unpadded conv, that reads a BN's output (see ``scale_consumer``)."""
+    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
+    return scale_consumer(consumer_weight, consumer_bias, k, c, groups=groups)
+
+
+def scale_consumer(
+    consumer_weight: torch.Tensor,
+    consumer_bias: torch.Tensor | None,
+    k: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(weight, bias)`` of a linear, or an unpadded conv, whose input channels arrive as ``k * x + c``.
 
     ``W(k * x + c) + b = (W * k) x + (W c + b)``. For a conv, the input
     channel of ``weight[o, j]`` is ``g * (in // groups) + j`` with
     ``g = o // (out // groups)``, and ``W c`` sums over the kernel, which is
     exact only where no zero padding reaches the input (the caller checks).
     """
-    k, c = bn_scale_shift(bn_running_mean, bn_running_var, bn_eps, bn_weight, bn_bias)
+    k, c = k.to(consumer_weight.device), c.to(consumer_weight.device)
     weight = consumer_weight.detach().double()
     out_channels, in_per_group = weight.shape[:2]
     spatial = weight.shape[2:]
@@ -122,7 +182,8 @@ def fold_into_consumer(
     shape = (groups, 1, in_per_group, *([1] * len(spatial)))
     new_weight = (grouped * k.reshape(shape)).reshape(weight.shape)
     response = (grouped * c.reshape(shape)).sum(dim=tuple(range(2, grouped.dim()))).reshape(out_channels)
-    bias = consumer_bias.detach().double() if consumer_bias is not None else torch.zeros(out_channels, dtype=torch.float64)
+    bias = (consumer_bias.detach().double() if consumer_bias is not None
+            else torch.zeros(out_channels, dtype=torch.float64, device=weight.device))
     new_bias = bias + response
     dtype = consumer_weight.dtype
     return new_weight.to(dtype), new_bias.to(consumer_bias.dtype if consumer_bias is not None else dtype)

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, shorten
 from .folding import FoldPlan, plan_from_dataflow
 from .graph import Dataflow, dataflow
-from .norms import has_statistics, is_batchnorm, is_frozen
+from .norms import has_statistics, is_batchnorm, is_foreign_batchnorm, is_frozen, num_features
+from .validity import problems
 from .verify import declared_input_shapes, make_inputs
 
 #: PyTorch's default eps, assumed where a file does not say (weights only).
@@ -84,13 +85,14 @@ class BNRow:
     num_batches_tracked: int | None
     running_mean: Summary | None
     running_var: Summary | None
-    dead_channels: tuple[int, ...]  # running_var <= eps
+    dead_channels: tuple[int, ...]  # 0 <= running_var <= eps
     nonfinite: tuple[str, ...]  # tensors holding NaN / inf
     fed_by: str | None  # producing module, an operation ("relu", "add"), or "input"
     feeds: tuple[str, ...]
     foldable: bool | None  # None: unknown (no architecture or no dataflow)
     fold_into: str | None
     fold_reason: str | None  # fold's own reason when not foldable, or why it is unknown
+    negative_channels: tuple[int, ...] = ()  # running_var < 0: corrupt statistics
 
     @property
     def default_statistics(self) -> bool:
@@ -152,7 +154,8 @@ def _inspect_model(model: nn.Module, example_inputs, seed: int) -> InspectReport
     order = [n for n in (flow.sites if flow else ()) if n in bns] + [n for n in bns if not flow or n not in flow.sites]
     unknown = "dataflow unknown (torch.fx cannot trace the model): pass --input-shape"
     rows = tuple(_model_row(name, bns[name], flow, plan, unknown) for name in order)
-    findings = _statistics_findings(rows, eps_known=True) + _model_findings(model, rows, bns, flow)
+    findings = (_statistics_findings(rows, eps_known=True) + _nonfinite_weights(model, rows)
+                + _model_findings(model, rows, bns, flow))
     return InspectReport(rows, _sorted(findings), flow.method if flow else "none", note)
 
 
@@ -177,7 +180,8 @@ def _inspect_state_dict(state: Mapping[str, torch.Tensor]) -> InspectReport:
     if not _registration_order(list(state), [r.name for r in rows]):  # safetensors reorders keys
         rows.sort(key=lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r.name)])
         note += "; the file's keys are sorted, so layers are listed in name order, not network order"
-    return InspectReport(tuple(rows), _sorted(_statistics_findings(rows, eps_known=False)), "none", note)
+    findings = _statistics_findings(rows, eps_known=False) + _nonfinite_weights(state, rows)
+    return InspectReport(tuple(rows), _sorted(findings), "none", note)
 
 
 def _registration_order(keys: list[str], bns: list[str]) -> bool:
@@ -206,7 +210,7 @@ def _dataflow_and_plan(model: nn.Module, example_inputs, seed: int) -> tuple[Dat
     except InputError:
         raise
     except Exception as exc:  # fx and user models raise many types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)
         if example_inputs is None:
             return None, None, (f"torch.fx cannot trace the model ({first}) and its input shape is unknown; "
                                 "pass --input-shape (example_inputs) to see what feeds each BN and whether it folds")
@@ -230,8 +234,8 @@ def _model_row(name: str, bn: nn.Module, flow: Dataflow | None, plan: FoldPlan |
     return _row(
         name, type(bn).__name__, "model",
         {n: getattr(bn, n, None) for n in ("weight", "bias", "running_mean", "running_var")},
-        features=int(bn.num_features), eps=float(bn.eps), momentum=None if momentum is None else float(momentum),
-        affine=bool(bn.affine),
+        features=num_features(bn), eps=float(bn.eps), momentum=None if momentum is None else float(momentum),
+        affine=bool(getattr(bn, "affine", getattr(bn, "weight", None) is not None)),
         track=has_statistics(bn), tracked=int(tracked.item()) if tracked is not None else None,
         fed_by=fed_by, feeds=site.consumers if site else (), foldable=foldable, fold_into=fold_into,
         fold_reason=reason,
@@ -243,15 +247,18 @@ def _row(name, type_name, source, tensors, *, features, eps, momentum, affine, t
     nonfinite = tuple(n for n, t in tensors.items()
                       if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()))
     dead: tuple[int, ...] = ()
+    negative: tuple[int, ...] = ()
     if var is not None:
-        dead = tuple(torch.nonzero(var.detach().cpu() <= (DEFAULT_EPS if eps is None else eps)).flatten().tolist())
+        values = var.detach().cpu()
+        dead = tuple(torch.nonzero((values >= 0) & (values <= (DEFAULT_EPS if eps is None else eps))).flatten().tolist())
+        negative = tuple(torch.nonzero(values < 0).flatten().tolist())
     return BNRow(
         name=name, type=type_name, source=source,
         num_features=features,
         eps=eps, momentum=momentum, affine=affine, track_running_stats=track, num_batches_tracked=tracked,
         running_mean=Summary.of(mean) if mean is not None else None,
         running_var=Summary.of(var) if var is not None else None,
-        dead_channels=dead, nonfinite=nonfinite, **flow,
+        dead_channels=dead, nonfinite=nonfinite, negative_channels=negative, **flow,
     )
 
 
@@ -261,6 +268,31 @@ def _row(name, type_name, source, tensors, *, features, eps, momentum, affine, t
 def _names(layers: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(f"`{n}`" for n in layers[:limit])
     return shown + (f" and {len(layers) - limit} more" if len(layers) > limit else "")
+
+
+def _per_channel(rows: Sequence[BNRow], attr: str) -> tuple[list[BNRow], int, str]:
+    """The rows with channels in ``attr``, how many channels in all, and ```name` 2 of 6 (channel 0, 3)`` parts."""
+    hit = [r for r in rows if getattr(r, attr)]
+    parts = "; ".join(f"`{r.name}` {len(getattr(r, attr))} of {r.num_features} (channel "
+                      f"{', '.join(map(str, getattr(r, attr)[:5]))}{', ...' if len(getattr(r, attr)) > 5 else ''})"
+                      for r in hit[:6])
+    return hit, sum(len(getattr(r, attr)) for r in hit), parts
+
+
+def _nonfinite_weights(model_or_state, rows: Sequence[BNRow]) -> list[Finding]:
+    """NaN / inf in any tensor outside the BN layers (those are ``nonfinite_statistics``)."""
+    own = {f"{r.name}.{n}" if r.name else n for r in rows for n in ("weight", "bias", "running_mean", "running_var")}
+    bad = [b for b in problems(model_or_state) if b.problem != "negative" and b.name not in own]
+    if not bad:
+        return []
+    parts = "; ".join(f"`{b.name}` ({b.count} {b.problem} of {b.numel})" for b in bad[:6])
+    more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+    return [Finding(
+        "nonfinite_weights", "error", tuple(dict.fromkeys(b.name.rsplit(".", 1)[0] for b in bad)),
+        f"{len(bad)} tensor(s) outside the BatchNorm layers hold NaN or inf values: {parts}{more}",
+        "every output they reach is NaN or inf (or meaningless); training diverged or the file is corrupt. No "
+        "BatchNorm step can repair weights: go back to an earlier checkpoint",
+    )]
 
 
 def _tracked(rows: Sequence[BNRow]) -> str:
@@ -279,6 +311,15 @@ def _statistics_findings(rows: Sequence[BNRow], *, eps_known: bool) -> list[Find
             "earlier checkpoint, or recompute the statistics on real data with `bntool recalibrate` "
             "(a NaN weight / bias needs retraining)",
         ))
+    negative, count, parts = _per_channel(rows, "negative_channels")
+    if negative:
+        findings.append(Finding(
+            "negative_variance", "error", tuple(r.name for r in negative),
+            f"running_var is negative in {count} channel(s): {parts}",
+            "a variance cannot be negative: the statistics are corrupt (a bad conversion or edit), and eval mode "
+            "takes the square root of a negative number (NaN outputs) or divides by almost nothing. Recompute the "
+            "statistics on real data with `bntool recalibrate`; fold, freeze and export refuse such a file",
+        ))
     stale = [r for r in rows if r.default_statistics and r.num_batches_tracked in (0, None)]
     if stale:
         findings.append(Finding(
@@ -289,15 +330,12 @@ def _statistics_findings(rows: Sequence[BNRow], *, eps_known: bool) -> list[Find
             "never ran in train mode (a branch not taken, a model kept in eval mode); run `bntool recalibrate` "
             "on representative data",
         ))
-    dead = [r for r in rows if r.dead_channels]
+    dead, count, parts = _per_channel(rows, "dead_channels")
     if dead:
         eps_text = "its eps" if eps_known else f"eps (assumed {DEFAULT_EPS:g}: the file does not store it; pass --model)"
-        parts = "; ".join(f"`{r.name}` {len(r.dead_channels)} of {r.num_features} (channel "
-                          f"{', '.join(map(str, r.dead_channels[:5]))}{', ...' if len(r.dead_channels) > 5 else ''})"
-                          for r in dead[:6])
         findings.append(Finding(
             "dead_channels", "warning", tuple(r.name for r in dead),
-            f"running_var is at or below {eps_text} in {sum(len(r.dead_channels) for r in dead)} channel(s): {parts}",
+            f"running_var is at or below {eps_text} in {count} channel(s): {parts}",
             "these channels saw a constant input in training (a dead filter, a ReLU that never fires); eval mode "
             "multiplies any deviation from the mean by 1/sqrt(var+eps), at least 1/sqrt(2*eps) (224 for eps=1e-5), "
             "so a small input shift explodes. Prune the channels, or recalibrate if the statistics are stale",
@@ -320,7 +358,7 @@ def _model_findings(model: nn.Module, rows: Sequence[BNRow], bns: dict[str, nn.M
         "{n} BN layer(s) have track_running_stats=False: {names}",
         "eval mode normalizes with the statistics of each batch, so outputs depend on the batch (and batch size "
         "1 fails or is meaningless); give them statistics with `bntool recalibrate`, then they can be folded")
-    add("momentum_none", "info", [n for n in names if has_statistics(bns[n]) and not is_frozen(bns[n])
+    add("momentum_none", "info", [n for n in names if has_statistics(bns[n]) and not _fixed(bns[n])
                                   and getattr(bns[n], "momentum", 0.1) is None],
         "{n} BN layer(s) have momentum=None: {names}",
         "their statistics are a cumulative average over every batch since the last reset, early batches (other "
@@ -339,19 +377,19 @@ def _model_findings(model: nn.Module, rows: Sequence[BNRow], bns: dict[str, nn.M
         "no conv / linear output reaches them directly, so they cannot fold backward; fold can only push them "
         "forward into the next layer (exact only without zero padding). Check the order is intended: the usual "
         "block is conv -> BN -> activation")
-    add("frozen", "info", [n for n in names if is_frozen(bns[n])],
-        "{n} BN layer(s) are frozen (bntool freeze): {names}",
+    add("frozen", "info", [n for n in names if _fixed(bns[n])],
+        "{n} BN layer(s) are frozen (by bntool freeze, or a frozen BatchNorm class): {names}",
         "they normalize with their stored statistics even in train mode and never update them: right for "
         "fine-tuning with small batches; `bntool.unfreeze` turns them back into ordinary BNs")
     trains = any(p.requires_grad for n, m in modules.items() if n not in bns for p in m.parameters(recurse=False))
     add("frozen_parameters", "info", [
-        n for n in names if trains and not is_frozen(bns[n])
+        n for n in names if trains and not _fixed(bns[n])
         and (params := list(bns[n].parameters(recurse=False))) and not any(p.requires_grad for p in params)],
         "{n} BN layer(s) have weight / bias with requires_grad=False while other layers train: {names}",
         "their affine parameters are fixed, but in train mode they still normalize with batch statistics and "
         "update running_mean / running_var; to fix the statistics as well, use `bntool freeze`")
     add("eval_mode_in_train", "info", [n for n in names if model.training and not bns[n].training
-                                       and not is_frozen(bns[n])],
+                                       and not _fixed(bns[n])],
         "{n} BN layer(s) are in eval mode while the model is in train mode: {names}",
         "they use and keep their stored statistics for now, but the next model.train() puts them back in train "
         "mode (the `fix_bn` snippet must be re-run after every call); `bntool freeze` makes it stick")
@@ -379,16 +417,19 @@ def _sorted(findings: list[Finding]) -> tuple[Finding, ...]:
 # ----------------------------------------------------------------------------- plot
 
 
-def plot(report: InspectReport, path: str | Path, *, title: str | None = None) -> Path:
-    """Draw running_mean and running_var per BN in network order (box = quartiles, whiskers = min/max)."""
+def plot(report: InspectReport, path: str | Path, *, title: str | None = None, force: bool = False) -> Path:
+    """Draw running_mean and running_var per BN in network order (box = quartiles, whiskers = min/max).
+
+    An existing ``path`` is replaced only with ``force``; the image is written atomically.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise InputError("--plot needs matplotlib; install it with `pip install bntool[plot]`") from None
-    from .checkpoint import atomic_path
+    from .outputs import atomic_write, check_output_path
 
-    path = Path(path)
+    path = check_output_path(path, force=force, what="--plot")
     rows = [r for r in report.rows if r.running_var is not None or r.running_mean is not None]
     if not rows:
         raise InputError("there is nothing to plot: no BatchNorm layer with running statistics")
@@ -428,6 +469,11 @@ def plot(report: InspectReport, path: str | Path, *, title: str | None = None) -
             tick.set_color("#d62728")
     fig.suptitle((f"{title}\n" if title else "") + "BatchNorm running statistics per layer, in network order\n"
                  "(box: quartiles, whiskers: min / max, red: a layer with an error or warning)", fontsize=9)
-    with atomic_path(path) as tmp:
+    with atomic_write(path, force=force, what="--plot") as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
     return path
+
+
+def _fixed(module: nn.Module) -> bool:
+    """Frozen by bntool, or a frozen BN class of another library: statistics that never move."""
+    return is_frozen(module) or is_foreign_batchnorm(module)

@@ -19,7 +19,9 @@ from typing import Any
 
 from torch import nn
 
-from .errors import InputError
+from .inputs import require_regular_file
+
+from .errors import InputError, user_exit
 
 EXAMPLE = "mypkg.models:resnet50 or path/to/models.py:resnet50"
 
@@ -68,14 +70,17 @@ def _import_module(name: str, flag: str) -> Any:
                 f"install its package, or pass a file path such as path/to/models.py:factory"
             ) from None
         raise InputError(f"{flag}: importing `{name}` failed: {exc}") from None
-    except Exception as exc:  # the user's module raised while importing
-        raise InputError(f"{flag}: importing `{name}` failed: {type(exc).__name__}: {exc}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # the user's module raised (or called sys.exit) while importing
+        raise InputError(f"{flag}: importing `{name}` failed: it {user_exit(exc)}") from None
 
 
 def _import_file(path_text: str, flag: str) -> Any:
     path = Path(path_text).expanduser()
-    if not path.is_file():
+    if not os.path.exists(path):
         raise InputError(f"{flag}: `{path}` does not exist; pass an existing .py file, e.g. {EXAMPLE}")
+    require_regular_file(path, f"{flag} file", allow_empty=True)
     path = path.resolve()
     name = "bntool_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     if name in sys.modules:
@@ -87,9 +92,12 @@ def _import_file(path_text: str, flag: str) -> Any:
         sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except KeyboardInterrupt:
         del sys.modules[name]
-        raise InputError(f"{flag}: running `{path}` failed: {type(exc).__name__}: {exc}") from None
+        raise
+    except BaseException as exc:  # sys.exit() in the file is a failure to build, not bntool's exit
+        del sys.modules[name]
+        raise InputError(f"{flag}: running `{path}` failed: it {user_exit(exc)}") from None
     return module
 
 
@@ -100,8 +108,10 @@ def build(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         model = factory(**(kwargs or {}))
     except TypeError as exc:
         raise InputError(f"--model `{spec}` rejected its arguments: {exc}; check --model-args") from None
-    except Exception as exc:
-        raise InputError(f"--model `{spec}` raised {type(exc).__name__}: {exc}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        raise InputError(f"--model `{spec}` {user_exit(exc)} instead of returning a model") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"--model `{spec}` returned a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -1,18 +1,59 @@
-"""What counts as a BatchNorm, and which modules run their class's standard forward."""
+"""What counts as a BatchNorm, and which modules run their class's standard forward.
+
+Three families of module are BatchNorms to bntool:
+
+* ``torch.nn`` BatchNorm1d/2d/3d, SyncBatchNorm and every subclass (timm's
+  ``BatchNormAct2d`` among them);
+* bntool's own frozen BNs (``is_frozen_batchnorm``);
+* BN-like modules from other libraries that are not ``_BatchNorm`` subclasses:
+  torchvision's, timm's and detectron2's ``FrozenBatchNorm2d``, timm's
+  ``FrozenBatchNormAct2d``. They are recognised by their shape (1-D
+  ``running_mean`` / ``running_var`` of one size, a numeric ``eps``) and a class
+  name that says BatchNorm; what their forward computes is established
+  separately (``bnform``), never assumed.
+"""
 
 from __future__ import annotations
 
+import re
+
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+_BN_NAME = re.compile(r"batch_?norm", re.I)
+
 
 def is_batchnorm(module: object) -> bool:
-    """BatchNorm1d/2d/3d, SyncBatchNorm, their subclasses, and bntool's frozen BNs."""
-    return isinstance(module, _BatchNorm) or bool(getattr(type(module), "is_frozen_batchnorm", False))
+    """BatchNorm1d/2d/3d, SyncBatchNorm, their subclasses, bntool's frozen BNs, and foreign frozen BNs."""
+    return isinstance(module, _BatchNorm) or is_frozen(module) or is_foreign_batchnorm(module)
 
 
 def is_frozen(module: object) -> bool:
     return bool(getattr(type(module), "is_frozen_batchnorm", False))
+
+
+def is_foreign_batchnorm(module: object) -> bool:
+    """A BN-like module that is no ``_BatchNorm``: running statistics, an eps, and a BatchNorm class name."""
+    if isinstance(module, _BatchNorm) or is_frozen(module) or not isinstance(module, nn.Module):
+        return False
+    name = type(module).__name__
+    if not (_BN_NAME.search(name) or "BN" in name):
+        return False
+    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    eps = getattr(module, "eps", None)
+    return (
+        isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and mean.dim() == 1
+        and mean.shape == var.shape and isinstance(eps, (int, float)) and not isinstance(eps, bool)
+    )
+
+
+def num_features(module: nn.Module) -> int:
+    """Channels a BN normalizes (foreign BNs need not have ``num_features``)."""
+    n = getattr(module, "num_features", None)
+    if isinstance(n, int):
+        return n
+    return int(module.running_mean.numel())
 
 
 def has_statistics(module: nn.Module) -> bool:

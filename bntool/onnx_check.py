@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, VerificationError
+from .errors import InputError, VerificationError, shorten
 from .verify import (
     Comparison,
     compare,
@@ -272,7 +272,7 @@ def verify_onnx(
     try:
         runner = OrtRunner(path, target)
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
-        raise VerificationError(f"onnxruntime cannot load the file: {str(exc).strip().splitlines()[0][:300]}") from exc
+        raise VerificationError(f"onnxruntime cannot load the file: {_first_line(exc)}") from exc
     if template is None:
         template = output_template(model, feed[min(feed)])
     expected = len(flatten_outputs(template))
@@ -281,7 +281,7 @@ def verify_onnx(
         try:
             outputs = runner(batch_inputs)
         except Exception as exc:
-            raise VerificationError(f"onnxruntime fails on the file: {str(exc).strip().splitlines()[0][:300]}") from exc
+            raise VerificationError(f"onnxruntime fails on the file: {_first_line(exc)}") from exc
         if len(outputs) != expected:
             raise VerificationError(f"the ONNX file has {len(outputs)} outputs but the model returns {expected} "
                                     "tensors")
@@ -347,3 +347,8 @@ def verification_batch_sizes(batch: int, dynamic: bool, asked: Sequence[int] | N
                          "pass --dynamic-batch, or --verify-batch-sizes "
                          f"{batch}")
     return sorted(set(asked))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error, cut at a word boundary."""
+    return shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 300)

@@ -20,8 +20,6 @@ import io
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import check_output_path
-from .errors import InputError, VerificationError
+from .errors import InputError, VerificationError, shorten
+from .inputs import mentions
+from . import outputs
 from .folding import FoldReport
 from .folding import fold as fold_model
 from .onnx_check import (
@@ -161,7 +160,7 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise InputError(f"unknown exporter `{exporter}`; pass dynamo (recommended) or torchscript")
-    out = check_output_path(path, force=force)
+    out = outputs.check_output_path(path, force=force)
     inputs = _as_model_dtype(model, (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs)
     target = resolve_device(device)
     batch = _batch_of(inputs, dynamic_batch)
@@ -183,8 +182,7 @@ def export_onnx(
     spec = ExportSpec(exporter, opset, dynamic_batch, _names(input_names, _input_names(model, len(inputs)), "input"),
                       _names(output_names, _output_names(template), "output"),
                       {True: "full", False: "off", None: "full" if fold else "constants"}[optimize], external_data)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with outputs.staging_folder(out) as stage:
         tmp = stage / out.name
         start = time.perf_counter()
         described = write_onnx(export_model, cpu_inputs, tmp, spec)
@@ -209,13 +207,11 @@ def export_onnx(
                               tuple(failures), tuple(notes), weights_checked)
         if failures and not keep_on_fail:
             raise VerificationError("the ONNX file was not written: " + "; ".join(failures), report)
-        _commit(stage, tmp, out, force)
-        report = dataclasses.replace(report, written=True)
+        notes += _commit(stage, tmp, out, force)
+        report = dataclasses.replace(report, written=True, notes=tuple(notes))
         if failures:
             raise VerificationError(f"kept `{out}` (--keep-on-fail) although: " + "; ".join(failures), report)
         return report
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _structural_failures(facts: OnnxFacts, dynamic_batch: bool) -> list[str]:
@@ -232,18 +228,61 @@ def _structural_failures(facts: OnnxFacts, dynamic_batch: bool) -> list[str]:
     return failures
 
 
-def _commit(stage: Path, tmp: Path, out: Path, force: bool) -> None:
-    """Move the external-data files, then the .onnx file, from ``stage`` into ``out``'s folder."""
+def external_data_name(out: Path) -> str:
+    """The one external-data file name bntool gives an ONNX file (both exporters use it)."""
+    return f"{out.name}.data"
+
+
+def _commit(stage: Path, tmp: Path, out: Path, force: bool) -> list[str]:
+    """Move the external-data file, then the .onnx file, from ``stage`` into ``out``'s folder; returns notes.
+
+    Nothing existing is replaced without ``force``. With it, an external-data
+    file that another .onnx file of the folder refers to is neither replaced
+    nor removed; the replaced file's own external data (``NAME.onnx.data``,
+    the only name bntool gives) is removed when nothing else refers to it.
+    Any other file the replaced .onnx file named is left as it is.
+    """
     extra = [p for p in sorted(stage.iterdir()) if p != tmp]
+    ours = external_data_name(out)
+    old_refs = _external_data_files(out) if force and out.exists() else set()
     for p in extra:
-        if (out.parent / p.name).exists() and not force:
-            raise InputError(f"`{out.parent / p.name}` (the weights of the .onnx file) already exists; "
-                             "pass --force to replace it or choose another --out")
-    stale = _external_data_files(out) if out.exists() else set()
-    for p in [*extra, tmp]:
-        os.replace(p, out if p == tmp else out.parent / p.name)
-    for name in stale - {p.name for p in extra}:  # the replaced file's weights, now unreferenced
-        (out.parent / name).unlink(missing_ok=True)
+        dst = out.parent / p.name
+        users = _other_users(dst, out) if force and os.path.lexists(dst) else []
+        if users:
+            raise InputError(f"`{dst}` (the weights of the .onnx file) is also used by {_list(users)}; replacing it "
+                             "would break that file; choose another --out or pass --embed-weights")
+    outputs.commit_all([*((p, out.parent / p.name) for p in extra), (tmp, out)], force=force)
+    notes = []
+    written = {p.name for p in extra}
+    stale = out.parent / ours
+    if ours in old_refs and ours not in written and os.path.lexists(stale):
+        users = _other_users(stale, out)
+        if users:
+            notes.append(f"kept `{stale}`, the replaced file's weights: {_list(users)} still use it")
+        else:
+            stale.unlink()
+    others = sorted(old_refs - {ours} - written)
+    if others:
+        notes.append(f"the replaced file also named {_list(others)} as external data; bntool did not write "
+                     "them for this output, so they were left as they are")
+    return notes
+
+
+def _other_users(data: Path, out: Path) -> list[str]:
+    """The .onnx files beside ``out`` (``out`` itself excluded) that mention ``data``'s name."""
+    users = []
+    for candidate in sorted(out.parent.glob("*.onnx")):
+        if candidate.name != out.name and mentions(candidate, data.name):
+            users.append(candidate.name)
+    return users
+
+
+def _list(names: Sequence[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+#: Larger .onnx files hold their weights and are not parsed to find external-data names.
+_PARSE_LIMIT = 64 << 20
 
 
 def _external_data_files(path: Path) -> set[str]:
@@ -251,6 +290,8 @@ def _external_data_files(path: Path) -> set[str]:
     import onnx
 
     try:
+        if path.stat().st_size > _PARSE_LIMIT:
+            return {external_data_name(path)} if mentions(path, external_data_name(path)) else set()
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not an ONNX file we can read: nothing of ours to clean up
         return set()
@@ -295,6 +336,8 @@ def write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, spe
     except InputError:
         raise
     except Exception as exc:  # the exporter's own reason, in one or two lines
+        if outputs.write_errno(exc) is not None:
+            raise  # writing the file failed, not the model: the staging folder says so
         raise InputError(_exporter_reason(exc, type(model).__name__, spec.exporter)) from exc
     return EXPORTER_TEXT[spec.exporter]
 
@@ -333,7 +376,7 @@ def _exporter_reason(exc: BaseException, model_name: str, exporter: str) -> str:
                 "torch.cond), or pass --exporter torchscript, which traces only the path the example inputs take")
     else:
         hint = "pass --exporter dynamo, or make the forward traceable"
-    return f"{EXPORTER_TEXT[exporter]} cannot export `{model_name}`: {reason[:300]}{at}; {hint}"
+    return f"{EXPORTER_TEXT[exporter]} cannot export `{model_name}`: {shorten(reason, 300)}{at}; {hint}"
 
 
 def _as_model_dtype(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

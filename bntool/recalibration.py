@@ -59,7 +59,7 @@ from .collect import BN_BUFFERS, Collector, Totals, bn_input, gather, write_back
 from .collect import collectors as make_collectors
 from .data import batch_size_of, expected_input, model_input
 from .errors import InputError
-from .norms import is_frozen
+from .norms import is_foreign_batchnorm, is_frozen
 from .snapshot import Snapshot
 from .stats import (
     ChannelStats,
@@ -237,15 +237,18 @@ def _pass(model: nn.Module, selected: list, collectors: list[Collector], batches
 
 def _select(model: nn.Module, only: Sequence[str], exclude: Sequence[str]) -> tuple[list, list[SkippedLayer]]:
     bns = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) or is_frozen(m)]
+    foreign = [SkippedLayer(name, f"`{type(m).__name__}` is no torch BatchNorm: its batch statistics cannot be read "
+                            "back; statistics unchanged") for name, m in model.named_modules() if is_foreign_batchnorm(m)]
     if not bns:
-        raise InputError(f"`{type(model).__name__}` has no BatchNorm layers; there is nothing to recalibrate")
+        also = f" (only {len(foreign)} of another library, which it cannot recalibrate)" if foreign else ""
+        raise InputError(f"`{type(model).__name__}` has no BatchNorm layers{also}; there is nothing to recalibrate")
     names = [name for name, _ in bns]
     for flag, patterns in (("--only", only), ("--exclude", exclude)):
         for pattern in patterns:
             if not any(_matches(name, pattern) for name in names):
                 shown = ", ".join(f"`{n}`" for n in names[:8]) + (", ..." if len(names) > 8 else "")
                 raise InputError(f"{flag} `{pattern}` matches no BatchNorm layer; the BatchNorm layers are {shown}")
-    selected, skipped = [], []
+    selected, skipped = [], foreign
     for name, bn in bns:
         hit = next((p for p in exclude if _matches(name, p)), None)
         if only and not any(_matches(name, p) for p in only):

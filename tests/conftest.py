@@ -15,7 +15,7 @@ import torch
 import typer
 from torch import nn
 
-from bntool.norms import is_batchnorm
+from bntool.norms import is_batchnorm, num_features
 
 ROOT = Path(__file__).resolve().parents[1]
 #: where ``--device auto`` verifies on this machine
@@ -50,16 +50,18 @@ def randomize_bn(model: nn.Module, seed: int = 0, signed: bool = True) -> nn.Mod
         for m in model.modules():
             if not is_batchnorm(m):
                 continue
-            n = m.num_features
+            n = num_features(m)
             if getattr(m, "running_mean", None) is not None:
                 m.running_mean.copy_(torch.randn(n, generator=g) * 2)
                 m.running_var.copy_(torch.rand(n, generator=g) * 2.9 + 0.1)
-                m.num_batches_tracked.fill_(100)
+                if getattr(m, "num_batches_tracked", None) is not None:
+                    m.num_batches_tracked.fill_(100)
             if getattr(m, "weight", None) is not None:
                 gamma = torch.rand(n, generator=g) + 0.5
                 if signed:
                     gamma = gamma * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
                 m.weight.copy_(gamma)
+            if getattr(m, "bias", None) is not None:
                 m.bias.copy_(torch.randn(n, generator=g))
     return model.eval()
 
@@ -134,3 +136,47 @@ def torchrun(*args: str, nproc: int, cwd: Path, timeout: float = 240) -> subproc
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture
+def lenet_checkpoint(tmp_path):
+    """``ck.pt``: the example LeNet's state dict with randomized BN state, in ``tmp_path``."""
+    from examples import models as zoo
+
+    torch.manual_seed(0)
+    path = tmp_path / "ck.pt"
+    torch.save(randomize_bn(zoo.lenet(), seed=3).state_dict(), path)
+    return path
+
+
+def folder_state(folder) -> dict[str, object]:
+    """Every entry under ``folder``: a regular file by its sha256, a link by its target, a FIFO, device or
+    socket by its kind (never opened: a FIFO would block), a folder by name. Compare before/after a run."""
+    import hashlib
+    import os
+    import stat
+
+    state: dict[str, object] = {}
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            key = os.path.relpath(path, folder)
+            if stat.S_ISLNK(st.st_mode):
+                state[key] = ("link", os.readlink(path))
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    state[key] = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISDIR(st.st_mode):
+                state[key] = "folder"
+            else:
+                state[key] = ("special", stat.S_IFMT(st.st_mode))
+    return state
+
+
+def bntool_temporaries(folder) -> list[str]:
+    """Names under ``folder`` that look like bntool's temporaries (or any temporary at all)."""
+    import os
+
+    return [name for _, dirs, names in os.walk(folder) for name in dirs + names
+            if name.startswith(".bntool-") or ".tmp" in name]

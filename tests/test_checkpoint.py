@@ -108,7 +108,7 @@ def test_a_pickled_module_needs_allow_pickle_and_then_serves_as_the_model(tmp_pa
     assert _same_state(loaded.module, lenet)
 
 
-@pytest.mark.parametrize("content,fragment", [(b"not a checkpoint", "cannot read"), (b"", "cannot read")])
+@pytest.mark.parametrize("content,fragment", [(b"not a checkpoint", "cannot read"), (b"", "is empty")])
 def test_corrupt_files_are_input_errors(tmp_path, content, fragment):
     for suffix in (".pt", ".safetensors"):
         path = tmp_path / f"bad{suffix}"
@@ -137,7 +137,7 @@ def test_save_is_atomic_and_leaves_nothing_when_the_check_fails(tmp_path, lenet)
     out = tmp_path / "out.safetensors"
 
     def failing_check(tmp):
-        assert tmp.exists() and tmp.parent == tmp_path
+        assert tmp.exists() and tmp.parent.parent == tmp_path and tmp.name == out.name  # in a staging folder beside out
         raise InputError("check failed")
 
     with pytest.raises(InputError, match="check failed"):

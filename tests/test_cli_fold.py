@@ -76,24 +76,48 @@ def test_default_out_is_beside_the_input(cli, ddp_checkpoint):
     assert (path.parent / "best.folded.safetensors").exists()
 
 
-def test_failed_verification_exits_1_and_writes_nothing(cli, ddp_checkpoint, tmp_path, monkeypatch):
+def _wrong_in_one_channel(monkeypatch, first_only: bool = False) -> None:
     import bntool.folding as folding
 
-    real = folding.fold_into_producer
+    real = folding.scale_producer
+    calls = []
 
     def wrong_in_one_channel(*args, **kwargs):
         weight, bias = real(*args, **kwargs)
-        bias = bias.clone()
-        bias[2] += 0.01
+        calls.append(1)
+        if not first_only or len(calls) == 1:
+            bias = bias.clone()
+            bias[2] += 0.01
         return weight, bias
 
-    monkeypatch.setattr(folding, "fold_into_producer", wrong_in_one_channel)
+    monkeypatch.setattr(folding, "scale_producer", wrong_in_one_channel)
+
+
+def test_failed_verification_under_strict_exits_1_and_writes_nothing(cli, ddp_checkpoint, tmp_path, monkeypatch):
+    _wrong_in_one_channel(monkeypatch)
     path, _ = ddp_checkpoint
     out = tmp_path / "folded.safetensors"
-    result = cli("fold", path, "--model", LENET, "--out", out)
+    result = cli("fold", path, "--model", LENET, "--out", out, "--strict")
     assert result.code == 1
     assert "does not match the original" in result.err and "FAILED" in result.out
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["best.pth"]
+
+
+def test_a_rejected_fold_is_left_out_and_the_verified_rest_is_written(cli, ddp_checkpoint, tmp_path, monkeypatch):
+    _wrong_in_one_channel(monkeypatch, first_only=True)
+    path, model = ddp_checkpoint
+    out = tmp_path / "folded.safetensors"
+    result = cli("fold", path, "--model", LENET, "--out", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [r["bn"] for r in report["rejected_by_verification"]] == ["1"]
+    assert "rejected by verification" in result.err and "--strict" in result.err
+    assert sorted(p["bn"] for p in report["folded"]) == ["10", "13", "5"]
+    loaded = bntool.load(out, model=zoo.lenet())
+    assert isinstance(loaded[1], nn.BatchNorm2d) and isinstance(loaded[5], nn.Identity)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 def test_untraceable_model_folds_from_the_cli(cli, tmp_path):

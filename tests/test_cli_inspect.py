@@ -103,15 +103,19 @@ def test_json_owns_stdout(files):
     json.loads(result.stdout)  # nothing else on stdout
 
 
-def test_plot_writes_png_and_nothing_else(files, tmp_path):
+def test_plot_writes_png_and_nothing_else(files, tmp_path, capsys):
     before = set(tmp_path.iterdir())
     out = tmp_path / "stats.png"
     report = run_json(files["lenet"], "--plot", out)
     assert report["plot"] == str(out)
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert set(tmp_path.iterdir()) == before | {out}
-    run(files["ddp"], "--model", MODEL, "--plot", out)  # a plot is replaced, not refused
-    assert out.read_bytes()[:8] == PNG_MAGIC
+    first = out.read_bytes()
+    code, err = error_of(capsys, files["ddp"], "--model", MODEL, "--plot", out)  # an existing plot is kept...
+    assert code == 2 and "already exists" in err and "--force" in err and out.read_bytes() == first
+    run(files["ddp"], "--model", MODEL, "--plot", out, "--force")  # ...and replaced only with --force
+    assert out.read_bytes()[:8] == PNG_MAGIC and out.read_bytes() != first
+    assert set(tmp_path.iterdir()) == before | {out}
 
 
 @pytest.mark.parametrize(

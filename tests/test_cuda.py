@@ -87,7 +87,7 @@ def caller_tf32():
 
 
 @pytest.fixture
-def lenet_checkpoint(tmp_path):
+def lenet_file(tmp_path):
     """A CPU state dict of LeNet with random BN state, and the model."""
     torch.manual_seed(0)
     model = randomize_bn(zoo.lenet(), seed=3)
@@ -111,8 +111,8 @@ def test_fold_a_model_on_the_gpu_verifies_there_and_stays_there():
     torch.testing.assert_close(got, float64_eval_output(model, x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_cpu_checkpoint_verified_with_device_cuda(cli, lenet_checkpoint, tmp_path):
-    path, model = lenet_checkpoint
+def test_a_cpu_checkpoint_verified_with_device_cuda(cli, lenet_file, tmp_path):
+    path, model = lenet_file
     out = tmp_path / "folded.safetensors"
     result = cli("fold", path, "--model", LENET, "--device", DEVICE, "--out", out, "--json")
     assert result.code == 0, result.err
@@ -314,8 +314,8 @@ def test_freeze_on_cuda_frozen_in_train_equals_eval():
     assert check.comparison.device == str(torch.device(DEVICE)) and len(check.frozen_layers) == len(report.frozen)
 
 
-def test_freeze_and_unfreeze_cli_on_cuda_round_trip(cli, lenet_checkpoint, tmp_path):
-    path, model = lenet_checkpoint
+def test_freeze_and_unfreeze_cli_on_cuda_round_trip(cli, lenet_file, tmp_path):
+    path, model = lenet_file
     frozen, unfrozen = tmp_path / "f.safetensors", tmp_path / "u.safetensors"
     result = cli("freeze", path, "--model", LENET, "--device", DEVICE, "--out", frozen, "--json")
     assert result.code == 0, result.err
@@ -331,9 +331,9 @@ def test_freeze_and_unfreeze_cli_on_cuda_round_trip(cli, lenet_checkpoint, tmp_p
 # ----------------------------------------------------------------------------- export and inspect
 
 
-def test_export_on_cuda_uses_the_cuda_provider_when_present_and_says_which(cli, lenet_checkpoint, tmp_path):
+def test_export_on_cuda_uses_the_cuda_provider_when_present_and_says_which(cli, lenet_file, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    path, _ = lenet_checkpoint
+    path, _ = lenet_file
     cuda_provider = ON_GPU and "CUDAExecutionProvider" in ort.get_available_providers()
     expected = "CUDAExecutionProvider" if cuda_provider else "CPUExecutionProvider"
     result = cli("export", path, "--model", LENET, "--device", DEVICE, "--out", tmp_path / "l.onnx", "--json",

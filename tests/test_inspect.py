@@ -252,7 +252,7 @@ def test_linear_neighbour_without_inputs_says_rank_unknown():
     del model.input_shape
     rows = inspect(model).rows
     assert rows[0].foldable is False
-    assert "rank of its input is unknown" in rows[0].fold_reason
+    assert "shape of its input is unknown" in rows[0].fold_reason
     assert rows[0].fold_reason == plan_fold(model).reason_for(rows[0].name)
 
 

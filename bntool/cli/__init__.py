@@ -13,11 +13,36 @@ import sys
 
 import typer
 from typer import TyperException
+from typer.core import TyperArgument, TyperGroup
 
 from .. import __version__
 
+
+class _Argument(TyperArgument):
+    """An argument shown by its metavar alone: ``CHECKPOINT``, not ``{CHECKPOINT}`` / ``CHECKPOINT <path>``."""
+
+    def display_type_rich(self, ctx):
+        return None if self.metavar else super().display_type_rich(ctx)
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+
+class _Group(TyperGroup):
+    """The bntool command group: every subcommand's arguments shown as ``_Argument``."""
+
+    def __init__(self, **attrs):
+        super().__init__(**attrs)
+        for command in self.commands.values():
+            for param in command.params:
+                if type(param) is TyperArgument:
+                    param.__class__ = _Argument
+
+
 app = typer.Typer(
     name="bntool",
+    cls=_Group,
     help="BatchNorm surgery for PyTorch checkpoints: fold, recalibrate, freeze, unfreeze, export, inspect. "
     "Every command verifies its result numerically before writing anything.",
     no_args_is_help=True,
@@ -55,16 +80,22 @@ from . import export as _export  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``bntool`` console script."""
-    from ..errors import BntoolError
+    from .. import outputs
+    from ..errors import BntoolError, out_of_memory, out_of_memory_message, user_exit
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["--help"]  # bare `bntool`: the help, on stdout, exit 0
     _state["debug"] = "--debug" in argv
+    outputs.committed.clear()
     try:
         code = app(args=argv, prog_name="bntool", standalone_mode=False)
+        if code == 130:  # Typer turns Ctrl-C (KeyboardInterrupt) into a returned 130; no command returns one
+            _interrupted(outputs.committed)
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:
-        _error("aborted")
+        _interrupted(outputs.committed)
         code = 130
     except TyperException as exc:  # usage errors: unknown option, missing argument, bad value
         ctx = getattr(exc, "ctx", None)
@@ -77,9 +108,27 @@ def main(argv: list[str] | None = None) -> None:
         _error(str(exc))
         code = exc.exit_code
     except KeyboardInterrupt:
-        _error("interrupted; nothing was written")
+        _interrupted(outputs.committed)
         code = 130
+    except Exception as exc:
+        if _state["debug"] or not out_of_memory(exc):
+            raise
+        _error(out_of_memory_message(exc) + "; nothing was written")
+        code = 2
+    except BaseException as exc:  # user code (--model, --data) called sys.exit() or raised a BaseException
+        if _state["debug"] or isinstance(exc, GeneratorExit):
+            raise
+        _error(f"the --model or --data code {user_exit(exc)} while bntool ran it; nothing was written; "
+               "make it return or raise an ordinary exception")
+        code = 2
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted(written: list) -> None:
+    if written:
+        _error(f"interrupted after writing {', '.join(f'`{p}`' for p in written)}")
+    else:
+        _error("interrupted; nothing was written")
 
 
 def _error(message: str) -> None:

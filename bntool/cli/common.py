@@ -6,17 +6,22 @@ Imported inside command functions (it imports torch).
 from __future__ import annotations
 
 import copy
+import importlib.machinery
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from .. import checkpoint, console, modelspec
 from ..errors import InputError, VerificationError
-from ..verify import Comparison, make_inputs, model_device, parse_shape, run_model
+from ..validity import require_valid
+from ..verify import Comparison, OutputComparison, make_inputs, model_device, parse_shape, run_model
 
 
 @dataclass
@@ -47,8 +52,14 @@ def load_source(
     key: str | None,
     allow_pickle: bool,
     strip_prefix: bool,
+    valid: str = "all",
 ) -> Source:
-    """Read ``path`` safely and load it into the model ``--model`` builds (or the pickled model itself)."""
+    """Read ``path`` safely and load it into the model ``--model`` builds (or the pickled model itself).
+
+    ``valid`` says which tensors must be finite (and BN variances non-negative):
+    ``all``, ``weights`` (BN statistics may be broken: recalibrate replaces
+    them) or ``none`` (inspect reports them instead).
+    """
     kwargs = modelspec.parse_kwargs(model_args)
     loaded = checkpoint.read(path, key=key, allow_pickle=allow_pickle)
     if model_spec is not None:
@@ -67,6 +78,8 @@ def load_source(
     model = build_fresh()
     resolved = checkpoint.load_state(model, loaded, strip_prefix=strip_prefix)
     model.eval()
+    if valid != "none":
+        require_valid(model, statistics=valid == "all", what=f"`{path}`")
     return Source(model, loaded, resolved, model_spec, build_fresh)
 
 
@@ -74,18 +87,55 @@ def verification_inputs(model: nn.Module, shapes: list[str] | None, seed: int) -
     return make_inputs(model, [parse_shape(s) for s in shapes] if shapes else None, seed=seed)
 
 
-def output_path(checkpoint_path: Path, out: Path | None, suffix: str, *, force: bool, dry_run: bool) -> Path:
+def output_path(checkpoint_path: Path, out: Path | None, suffix: str, *, force: bool, dry_run: bool,
+                model: str | None = None, data: str | None = None) -> Path:
     """``--out``, or ``best.pth`` -> ``best.<suffix>.safetensors`` beside the input; refused early if unusable.
 
-    Checked before any work (an existing file without ``--force``, the input
-    itself, a missing folder, an unknown extension), so nobody waits for a
-    verification only to be told the output cannot be written.
+    Checked before any work (an existing file without ``--force``, one of the
+    command's inputs, a folder that cannot be written, an unknown extension),
+    so nobody waits for a verification only to be told the output cannot be written.
     """
     out = out or checkpoint_path.with_name(f"{checkpoint_path.stem}.{suffix}.safetensors")
     if not dry_run:
-        checkpoint.check_output_path(out, force=force, inputs=(checkpoint_path,))
         checkpoint.output_format(out)
+        checkpoint.check_output_path(out, force=force, inputs=input_files(checkpoint_path, model=model, data=data))
     return out
+
+
+def input_files(checkpoint_path: Path, *, model: str | None = None, data: str | None = None) -> list[tuple[Path, str]]:
+    """Every file a command reads, labelled for messages: the checkpoint, the --model file, the --data source."""
+    files = [(checkpoint_path, "the input checkpoint")]
+    if model and (found := _spec_file(model)):
+        files.append((found, "the --model file"))
+    if data:
+        path = Path(data).expanduser()
+        if path.is_dir():
+            files.append((path, "the --data folder"))
+        elif path.exists():
+            files.append((path, "the --data file"))
+        elif found := _spec_file(data):
+            files.append((found, "the --data factory file"))
+    return files
+
+
+def _spec_file(spec: str) -> Path | None:
+    """The .py file of ``path/file.py:factory`` or ``package.module:factory``, found without importing anything."""
+    target, sep, _ = spec.rpartition(":")
+    if not sep or not target:
+        return None
+    if target.endswith(".py") or os.sep in target:
+        return Path(target).expanduser()
+    paths = [os.getcwd(), *sys.path]
+    found = None
+    for part in target.split("."):
+        try:
+            found = importlib.machinery.PathFinder.find_spec(part, paths)
+        except (ImportError, ValueError):
+            return None
+        if found is None:
+            return None
+        paths = list(found.submodule_search_locations or [])
+    return Path(found.origin) if found is not None and found.has_location and found.origin else None
 
 
 def write_verified(
@@ -105,46 +155,86 @@ def write_verified(
     eval-mode outputs on ``inputs``. So the file holds exactly what was verified.
     """
 
+    require_valid(result, what="the result")  # never write NaN / inf (say, statistics a recalibration did not reach)
+
     def check(tmp: Path) -> None:
         fresh = checkpoint.load(tmp, source.build_fresh())
         assert_identical(result, fresh, inputs, what=f"the model reloaded from `{out}`")
 
-    return checkpoint.save(result, out, recipe=[*source.loaded.recipe, step], source=source.loaded, force=force, check=check)
+    protect = [p for p, _ in input_files(source.loaded.path, model=source.spec)]
+    return checkpoint.save(result, out, recipe=[*source.loaded.recipe, step], source=source.loaded, force=force,
+                           check=check, protect=protect)
+
+
+def _kind(module: nn.Module) -> Any:
+    """What a module is: its type, or for an fx GraphModule (a class per instance) its class name and code."""
+    if isinstance(module, torch.fx.GraphModule):
+        return type(module).__name__, module.code
+    return type(module)
 
 
 def assert_identical(expected: nn.Module, got: nn.Module, inputs, *, what: str) -> None:
-    types = {n: type(m) for n, m in expected.named_modules()}
-    got_types = {n: type(m) for n, m in got.named_modules()}
+    types = {n: _kind(m) for n, m in expected.named_modules()}
+    got_types = {n: _kind(m) for n, m in got.named_modules()}
     if types != got_types:
-        diff = sorted(n for n in types.keys() | got_types.keys() if types.get(n) is not got_types.get(n))
+        diff = sorted(n for n in types.keys() | got_types.keys() if types.get(n) != got_types.get(n))
         raise VerificationError(f"{what} has other layers than the verified model: {', '.join(diff[:3])}")
     state, got_state = expected.state_dict(), got.state_dict()
-    changed = [k for k in state if not torch.equal(state[k].cpu(), got_state[k].cpu())]
+    changed = [k for k in state if not _same_bits(state[k], got_state[k])]
     if changed:
         raise VerificationError(f"{what} differs from the verified model in {', '.join(changed[:3])}")
     got.to(model_device(expected))
     outputs = run_model(expected, inputs)
     got_outputs = run_model(got, inputs)
-    if not all(torch.equal(a, b) for (_, a), (_, b) in zip(outputs, got_outputs)):
+    if not all(_same_bits(a, b) for (_, a), (_, b) in zip(outputs, got_outputs)):
         raise VerificationError(f"{what} computes other outputs than the verified model")
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (a NaN equals the same NaN), same dtype and shape."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.detach().cpu().contiguous().reshape(-1), b.detach().cpu().contiguous().reshape(-1)
+    if a.dtype == torch.bool or a.element_size() == 1:
+        return bool(torch.equal(a, b))
+    return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+
+
+def worst(outputs) -> OutputComparison | None:
+    """The output closest to (or furthest past) its tolerance: the one a summary line names."""
+    outputs = list(outputs)
+    if not outputs:
+        return None
+    return max(outputs, key=lambda o: (not o.passed, o.max_abs_error / max(o.tolerance, 1e-300)))
+
+
 def comparison_rows(comparison: Comparison) -> list[list[Any]]:
-    """One row per model output; the layer-by-layer probes summarised in one row."""
+    """One row per model output; the layer-by-layer probes summarised in one row (the worst layer's)."""
     rows = []
     outputs = [o for o in comparison.outputs if not o.name.startswith("layer `")]
     layers = [o for o in comparison.outputs if o.name.startswith("layer `")]
     if layers:
-        worst = max(layers, key=lambda o: (not o.passed, o.max_abs_error / max(o.tolerance, 1e-300)))
+        w = worst(layers)
         failed = sum(not o.passed for o in layers)
         status = "ok" if not failed else f"{failed} FAILED"
-        rows.append([f"{len(layers)} layers (worst {worst.name[6:]})", "", f"{worst.max_abs_error:.3g}",
-                     f"{worst.max_rel_error:.3g}", f"{worst.tolerance:.3g}", "", status])
+        rows.append([f"{len(layers)} layers (worst {w.name[6:]})", "", f"{w.max_abs_error:.3g}",
+                     f"{w.max_rel_error:.3g}", f"{w.tolerance:.3g}", "", status])
     for o in outputs:
         agree = f"{o.argmax_agreement:.1%}" if o.argmax_agreement is not None else ""
+        status = "ok" if o.passed else "FAILED (NaN/inf)" if o.nonfinite else "FAILED"
         rows.append([o.name, "x".join(map(str, o.shape)), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}",
-                     f"{o.tolerance:.3g}", agree, "ok" if o.passed else "FAILED"])
+                     f"{o.tolerance:.3g}", agree, status])
     return rows
+
+
+def worst_summary(comparison: Comparison) -> str:
+    """The worst row of the table, in the table's own numbers: ``worst `output`: max abs error ... of tolerance ...``."""
+    w = worst(comparison.outputs)
+    if w is None:
+        return "no outputs compared"
+    share = w.max_abs_error / w.tolerance if w.tolerance > 0 else 0.0
+    return (f"worst {w.name}: max abs error {w.max_abs_error:.3g}, {share:.0%} of its tolerance "
+            f"{w.tolerance:.3g}; max rel error {w.max_rel_error:.3g}")
 
 
 def render_comparison(comparison: Comparison, title: str) -> None:

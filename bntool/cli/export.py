@@ -31,29 +31,29 @@ from .options import (
 
 OnnxOutOpt = Annotated[
     Optional[Path],
-    typer.Option("--out", "-o", help="Output .onnx file. Default: beside the input, with the .onnx extension.",
+    typer.Option("--out", "-o", metavar="PATH", help="Output .onnx file. Default: beside the input, with the .onnx extension.",
                  show_default=False),
 ]
 FoldOpt = Annotated[
     bool,
     typer.Option("--fold/--no-fold", help="Fold BatchNorm into the conv / linear next to it first (as `bntool fold`)."),
 ]
-OpsetOpt = Annotated[Optional[int], typer.Option("--opset", help="ONNX opset. Default: the exporter's.",
+OpsetOpt = Annotated[Optional[int], typer.Option("--opset", metavar="N", help="ONNX opset. Default: the exporter's.",
                                                   show_default=False)]
 DynamicBatchOpt = Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension symbolic.")]
 VerifyBatchSizesOpt = Annotated[
     Optional[str],
-    typer.Option("--verify-batch-sizes", help="Batch sizes to verify at, e.g. 1,16. Default: the export batch size, "
+    typer.Option("--verify-batch-sizes", metavar="SIZES", help="Batch sizes to verify at, e.g. 1,16. Default: the export batch size, "
                  "plus 1 and one more with --dynamic-batch.", show_default=False),
 ]
 InputNamesOpt = Annotated[Optional[str], typer.Option(
-    "--input-names", help="Names of the ONNX inputs, comma-separated. Default: the forward's argument names.",
+    "--input-names", metavar="NAMES", help="Names of the ONNX inputs, comma-separated. Default: the forward's argument names.",
     show_default=False)]
 OutputNamesOpt = Annotated[Optional[str], typer.Option(
-    "--output-names", help="Names of the ONNX outputs, comma-separated. Default: output, dict keys or output_0, ...",
+    "--output-names", metavar="NAMES", help="Names of the ONNX outputs, comma-separated. Default: output, dict keys or output_0, ...",
     show_default=False)]
 ExporterOpt = Annotated[str, typer.Option(
-    "--exporter", help="dynamo: torch.onnx's torch.export-based exporter (recommended); torchscript: the legacy "
+    "--exporter", metavar="EXPORTER", help="dynamo: torch.onnx's torch.export-based exporter (recommended); torchscript: the legacy "
     "tracer, which bakes in the control-flow path the example inputs take.")]
 OptimizeOpt = Annotated[Optional[bool], typer.Option(
     "--optimize/--no-optimize", help="Run the exporter's graph optimizer (it also fuses BNs into convs), or keep its "
@@ -64,9 +64,9 @@ ExternalDataOpt = Annotated[Optional[bool], typer.Option(
 OPTIMIZER_TEXT = {"full": "on (it fuses BN into convs too)", "constants": "constant folding only", "off": "off"}
 KeepOnFailOpt = Annotated[bool, typer.Option("--keep-on-fail", help="Write the file even if verification fails.")]
 DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", help="Real inputs instead of --input-shape: a tensor file (.pt/.safetensors/.npy/.npz), a folder of "
+    "--data", metavar="SOURCE", help="Real inputs instead of --input-shape: a tensor file (.pt/.safetensors/.npy/.npz), a folder of "
     "images, or package.module:factory.", show_default=False)]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="With --data: samples per export batch.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="With --data: samples per export batch.")]
 
 
 @app.command()
@@ -115,7 +115,7 @@ def export(
     from ..errors import InputError, VerificationError
     from ..onnx_export import EXPORTERS, export_onnx
     from ..verify import resolve_device
-    from .common import image_options, load_source, parse_numbers, verification_inputs
+    from .common import image_options, input_files, load_source, parse_numbers, verification_inputs
 
     console.use_stderr_for_humans(json)
     if exporter not in EXPORTERS:
@@ -124,7 +124,7 @@ def export(
     out = out or checkpoint.with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise InputError(f"--out `{out}` has extension `{out.suffix}`; an ONNX file ends in .onnx")
-    ckpt.check_output_path(out, force=force, inputs=(checkpoint,))
+    ckpt.check_output_path(out, force=force, inputs=input_files(checkpoint, model=model, data=data))
     if input_shape and data:
         raise InputError("pass --input-shape or --data, not both")
     sizes = parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 from . import app
 from .options import (
     AllowPickleOpt,
@@ -22,6 +26,13 @@ from .options import (
 )
 
 
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Fail (exit 1, nothing written) if verification rejects any fold, instead of "
+                 "leaving those BatchNorms as they are and writing the verified rest."),
+]
+
+
 @app.command()
 def fold(
     checkpoint: CheckpointArg,
@@ -38,6 +49,7 @@ def fold(
     out: OutOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
+    strict: StrictOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Fold every BatchNorm that can be folded exactly into the conv / linear next to it.
@@ -45,7 +57,9 @@ def fold(
     The folded model is checked against the original in eval mode, at the
     outputs and at every folded layer; the written file is reloaded into a
     fresh model that must be identical to the verified one. A BN that cannot
-    be folded exactly is left as it is, with the reason.
+    be folded exactly is left as it is, with the reason. A fold that
+    verification blames is left too (exit 0, with a warning; exit 1 with
+    --strict) and the rest is verified again without it.
     """
     from ..folding import fold as fold_model
     from ..errors import VerificationError
@@ -55,7 +69,7 @@ def fold(
     from .. import console
 
     console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "folded", force=force, dry_run=dry_run)
+    out = output_path(checkpoint, out, "folded", force=force, dry_run=dry_run, model=model)
     target = resolve_device(device)
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
@@ -63,7 +77,7 @@ def fold(
     inputs = verification_inputs(source.model, input_shape, seed)
     result: dict = {"command": "fold", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
     try:
-        folded, report = fold_model(source.model, inputs, device=target, atol=atol, rtol=rtol)
+        folded, report = fold_model(source.model, inputs, device=target, atol=atol, rtol=rtol, strict=strict)
     except VerificationError as exc:
         result.update(exc.report.to_dict())
         _render(result, exc.report, json)
@@ -81,13 +95,16 @@ def fold(
 
 def _render(result: dict, report, as_json: bool) -> None:
     from .. import console
-    from .common import render_comparison
+    from .common import render_comparison, worst_summary
 
+    for skip in report.rejected:  # on stderr, also with --json
+        console.warning(f"`{skip.bn}` was not folded: {skip.reason}; the rest was verified without it "
+                        "(pass --strict to fail instead)")
     if as_json:
         console.print_json(result)
         return
     plan = report.plan
-    rows = [[p.bn, p.into, p.into_type, p.direction, p.bn_becomes] for p in plan.pairs]
+    rows = [[p.bn, p.into, p.into_type, p.direction, _becomes(p)] for p in plan.pairs]
     if rows:
         console.table(f"Folded {len(rows)} BatchNorm layer(s)", ["BatchNorm", "into", "type", "direction", "BN becomes"], rows)
     if plan.skips:
@@ -97,6 +114,7 @@ def _render(result: dict, report, as_json: bool) -> None:
         console.line("The model has no BatchNorm layers; nothing to fold.")
     if plan.note:
         console.line(f"Note: {plan.note}", style="yellow")
+
     if report.comparison is not None:
         render_comparison(report.comparison, "Verification: folded vs original (eval mode)")
         c = report.comparison
@@ -104,9 +122,15 @@ def _render(result: dict, report, as_json: bool) -> None:
             layers = sum(o.name.startswith("layer `") for o in c.outputs)
             console.success(
                 f"Verified on {c.device}: {len(c.outputs) - layers} output(s) and {layers} folded layer(s) "
-                f"within tolerance (max rel error {c.max_rel_error:.2g})."
+                f"within tolerance ({worst_summary(c)})."
             )
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):
         console.line("Dry run: nothing written.")
+
+
+def _becomes(pair) -> str:
+    if pair.bn_becomes == "rewritten":
+        return "rewritten: runs " + (", ".join(pair.keeps) or "its other work") + " only"
+    return pair.bn_becomes

@@ -69,7 +69,7 @@ def freeze(
     from .common import load_source, output_path, verification_inputs
 
     console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "frozen", force=force, dry_run=dry_run)
+    out = output_path(checkpoint, out, "frozen", force=force, dry_run=dry_run, model=model)
     target = resolve_device(device)
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
@@ -109,7 +109,7 @@ def finish_verified(result: dict, source, model, out, step: dict, check, what: s
 
 def _render(result: dict, report, check, as_json: bool) -> None:
     from .. import console
-    from .common import render_comparison
+    from .common import render_comparison, worst_summary
 
     if as_json:
         console.print_json(result)
@@ -127,8 +127,7 @@ def _render(result: dict, report, check, as_json: bool) -> None:
         console.failure("Statistics moved in train mode: " + ", ".join(check.statistics_moved))
     if check.passed:
         c = check.comparison
-        console.success(f"Verified: max abs error {c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} "
-                        f"on {c.device}; frozen statistics unchanged in train mode.")
+        console.success(f"Verified on {c.device} ({worst_summary(c)}); frozen statistics unchanged in train mode.")
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):

@@ -26,11 +26,15 @@ PlotOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--plot",
-        help="Also draw running_mean / running_var per layer into this image (.png, .svg or .pdf; replaced if "
-        "it exists). Needs matplotlib: pip install bntool[plot].",
+        metavar="PATH",
+        help="Also draw running_mean / running_var per layer into this image (.png, .svg or .pdf; an existing "
+        "file is replaced only with --force). Needs matplotlib: pip install bntool[plot].",
         show_default=False,
     ),
 ]
+
+
+PlotForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace the --plot image if it exists.")]
 
 
 @app.command("inspect")
@@ -45,12 +49,13 @@ def inspect_command(
     seed: SeedOpt = 0,
     json: JsonOpt = False,
     plot: PlotOpt = None,
+    force: PlotForceOpt = False,
 ) -> None:
     """Show every BatchNorm: statistics, what feeds it, whether fold can fold it, and what looks wrong.
 
     Without --model a weights-only file still shows each BN's statistics
     (found from its key names) and the findings that need no architecture.
-    Nothing is written except the --plot image.
+    Nothing is written except the --plot image (an existing one only with --force).
     """
     from .. import checkpoint as ckpt
     from .. import console
@@ -60,7 +65,7 @@ def inspect_command(
 
     console.use_stderr_for_humans(json)
     if plot is not None:
-        _check_plot_path(plot, checkpoint)
+        _check_plot_path(plot, checkpoint, model, force)
     loaded = ckpt.read(checkpoint, key=key, allow_pickle=allow_pickle) if model is None else None
     if loaded is not None and loaded.module is None:
         resolved = ckpt.resolve(loaded, None, strip_prefix=strip_prefix)
@@ -76,27 +81,24 @@ def inspect_command(
                          style="yellow")
     else:
         source = load_source(checkpoint, model_spec=model, model_args=model_args, key=key,
-                             allow_pickle=allow_pickle, strip_prefix=strip_prefix)
+                             allow_pickle=allow_pickle, strip_prefix=strip_prefix, valid="none")
         inputs = make_inputs(source.model, [parse_shape(s) for s in input_shape], seed=seed) if input_shape else None
         report = inspect(source.model, inputs, seed=seed)
         result = {**source.describe(), "weights_only": False}
     result = {"command": "inspect", **result, **report.to_dict(), "plot": None}
     if plot is not None:
-        result["plot"] = str(draw(report, plot, title=checkpoint.name))
+        result["plot"] = str(draw(report, plot, title=checkpoint.name, force=force))
     _render(result, report, json)
 
 
-def _check_plot_path(plot: Path, checkpoint: Path) -> None:
+def _check_plot_path(plot: Path, checkpoint: Path, model: str | None, force: bool) -> None:
     from ..errors import InputError as error
+    from ..outputs import check_output_path
+    from .common import input_files
 
     if plot.suffix.lower() not in PLOT_SUFFIXES:
         raise error(f"--plot `{plot}` has extension `{plot.suffix}`; pass a {', '.join(PLOT_SUFFIXES)} file")
-    if plot.is_dir():
-        raise error(f"--plot `{plot}` is a folder; pass an image file path")
-    if not plot.parent.exists():
-        raise error(f"the folder of --plot `{plot}` does not exist; create `{plot.parent}` first")
-    if plot.exists() and checkpoint.exists() and plot.resolve() == checkpoint.resolve():
-        raise error(f"--plot `{plot}` is the input file; bntool never modifies its input, pass another path")
+    check_output_path(plot, force=force, inputs=input_files(checkpoint, model=model), what="--plot")
 
 
 def _fmt(value, digits: str = ".3g") -> str:

@@ -101,6 +101,7 @@ IncludeOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--include",
+        metavar="PATTERN",
         help="Only BatchNorm layers whose qualified name (or a parent's) matches this fnmatch pattern, "
         "e.g. 'layer1.*' or backbone; repeat for several. Default: every one the command applies to.",
         show_default=False,
@@ -108,6 +109,7 @@ IncludeOpt = Annotated[
 ]
 ExcludeOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--exclude", help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
+    typer.Option("--exclude", metavar="PATTERN",
+                 help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
                  show_default=False),
 ]

@@ -109,7 +109,7 @@ def recalibrate(
     from .common import image_options, load_source, output_path, write_verified
 
     console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "recalibrated", force=force, dry_run=dry_run)
+    out = output_path(checkpoint, out, "recalibrated", force=force, dry_run=dry_run, model=model, data=data)
     target = resolve_device(device)
     group = _init_distributed(target)
     rank, world_size = (group["rank"], group["world_size"]) if group else (0, 1)
@@ -117,7 +117,7 @@ def recalibrate(
         target = torch.device("cuda", group["local_rank"])
     try:
         source = load_source(checkpoint, model_spec=model, model_args=model_args, key=key,
-                             allow_pickle=allow_pickle, strip_prefix=strip_prefix)
+                             allow_pickle=allow_pickle, strip_prefix=strip_prefix, valid="weights")
         batches = load_batches(data, batch_size=batch_size, data_args=data_args, input_key=input_key,
                                **image_options(image_size, mean, std))
         plan = plan_batches(batches, num_batches=num_batches, verify_batches=verify_batches, rank=rank,

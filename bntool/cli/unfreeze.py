@@ -58,7 +58,7 @@ def unfreeze(
     from .freeze import finish_verified
 
     console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "unfrozen", force=force, dry_run=dry_run)
+    out = output_path(checkpoint, out, "unfrozen", force=force, dry_run=dry_run, model=model)
     target = resolve_device(device)
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
@@ -77,7 +77,7 @@ def unfreeze(
 
 def _render(result: dict, report, comparison, as_json: bool) -> None:
     from .. import console
-    from .common import render_comparison
+    from .common import render_comparison, worst_summary
 
     if as_json:
         console.print_json(result)
@@ -86,8 +86,7 @@ def _render(result: dict, report, comparison, as_json: bool) -> None:
     console.table(f"Unfroze {len(rows)} BatchNorm layer(s)", ["BatchNorm", "now", "features", "eps"], rows)
     render_comparison(comparison, "Verification: unfrozen vs frozen (eval mode)")
     if comparison.passed:
-        console.success(f"Verified: max abs error {comparison.max_abs_error:.3g}, max rel error "
-                        f"{comparison.max_rel_error:.3g} on {comparison.device}.")
+        console.success(f"Verified on {comparison.device} ({worst_summary(comparison)}).")
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):
