@@ -205,6 +205,20 @@ def test_dropout_stays_in_eval_and_every_flag_and_momentum_is_restored():
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
 
 
+def writes_outside_bn_statistics(model: nn.Module) -> nn.Module:
+    """Hooks that write a conv weight and a BN weight through ``.data`` (bypassing version counters)."""
+
+    def corrupt(module, args):  # returns None: the input stays the input
+        module.weight.data[0].mul_(1.0001)
+
+    def nudge(module, args, output):
+        module.weight.data.add_(1e-3)
+
+    model.layer1[0].conv1.register_forward_pre_hook(corrupt)
+    model.bn1.register_forward_hook(nudge)
+    return model
+
+
 def test_only_bn_buffers_change_and_the_check_can_fail():
     torch.manual_seed(0)
     model = randomize_bn_(resnet_small(), seed=5)
@@ -217,15 +231,7 @@ def test_only_bn_buffers_change_and_the_check_can_fail():
     assert report.unchanged_non_bn and report.passed and report.changed_non_bn == ()
 
     # negative: something writes a conv weight (through .data, bypassing version counters) and a BN weight
-    model2 = randomize_bn_(resnet_small(), seed=5)
-
-    def corrupt(module, args):
-        module.weight.data[0].mul_(1.0001)
-
-    def nudge(module, args, output):
-        module.weight.data.add_(1e-3)
-    model2.layer1[0].conv1.register_forward_pre_hook(corrupt)
-    model2.bn1.register_forward_hook(nudge)
+    model2 = writes_outside_bn_statistics(randomize_bn_(resnet_small(), seed=5))
     report2 = recalibrate(model2, uneven_batches((3, 16, 16), sizes=(5, 3)))
     assert not report2.unchanged_non_bn and not report2.passed
     assert set(report2.changed_non_bn) == {"layer1.0.conv1.weight", "bn1.weight"}
@@ -577,16 +583,7 @@ def test_the_gpu_state_check_compares_once_and_still_names_what_changed(monkeypa
     with Equals():
         report = recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 3)))
     assert report.unchanged_non_bn and Equals.count == 1
-
-    def corrupt(module, args):  # returns None: the input stays the input
-        module.weight.data[0].mul_(1.0001)
-
-    def nudge(module, args, output):
-        module.weight.data.add_(1e-3)
-
-    model.layer1[0].conv1.register_forward_pre_hook(corrupt)
-    model.bn1.register_forward_hook(nudge)
-    report = recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 3)))
+    report = recalibrate(writes_outside_bn_statistics(model), uneven_batches((3, 16, 16), sizes=(4, 3)))
     assert set(report.changed_non_bn) == {"layer1.0.conv1.weight", "bn1.weight"}
 
 
