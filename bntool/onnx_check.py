@@ -212,8 +212,8 @@ class OrtRunner:
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        # as many threads as torch uses (not every core): the caller's torch.set_num_threads holds for both
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
         self.provider = self.session.get_providers()[0]
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -9,15 +9,19 @@ call of a BN that is called more than once per forward. Not an EMA, and not an
 average of per-batch variances (which misses the spread between batch means;
 the report says how far the two differ).
 
-How it stays fast: during the pass each BN's momentum is 1.0, so after every
-call ``running_mean`` / ``running_var`` hold that call's batch mean and
-unbiased batch variance, which BatchNorm computed anyway. A forward hook
-copies them (no sync, no second pass over the activations) with the call's
-count, and every ``merge_every`` calls they are merged into a float64
-``ChannelStats`` (Chan et al.). BatchNorm computes batch statistics in its
-input dtype; for float16/bfloat16 inputs that loses precision, so for those
-the hook computes the statistics from the input itself in float64 (slower,
-exact; the report's ``method`` says ``float64`` for such layers).
+How it stays fast: during the pass each BN's momentum is 1.0 and a forward
+pre-hook points its running buffers at a fresh zeroed slot, so BatchNorm
+itself writes each call's batch mean and unbiased batch variance there (no
+kernel, no host synchronisation and no second pass over the activations of
+bntool's own per call); every ``merge_every`` calls they are merged into a
+float64 ``ChannelStats`` (Chan et al.), and at the end everything comes to the
+CPU in one transfer (``collect.py``). BatchNorm computes batch statistics in
+its input dtype; for float16/bfloat16 inputs that loses precision, so for
+those the hook computes the statistics from the input itself in float64
+(slower, exact; the report's ``method`` says ``float64`` for such layers).
+Empty calls (0 samples) are skipped and counted. bntool's frozen BNs
+normalise with batch statistics during the pass, like their unfrozen form,
+and stay frozen (AdaBN after frozen fine-tuning).
 
 Distributed: when torch.distributed is initialised (or ``process_group`` is
 given), every rank's estimators are all-gathered as float64 tensors (on the
@@ -27,7 +31,8 @@ each rank must pass its own share (``bntool.data.plan_batches`` / ``shard``;
 the CLI gives rank r the batches i with i % world_size == r).
 
 Everything the pass changes is put back in a ``finally``: training flags,
-momentum, hooks, and, if the pass fails, the BN buffers. Only BN buffers of
+momentum, hooks, forwards; the BN buffers are written only once the pass has
+succeeded (they are not touched during it). Only BN buffers of
 the selected layers change; every other parameter and buffer is checked
 bit for bit and the report says whether that held.
 
@@ -38,7 +43,6 @@ its name on the package and would shadow the lazily exported function.)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import itertools
@@ -48,11 +52,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .collect import BN_BUFFERS, Collector, Totals, bn_input, gather, write_back
+from .collect import collectors as make_collectors
 from .data import batch_size_of, expected_input, model_input
 from .errors import InputError
-from .norms import is_frozen
+from .norms import is_foreign_batchnorm, is_frozen
+from .snapshot import Snapshot
 from .stats import (
     ChannelStats,
     LayerStats,
@@ -60,59 +68,10 @@ from .stats import (
     RecalibrationReport,
     SkippedLayer,
     merge_across_ranks,
-    reduce_calls,
 )
-from .verify import model_device, model_dtype, tf32_disabled
+from .verify import model_device, model_dtype, tf32
 
 __all__ = ["recalibrate", "replay", "RecalibrationReport", "LayerStats", "NormQuality", "SkippedLayer"]
-
-#: input dtypes whose batch statistics BatchNorm computes precisely enough to read back
-READBACK_DTYPES = (torch.float32, torch.float64)
-_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-class _Collector:
-    """Forward hook of one BN: writes each call's mean and variance into a preallocated float64
-    buffer, and merges the buffer into a float64 ``ChannelStats`` every ``merge_every`` calls.
-
-    Nothing long-lived is allocated during the pass: small tensors kept alive between
-    the activations fragment the CPU heap and slow every later activation allocation
-    (measured: 5-10% on MobileNetV2). The merges update the estimator in place.
-    """
-
-    def __init__(self, name: str, module: _BatchNorm, merge_every: int):
-        self.name, self.module, self.merge_every = name, module, merge_every
-        device = module.running_mean.device
-        self.stats = ChannelStats(module.num_features, device)
-        self.calls, self.float64_calls = 0, 0
-        self.batch_var_sum = torch.zeros(module.num_features, dtype=torch.float64, device=device)
-        self.buffer = torch.empty(merge_every, 2, module.num_features, dtype=torch.float64, device=device)
-        self.counts: list[int] = []
-
-    def __call__(self, module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
-        x = args[0]
-        count = x.numel() // x.shape[1]
-        slot = self.buffer[len(self.counts)]
-        if x.dtype in READBACK_DTYPES and module.running_mean.dtype in READBACK_DTYPES:
-            # momentum is 1.0: the buffers hold exactly this call's batch mean / unbiased variance
-            slot[0].copy_(module.running_mean)
-            slot[1].copy_(module.running_var)
-        else:  # half precision: BN's own batch statistics are rounded; recompute them exactly
-            stats = ChannelStats.of(x)
-            slot[0].copy_(stats.mean)
-            slot[1].copy_(stats.m2 / (count - 1))
-            self.float64_calls += 1
-        self.counts.append(count)
-        self.calls += 1
-        if len(self.counts) == self.merge_every:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.counts:
-            calls = self.buffer[: len(self.counts)]
-            self.stats.update(*reduce_calls(self.counts, calls[:, 0], calls[:, 1]))
-            self.batch_var_sum.add_(calls[:, 1].sum(dim=0))
-            self.counts = []
 
 
 def recalibrate(
@@ -127,7 +86,7 @@ def recalibrate(
     verify_batches: Iterable[Any] | None = None,
     callback: Callable[[int], None] | None = None,
     process_group: Any = None,
-    merge_every: int = 64,
+    merge_every: int | None = None,
     allow_tf32: bool = False,
 ) -> RecalibrationReport:
     """Set the selected BN layers' running statistics to the exact statistics of ``batches``, in place.
@@ -138,24 +97,31 @@ def recalibrate(
     anything else (the batch is passed as is). ``num_batches`` limits the pass.
     ``only`` / ``exclude``: glob patterns on qualified names (a pattern also
     selects the BNs inside a matching module: ``layer1`` selects ``layer1.0.bn1``).
-    ``verify_batches`` (consumed after ``batches``) measures, in eval mode, how
-    close each BN's normalised input comes to mean 0 / variance 1 before and
-    after. ``callback(batches_done)`` is called after each batch. TF32 is off
-    during the pass unless ``allow_tf32``. Under torch.distributed each rank
-    passes its own share of the batches and all ranks end with the same statistics.
+    bntool's frozen BNs are recalibrated like the others and stay frozen.
+    Empty batches (0 samples) are skipped and counted. ``verify_batches``
+    (consumed after ``batches``) measures, in eval mode, how close each BN's
+    normalised input comes to mean 0 / variance 1 before and after.
+    ``callback(batches_done)`` is called after each batch. ``merge_every``:
+    calls per BN held before a float64 merge on the device (default 64 on a GPU,
+    16 on the CPU, where a larger long-lived buffer slows the allocator for
+    every activation of the pass: measured 20% on MobileNetV2). TF32 is off during
+    the pass (exact float32) unless ``allow_tf32``, which turns it on for cuDNN
+    convolutions and cuBLAS matmuls: the statistics of a model that is deployed
+    with TF32. Under torch.distributed each rank passes its own share of the
+    batches and all ranks end with the same statistics.
     """
     if num_batches is not None and num_batches < 1:
         raise InputError(f"num_batches={num_batches}: pass a positive number of batches (or None for all)")
+    if merge_every is not None and merge_every < 1:
+        raise InputError(f"merge_every={merge_every}: pass a positive number of calls")
     selected, skipped = _select(model, only, exclude)
-    names = [name for name, _ in selected]
     group, world_size = _process_group(process_group)
     device, dtype = model_device(model), model_dtype(model)
-    snapshot = _Snapshot(model, names)
-    saved = {name: _save(bn) for name, bn in selected}
+    snapshot = Snapshot(model, _bn_buffer_names(name for name, _ in selected))
+    held = {name: _Held.of(bn) for name, bn in selected}
+    before = {name: _save(bn) for name, bn in selected} if verify_batches is not None else {}
     flags = [(m, m.training) for m in model.modules()]
-    tf32 = contextlib.nullcontext if allow_tf32 else tf32_disabled
-    handles: list[Any] = []
-    patched: list[nn.SyncBatchNorm] = []
+    collectors: list[Collector] = []
     done = False
 
     def run(batch: Any, index: int) -> int:
@@ -168,71 +134,38 @@ def recalibrate(
         return int(x.shape[0]) if x.dim() else 1
 
     try:
-        for _, bn in selected:
-            if isinstance(bn, nn.SyncBatchNorm) and "forward" not in bn.__dict__:
-                bn.forward = types.MethodType(_BatchNorm.forward, bn)  # local statistics; ranks are merged below
-                patched.append(bn)
+        entries = []
+        for name, bn in selected:
+            plain = _batch_statistics_forward(bn)
             _enable_tracking(bn, device, dtype)
-            with torch.no_grad():
-                bn.running_mean.zero_()  # old values may be NaN/inf, and 0 * NaN is NaN
-                bn.running_var.fill_(1.0)
             bn.momentum = 1.0
-        collectors = [_Collector(name, bn, merge_every) for name, bn in selected]
-        seen_batches = seen_samples = 0
-        error = None
-        try:
-            model.eval()
-            for _, bn in selected:
-                bn.train()
-            handles = [c.module.register_forward_hook(c) for c in collectors]
-            source = batches if num_batches is None else itertools.islice(batches, num_batches)
-            with torch.no_grad(), tf32():
-                for index, batch in enumerate(source):
-                    seen_samples += _guarded(model, selected, run, batch, index)
-                    seen_batches += 1
-                    if callback is not None:
-                        callback(index + 1)
-            for c in collectors:
-                c.flush()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            if group is None:
-                raise
-            error = exc
-        finally:
-            for handle in handles:
-                handle.remove()
-        stats = {c.name: c.stats for c in collectors}
-        sums = {"": torch.tensor([float(seen_batches), float(seen_samples)]), **{c.name: torch.cat([torch.tensor([float(c.calls)]).to(c.batch_var_sum), c.batch_var_sum])
-                             for c in collectors}}
+            entries.append((name, bn, plain))
+        collectors = make_collectors(entries, merge_every)
+        totals = [0, 0, 0]  # batches, samples, empty batches
+        error = _pass(model, selected, collectors, batches, num_batches, run, callback, totals, group, allow_tf32)
+        flat = gather(collectors)  # one transfer; from here on plain float64 arithmetic on the CPU
         if group is not None:
-            stats, sums = merge_across_ranks(stats, sums, group, world_size, failed=error is not None)
+            flat, totals = _merge_ranks(flat, totals, group, world_size, failed=error is not None)
             if error is not None:
                 raise error
-        num_batches_seen, num_samples = int(sums[""][0]), int(sums[""][1])
+        num_batches_seen, num_samples, empty_batches = totals
         if num_batches_seen == 0:
             raise InputError("the data gave no batches; pass a non-empty data source (and --num-batches of at least 1)")
-        layers = []
-        for c in collectors:
-            bn, old, calls = c.module, saved[c.name], int(sums[c.name][0])
+        if num_samples == 0:
+            raise InputError(f"all {num_batches_seen} batches are empty (0 samples); pass data with samples in it")
+        layers, writes = _results(flat, held)
+        for c, calls, empty_calls in zip(flat.layers, flat.calls, flat.empty_calls):
             if calls == 0:
-                _restore(bn, old)
-                reason = f"never called during the pass ({num_batches_seen} batches); statistics unchanged"
-                skipped.append(SkippedLayer(c.name, reason + ("" if old["track"] else ", still track_running_stats=False")))
-                continue
-            mean, var = (t.cpu() for t in stats[c.name].result())
-            if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-                raise InputError(f"`{c.name}` got non-finite statistics (NaN or inf): the data or the weights "
-                                 "feeding it contain NaN/inf; check the checkpoint and the data")
-            with torch.no_grad():
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-                bn.num_batches_tracked.fill_(calls)
-            layers.append(_layer_stats(c, old, stats[c.name].count, calls, mean, var, sums[c.name][1:].cpu() / calls))
+                held[c.name].untrack(c.module)
+                how = "called only with empty batches" if empty_calls else "never called"
+                reason = f"{how} during the pass ({num_batches_seen} batches); statistics unchanged"
+                skipped.append(SkippedLayer(c.name, reason + ("" if held[c.name].track else ", still track_running_stats=False")))
+        write_back(writes)  # nothing is written unless every layer's statistics are good
         quality: dict[str, tuple[NormQuality | None, NormQuality | None]] = {}
         verified = 0
         if verify_batches is not None:
             ran = [(layer.name, dict(selected)[layer.name]) for layer in layers]
-            quality, verified = _verify(model, ran, saved, verify_batches, run, group, world_size, tf32, device)
+            quality, verified = _verify(model, ran, before, verify_batches, run, group, world_size, allow_tf32, device)
         changed = snapshot.changed(model)
         unchanged = not changed
         if group is not None:
@@ -240,21 +173,17 @@ def recalibrate(
             unchanged = not votes["changed"].item()
         done = True
     finally:
+        for c in collectors:
+            c.put_back()
         for module, flag in flags:
             module.training = flag
-        for bn in patched:
-            del bn.forward
         for name, bn in selected:
-            bn.momentum = saved[name]["momentum"]
-            if not done:
-                _restore(bn, saved[name])
-    none = (None, None)
+            held[name].restore(bn, failed=not done)
+    if quality:
+        layers = [dataclasses.replace(layer, verify_before=quality[layer.name][0], verify_after=quality[layer.name][1])
+                  for layer in layers]
     return RecalibrationReport(
-        layers=tuple(
-            dataclasses.replace(layer, verify_before=quality.get(layer.name, none)[0],
-                                verify_after=quality.get(layer.name, none)[1])
-            for layer in layers
-        ),
+        layers=tuple(layers),
         skipped=tuple(sorted(skipped, key=lambda s: s.name)),
         converted=tuple(layer.name for layer in layers if layer.converted),
         num_batches=num_batches_seen,
@@ -263,18 +192,55 @@ def recalibrate(
         changed_non_bn=tuple(changed),
         world_size=world_size,
         verify_batches=verified,
+        empty_batches=empty_batches,
     )
+
+
+def _pass(model: nn.Module, selected: list, collectors: list[Collector], batches: Iterable[Any],
+          num_batches: int | None, run: Callable[[Any, int], int], callback: Callable[[int], None] | None,
+          totals: list[int], group: Any, allow_tf32: bool) -> Exception | None:
+    """Run the batches with only the selected BNs in training mode; counts go into ``totals``.
+
+    Under a process group a failure is returned (to tell the other ranks before raising), otherwise raised.
+    """
+    handles = []
+    try:
+        model.eval()
+        for _, bn in selected:
+            bn.train()
+        handles = [c.module.register_forward_pre_hook(c, with_kwargs=True) for c in collectors]
+        source = batches if num_batches is None else itertools.islice(batches, num_batches)
+        with torch.no_grad(), tf32(allow_tf32):
+            for index, batch in enumerate(source):
+                samples = _guarded(model, selected, run, batch, index)
+                totals[0] += 1
+                totals[1] += samples
+                totals[2] += samples == 0
+                if callback is not None:
+                    callback(index + 1)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the caller, after telling the other ranks
+        if group is None:
+            raise
+        return exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        for c in collectors:
+            c.put_back()
+        for _, bn in selected:  # the BNs' own forward again: the quality check runs them in eval mode
+            _unpatch(bn)
+    return None
 
 
 # ----------------------------------------------------------------------------- selection and state
 
 
 def _select(model: nn.Module, only: Sequence[str], exclude: Sequence[str]) -> tuple[list, list[SkippedLayer]]:
-    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    frozen = [SkippedLayer(name, "frozen (bntool freeze): its statistics are fixed by design; unfreeze it to "
-                           "recalibrate it") for name, m in model.named_modules() if is_frozen(m)]
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) or is_frozen(m)]
+    foreign = [SkippedLayer(name, f"`{type(m).__name__}` is no torch BatchNorm: its batch statistics cannot be read "
+                            "back; statistics unchanged") for name, m in model.named_modules() if is_foreign_batchnorm(m)]
     if not bns:
-        also = f" ({len(frozen)} frozen ones; unfreeze them first)" if frozen else ""
+        also = f" (only {len(foreign)} of another library, which it cannot recalibrate)" if foreign else ""
         raise InputError(f"`{type(model).__name__}` has no BatchNorm layers{also}; there is nothing to recalibrate")
     names = [name for name, _ in bns]
     for flag, patterns in (("--only", only), ("--exclude", exclude)):
@@ -282,7 +248,7 @@ def _select(model: nn.Module, only: Sequence[str], exclude: Sequence[str]) -> tu
             if not any(_matches(name, pattern) for name in names):
                 shown = ", ".join(f"`{n}`" for n in names[:8]) + (", ..." if len(names) > 8 else "")
                 raise InputError(f"{flag} `{pattern}` matches no BatchNorm layer; the BatchNorm layers are {shown}")
-    selected, skipped = [], frozen
+    selected, skipped = [], foreign
     for name, bn in bns:
         hit = next((p for p in exclude if _matches(name, p)), None)
         if only and not any(_matches(name, p) for p in only):
@@ -302,15 +268,69 @@ def _matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
 
-def _save(bn: _BatchNorm) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Held:
+    """What the pass changes on a BN besides its statistics, to put back: flags, momentum, a forward of ours."""
+
+    track: bool  # it had running statistics before the pass
+    track_flag: bool
+    momentum: float | None
+
+    @classmethod
+    def of(cls, bn: nn.Module) -> _Held:
+        return cls(bn.track_running_stats and bn.running_mean is not None, bn.track_running_stats, bn.momentum)
+
+    def untrack(self, bn: nn.Module) -> None:
+        """Undo ``_enable_tracking`` (a layer that got no data, or a failed pass)."""
+        if not self.track:
+            bn.track_running_stats = self.track_flag
+            for key in BN_BUFFERS:
+                bn.register_buffer(key, None)
+
+    def restore(self, bn: nn.Module, failed: bool) -> None:
+        _unpatch(bn)
+        bn.momentum = self.momentum
+        if failed:
+            self.untrack(bn)
+
+
+def _batch_statistics_forward(bn: nn.Module) -> bool:
+    """Make ``bn`` normalise with batch statistics during the pass; True when its forward is ``_BatchNorm.forward``.
+
+    A SyncBatchNorm computes local statistics (the ranks are merged exactly
+    afterwards); a frozen BN normalises like an ordinary BN in training mode,
+    so that a frozen model is recalibrated exactly as its unfrozen form would be.
+    """
+    if is_frozen(bn):
+        bn.forward = types.MethodType(_frozen_in_training, bn)
+    elif isinstance(bn, nn.SyncBatchNorm) and "forward" not in bn.__dict__:
+        bn.forward = types.MethodType(_BatchNorm.forward, bn)
+    else:
+        return type(bn).forward is _BatchNorm.forward
+    bn._bntool_patched = True
+    return True
+
+
+def _frozen_in_training(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - BatchNorm's name
+    self._check_input_dim(input)
+    return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True, 1.0, self.eps)
+
+
+def _unpatch(bn: nn.Module) -> None:
+    if bn.__dict__.pop("_bntool_patched", False):
+        bn.__dict__.pop("forward", None)
+
+
+def _save(bn: nn.Module) -> dict[str, Any]:
+    """Copies of a BN's buffers and flags (the quality check switches between old and new statistics)."""
     tracking = bn.track_running_stats and bn.running_mean is not None
-    copy = {k: (getattr(bn, k).clone() if getattr(bn, k, None) is not None else None) for k in _BN_BUFFERS}
-    return {"track": tracking, "track_flag": bn.track_running_stats, "momentum": bn.momentum, **copy}
+    copy = {k: (getattr(bn, k).clone() if getattr(bn, k, None) is not None else None) for k in BN_BUFFERS}
+    return {"track": tracking, "track_flag": bn.track_running_stats, **copy}
 
 
-def _restore(bn: _BatchNorm, old: dict[str, Any]) -> None:
+def _restore(bn: nn.Module, old: dict[str, Any]) -> None:
     bn.track_running_stats = old["track_flag"]
-    for key in _BN_BUFFERS:
+    for key in BN_BUFFERS:
         if old[key] is None or getattr(bn, key, None) is None:
             bn.register_buffer(key, None if old[key] is None else old[key].clone())
         else:
@@ -318,7 +338,7 @@ def _restore(bn: _BatchNorm, old: dict[str, Any]) -> None:
                 getattr(bn, key).copy_(old[key])
 
 
-def _enable_tracking(bn: _BatchNorm, device: torch.device, dtype: torch.dtype) -> bool:
+def _enable_tracking(bn: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     """Give a track_running_stats=False BN its running buffers; True if it had to."""
     if bn.track_running_stats and bn.running_mean is not None:
         return False
@@ -342,62 +362,8 @@ def replay(model: nn.Module, step: dict[str, Any]) -> None:
         _enable_tracking(bn, model_device(model), model_dtype(model))
 
 
-def _state(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
-    tensors = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    return {name: t.detach() for name, t in tensors if t is not None and name not in skip}
-
-
 def _bn_buffer_names(bn_names: Iterable[str]) -> set[str]:
-    return {f"{bn}.{key}" if bn else key for bn in bn_names for key in _BN_BUFFERS}
-
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bits as a flat integer tensor (NaN == NaN, 0.0 != -0.0 when compared)."""
-    flat = t.reshape(-1)
-    return flat.view(_INT_OF_SIZE.get(t.element_size(), torch.uint8))
-
-
-class _Snapshot:
-    """Bit copies of every parameter and buffer except the selected BNs' running buffers.
-
-    The copies share one flat buffer per (device, integer width): one large
-    allocation rather than hundreds, which would fragment the CPU heap and slow
-    down every activation allocation of the pass that follows (measured: about
-    10% on a ResNet-50 forward).
-    """
-
-    def __init__(self, model: nn.Module, bn_names: Iterable[str]):
-        self.skip = _bn_buffer_names(bn_names)
-        state = _state(model, self.skip)
-        self.meta = {name: (t.shape, t.dtype, t.device) for name, t in state.items()}
-        bits = {name: _bits(t) for name, t in state.items()}
-        sizes: dict[tuple, int] = {}
-        self.where: dict[str, tuple[tuple, int, int]] = {}
-        for name, b in bits.items():
-            key = (b.device, b.dtype)
-            self.where[name] = (key, sizes.get(key, 0), b.numel())
-            sizes[key] = sizes.get(key, 0) + b.numel()
-        self.buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
-        for name, b in bits.items():
-            key, offset, n = self.where[name]
-            self.buffers[key][offset : offset + n].copy_(b)
-
-    def changed(self, model: nn.Module) -> list[str]:
-        """Names not bit-identical to the snapshot (changed, replaced, added or removed)."""
-        after = _state(model, self.skip)
-        changed = []
-        for name, (shape, dtype, device) in self.meta.items():
-            t = after.get(name)
-            if t is None or (t.shape, t.dtype, t.device) != (shape, dtype, device):
-                changed.append(name)
-                continue
-            key, offset, n = self.where[name]
-            if not torch.equal(self.buffers[key][offset : offset + n], _bits(t)):
-                changed.append(name)
-        return changed + [name for name in after if name not in self.meta]
+    return {f"{bn}.{key}" if bn else key for bn in bn_names for key in BN_BUFFERS}
 
 
 # ----------------------------------------------------------------------------- running batches
@@ -435,13 +401,14 @@ def _single_value_bn(model: nn.Module, selected: list, run: Callable, batch: Any
         pass
 
     def hook_for(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            if args[0].numel() <= args[0].shape[1]:
-                found.append((name, tuple(args[0].shape)))
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = bn_input(args, kwargs)
+            if x is not None and x.dim() > 1 and x.numel() == x.shape[1]:
+                found.append((name, tuple(x.shape)))
                 raise _Found
         return hook
 
-    handles = [bn.register_forward_pre_hook(hook_for(name)) for name, bn in selected]
+    handles = [bn.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, bn in selected]
     try:
         run(batch, index)
     except Exception:  # noqa: BLE001 - diagnosing only; the original error is reported
@@ -462,24 +429,59 @@ def _shape_of(batch: Any) -> Any:
 # ----------------------------------------------------------------------------- report pieces
 
 
-def _layer_stats(c: _Collector, old: dict, count: int, calls: int, mean: torch.Tensor, var: torch.Tensor,
-                 mean_batch_var: torch.Tensor) -> LayerStats:
-    eps = c.module.eps
-    mean_change = var_change = None
-    if old["track"]:
-        old_mean, old_var = old["running_mean"].double().cpu(), old["running_var"].double().cpu()
-        mean_change = float(((mean - old_mean).abs() / (var + eps).sqrt()).max())
-        var_change = float((var / old_var - 1.0).abs().max()) if (old_var > 0).all() else float("inf")
-    gap = float(((mean_batch_var - var).abs() / var.clamp_min(torch.finfo(torch.float64).tiny)).max())
-    return LayerStats(
-        name=c.name, kind=type(c.module).__name__, channels=c.module.num_features, count=count, calls=calls,
-        mean_change=mean_change, var_change=var_change, batch_var_gap=gap, converted=not old["track"],
-        method="float64" if c.float64_calls else "readback",
-    )
+def _results(flat: Totals, held: dict[str, _Held]) -> tuple[list[LayerStats], list[tuple]]:
+    """Each called layer's report line and the (buffer, values) to write, computed for all layers at once."""
+    called = flat.per_channel([calls > 0 for calls in flat.calls]) > 0
+    count = flat.per_channel(flat.counts)
+    var = flat.m2 / (count - 1.0)
+    bad = called & ~(torch.isfinite(flat.mean) & torch.isfinite(var))
+    if bad.any():
+        name = flat.layers[int(flat.per_channel(range(len(flat.widths)))[bad][0])].name
+        raise InputError(f"`{name}` got non-finite statistics (NaN or inf): the data or the weights "
+                         "feeding it contain NaN/inf; check the checkpoint and the data")
+    eps = flat.per_channel([c.module.eps for c in flat.layers])
+    mean_change = flat.per_layer_max((flat.mean - flat.old_mean).abs() / (var + eps).sqrt())
+    ratio = torch.where(flat.old_var > 0, (var / flat.old_var - 1.0).abs(), torch.inf)
+    var_change = flat.per_layer_max(ratio)
+    mean_batch_var = flat.var_sum / flat.per_channel(flat.calls).clamp_min(1.0)
+    gap = flat.per_layer_max((mean_batch_var - var).abs() / var.clamp_min(torch.finfo(torch.float64).tiny))
+    layers, writes = [], []
+    columns = zip(flat.layers, flat.split(flat.mean), flat.split(var), flat.counts, flat.calls, flat.empty_calls,
+                  mean_change, var_change, gap)
+    for c, mean, variance, values, calls, empty_calls, d_mean, d_var, layer_gap in columns:
+        if calls == 0:
+            continue
+        writes += [(c.own["running_mean"], mean), (c.own["running_var"], variance)]
+        if c.own["num_batches_tracked"] is not None:
+            writes.append((c.own["num_batches_tracked"], torch.tensor(float(calls), dtype=torch.float64)))
+        tracked = held[c.name].track
+        layers.append(LayerStats(
+            name=c.name, kind=type(c.module).__name__, channels=c.width, count=values, calls=calls,
+            mean_change=d_mean if tracked else None, var_change=d_var if tracked else None, batch_var_gap=layer_gap,
+            converted=not tracked, method="float64" if c.float64_calls else "readback", empty_calls=empty_calls,
+            frozen=is_frozen(c.module),
+        ))
+    return layers, writes
+
+
+def _merge_ranks(flat: Totals, totals: list[int], group: Any, world_size: int, failed: bool) -> tuple[Totals, list[int]]:
+    """Every rank's estimators merged in rank order (bit-identical on every rank), back as one ``Totals``."""
+    names = [c.name for c in flat.layers]
+    stats = {name: ChannelStats.on(mean, m2, count)
+             for name, mean, m2, count in zip(names, flat.split(flat.mean), flat.split(flat.m2), flat.counts)}
+    sums = {"": torch.tensor(totals, dtype=torch.float64)}
+    for name, calls, empty, var_sum in zip(names, flat.calls, flat.empty_calls, flat.split(flat.var_sum)):
+        sums[name] = torch.cat([torch.tensor([float(calls), float(empty)], dtype=torch.float64), var_sum])
+    stats, sums = merge_across_ranks(stats, sums, group, world_size, failed=failed)
+    merged = dataclasses.replace(
+        flat, counts=[stats[n].count for n in names], calls=[int(sums[n][0]) for n in names],
+        empty_calls=[int(sums[n][1]) for n in names], mean=torch.cat([stats[n].mean for n in names]),
+        m2=torch.cat([stats[n].m2 for n in names]), var_sum=torch.cat([sums[n][2:] for n in names]))
+    return merged, [int(v) for v in sums[""]]
 
 
 def _verify(model: nn.Module, layers: list, saved: dict, batches: Iterable[Any], run: Callable, group: Any,
-            world_size: int, tf32: Callable, device: torch.device) -> tuple[dict, int]:
+            world_size: int, allow_tf32: bool, device: torch.device) -> tuple[dict, int]:
     """Eval-mode normalised-input quality on held-out batches, with the old statistics and with the new."""
     batches = list(batches)
     results: dict[str, list] = {name: [None, None] for name, _ in layers}
@@ -490,11 +492,11 @@ def _verify(model: nn.Module, layers: list, saved: dict, batches: Iterable[Any],
             for name, bn in layers:
                 _restore(bn, states[name])
             observed = {name: ChannelStats(bn.num_features, device) for name, bn in layers}
-            hooks = [bn.register_forward_hook(_observer(observed[name])) for name, bn in layers]
+            hooks = [bn.register_forward_hook(_observer(observed[name]), with_kwargs=True) for name, bn in layers]
             error = None
             try:
                 model.eval()
-                with torch.no_grad(), tf32():
+                with torch.no_grad(), tf32(allow_tf32):
                     for index, batch in enumerate(batches):
                         _guarded(model, layers, run, batch, index)
             except Exception as exc:  # noqa: BLE001 - re-raised after telling the other ranks
@@ -522,8 +524,10 @@ def _verify(model: nn.Module, layers: list, saved: dict, batches: Iterable[Any],
 
 
 def _observer(stats: ChannelStats) -> Callable:
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        stats.merge(ChannelStats.of(args[0]))
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        x = bn_input(args, kwargs)
+        if x is not None and x.numel():
+            stats.merge(ChannelStats.of(x))
     return hook
 
 

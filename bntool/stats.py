@@ -54,6 +54,13 @@ class ChannelStats:
         return f"ChannelStats(channels={self.mean.numel()}, count={self.count})"
 
     @classmethod
+    def on(cls, mean: torch.Tensor, m2: torch.Tensor, count: int = 0) -> ChannelStats:
+        """An estimator over existing float64 tensors (views of a larger buffer): updates write into them."""
+        stats = cls.__new__(cls)
+        stats.count, stats.mean, stats.m2 = count, mean, m2
+        return stats
+
+    @classmethod
     def of(cls, x: torch.Tensor, channel_dim: int = 1) -> ChannelStats:
         """Statistics of one tensor, computed in float64 (two passes over the values)."""
         x64 = x.detach().to(torch.float64).movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
@@ -99,16 +106,33 @@ def reduce_calls(
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Combine per-call ``(count, mean, unbiased variance)`` into one ``(count, mean, M2)``.
 
-    Inputs may be float32 (BatchNorm's own batch statistics) or float64; all
-    arithmetic is float64. Every call has at least 2 values per channel.
+    ``means`` / ``variances`` are sequences of per-call tensors or already
+    stacked ``(calls, channels)`` tensors, float32 (BatchNorm's own batch
+    statistics) or float64; all arithmetic is float64. Every call has at least
+    2 values per channel. On a GPU nothing here waits for the GPU.
     """
-    weights = torch.tensor(counts, dtype=torch.float64, device=means[0].device)[:, None]
-    mean_k = torch.stack(list(means)).to(torch.float64)
-    var_k = torch.stack(list(variances)).to(torch.float64)
+    weights = host_tensor(counts, means[0].device)[:, None]
+    mean_k = means.to(torch.float64) if isinstance(means, torch.Tensor) else torch.stack(list(means)).to(torch.float64)
+    var_k = (variances.to(torch.float64) if isinstance(variances, torch.Tensor)
+             else torch.stack(list(variances)).to(torch.float64))
     total = int(sum(counts))
     mean = (weights * mean_k).sum(dim=0) / total
     m2 = ((weights - 1.0) * var_k).sum(dim=0) + (weights * (mean_k - mean).square()).sum(dim=0)
     return total, mean, m2
+
+
+def host_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Python numbers as a float64 tensor on ``device`` without a host synchronisation.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory and
+    waits for the GPU to finish everything queued before it; a copy from pinned
+    memory with ``non_blocking=True`` does not (the caching host allocator keeps
+    the pinned block alive until the copy has run).
+    """
+    host = torch.tensor(values, dtype=torch.float64)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -142,7 +166,9 @@ class LayerStats:
     ``var_change``: max over channels of ``|new var / old var - 1|`` (None for a converted layer);
     ``batch_var_gap``: max over channels of ``|mean of per-call variances - population variance| /
     population variance``, what averaging batch variances would have got wrong;
-    ``method``: ``readback`` (BN's own batch statistics) or ``float64`` (recomputed from a half-precision input).
+    ``method``: ``readback`` (BN's own batch statistics) or ``float64`` (recomputed from a half-precision input);
+    ``empty_calls``: calls with no values (an empty batch), skipped: they carry no statistics;
+    ``frozen``: a bntool frozen BN, recalibrated and still frozen.
     """
 
     name: str
@@ -155,6 +181,8 @@ class LayerStats:
     batch_var_gap: float
     converted: bool
     method: str
+    empty_calls: int = 0
+    frozen: bool = False
     verify_before: NormQuality | None = None
     verify_after: NormQuality | None = None
 
@@ -169,7 +197,10 @@ class SkippedLayer:
 
 @dataclass(frozen=True)
 class RecalibrationReport:
-    """What ``recalibrate`` did. ``passed`` is False when anything but the selected BN buffers changed."""
+    """What ``recalibrate`` did. ``passed`` is False when anything but the selected BN buffers changed.
+
+    ``num_batches`` counts every batch, ``empty_batches`` those with no samples (skipped).
+    """
 
     layers: tuple[LayerStats, ...]
     skipped: tuple[SkippedLayer, ...]
@@ -180,6 +211,7 @@ class RecalibrationReport:
     changed_non_bn: tuple[str, ...]
     world_size: int = 1
     verify_batches: int = 0
+    empty_batches: int = 0
 
     @property
     def passed(self) -> bool:

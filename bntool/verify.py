@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -125,25 +126,41 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def _tf32_flags() -> list[tuple[Any, str]]:
+def _tf32_flags() -> list[tuple[Any, str, str]]:
+    """(object, attribute, name) of every TF32 switch: the fp32_precision API where torch has it, else allow_tf32."""
     b = torch.backends
     if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
-        return [(b.cuda.matmul, "fp32_precision"), (b.cudnn.conv, "fp32_precision"), (b.cudnn.rnn, "fp32_precision")]
-    return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
+        return [(b.cuda.matmul, "fp32_precision", "cuda.matmul"), (b.cudnn.conv, "fp32_precision", "cudnn.conv"),
+                (b.cudnn.rnn, "fp32_precision", "cudnn.rnn")]
+    return [(b.cuda.matmul, "allow_tf32", "cuda.matmul"), (b.cudnn, "allow_tf32", "cudnn")]
 
 
 @contextlib.contextmanager
-def tf32_disabled() -> Iterator[None]:
-    """Full float32 precision on CUDA for the duration; the caller's settings are restored."""
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 on or off for cuDNN convolutions / RNNs and cuBLAS matmuls for the duration; the caller's settings are restored.
+
+    Off is full float32 precision: what verification and exact statistics need.
+    On is what a model deployed with TF32 computes (PyTorch's default for cuDNN convolutions).
+    """
     flags = _tf32_flags()
-    saved = [getattr(obj, attr) for obj, attr in flags]
+    saved = [getattr(obj, attr) for obj, attr, _ in flags]
     try:
-        for obj, attr in flags:
-            setattr(obj, attr, "ieee" if attr == "fp32_precision" else False)
+        for obj, attr, _ in flags:
+            setattr(obj, attr, ("tf32" if enabled else "ieee") if attr == "fp32_precision" else enabled)
         yield
     finally:
-        for (obj, attr), value in zip(flags, saved):
+        for (obj, attr, _), value in zip(flags, saved):
             setattr(obj, attr, value)
+
+
+def tf32_disabled() -> contextlib.AbstractContextManager[None]:
+    """Full float32 precision on CUDA for the duration; the caller's settings are restored."""
+    return tf32(False)
+
+
+def tf32_state() -> dict[str, Any]:
+    """The current TF32 settings, by flag (for reports and tests)."""
+    return {f"{name}.{attr}": getattr(obj, attr) for obj, attr, name in _tf32_flags()}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -233,14 +250,14 @@ def _bytes(n: float) -> str:
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
 

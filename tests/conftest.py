@@ -1,8 +1,14 @@
-"""Shared test helpers: BN state that is never the default, and an in-process CLI runner."""
+"""Shared test helpers: BN state that is never the default, an in-process CLI runner, torchrun, and the
+``cuda`` marker (skipped with a reason where torch sees no CUDA GPU)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,31 @@ import typer
 from torch import nn
 
 from bntool.norms import is_batchnorm, num_features
+
+ROOT = Path(__file__).resolve().parents[1]
+#: where ``--device auto`` verifies on this machine
+AUTO_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_configure(config):
+    # Under pytest-xdist, N workers each running torch with every core oversubscribe the CPU many times over
+    # (14 workers x 16 OpenMP threads on a 16-core GPU machine): share the cores out, for subprocesses too.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(threads))
+
+
+def pytest_collection_modifyitems(config, items):
+    # BNTOOL_TEST_DEVICE=cpu runs the cuda tests' plumbing on the CPU (tests/test_cuda.py says what stays skipped)
+    if torch.cuda.is_available() or os.environ.get("BNTOOL_TEST_DEVICE", "").startswith("cpu"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, signed: bool = True) -> nn.Module:
@@ -84,6 +115,27 @@ def invoke_main(*args, env: dict[str, str] | None = None):
         main(list(ctx.args))
 
     return CliRunner(env=env).invoke(app, [str(a) for a in args])
+
+
+def torchrun(*args: str, nproc: int, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m bntool ARGS`` (a free port; the whole process group is
+    killed if it outlives ``timeout``, so no rank is ever left waiting for its peers)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "bntool", *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s:\n{stdout}\n{stderr}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture

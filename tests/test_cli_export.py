@@ -14,7 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from examples import models as zoo
-from tests.conftest import assert_one_line_error, randomize_bn
+from tests.conftest import AUTO_DEVICE, assert_one_line_error, randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "examples" / "models.py"
@@ -33,6 +33,13 @@ def checkpoints(tmp_path_factory):
     lenet = randomize_bn(zoo.lenet(), seed=2)
     torch.save(lenet.state_dict(), folder / "lenet.pt")
     return {"resnet": (folder / "best.pth", resnet), "lenet": (folder / "lenet.pt", lenet)}
+
+
+def expected_provider() -> str:
+    """What --device auto verifies with: onnxruntime's CUDA provider on a GPU when this onnxruntime has it."""
+    if AUTO_DEVICE == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
 
 
 def _sha(path: Path) -> str:
@@ -68,7 +75,7 @@ def test_json_report_is_the_only_stdout(cli, checkpoints, tmp_path):
     assert report["bn_left"] == 0 and len(report["fold"]["folded"]) == 4
     assert report["key_node_counts"]["Conv"] == 2 and report["key_node_counts"]["Gemm"] == 3
     assert [v["batch_size"] for v in report["verification"]] == [1, 5]
-    assert report["provider"] == "CPUExecutionProvider" and report["checker"] == "passed"
+    assert report["provider"] == expected_provider() and report["checker"] == "passed"
     assert report["exporter"].startswith("torch.onnx.export(dynamo=True)") and report["opset"] >= 18
 
 

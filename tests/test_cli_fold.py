@@ -16,7 +16,7 @@ from torch import nn
 
 import bntool
 from examples import models as zoo
-from tests.conftest import assert_one_line_error, randomize_bn
+from tests.conftest import AUTO_DEVICE, assert_one_line_error, randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
@@ -42,7 +42,7 @@ def test_fold_writes_a_verified_checkpoint_the_users_code_can_load(cli, ddp_chec
     out = tmp_path / "folded.safetensors"
     result = cli("fold", path, "--model", LENET, "--out", out)
     assert result.code == 0, result.err
-    assert "Folded 4 BatchNorm" in result.out and "Verified on cpu" in result.out
+    assert "Folded 4 BatchNorm" in result.out and f"Verified on {AUTO_DEVICE}:" in result.out  # --device auto
     assert _sha(path) == before
     fresh = bntool.load(out, zoo.lenet()).eval()
     assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in fresh.modules())

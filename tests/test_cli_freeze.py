@@ -132,3 +132,84 @@ def test_train_mode_behaviour_outside_batchnorm_fails_verification_and_writes_no
     assert result.exit_code == 1
     assert "Error: the frozen model in train mode does not match the original" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".frozen*"))
+
+
+# ----------------------------------------------------------------------------- bntool unfreeze
+
+
+def test_freeze_then_unfreeze_round_trips_through_files_and_bntool_load(setup, cli):
+    # catches: unfreeze that changes a value, loses a layer, or writes a recipe bntool.load cannot replay
+    from bntool import modelspec
+
+    tmp_path, models, ckpt, original = setup
+    frozen, unfrozen = tmp_path / "frozen.safetensors", tmp_path / "unfrozen.safetensors"
+    assert cli("freeze", ckpt, "--model", f"{models}:net", "--out", frozen).code == 0
+    before = sha(frozen)
+    result = cli("unfreeze", frozen, "--model", f"{models}:net", "--out", unfrozen)
+    assert result.code == 0, result.err
+    assert "Unfroze 3 BatchNorm layer(s)" in result.out and "Verified" in result.out
+    assert sha(frozen) == before
+    loaded = bntool.load(unfrozen, model=modelspec.build(f"{models}:net"))
+    assert type(loaded.stem[1]) is torch.nn.BatchNorm2d and type(loaded.head[3]) is torch.nn.BatchNorm1d
+    assert loaded.stem[1].weight.requires_grad  # an ordinary, trainable BN again
+    state = loaded.state_dict()
+    assert state.keys() == original.state_dict().keys()
+    for key, value in original.state_dict().items():
+        assert torch.equal(state[key], value), key
+    recipe = bntool.checkpoint.read(unfrozen).recipe
+    assert [step["op"] for step in recipe] == ["freeze", "unfreeze"]
+
+
+def test_unfreeze_include_exclude_and_json(setup, cli):
+    tmp_path, models, ckpt, _ = setup
+    frozen = tmp_path / "frozen.safetensors"
+    assert cli("freeze", ckpt, "--model", f"{models}:net", "--out", frozen).code == 0
+    out = tmp_path / "partly.pt"
+    result = cli("unfreeze", frozen, "--model", f"{models}:net", "--include", "stem", "--include", "head.*",
+                 "--exclude", "head.3", "--out", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["command"] == "unfreeze" and report["written"] and report["verification"]["passed"]
+    assert report["recipe_step"] == {"op": "unfreeze", "layers": ["stem.1"]}
+    from bntool import modelspec
+
+    loaded = bntool.load(out, model=modelspec.build(f"{models}:net"))
+    assert type(loaded.stem[1]) is torch.nn.BatchNorm2d
+    assert type(loaded.layer1[1]) is FrozenBatchNorm2d and type(loaded.head[3]) is FrozenBatchNorm1d
+
+
+def test_unfreeze_refuses_a_model_with_nothing_frozen_and_bad_patterns(setup, cli):
+    from tests.conftest import assert_one_line_error
+
+    tmp_path, models, ckpt, _ = setup
+    out = tmp_path / "u.safetensors"
+    assert_one_line_error(cli("unfreeze", ckpt, "--model", f"{models}:net", "--out", out),
+                          "nothing to unfreeze", "bntool freeze")
+    frozen = tmp_path / "frozen.safetensors"
+    assert cli("freeze", ckpt, "--model", f"{models}:net", "--out", frozen).code == 0
+    assert_one_line_error(cli("unfreeze", frozen, "--model", f"{models}:net", "--include", "backbone.*", "--out", out),
+                          "include pattern `backbone.*` matches no frozen BatchNorm")
+    assert not out.exists()
+
+
+def test_a_wrong_unfreeze_fails_verification_with_exit_1_and_writes_nothing(setup, cli, monkeypatch):
+    # catches: a verification that does not look (one channel of one layer off by 0.1%)
+    from bntool.freezing import _FrozenBatchNorm
+
+    tmp_path, models, ckpt, _ = setup
+    frozen = tmp_path / "frozen.safetensors"
+    assert cli("freeze", ckpt, "--model", f"{models}:net", "--out", frozen).code == 0
+    real = _FrozenBatchNorm.to_batchnorm
+
+    def off_in_one_channel(self):
+        bn = real(self)
+        with torch.no_grad():
+            bn.running_var[1] *= 1.001
+        return bn
+
+    monkeypatch.setattr(_FrozenBatchNorm, "to_batchnorm", off_in_one_channel)
+    out = tmp_path / "u.safetensors"
+    result = cli("unfreeze", frozen, "--model", f"{models}:net", "--out", out)
+    assert result.code == 1
+    assert "Error: the unfrozen model (eval mode) does not match the original" in result.err
+    assert not out.exists() and not list(tmp_path.glob(".u*"))

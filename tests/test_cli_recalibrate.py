@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,11 +12,10 @@ import torch
 
 import bntool.checkpoint
 from bntool import modelspec
-from tests.conftest import invoke_main
+from tests.conftest import invoke_main, torchrun
 from bntool.data import plan_batches
 from bntool.recalibration import recalibrate
 
-ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = textwrap.dedent(
     """
@@ -168,21 +163,12 @@ def test_bad_data_exits_2_with_one_line(setup):
 def test_torchrun_two_processes_match_one(setup):
     tmp_path, models, ckpt, data, model = setup
     out = tmp_path / "dist.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "bntool", "recalibrate", str(ckpt), "--model", f"{models}:net", "--data", str(data),
-           "--batch-size", "8", "--out", str(out), "--device", "cpu", "--json"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:  # kill the launcher and its workers, never leave a rank waiting
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stdout + stderr
-    report = json.loads(stdout)  # only rank 0 prints
+    proc = torchrun("recalibrate", ckpt, "--model", f"{models}:net", "--data", data, "--batch-size", "8",
+                    "--out", out, "--device", "cpu", "--json", nproc=2, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)  # only rank 0 prints
     assert report["world_size"] == 2 and report["num_batches"] == 5 and report["num_samples"] == 38
+    assert report["backend"] == "gloo"
     loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:net")).state_dict()
     for key, value in expected_state(model, data).items():
         if value.is_floating_point():
@@ -203,3 +189,29 @@ def test_state_written_outside_bn_fails_with_exit_1_and_writes_nothing(setup):
         in result.stderr
     assert "Changed outside BatchNorm statistics: calls" in result.stdout
     assert not out.exists() and not list(tmp_path.glob(".recal*"))
+
+
+def test_a_frozen_checkpoint_is_recalibrated_stays_frozen_and_loads(setup, cli):
+    # AdaBN after frozen fine-tuning: catches frozen layers skipped, unfrozen in the output, or a recipe that
+    # bntool.load cannot replay
+    from bntool.freezing import FrozenBatchNorm1d, FrozenBatchNorm2d
+
+    tmp_path, models, ckpt, data, model = setup
+    frozen, out = tmp_path / "frozen.safetensors", tmp_path / "adapted.safetensors"
+    assert cli("freeze", ckpt, "--model", f"{models}:net", "--out", frozen).code == 0
+    result = cli("recalibrate", frozen, "--model", f"{models}:net", "--data", data, "--batch-size", 8,
+                 "--out", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [(layer["name"], layer["frozen"]) for layer in report["layers"]] == [
+        ("stem.1", True), ("layer1.1", True), ("head.3", True)]
+    assert report["passed"] and report["skipped"] == []
+    loaded = bntool.load(out, model=modelspec.build(f"{models}:net"))
+    assert type(loaded.stem[1]) is FrozenBatchNorm2d and type(loaded.head[3]) is FrozenBatchNorm1d
+    assert [step["op"] for step in bntool.checkpoint.read(out).recipe] == ["freeze", "recalibrate"]
+    state = loaded.state_dict()
+    for key, value in expected_state(model, data).items():  # what the unfrozen model gets on the same data
+        if value.is_floating_point():
+            torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-6 * value.abs().max().item())
+        else:
+            assert torch.equal(state[key], value), key

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bntool.errors import InputError
+from bntool.norms import is_batchnorm
 from bntool.recalibration import RecalibrationReport, recalibrate, replay
 from bntool.recipe import REPLAYERS
 from bntool.recipe import replay as replay_recipe
@@ -57,19 +58,20 @@ def assert_stats(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
 
 
 class Capture:
-    """Records (float64) every input each BN receives, per call, via forward pre-hooks."""
+    """Records (float64) every input each BN (frozen ones too) receives, per call, positional or ``input=``."""
 
     def __init__(self, model: nn.Module):
         self.inputs: dict[str, list[torch.Tensor]] = {}
         self.handles = [
-            m.register_forward_pre_hook(self._hook(name))
+            m.register_forward_pre_hook(self._hook(name), with_kwargs=True)
             for name, m in model.named_modules()
-            if isinstance(m, _BatchNorm)
+            if is_batchnorm(m)
         ]
 
     def _hook(self, name):
-        def hook(module, args):
-            self.inputs.setdefault(name, []).append(args[0].detach().double().clone())
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            self.inputs.setdefault(name, []).append(x.detach().double().clone())
         return hook
 
     def remove(self):
@@ -203,6 +205,20 @@ def test_dropout_stays_in_eval_and_every_flag_and_momentum_is_restored():
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
 
 
+def writes_outside_bn_statistics(model: nn.Module) -> nn.Module:
+    """Hooks that write a conv weight and a BN weight through ``.data`` (bypassing version counters)."""
+
+    def corrupt(module, args):  # returns None: the input stays the input
+        module.weight.data[0].mul_(1.0001)
+
+    def nudge(module, args, output):
+        module.weight.data.add_(1e-3)
+
+    model.layer1[0].conv1.register_forward_pre_hook(corrupt)
+    model.bn1.register_forward_hook(nudge)
+    return model
+
+
 def test_only_bn_buffers_change_and_the_check_can_fail():
     torch.manual_seed(0)
     model = randomize_bn_(resnet_small(), seed=5)
@@ -215,15 +231,7 @@ def test_only_bn_buffers_change_and_the_check_can_fail():
     assert report.unchanged_non_bn and report.passed and report.changed_non_bn == ()
 
     # negative: something writes a conv weight (through .data, bypassing version counters) and a BN weight
-    model2 = randomize_bn_(resnet_small(), seed=5)
-
-    def corrupt(module, args):
-        module.weight.data[0].mul_(1.0001)
-
-    def nudge(module, args, output):
-        module.weight.data.add_(1e-3)
-    model2.layer1[0].conv1.register_forward_pre_hook(corrupt)
-    model2.bn1.register_forward_hook(nudge)
+    model2 = writes_outside_bn_statistics(randomize_bn_(resnet_small(), seed=5))
     report2 = recalibrate(model2, uneven_batches((3, 16, 16), sizes=(5, 3)))
     assert not report2.unchanged_non_bn and not report2.passed
     assert set(report2.changed_non_bn) == {"layer1.0.conv1.weight", "bn1.weight"}
@@ -377,6 +385,206 @@ def test_bad_arguments_are_input_errors():
         recalibrate(model, [])
     with pytest.raises(InputError, match="positive number of batches"):
         recalibrate(model, [torch.randn(2, 3)], num_batches=0)
+    with pytest.raises(InputError, match="merge_every=0"):
+        recalibrate(model, [torch.randn(2, 3)], merge_every=0)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def test_empty_batches_are_skipped_counted_and_leave_the_statistics_exact():
+    # catches: an empty call merged as (count 0, the previous call's variance), i.e. M2 -= var: running_var low
+    torch.manual_seed(0)
+    model = randomize_bn_(resnet_small(), seed=13)
+    real = uneven_batches((3, 16, 16), sizes=(5, 7, 4, 6))
+    empty = torch.empty(0, 3, 16, 16)
+    batches = [empty, real[0], real[1], empty, real[2], real[3], empty]
+    capture = Capture(model)
+    report = recalibrate(model, batches, merge_every=2)  # empties fall on both sides of a merge
+    capture.remove()
+    for name, bn in model.named_modules():
+        if isinstance(bn, _BatchNorm):
+            assert_stats(bn, *capture.oracle(name))
+            assert int(bn.num_batches_tracked) == len(real)
+    assert report.num_batches == 7 and report.empty_batches == 3 and report.num_samples == 22
+    assert all(layer.calls == 4 and layer.empty_calls == 3 for layer in report.layers)
+    assert report.to_dict()["empty_batches"] == 3
+    with pytest.raises(InputError, match="all 2 batches are empty"):
+        recalibrate(randomize_bn_(resnet_small(), seed=13), [empty, empty])
+
+
+class KeywordBN(nn.Module):
+    """Calls its BNs by keyword, as some model code does: ``self.bn(input=x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, 5))
+        self.bn_head = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn_head(input=self.head(torch.relu(self.bn(input=self.conv(x)))))
+
+
+def test_bn_called_with_a_keyword_input_is_exact():
+    # catches: hooks that read args[0] only (IndexError), or that skip keyword calls (statistics unchanged)
+    torch.manual_seed(0)
+    model = randomize_bn_(KeywordBN(), seed=14)
+    batches = uneven_batches((3, 8, 8))
+    capture = Capture(model)
+    report = recalibrate(model, batches, verify_batches=uneven_batches((3, 8, 8), sizes=(6, 6), seed=3))
+    capture.remove()
+    for name in ("bn", "bn_head"):  # every call was seen: the pass, then 2 held-out batches before and after
+        assert len(capture.inputs[name]) == len(batches) + 4
+        capture.inputs[name] = capture.inputs[name][: len(batches)]
+    assert_stats(model.bn, *capture.oracle("bn"))
+    assert_stats(model.bn_head, *capture.oracle("bn_head"))
+    assert [layer.calls for layer in report.layers] == [5, 5]
+    assert all(layer.verify_after is not None for layer in report.layers)
+
+
+def test_a_frozen_model_is_recalibrated_exactly_and_stays_frozen():
+    # catches: frozen BNs skipped (statistics unchanged), normalising with their stored statistics during the
+    # pass (every later BN then sees other inputs than in the unfrozen recalibration), or swapped back to BN
+    import bntool
+    from bntool.freezing import FrozenBatchNorm2d, check_frozen
+
+    torch.manual_seed(0)
+    frozen, _ = bntool.freeze(randomize_bn_(resnet_small(), seed=15))
+    unfrozen, _ = bntool.unfreeze(copy.deepcopy(frozen))
+    before = copy.deepcopy(frozen)
+    batches = uneven_batches((3, 16, 16), sizes=(6, 9, 4))
+    capture = Capture(frozen)
+    report = recalibrate(frozen, batches)
+    capture.remove()
+    recalibrate(unfrozen, batches)
+    assert type(frozen.bn1) is FrozenBatchNorm2d and all(layer.frozen for layer in report.layers)
+    assert len(report.layers) == sum(is_batchnorm(m) for m in frozen.modules())
+    for key, value in unfrozen.state_dict().items():
+        assert torch.equal(frozen.state_dict()[key], value), key  # exactly what the unfrozen form gets
+    for name, module in frozen.named_modules():
+        if is_batchnorm(module):
+            assert_stats(module, *capture.oracle(name))
+    assert report.unchanged_non_bn and report.recipe_step()["tracking_enabled"] == []
+    assert not torch.equal(frozen.bn1.running_var, before.bn1.running_var)
+    x = uneven_batches((3, 16, 16), sizes=(4,), seed=5)[0]
+    check = check_frozen(unfrozen, frozen, [x], device="cpu")  # still frozen: train mode == eval mode
+    assert check.passed, check.failure_message()
+
+
+class MixedDtypes(nn.Module):
+    """A float32 BN, then a float64 one: two pools of slots, merged back into one report."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn32, self.fc, self.bn64 = nn.BatchNorm1d(5), nn.Linear(5, 3), nn.BatchNorm1d(3).double()
+
+    def forward(self, x):
+        return self.bn64(self.fc(self.bn32(x)).double())
+
+
+def test_layers_with_other_buffer_dtypes_are_exact_and_reported_in_order():
+    torch.manual_seed(0)
+    model = randomize_bn_(MixedDtypes(), seed=19)
+    batches = uneven_batches((5,), sizes=(7, 4, 9))
+    capture = Capture(model)
+    report = recalibrate(model, batches, merge_every=2)
+    capture.remove()
+    assert [layer.name for layer in report.layers] == ["bn32", "bn64"]
+    assert model.bn64.running_var.dtype == torch.float64
+    assert_stats(model.bn32, *capture.oracle("bn32"))
+    assert_stats(model.bn64, *capture.oracle("bn64"))
+
+
+def _set_tf32_flags(values: dict[str, str]) -> None:
+    owners = {"cuda.matmul": torch.backends.cuda.matmul, "cudnn.conv": torch.backends.cudnn.conv,
+              "cudnn.rnn": torch.backends.cudnn.rnn}
+    for key, value in values.items():
+        owners[key.split(".fp32_precision")[0]].fp32_precision = value
+
+
+def test_tf32_is_off_during_the_pass_unless_allowed_and_the_callers_setting_comes_back():
+    # catches: a pass under the caller's TF32 setting (inexact convolutions on a GPU), a setting not restored
+    from bntool.verify import tf32_state
+
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("this torch has only the legacy allow_tf32 switches")
+    model = randomize_bn_(resnet_small(), seed=16)
+    seen = []
+    model.conv1.register_forward_pre_hook(lambda m, a: seen.append(tf32_state()))
+    saved = tf32_state()
+    try:
+        _set_tf32_flags({"cuda.matmul": "tf32", "cudnn.conv": "ieee", "cudnn.rnn": "tf32"})  # the caller's mix
+        caller = tf32_state()
+        recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 4)))
+        assert len(seen) == 2 and all(set(state.values()) == {"ieee"} for state in seen)
+        assert tf32_state() == caller
+        seen.clear()
+        recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 4)), allow_tf32=True)
+        assert len(seen) == 2 and all(set(state.values()) == {"tf32"} for state in seen)
+        assert tf32_state() == caller
+    finally:
+        _set_tf32_flags(saved)
+
+
+def test_the_hot_path_issues_no_tensor_work_per_bn_call(monkeypatch):
+    # catches: copies, casts, item()/bool() (host synchronisations on a GPU) or allocations in the per-call hook,
+    # and a state check that compares tensor by tensor (one synchronisation each)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bntool import collect
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.in_hook, self.all = False, [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            (self.in_hook if self.inside else self.all).append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ops = Ops()
+    real = collect.Collector.__call__
+
+    def watched(self, module, args, kwargs):
+        ops.inside = True
+        try:
+            return real(self, module, args, kwargs)
+        finally:
+            ops.inside = False
+
+    monkeypatch.setattr(collect.Collector, "__call__", watched)
+    model = randomize_bn_(resnet_small(), seed=17)
+    batches = uneven_batches((3, 16, 16), sizes=(4, 5, 3, 4))
+    with ops:
+        report = recalibrate(model, batches)
+    calls = sum(layer.calls for layer in report.layers)
+    assert calls == 4 * len(report.layers)
+    assert ops.in_hook and set(ops.in_hook) <= {"aten.select.int", "aten.slice.Tensor"}  # views: no kernel
+
+
+def test_the_gpu_state_check_compares_once_and_still_names_what_changed(monkeypatch):
+    # the GPU path (one copy, one comparison: one synchronisation), forced on the CPU; catches a check that
+    # compares tensor by tensor on a GPU, and a batched check that cannot say which tensor changed
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bntool import snapshot
+
+    class Equals(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Equals.count += func is torch.ops.aten.equal.default
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(snapshot, "COMPARE_IN_PLACE", ())
+    model = randomize_bn_(resnet_small(), seed=18)
+    with Equals():
+        report = recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 3)))
+    assert report.unchanged_non_bn and Equals.count == 1
+    report = recalibrate(writes_outside_bn_statistics(model), uneven_batches((3, 16, 16), sizes=(4, 3)))
+    assert set(report.changed_non_bn) == {"layer1.0.conv1.weight", "bn1.weight"}
 
 
 # ----------------------------------------------------------------------------- two processes

@@ -43,7 +43,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     name="bntool",
     cls=_Group,
-    help="BatchNorm surgery for PyTorch checkpoints: fold, recalibrate, freeze, export, inspect. "
+    help="BatchNorm surgery for PyTorch checkpoints: fold, recalibrate, freeze, unfreeze, export, inspect. "
     "Every command verifies its result numerically before writing anything.",
     no_args_is_help=True,
     add_completion=False,
@@ -73,6 +73,7 @@ def _root(
 from . import fold as _fold  # noqa: E402,F401
 from . import inspect as _inspect  # noqa: E402,F401
 from . import freeze as _freeze  # noqa: E402,F401
+from . import unfreeze as _unfreeze  # noqa: E402,F401
 from . import recalibrate as _recalibrate  # noqa: E402,F401
 from . import export as _export  # noqa: E402,F401
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,9 @@ from .options import (
     CheckpointArg,
     DeviceOpt,
     DryRunOpt,
+    ExcludeOpt,
     ForceOpt,
+    IncludeOpt,
     InputShapeOpt,
     JsonOpt,
     KeyOpt,
@@ -25,21 +27,6 @@ from .options import (
     StripPrefixOpt,
 )
 
-IncludeOpt = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--include",
-        metavar="PATTERN",
-        help="Freeze only BatchNorm layers whose qualified name (or a parent's) matches this fnmatch pattern, "
-        "e.g. 'layer1.*' or backbone; repeat for several. Default: every BatchNorm.",
-        show_default=False,
-    ),
-]
-ExcludeOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--exclude", metavar="PATTERN", help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
-                 show_default=False),
-]
 TrainableAffineOpt = Annotated[
     bool,
     typer.Option("--trainable-affine", help="Keep gamma / beta (weight / bias) trainable; only the statistics are frozen."),
@@ -75,11 +62,11 @@ def freeze(
     checked again. `bntool.load(path, model=MyNet())` rebuilds the frozen layers.
     """
     from .. import console
-    from ..errors import InputError, VerificationError
+    from ..errors import InputError
     from ..freezing import check_frozen
     from ..freezing import freeze as freeze_model
     from ..verify import resolve_device
-    from .common import load_source, output_path, verification_inputs, write_verified
+    from .common import load_source, output_path, verification_inputs
 
     console.use_stderr_for_humans(json)
     out = output_path(checkpoint, out, "frozen", force=force, dry_run=dry_run, model=model)
@@ -96,18 +83,28 @@ def freeze(
     result: dict = {"command": "freeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
     result.update(report.to_dict())
     check = check_frozen(source.model, frozen, inputs, device=target, atol=atol, rtol=rtol)
+    finish_verified(result, source, frozen, out, report.recipe_step(), check, "the frozen model in train mode",
+                    lambda: _render(result, report, check, json), force=force, dry_run=dry_run, inputs=inputs)
+
+
+def finish_verified(result: dict, source, model, out, step: dict, check, what: str, render, *, force: bool,
+                    dry_run: bool, inputs) -> None:
+    """Render and stop (exit 1) when ``check`` failed; else write ``model`` verified (unless a dry run) and render."""
+    from ..errors import VerificationError
+    from .common import write_verified
+
     result["verification"] = check.to_dict()
     if not check.passed:
-        _render(result, report, check, json)
-        raise VerificationError(check.failure_message("the frozen model in train mode"), report=check)
+        render()
+        raise VerificationError(check.failure_message(what), report=check)
     if not dry_run:
         try:
-            written = write_verified(source, frozen, out, report.recipe_step(), force=force, inputs=inputs)
+            written = write_verified(source, model, out, step, force=force, inputs=inputs)
         except VerificationError:
-            _render(result, report, check, json)
+            render()
             raise
         result.update(output=str(written), written=True)
-    _render(result, report, check, json)
+    render()
 
 
 def _render(result: dict, report, check, as_json: bool) -> None:

@@ -95,3 +95,21 @@ StdOpt = Annotated[
     Optional[str],
     typer.Option("--std", metavar="FLOATS", help="Per-channel std to divide images by, e.g. 0.229,0.224,0.225.", show_default=False),
 ]
+
+# Layer selection shared by freeze and unfreeze.
+IncludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--include",
+        metavar="PATTERN",
+        help="Only BatchNorm layers whose qualified name (or a parent's) matches this fnmatch pattern, "
+        "e.g. 'layer1.*' or backbone; repeat for several. Default: every one the command applies to.",
+        show_default=False,
+    ),
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", metavar="PATTERN",
+                 help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
+                 show_default=False),
+]

@@ -56,6 +56,11 @@ ExcludeOpt = Annotated[
     typer.Option("--exclude", metavar="PATTERN", help="Leave BNs matching this pattern as they are; repeatable.", show_default=False),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no tables; errors only.")]
+AllowTf32Opt = Annotated[
+    bool,
+    typer.Option("--allow-tf32", help="Run the pass with TF32 on (cuDNN convolutions and cuBLAS matmuls, GPU only): "
+                 "the statistics of a model deployed with TF32. Default: off, exact float32."),
+]
 
 
 @app.command()
@@ -78,6 +83,7 @@ def recalibrate(
     only: OnlyOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
+    allow_tf32: AllowTf32Opt = False,
     out: OutOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -90,7 +96,8 @@ def recalibrate(
     eval), statistics are accumulated in float64 over every value each BN sees,
     and every other parameter and buffer is checked to be bit-identical. Under
     torchrun each process takes every N-th batch, the statistics are reduced
-    across processes, and process 0 writes the file.
+    across processes, and process 0 writes the file. Frozen BNs (bntool
+    freeze) are recalibrated too and stay frozen; empty batches are skipped.
     """
     import torch
 
@@ -120,9 +127,11 @@ def recalibrate(
         shown = console.progress(counted, total=plan.total, description="Recalibrating",
                                  enabled=not quiet and rank == 0, samples=lambda: counted.samples)
         report = recalibrate_model(work, shown, input_key=input_key, only=only or (), exclude=exclude or (),
-                                   verify_batches=plan.verification)
+                                   verify_batches=plan.verification, allow_tf32=allow_tf32)
         result: dict[str, Any] = {"command": "recalibrate", **source.describe(), "data": str(data), "output": None,
-                                  "written": False, "dry_run": dry_run, **report.to_dict(),
+                                  "written": False, "dry_run": dry_run, "device": str(target),
+                                  "tf32": allow_tf32 and target.type == "cuda",
+                                  "backend": group["backend"] if group else None, **report.to_dict(),
                                   "recipe_step": report.recipe_step()}
         if not report.unchanged_non_bn:
             if rank == 0:
@@ -169,19 +178,34 @@ class _Counted:
 
 
 def _init_distributed(target: Any) -> dict[str, Any] | None:
-    """Join the torchrun process group (gloo on CPU, NCCL on GPU) when WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Join the torchrun process group (gloo on CPU, NCCL on GPU) when started by torchrun (any number of processes).
+
+    On a GPU each process needs a GPU of its own: more processes on this
+    machine than GPUs is refused before any process waits for another.
+    """
+    if not all(key in os.environ for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         return None
     import torch
     import torch.distributed as dist
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from ..errors import InputError
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
     created = not dist.is_initialized()
+    if target.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if max(local_world, local_rank + 1) > gpus:
+            raise InputError(
+                f"torchrun started {local_world} processes on this machine but {gpus} CUDA GPU(s) are visible, and "
+                f"each process needs a GPU of its own; pass --nproc-per-node {gpus} (or fewer), or --device cpu "
+                "to reduce on the CPU (gloo)")
     if created:
         if target.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-    return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "local_rank": local_rank, "created": created}
+    return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "local_rank": local_rank, "created": created,
+            "backend": str(dist.get_backend())}
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
@@ -202,7 +226,8 @@ def _render(result: dict, report: Any, as_json: bool, quiet: bool) -> None:
         columns += ["|mean| before→after", "|var-1| before→after"]
     rows = []
     for layer in report.layers:
-        row = [layer.name + (" (now tracking)" if layer.converted else ""), layer.calls, layer.count,
+        note = " (now tracking)" if layer.converted else " (frozen, stays frozen)" if layer.frozen else ""
+        row = [layer.name + note, layer.calls, layer.count,
                _fmt(layer.mean_change), _fmt(layer.var_change), f"{layer.batch_var_gap:.2%}"]
         if verified:
             for attr in ("mean_error", "var_error"):
@@ -215,8 +240,12 @@ def _render(result: dict, report: Any, as_json: bool, quiet: bool) -> None:
         console.table(f"Left {len(report.skipped)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
                       [[s.name, s.reason] for s in report.skipped])
     where = f" on {report.world_size} processes" if report.world_size > 1 else ""
-    console.line(f"{report.num_batches} batches, {report.num_samples} samples{where}. Averaging per-batch variances "
-                 f"instead would have been off by up to {report.mean_of_batch_vars_vs_population:.2%}.")
+    precision = ", TF32 on" if result.get("tf32") else ""
+    console.line(f"{report.num_batches} batches, {report.num_samples} samples{where} ({result['device']}{precision}). "
+                 "Averaging per-batch variances instead would have been off by up to "
+                 f"{report.mean_of_batch_vars_vs_population:.2%}.")
+    if report.empty_batches:
+        console.line(f"Skipped {report.empty_batches} empty batch(es) (0 samples): they carry no statistics.")
     if report.converted:
         console.line("Now tracking running statistics (were track_running_stats=False): " + ", ".join(report.converted))
     if verified:

@@ -1,0 +1,93 @@
+"""``bntool unfreeze``."""
+
+from __future__ import annotations
+
+from . import app
+from .options import (
+    AllowPickleOpt,
+    AtolOpt,
+    CheckpointArg,
+    DeviceOpt,
+    DryRunOpt,
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    InputShapeOpt,
+    JsonOpt,
+    KeyOpt,
+    ModelArgsOpt,
+    ModelOpt,
+    OutOpt,
+    RtolOpt,
+    SeedOpt,
+    StripPrefixOpt,
+)
+
+
+@app.command()
+def unfreeze(
+    checkpoint: CheckpointArg,
+    model: ModelOpt = None,
+    model_args: ModelArgsOpt = None,
+    key: KeyOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    strip_prefix: StripPrefixOpt = True,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Turn frozen BatchNorm layers (bntool freeze) back into ordinary ones, with the same statistics.
+
+    The unfrozen model in eval mode is checked against the frozen one; the
+    written file is reloaded and checked again. `bntool.load(path,
+    model=MyNet())` rebuilds the model with the recorded steps replayed.
+    """
+    from .. import console
+    from ..errors import InputError
+    from ..freezing import unfreeze as unfreeze_model
+    from ..verify import compare, resolve_device
+    from .common import load_source, output_path, verification_inputs
+    from .freeze import finish_verified
+
+    console.use_stderr_for_humans(json)
+    out = output_path(checkpoint, out, "unfrozen", force=force, dry_run=dry_run, model=model)
+    target = resolve_device(device)
+    source = load_source(
+        checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
+    )
+    unfrozen, report = unfreeze_model(source.model, include=include, exclude=exclude)
+    if not report.unfrozen:
+        raise InputError(f"nothing to unfreeze in `{checkpoint}`: it has no frozen BatchNorm layers "
+                         "(bntool freeze writes them)")
+    inputs = verification_inputs(source.model, input_shape, seed)
+    result: dict = {"command": "unfreeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
+    result.update(report.to_dict())
+    comparison = compare(source.model, unfrozen, inputs, device=target, atol=atol, rtol=rtol)
+    finish_verified(result, source, unfrozen, out, report.recipe_step(), comparison, "the unfrozen model (eval mode)",
+                    lambda: _render(result, report, comparison, json), force=force, dry_run=dry_run, inputs=inputs)
+
+
+def _render(result: dict, report, comparison, as_json: bool) -> None:
+    from .. import console
+    from .common import render_comparison, worst_summary
+
+    if as_json:
+        console.print_json(result)
+        return
+    rows = [[f.name, f.type, f.num_features, f"{f.eps:g}"] for f in report.unfrozen]
+    console.table(f"Unfroze {len(rows)} BatchNorm layer(s)", ["BatchNorm", "now", "features", "eps"], rows)
+    render_comparison(comparison, "Verification: unfrozen vs frozen (eval mode)")
+    if comparison.passed:
+        console.success(f"Verified on {comparison.device} ({worst_summary(comparison)}).")
+    if result.get("written"):
+        console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
+    elif result.get("dry_run", False):
+        console.line("Dry run: nothing written.")
