@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device)
+_EMPTY_COPIES = (dict, OrderedDict, set, list)
 
 
 def clone(model: nn.Module, share: Iterable[torch.Tensor] = ()) -> nn.Module:
@@ -62,8 +64,10 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = {n: None if m is None else _copy_module(m, memo) for n, m in value.items()}
         elif key in ("_parameters", "_buffers"):
             state[key] = {n: None if t is None else _copy_tensor(t, memo) for n, t in value.items()}
-        elif isinstance(value, _ATOMIC):
+        elif isinstance(value, _ATOMIC) or (type(value) is tuple and all(isinstance(v, _ATOMIC) for v in value)):
             state[key] = value
+        elif type(value) in _EMPTY_COPIES and not value:  # the hook and buffer-name containers, mostly empty
+            state[key] = type(value)()
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
