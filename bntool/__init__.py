@@ -16,17 +16,17 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 #: public name -> module that defines it
 _EXPORTS = {
-    "load": "bntool.checkpoint",
-    "save": "bntool.checkpoint",
+    "load": "bntool.persist",
+    "save": "bntool.persist",
     "fold": "bntool.folding",
     "plan_fold": "bntool.folding",
     "FoldPlan": "bntool.folding",
     "FoldReport": "bntool.folding",
-    "Skip": "bntool.folding",
+    "Skip": "bntool.report",
     "compare": "bntool.verify",
     "Comparison": "bntool.verify",
     "BntoolError": "bntool.errors",
@@ -66,10 +66,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import load, save
+    from .persist import load, save
     from .errors import BntoolError, InputError, VerificationError
     from .recalibration import RecalibrationReport, recalibrate
-    from .folding import FoldPlan, FoldReport, Skip, fold, plan_fold
+    from .folding import FoldPlan, FoldReport, fold, plan_fold
+    from .report import Skip
     from .verify import Comparison, compare
     from .inspection import Finding, InspectReport, inspect
     from .freezing import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze

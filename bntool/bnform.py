@@ -126,11 +126,12 @@ def scale_shift(module: nn.Module, form: NormForm, rank: int | None = None) -> t
             args = _bn_args(node)
             tensors = [None if args[n] is None else _attr(module, args[n].target)
                        for n in ("running_mean", "running_var", "weight", "bias")]
-            k_bn, c_bn = bn_scale_shift(tensors[0], tensors[1], float(args["eps"]), tensors[2], tensors[3])
+            k_bn, c_bn = (t.cpu() for t in bn_scale_shift(tensors[0], tensors[1], float(args["eps"]), tensors[2],
+                                                            tensors[3]))
             k, c = k_bn * k, k_bn * c + c_bn
             continue
         op, data_first, operand = _elementwise(node)
-        t = _channel_vector(_evaluate(module, operand, values), channels, rank or guess_rank(module))
+        t = _channel_vector(_evaluate(module, operand, values), channels, rank or guess_rank(module)).cpu()
         if op == "mul":
             k, c = k * t, c * t
         elif op == "div":
@@ -353,7 +354,7 @@ def _evaluate(module: nn.Module, value: Any, memo: dict) -> Any:
         tensor = _attr(module, value.target)
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"`{value.target}` is not a tensor")
-        result = tensor.detach().cpu().double()
+        result = tensor.detach().double()  # on its own device (the meta device when a structure is rebuilt)
     elif value.op in ("call_function", "call_method"):
         if value.op == "call_function" and value.target is getattr:
             raise TypeError("metadata of the data is not static")

@@ -16,6 +16,8 @@ then moved into place without replacing anything that appeared meanwhile
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from . import tensorfile
 from .errors import CheckpointMismatchError, InputError, UnsafeFileError, shorten
 from .inputs import require_regular_file
@@ -63,7 +65,6 @@ class Loaded:
     """What a checkpoint file holds, before it meets a model."""
 
     path: Path
-    sha256: str
     candidates: tuple[Candidate, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
     module: nn.Module | None = None  # a whole pickled model (only with allow_pickle)
@@ -71,6 +72,18 @@ class Loaded:
     @property
     def recipe(self) -> list[dict[str, Any]]:
         return list(self.metadata.get("recipe", []))
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The file's sha256, computed the first time it is asked for (outputs record their source's)."""
+        return sha256(self.path)
+
+    def without_tensors(self) -> Loaded:
+        """The same file's description without the tensors read from it (so they can be freed once loaded)."""
+        slim = dataclasses.replace(self, candidates=())
+        if "sha256" in self.__dict__:
+            slim.__dict__["sha256"] = self.__dict__["sha256"]
+        return slim
 
 
 @dataclass(frozen=True)
@@ -123,7 +136,7 @@ def read(path: str | os.PathLike, *, key: str | None = None, allow_pickle: bool 
             f"`{path}` holds no state dict (no mapping of names to tensors); "
             f"top-level keys: {_describe_keys(obj)}"
         )
-    return Loaded(path=path, sha256=sha256(path), candidates=candidates, metadata=metadata, module=module)
+    return Loaded(path=path, candidates=candidates, metadata=metadata, module=module)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -369,22 +382,15 @@ def load_state(model: nn.Module, loaded: Loaded, *, strip_prefix: bool = True) -
     return resolved
 
 
-def load(
-    path: str | os.PathLike,
-    model: nn.Module,
-    *,
-    key: str | None = None,
-    allow_pickle: bool = False,
-    strip_prefix: bool = True,
-) -> nn.Module:
-    """Load a checkpoint (bntool output or any training checkpoint) into ``model``.
-
-    The recipe stored by bntool (folds, frozen layers...) is replayed on
-    ``model`` first, so ``bntool.load("folded.safetensors", model=resnet50())``
-    returns the folded model. ``model`` is changed in place and returned.
-    """
-    load_state(model, read(path, key=key, allow_pickle=allow_pickle), strip_prefix=strip_prefix)
-    return model
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The bntool metadata (recipe, source...) of a file bntool wrote, without loading its tensors."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        raw = tensorfile.read_header(path)[1].get("__metadata__", {}).get(META_KEY)
+        return json.loads(raw) if raw else {}
+    obj = torch_load(path)
+    meta = obj.get(META_KEY) if isinstance(obj, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 # ----------------------------------------------------------------------------- writing

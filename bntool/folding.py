@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import recipe
 from . import bnform
 from .cloning import clone
+from .report import with_step
 from .errors import InputError, VerificationError
 from .foldmath import identity_statistics, scale_consumer, scale_producer, through_after, through_before
 from .foldplan import TRANSPOSED, FoldPair, FoldPlan, Skip, plan_fold, plan_from_dataflow
@@ -43,12 +45,30 @@ class FoldReport:
     plan: FoldPlan
     comparison: Comparison | None
     rejected: tuple[Skip, ...] = ()
+    #: the original's outputs on the example inputs (own dtype, and float64 for the derived tolerance; no layers),
+    #: for later checks on the same inputs (export's onnxruntime check) without running the original again
+    reference: Reference | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def done(self) -> tuple[FoldPair, ...]:
+        return self.plan.pairs
+
+    @property
+    def skipped(self) -> tuple[Skip, ...]:
+        return self.plan.skips
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison is None or self.comparison.passed
+
+    def recipe_step(self) -> dict[str, Any]:
+        return self.plan.recipe_step()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "folded": [dataclasses.asdict(p) for p in self.plan.pairs],
-            "skipped": [dataclasses.asdict(s) for s in self.plan.skips],
-            "rejected_by_verification": [dataclasses.asdict(s) for s in self.rejected],
+            "skipped": [{"bn": s.name, "reason": s.reason} for s in self.plan.skips],
+            "rejected_by_verification": [{"bn": s.name, "reason": s.reason} for s in self.rejected],
             "dataflow": self.plan.method,
             "note": self.plan.note,
             "verification": self.comparison.to_dict() if self.comparison else None,
@@ -215,12 +235,12 @@ def fold(
         if not blamed:
             break
         rejected.update(blamed)
-    report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected))
+    outputs_only = dataclasses.replace(reference, layers={}, layer_deltas={}) if reference is not None else None
+    report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), outputs_only)
     if comparison is not None and not comparison.passed:
         raise VerificationError(comparison.failure_message("the folded model"), report)
-    if inplace:
-        return apply_plan(model, plan), report
-    return folded, report
+    result = apply_plan(model, plan) if inplace else folded
+    return with_step(result, plan.recipe_step()), report
 
 
 def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:
@@ -248,3 +268,6 @@ def _blame(plan: FoldPlan, comparison: Comparison) -> dict[str, str]:
                            f"original by {output.max_abs_error:.3g} (tolerance {output.tolerance:.3g})")
                     for p in pairs}
     return {}
+
+
+recipe.register("fold", replay)

@@ -33,6 +33,7 @@ from torch import nn
 
 from . import bnform
 from .graph import FOLDABLE_TYPES, Dataflow, bn_names, dataflow
+from .report import Skip
 from .norms import bn_forward_is_standard, has_statistics, num_features, standard_forward
 
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -60,14 +61,6 @@ class FoldPair:
     through: tuple[float, float] = (1.0, 0.0)
     rank: int | None = None
     keeps: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A BN left as it is, and why."""
-
-    bn: str
-    reason: str
 
 
 @dataclass(frozen=True)

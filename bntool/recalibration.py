@@ -55,10 +55,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import recipe
+from .report import with_step
+from .selection import select
 from .collect import BN_BUFFERS, Collector, Totals, bn_input, gather, write_back
 from .collect import collectors as make_collectors
 from .data import batch_size_of, expected_input, model_input
-from .errors import InputError
+from .errors import InputError, VerificationError
 from .norms import is_foreign_batchnorm, is_frozen
 from .snapshot import Snapshot
 from .stats import (
@@ -81,8 +84,10 @@ def recalibrate(
     *,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     input_key: str | None = None,
-    only: Sequence[str] = (),
-    exclude: Sequence[str] = (),
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    only: str | Sequence[str] | None = None,
+    verify: bool = True,
     verify_batches: Iterable[Any] | None = None,
     callback: Callable[[int], None] | None = None,
     process_group: Any = None,
@@ -95,8 +100,9 @@ def recalibrate(
     is the input, dict with ``input_key`` or one obvious key); floating inputs
     are moved to the model's device and dtype. ``forward(model, batch)`` runs
     anything else (the batch is passed as is). ``num_batches`` limits the pass.
-    ``only`` / ``exclude``: glob patterns on qualified names (a pattern also
-    selects the BNs inside a matching module: ``layer1`` selects ``layer1.0.bn1``).
+    ``include`` (or its older name ``only``) / ``exclude``: fnmatch patterns on
+    qualified names (a pattern also selects the BNs inside a matching module:
+    ``layer1`` selects ``layer1.0.bn1``), as for every bntool operation.
     bntool's frozen BNs are recalibrated like the others and stay frozen.
     Empty batches (0 samples) are skipped and counted. ``verify_batches``
     (consumed after ``batches``) measures, in eval mode, how close each BN's
@@ -108,13 +114,20 @@ def recalibrate(
     the pass (exact float32) unless ``allow_tf32``, which turns it on for cuDNN
     convolutions and cuBLAS matmuls: the statistics of a model that is deployed
     with TF32. Under torch.distributed each rank passes its own share of the
-    batches and all ranks end with the same statistics.
+    batches and all ranks end with the same statistics. Every parameter and
+    buffer but the selected BNs' statistics must be bit-identical afterwards;
+    unless ``verify=False``, anything else that changed raises
+    ``VerificationError`` carrying the report.
     """
+    if only is not None:
+        if include is not None:
+            raise InputError("pass `include` or its older name `only`, not both")
+        include = only
     if num_batches is not None and num_batches < 1:
         raise InputError(f"num_batches={num_batches}: pass a positive number of batches (or None for all)")
     if merge_every is not None and merge_every < 1:
         raise InputError(f"merge_every={merge_every}: pass a positive number of calls")
-    selected, skipped = _select(model, only, exclude)
+    selected, skipped = _select(model, include, exclude)
     group, world_size = _process_group(process_group)
     device, dtype = model_device(model), model_dtype(model)
     snapshot = Snapshot(model, _bn_buffer_names(name for name, _ in selected))
@@ -182,7 +195,7 @@ def recalibrate(
     if quality:
         layers = [dataclasses.replace(layer, verify_before=quality[layer.name][0], verify_after=quality[layer.name][1])
                   for layer in layers]
-    return RecalibrationReport(
+    report = RecalibrationReport(
         layers=tuple(layers),
         skipped=tuple(sorted(skipped, key=lambda s: s.name)),
         converted=tuple(layer.name for layer in layers if layer.converted),
@@ -194,6 +207,13 @@ def recalibrate(
         verify_batches=verified,
         empty_batches=empty_batches,
     )
+    if verify and not report.unchanged_non_bn:
+        names = ", ".join(f"`{n}`" for n in report.changed_non_bn[:5]) or "on another process"
+        raise VerificationError(
+            f"parameters or buffers other than BatchNorm statistics changed during the pass ({names}); something in "
+            "the model's forward writes its own state; the statistics are not to be trusted", report)
+    with_step(model, report.recipe_step())
+    return report
 
 
 def _pass(model: nn.Module, selected: list, collectors: list[Collector], batches: Iterable[Any],
@@ -235,37 +255,19 @@ def _pass(model: nn.Module, selected: list, collectors: list[Collector], batches
 # ----------------------------------------------------------------------------- selection and state
 
 
-def _select(model: nn.Module, only: Sequence[str], exclude: Sequence[str]) -> tuple[list, list[SkippedLayer]]:
+def _select(model: nn.Module, include, exclude) -> tuple[list, list[SkippedLayer]]:
     bns = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) or is_frozen(m)]
     foreign = [SkippedLayer(name, f"`{type(m).__name__}` is no torch BatchNorm: its batch statistics cannot be read "
                             "back; statistics unchanged") for name, m in model.named_modules() if is_foreign_batchnorm(m)]
     if not bns:
         also = f" (only {len(foreign)} of another library, which it cannot recalibrate)" if foreign else ""
         raise InputError(f"`{type(model).__name__}` has no BatchNorm layers{also}; there is nothing to recalibrate")
-    names = [name for name, _ in bns]
-    for flag, patterns in (("--only", only), ("--exclude", exclude)):
-        for pattern in patterns:
-            if not any(_matches(name, pattern) for name in names):
-                shown = ", ".join(f"`{n}`" for n in names[:8]) + (", ..." if len(names) > 8 else "")
-                raise InputError(f"{flag} `{pattern}` matches no BatchNorm layer; the BatchNorm layers are {shown}")
-    selected, skipped = [], foreign
-    for name, bn in bns:
-        hit = next((p for p in exclude if _matches(name, p)), None)
-        if only and not any(_matches(name, p) for p in only):
-            skipped.append(SkippedLayer(name, "not selected by --only; statistics unchanged"))
-        elif hit is not None:
-            skipped.append(SkippedLayer(name, f"excluded by --exclude `{hit}`; statistics unchanged"))
-        else:
-            selected.append((name, bn))
-    if not selected:
-        raise InputError("--only/--exclude leave no BatchNorm layer to recalibrate; loosen the patterns")
-    return selected, skipped
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """Glob match on the qualified name or on any of its parents (``layer1`` matches ``layer1.0.bn1``)."""
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+    chosen, left = select([name for name, _ in bns], include, exclude, what="BatchNorm", owner=type(model).__name__)
+    if not chosen:
+        raise InputError("the include / exclude patterns leave no BatchNorm layer to recalibrate; loosen them")
+    keep = set(chosen)
+    selected = [(name, bn) for name, bn in bns if name in keep]
+    return selected, foreign + [SkippedLayer(name, f"{why}; statistics unchanged") for name, why in left.items()]
 
 
 @dataclasses.dataclass
@@ -541,3 +543,6 @@ def _process_group(process_group: Any) -> tuple[Any, int]:
         process_group = dist.group.WORLD
     world_size = dist.get_world_size(process_group)
     return (process_group if world_size > 1 else None), world_size
+
+
+recipe.register("recalibrate", replay)

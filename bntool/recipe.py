@@ -4,28 +4,31 @@ A recipe is a list of JSON-able steps, each a dict with an ``"op"`` key
 (``"fold"``, ``"freeze"``, ``"recalibrate"``, ...). It travels in the output
 file's metadata so that ``bntool.load(path, model=MyNet())`` can replay the
 same changes on a freshly built architecture before loading the weights
-strictly. Each op's module provides ``replay(model, step)``, which makes the
-structural change only (module swaps, new bias parameters, new buffers); the
-values come from the state dict afterwards.
+strictly. The operation modules register ``replay(model, step)`` for their
+ops here (``register``); a replayer makes the structural change only (module
+swaps, new bias parameters, new buffers), and the values come from the state
+dict afterwards. This module names no operation module: whoever replays a
+recipe imports the operations first (``bntool.persist`` does).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
 
 from .errors import InputError
 
-#: op name -> module providing ``replay(model, step)``; imported on demand.
-REPLAYERS = {
-    "fold": "bntool.folding",
-    "freeze": "bntool.freezing",
-    "unfreeze": "bntool.freezing",
-    "recalibrate": "bntool.recalibration",
-}
+Replayer = Callable[[nn.Module, dict[str, Any]], Any]
+
+#: op name -> ``replay(model, step)``, filled by the operation modules as they are imported
+REPLAYERS: dict[str, Replayer] = {}
+
+
+def register(op: str, replayer: Replayer) -> None:
+    """Make ``replay`` redo steps of ``op`` with ``replayer``."""
+    REPLAYERS[op] = replayer
 
 
 def replay(model: nn.Module, steps: Iterable[dict[str, Any]]) -> nn.Module:
@@ -37,5 +40,5 @@ def replay(model: nn.Module, steps: Iterable[dict[str, Any]]) -> nn.Module:
                 f"recipe step {index} has unknown op {op!r}; this file was written by a newer bntool "
                 f"(known ops: {', '.join(sorted(REPLAYERS))}) — upgrade bntool to load it"
             )
-        importlib.import_module(REPLAYERS[op]).replay(model, step)
+        REPLAYERS[op](model, step)
     return model

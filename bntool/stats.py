@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .errors import BntoolError
+from .report import Skip
 
 
 class ChannelStats:
@@ -187,12 +188,7 @@ class LayerStats:
     verify_after: NormQuality | None = None
 
 
-@dataclass(frozen=True)
-class SkippedLayer:
-    """A BN layer whose statistics were not changed, and why."""
-
-    name: str
-    reason: str
+SkippedLayer = Skip  # a BN layer whose statistics were not changed, and why
 
 
 @dataclass(frozen=True)
@@ -216,6 +212,15 @@ class RecalibrationReport:
     @property
     def passed(self) -> bool:
         return self.unchanged_non_bn
+
+    @property
+    def done(self) -> tuple[LayerStats, ...]:
+        return self.layers
+
+    @property
+    def comparison(self) -> None:
+        """Recalibration is checked by its state check (``unchanged_non_bn``), not by comparing outputs."""
+        return None
 
     @property
     def mean_of_batch_vars_vs_population(self) -> float:

@@ -151,7 +151,7 @@ def test_save_refuses_existing_output_and_the_input_itself(tmp_path, lenet):
     with pytest.raises(InputError, match="--force"):
         checkpoint.save(lenet, out, recipe=[])
     assert out.read_bytes() == b"keep me"
-    source = checkpoint.Loaded(path=out, sha256="", candidates=())
+    source = checkpoint.Loaded(path=out, candidates=())
     with pytest.raises(InputError, match="never modifies its input"):
         checkpoint.save(lenet, out, recipe=[], source=source, force=True)
     assert out.read_bytes() == b"keep me"

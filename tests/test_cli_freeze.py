@@ -83,7 +83,7 @@ def test_freeze_writes_a_verified_checkpoint_that_loads_frozen(setup):
     assert sha(ckpt) == before and out.exists()
     from bntool import modelspec
 
-    loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:net"))
+    loaded = bntool.load(out, modelspec.build(f"{models}:net"))
     assert type(loaded.stem[1]) is FrozenBatchNorm2d and type(loaded.head[3]) is FrozenBatchNorm1d
     for key, value in original.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key

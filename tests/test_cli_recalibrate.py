@@ -106,7 +106,7 @@ def test_recalibrate_writes_the_statistics_of_the_data(setup):
                      "1 held-out batches"):
         assert fragment in result.stdout, fragment
     assert sha(ckpt) == before
-    loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:net")).state_dict()
+    loaded = bntool.load(out, modelspec.build(f"{models}:net")).state_dict()
     for key, value in expected_state(model, data, verify_batches=1).items():
         assert torch.equal(loaded[key], value), key
     assert not torch.equal(loaded["stem.1.running_var"], model.state_dict()["stem.1.running_var"])
@@ -121,7 +121,7 @@ def test_json_report_and_recipe(setup):
     report = json.loads(result.stdout)
     assert report["command"] == "recalibrate" and report["written"] and report["output"] == str(out)
     assert [layer["name"] for layer in report["layers"]] == ["stem.1", "layer1.1"]
-    assert report["skipped"] == [{"name": "head.3", "reason": "excluded by --exclude `head.*`; statistics unchanged"}]
+    assert report["skipped"] == [{"name": "head.3", "reason": "excluded by the exclude pattern `head.*`; statistics unchanged"}]
     assert report["num_batches"] == 3 and report["num_samples"] == 24 and report["passed"]
     assert report["recipe_step"] == {"op": "recalibrate", "layers": ["stem.1", "layer1.1"], "tracking_enabled": [],
                                      "num_batches": 3, "num_samples": 24}
@@ -140,7 +140,7 @@ def test_untracked_bn_becomes_tracking_and_the_file_loads(setup):
                         "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:untracked"))
+    loaded = bntool.load(out, modelspec.build(f"{models}:untracked"))
     assert loaded.layer1[1].track_running_stats and "layer1.1.running_var" in loaded.state_dict()
 
 
@@ -169,7 +169,7 @@ def test_torchrun_two_processes_match_one(setup):
     report = json.loads(proc.stdout)  # only rank 0 prints
     assert report["world_size"] == 2 and report["num_batches"] == 5 and report["num_samples"] == 38
     assert report["backend"] == "gloo"
-    loaded = bntool.checkpoint.load(out, modelspec.build(f"{models}:net")).state_dict()
+    loaded = bntool.load(out, modelspec.build(f"{models}:net")).state_dict()
     for key, value in expected_state(model, data).items():
         if value.is_floating_point():
             torch.testing.assert_close(loaded[key], value, rtol=1e-6, atol=1e-6 * value.abs().max().item())

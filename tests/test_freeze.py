@@ -11,9 +11,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import bntool.report
 from bntool import recipe
-from bntool.errors import InputError
+from bntool.errors import InputError, VerificationError
 from bntool.freezing import (
+    FreezeReport,
     NO_STATISTICS,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -105,7 +107,7 @@ def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
 @pytest.mark.parametrize("kind", sorted(ZOO))
 def test_frozen_in_train_mode_computes_original_in_eval_mode(kind):
     original, x = build(kind)
-    frozen, report = freeze(original)
+    frozen, report = freeze(original, verify=False)
     assert not any(isinstance(m, _BatchNorm) for m in frozen.modules())
     assert [layer.name for layer in report.frozen] == [n for n, m in original.named_modules() if isinstance(m, _BatchNorm)]
     with torch.no_grad():
@@ -121,7 +123,7 @@ def test_frozen_in_train_mode_computes_original_in_eval_mode(kind):
 
 def test_model_train_after_freezing_keeps_layers_frozen():
     original, x = build("conv2d")
-    frozen, _ = freeze(original)
+    frozen, _ = freeze(original, verify=False)
     frozen.eval()
     frozen.train()
     assert all(m.training for m in frozen.modules())
@@ -156,7 +158,7 @@ def _bn_outputs_follow_stored_statistics(model: nn.Module, x: torch.Tensor) -> N
 
 def test_training_steps_leave_frozen_statistics_and_affine_bit_identical():
     original, x = build("conv2d")
-    frozen, _ = freeze(original)
+    frozen, _ = freeze(original, verify=False)
     layers = frozen_layers(frozen)
     before = {n: snapshot(m) for n, m in layers.items()}
     conv_before = frozen.layer1[0].weight.detach().clone()
@@ -177,7 +179,7 @@ def test_training_steps_leave_frozen_statistics_and_affine_bit_identical():
 
 def test_trainable_affine_learns_gamma_beta_but_not_statistics():
     original, x = build("conv2d")
-    frozen, report = freeze(original, affine="trainable")
+    frozen, report = freeze(original, affine="trainable", verify=False)
     assert report.affine == "trainable" and {layer.affine for layer in report.frozen} == {"trainable"}
     layers = frozen_layers(frozen)
     before = {n: snapshot(m) for n, m in layers.items()}
@@ -193,7 +195,7 @@ def test_trainable_affine_learns_gamma_beta_but_not_statistics():
 
 def test_include_and_exclude_select_by_qualified_name():
     original, x = build("conv2d")
-    frozen, report = freeze(original, include=["layer1.*"])
+    frozen, report = freeze(original, include=["layer1.*"], verify=False)
     assert sorted(frozen_layers(frozen)) == ["layer1.1", "layer1.4"]
     assert [layer.name for layer in report.frozen] == ["layer1.1", "layer1.4"]
     assert type(frozen.layer2[1]) is nn.BatchNorm2d and type(frozen.stem[1]) is nn.BatchNorm2d
@@ -202,34 +204,34 @@ def test_include_and_exclude_select_by_qualified_name():
     assert all(torch.equal(v, before_frozen[k]) for k, v in frozen.layer1[1].state_dict().items())
     assert not torch.equal(frozen.layer2[1].running_mean, before_other["running_mean"])  # still updating
 
-    frozen, _ = freeze(original, exclude="layer1")  # a container's name selects everything under it
+    frozen, _ = freeze(original, exclude="layer1", verify=False)  # a container's name selects everything under it
     assert sorted(frozen_layers(frozen)) == ["head.3", "layer2.1", "stem.1"]
-    frozen, _ = freeze(original, include=["layer*", "stem.1"], exclude=["layer1.4"])
+    frozen, _ = freeze(original, include=["layer*", "stem.1"], exclude=["layer1.4"], verify=False)
     assert sorted(frozen_layers(frozen)) == ["layer1.1", "layer2.1", "stem.1"]
 
 
 def test_pattern_matching_no_batchnorm_is_an_input_error_listing_names():
     original, _ = build("conv2d")
     with pytest.raises(InputError, match=r"include pattern `backbone\.\*` matches no BatchNorm") as info:
-        freeze(original, include=["backbone.*"])
+        freeze(original, include=["backbone.*"], verify=False)
     assert "`stem.1`" in str(info.value) and "`layer1.1`" in str(info.value) and "layer1.*" in str(info.value)
     with pytest.raises(InputError, match="exclude pattern `layer1.0`"):  # a conv, not a BN
-        freeze(original, exclude=["layer1.0"])
+        freeze(original, exclude=["layer1.0"], verify=False)
     with pytest.raises(InputError, match="matches no frozen BatchNorm"):
-        unfreeze(original, include="stem.1")
+        unfreeze(original, include="stem.1", verify=False)
 
 
 def test_syncbatchnorm_freezes_on_cpu_without_a_process_group():
     original, x = build("conv2d")
     original = nn.SyncBatchNorm.convert_sync_batchnorm(original)
     assert not torch.distributed.is_initialized()
-    frozen, report = freeze(original)
+    frozen, report = freeze(original, verify=False)
     assert {layer.type for layer in report.frozen} == {"SyncBatchNorm"}
     assert all(type(m) is FrozenSyncBatchNorm for m in frozen_layers(frozen).values())
     assert len(frozen_layers(frozen)) == 5  # 4D and 2D inputs alike
     with torch.no_grad():
         torch.testing.assert_close(frozen.train()(x), original.eval()(x), rtol=1e-6, atol=1e-6)
-    back, _ = unfreeze(frozen)
+    back, _ = unfreeze(frozen, verify=False)
     assert {type(m) for m in back.modules() if isinstance(m, _BatchNorm)} == {nn.SyncBatchNorm}
 
 
@@ -238,7 +240,7 @@ def test_batch_of_one_in_train_mode_works_once_frozen():
     x = torch.randn(1, 7)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         original.train()(x)
-    frozen, _ = freeze(original)
+    frozen, _ = freeze(original, verify=False)
     with torch.no_grad():
         torch.testing.assert_close(frozen.train()(x), original.eval()(x), rtol=1e-6, atol=1e-6)
 
@@ -249,7 +251,7 @@ def test_eps_is_kept_at_zero_running_var(dtype):
     with torch.no_grad():
         bn.running_var.zero_()
     bn = bn.to(dtype)
-    frozen, report = freeze(nn.Sequential(bn))
+    frozen, report = freeze(nn.Sequential(bn), verify=False)
     layer = frozen[0]
     assert layer.eps == 1e-3 and report.frozen[0].eps == 1e-3 and torch.equal(layer.running_var, bn.running_var)
     x = torch.randn(2, 4, 3, 3).to(dtype)
@@ -269,29 +271,29 @@ def test_eps_is_kept_at_zero_running_var(dtype):
 def test_state_dict_keys_match_and_checkpoints_load_both_ways():
     original, x = build("conv2d")
     for affine in ("frozen", "trainable"):
-        frozen, _ = freeze(original, affine=affine)
+        frozen, _ = freeze(original, affine=affine, verify=False)
         assert list(frozen.state_dict()) == list(original.state_dict())
-        fresh_frozen, _ = freeze(Stages(), affine=affine)
+        fresh_frozen, _ = freeze(Stages(), affine=affine, verify=False)
         fresh_frozen.load_state_dict(original.state_dict(), strict=True)  # unfrozen checkpoint into frozen model
         fresh = Stages()
         fresh.load_state_dict(frozen.state_dict(), strict=True)  # frozen checkpoint into ordinary model
         for key, value in original.state_dict().items():
             assert torch.equal(fresh.state_dict()[key], value) and torch.equal(fresh_frozen.state_dict()[key], value)
     legacy = {k: v for k, v in original.state_dict().items() if not k.endswith("num_batches_tracked")}
-    frozen, _ = freeze(Stages())
+    frozen, _ = freeze(Stages(), verify=False)
     frozen.load_state_dict(legacy, strict=False)  # torchvision FrozenBatchNorm2d checkpoints lack the counter
 
 
 def test_non_affine_layer_has_no_weight_or_bias():
     original, x = build("non_affine")
-    frozen, report = freeze(original)
+    frozen, report = freeze(original, verify=False)
     assert frozen[1].weight is None and frozen[1].bias is None and report.frozen[0].affine == "none"
     assert list(frozen.state_dict()) == list(original.state_dict())
 
 
 def test_recipe_replay_on_fresh_model_then_unfreeze_round_trips():
     original, x = build("conv2d")
-    frozen, report = freeze(original, include=["layer1.*", "head.*"], exclude="layer1.4")
+    frozen, report = freeze(original, include=["layer1.*", "head.*"], exclude="layer1.4", verify=False)
     step = report.recipe_step()
     assert step == {"op": "freeze", "layers": ["layer1.1", "head.3"], "affine": "frozen"}
     weights = frozen.state_dict()
@@ -302,13 +304,13 @@ def test_recipe_replay_on_fresh_model_then_unfreeze_round_trips():
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), original.eval()(x), rtol=1e-6, atol=1e-6)
 
-    thawed, unfreeze_report = unfreeze(fresh)
+    thawed, unfreeze_report = unfreeze(fresh, verify=False)
     assert unfreeze_report.recipe_step() == {"op": "unfreeze", "layers": step["layers"]}
     assert [type(m) for m in thawed.modules()] == [type(m) for m in original.modules()]
     for key, value in original.state_dict().items():
         assert torch.equal(thawed.state_dict()[key], value), key
     assert thawed.layer1[1].momentum is None
-    everything, _ = unfreeze(freeze(original)[0])
+    everything, _ = unfreeze(freeze(original, verify=False)[0], verify=False)
     pairs = [(a, b) for a, b in zip(original.modules(), everything.modules()) if isinstance(a, _BatchNorm)]
     assert all(type(a) is type(b) and (a.eps, a.momentum) == (b.eps, b.momentum) for a, b in pairs)
     assert (everything.stem[1].eps, everything.stem[1].momentum) == (1e-3, 0.3)
@@ -341,13 +343,13 @@ def test_skips_are_reported_with_reasons():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), ScaledBN(4), nn.BatchNorm2d(4, track_running_stats=False),
                           TaggedBN(4), nn.BatchNorm2d(4))
     randomize_bn_(model)
-    frozen, report = freeze(model)
+    frozen, report = freeze(model, verify=False)
     assert [layer.name for layer in report.frozen] == ["3", "4"] and report.frozen[0].type == "TaggedBN"
     reasons = {skip.name: skip.reason for skip in report.skipped}
     assert "overrides forward" in reasons["1"] and "ScaledBN" in reasons["1"]
     assert reasons["2"] == NO_STATISTICS
     assert type(frozen[1]) is ScaledBN and type(frozen[2]) is nn.BatchNorm2d
-    again, second = freeze(frozen)  # already frozen layers are reported, not wrapped twice
+    again, second = freeze(frozen, verify=False)  # already frozen layers are reported, not wrapped twice
     assert not second.frozen and {s.name: s.reason for s in second.skipped}["4"] == "already frozen (`FrozenBatchNorm2d`)"
     assert type(again[4]) is FrozenBatchNorm2d
     assert report.to_dict()["recipe_step"] == {"op": "freeze", "layers": ["3", "4"], "affine": "frozen"}
@@ -356,7 +358,7 @@ def test_skips_are_reported_with_reasons():
 def test_shared_batchnorm_stays_shared():
     bn = nn.BatchNorm1d(5)
     model = randomize_bn_(nn.Sequential(nn.Linear(5, 5), bn, nn.Linear(5, 5), bn))
-    frozen, report = freeze(model)
+    frozen, report = freeze(model, verify=False)
     assert [layer.name for layer in report.frozen] == ["1"] and frozen[1] is frozen[3]
 
 
@@ -370,7 +372,7 @@ def test_input_rank_checks_and_repr():
     FrozenSyncBatchNorm(3)(torch.randn(2, 3, 4, 4, 4))
     assert repr(FrozenBatchNorm2d(64, eps=1e-3, affine="trainable")) == "FrozenBatchNorm2d(64, eps=0.001, affine=trainable)"
     with pytest.raises(InputError, match="affine must be"):
-        freeze(Stages(), affine="yes")
+        freeze(Stages(), affine="yes", verify=False)
 
 
 # ----------------------------------------------------------------------------- the check
@@ -379,7 +381,7 @@ def test_input_rank_checks_and_repr():
 def test_check_holds_dropout_in_eval_and_catches_moving_statistics():
     original = stages(dropout=0.5)
     x = torch.randn(4, 3, 8, 8)
-    frozen, _ = freeze(original, exclude="stem")
+    frozen, _ = freeze(original, exclude="stem", verify=False)
     check = check_frozen(original, frozen, [x], device="cpu")
     assert check.passed, check.failure_message("frozen")
     assert set(check.held_in_eval) == {"stem.1", "head.5"}
@@ -390,7 +392,7 @@ def test_check_holds_dropout_in_eval_and_catches_moving_statistics():
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                             training=True, momentum=0.1, eps=self.eps)
 
-    broken, _ = freeze(original)
+    broken, _ = freeze(original, verify=False)
     broken.layer1[1] = LeakyFrozen.from_batchnorm(original.layer1[1])
     check = check_frozen(original, broken, [x], device="cpu")
     assert not check.passed and check.statistics_moved == ("layer1.1",)
@@ -411,12 +413,52 @@ def test_bias_free_affine_and_lazy_layers():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), bn)
     with torch.no_grad():
         bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
-    frozen, _ = freeze(model)
+    frozen, _ = freeze(model, verify=False)
     assert frozen[1].bias is None and list(frozen.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(frozen.train()(x), model.eval()(x), rtol=1e-6, atol=1e-6)
-    back, _ = unfreeze(frozen)
+    back, _ = unfreeze(frozen, verify=False)
     assert back[1].bias is None and back[1].weight.requires_grad
     with pytest.raises(InputError, match="uninitialized lazy module; run one forward pass"):
         freeze(nn.Sequential(nn.LazyBatchNorm2d()))
+
+
+# ----------------------------------------------------------------------------- the library verifies
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_freeze_and_unfreeze_verify_themselves_and_carry_the_recipe(inplace):
+    original, x = build("conv2d")
+    expected = original.eval()(x).detach()
+    frozen, report = freeze(original, example_inputs=x, inplace=inplace)
+    assert report.passed and report.check is not None and report.comparison.passed
+    assert report.to_dict()["verification"]["passed"] is True
+    assert bntool.report.recipe_of(frozen) == [report.recipe_step()]
+    back, undone = unfreeze(frozen, example_inputs=x, inplace=inplace)
+    assert undone.passed and undone.comparison is not None
+    assert [s["op"] for s in bntool.report.recipe_of(back)] == ["freeze", "unfreeze"]
+    torch.testing.assert_close(back.eval()(x), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InputError, match="example_inputs|input shape"):
+        freeze(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))  # nothing says what to verify on
+
+
+def test_a_wrong_frozen_layer_raises_verification_error_carrying_the_report(monkeypatch):
+    original, x = build("conv2d")
+    real = FrozenBatchNorm2d.forward
+    monkeypatch.setattr(FrozenBatchNorm2d, "forward", lambda self, inp: real(self, inp) * 1.001)
+    with pytest.raises(VerificationError) as info:
+        freeze(original, example_inputs=x)
+    report = info.value.report
+    assert isinstance(report, FreezeReport) and not report.passed and not report.comparison.passed
+    assert "does not match" in str(info.value)
+
+
+def test_a_wrong_unfrozen_layer_raises_verification_error(monkeypatch):
+    original, x = build("conv2d")
+    frozen, _ = freeze(original, example_inputs=x)
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda self, inp: nn.functional.batch_norm(
+        inp, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps * 100))
+    with pytest.raises(VerificationError) as info:
+        unfreeze(frozen, example_inputs=x)
+    assert not info.value.report.passed

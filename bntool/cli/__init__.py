@@ -15,7 +15,7 @@ import typer
 from typer import TyperException
 from typer.core import TyperArgument, TyperGroup
 
-from .. import __version__
+from .._version import __version__
 
 
 class _Argument(TyperArgument):

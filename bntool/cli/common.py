@@ -6,6 +6,7 @@ Imported inside command functions (it imports torch).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.machinery
 import os
 import sys
@@ -20,8 +21,9 @@ from torch import nn
 
 from .. import checkpoint, console, modelspec
 from ..errors import InputError, VerificationError
+from ..report import set_recipe
 from ..validity import require_valid
-from ..verify import Comparison, OutputComparison, make_inputs, model_device, parse_shape, run_model
+from ..verify import Comparison, OutputComparison, make_inputs, parse_shape
 
 
 @dataclass
@@ -60,6 +62,8 @@ def load_source(
     ``all``, ``weights`` (BN statistics may be broken: recalibrate replaces
     them) or ``none`` (inspect reports them instead).
     """
+    from .. import persist  # noqa: F401 - every operation registers how its recipe steps replay
+
     kwargs = modelspec.parse_kwargs(model_args)
     loaded = checkpoint.read(path, key=key, allow_pickle=allow_pickle)
     if model_spec is not None:
@@ -77,6 +81,8 @@ def load_source(
         )
     model = build_fresh()
     resolved = checkpoint.load_state(model, loaded, strip_prefix=strip_prefix)
+    set_recipe(model, loaded.recipe)
+    loaded, resolved = loaded.without_tensors(), dataclasses.replace(resolved, state_dict={})  # freed once loaded
     model.eval()
     if valid != "none":
         require_valid(model, statistics=valid == "all", what=f"`{path}`")
@@ -138,66 +144,18 @@ def _spec_file(spec: str) -> Path | None:
     return Path(found.origin) if found is not None and found.has_location and found.origin else None
 
 
-def write_verified(
-    source: Source,
-    result: nn.Module,
-    out: Path,
-    step: dict[str, Any],
-    *,
-    force: bool,
-    inputs,
-) -> Path:
-    """Write ``result`` atomically, with the recipe carried forward and ``step`` added.
+def write_verified(source: Source, result: nn.Module, out: Path, *, force: bool) -> Path:
+    """Write ``result`` (with the recipe it carries) atomically, verified by ``bntool.save``.
 
-    Before the rename, the written file is loaded into a freshly built model
-    (the recipe replayed), which must be identical to ``result``: the same
-    module types under the same names, bit-identical tensors, and the same
-    eval-mode outputs on ``inputs``. So the file holds exactly what was verified.
+    Before the rename the written file is checked: every tensor bit-identical
+    to ``result``'s, the recipe the one ``result`` carries, and the recipe,
+    replayed on a freshly built model, giving the same layers and tensors.
     """
+    from ..persist import save
 
     require_valid(result, what="the result")  # never write NaN / inf (say, statistics a recalibration did not reach)
-
-    def check(tmp: Path) -> None:
-        fresh = checkpoint.load(tmp, source.build_fresh())
-        assert_identical(result, fresh, inputs, what=f"the model reloaded from `{out}`")
-
     protect = [p for p, _ in input_files(source.loaded.path, model=source.spec)]
-    return checkpoint.save(result, out, recipe=[*source.loaded.recipe, step], source=source.loaded, force=force,
-                           check=check, protect=protect)
-
-
-def _kind(module: nn.Module) -> Any:
-    """What a module is: its type, or for an fx GraphModule (a class per instance) its class name and code."""
-    if isinstance(module, torch.fx.GraphModule):
-        return type(module).__name__, module.code
-    return type(module)
-
-
-def assert_identical(expected: nn.Module, got: nn.Module, inputs, *, what: str) -> None:
-    types = {n: _kind(m) for n, m in expected.named_modules()}
-    got_types = {n: _kind(m) for n, m in got.named_modules()}
-    if types != got_types:
-        diff = sorted(n for n in types.keys() | got_types.keys() if types.get(n) != got_types.get(n))
-        raise VerificationError(f"{what} has other layers than the verified model: {', '.join(diff[:3])}")
-    state, got_state = expected.state_dict(), got.state_dict()
-    changed = [k for k in state if not _same_bits(state[k], got_state[k])]
-    if changed:
-        raise VerificationError(f"{what} differs from the verified model in {', '.join(changed[:3])}")
-    got.to(model_device(expected))
-    outputs = run_model(expected, inputs)
-    got_outputs = run_model(got, inputs)
-    if not all(_same_bits(a, b) for (_, a), (_, b) in zip(outputs, got_outputs)):
-        raise VerificationError(f"{what} computes other outputs than the verified model")
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical (a NaN equals the same NaN), same dtype and shape."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    a, b = a.detach().cpu().contiguous().reshape(-1), b.detach().cpu().contiguous().reshape(-1)
-    if a.dtype == torch.bool or a.element_size() == 1:
-        return bool(torch.equal(a, b))
-    return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+    return save(result, out, source=source.loaded, force=force, build=source.build_fresh, protect=protect)
 
 
 def worst(outputs) -> OutputComparison | None:

@@ -83,9 +83,10 @@ def fold(
         _render(result, exc.report, json)
         raise
     result.update(report.to_dict())
+    source.model = None  # the original is not needed any more: its memory goes before the write
     if not dry_run:
         try:
-            written = write_verified(source, folded, out, report.plan.recipe_step(), force=force, inputs=inputs)
+            written = write_verified(source, folded, out, force=force)
         except VerificationError:
             _render(result, report, json)
             raise

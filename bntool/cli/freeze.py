@@ -62,8 +62,7 @@ def freeze(
     checked again. `bntool.load(path, model=MyNet())` rebuilds the frozen layers.
     """
     from .. import console
-    from ..errors import InputError
-    from ..freezing import check_frozen
+    from ..errors import InputError, VerificationError
     from ..freezing import freeze as freeze_model
     from ..verify import resolve_device
     from .common import load_source, output_path, verification_inputs
@@ -75,31 +74,32 @@ def freeze(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
     )
     affine = "trainable" if trainable_affine else "frozen"
-    frozen, report = freeze_model(source.model, include=include, exclude=exclude, affine=affine)
+    inputs = verification_inputs(source.model, input_shape, seed)
+    result: dict = {"command": "freeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
+    try:  # in place: the original's outputs are computed first, so one model is held
+        frozen, report = freeze_model(source.model, include=include, exclude=exclude, affine=affine, inplace=True,
+                                      example_inputs=inputs, device=target, atol=atol, rtol=rtol)
+    except VerificationError as exc:
+        result.update(exc.report.to_dict())
+        _render(result, exc.report, json)
+        raise
     if not report.frozen:
         why = "; ".join(f"`{s.name}`: {s.reason}" for s in report.skipped) or "it has no BatchNorm layers"
         raise InputError(f"nothing to freeze in `{checkpoint}`: {why}")
-    inputs = verification_inputs(source.model, input_shape, seed)
-    result: dict = {"command": "freeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
-    result.update(report.to_dict())
-    check = check_frozen(source.model, frozen, inputs, device=target, atol=atol, rtol=rtol)
-    finish_verified(result, source, frozen, out, report.recipe_step(), check, "the frozen model in train mode",
-                    lambda: _render(result, report, check, json), force=force, dry_run=dry_run, inputs=inputs)
+    finish_verified(result, source, frozen, out, report, lambda: _render(result, report, json), force=force,
+                    dry_run=dry_run)
 
 
-def finish_verified(result: dict, source, model, out, step: dict, check, what: str, render, *, force: bool,
-                    dry_run: bool, inputs) -> None:
-    """Render and stop (exit 1) when ``check`` failed; else write ``model`` verified (unless a dry run) and render."""
+def finish_verified(result: dict, source, model, out, report, render, *, force: bool, dry_run: bool) -> None:
+    """Write ``model`` verified (unless a dry run), then render."""
     from ..errors import VerificationError
     from .common import write_verified
 
-    result["verification"] = check.to_dict()
-    if not check.passed:
-        render()
-        raise VerificationError(check.failure_message(what), report=check)
+    result.update(report.to_dict())
+    source.model = None
     if not dry_run:
         try:
-            written = write_verified(source, model, out, step, force=force, inputs=inputs)
+            written = write_verified(source, model, out, force=force)
         except VerificationError:
             render()
             raise
@@ -107,7 +107,7 @@ def finish_verified(result: dict, source, model, out, step: dict, check, what: s
     render()
 
 
-def _render(result: dict, report, check, as_json: bool) -> None:
+def _render(result: dict, report, as_json: bool) -> None:
     from .. import console
     from .common import render_comparison, worst_summary
 
@@ -119,6 +119,7 @@ def _render(result: dict, report, check, as_json: bool) -> None:
     if report.skipped:
         console.table(f"Left {len(report.skipped)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
                       [[s.name, s.reason] for s in report.skipped])
+    check = report.check
     render_comparison(check.comparison, "Verification: frozen (train mode) vs original (eval mode)")
     if check.held_in_eval:
         shown = ", ".join(check.held_in_eval[:8]) + (", ..." if len(check.held_in_eval) > 8 else "")

@@ -96,14 +96,16 @@ StdOpt = Annotated[
     typer.Option("--std", metavar="FLOATS", help="Per-channel std to divide images by, e.g. 0.229,0.224,0.225.", show_default=False),
 ]
 
-# Layer selection shared by freeze and unfreeze.
+# Layer selection shared by freeze, unfreeze and recalibrate (--only is the older name of --include).
 IncludeOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--include",
+        "--only",
         metavar="PATTERN",
         help="Only BatchNorm layers whose qualified name (or a parent's) matches this fnmatch pattern, "
-        "e.g. 'layer1.*' or backbone; repeat for several. Default: every one the command applies to.",
+        "e.g. 'layer1.*' or backbone; repeat for several (--only is the same). Default: every one the command "
+        "applies to.",
         show_default=False,
     ),
 ]

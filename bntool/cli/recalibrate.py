@@ -9,6 +9,8 @@ import typer
 
 from . import app
 from .options import (
+    ExcludeOpt,
+    IncludeOpt,
     AllowPickleOpt,
     DataArgsOpt,
     ImageSizeOpt,
@@ -46,15 +48,6 @@ VerifyBatchesOpt = Annotated[
     typer.Option("--verify-batches", metavar="N", help="Hold out N batches after the calibration batches and report how close each "
                  "BN's normalised input comes to mean 0 / variance 1 there, before and after."),
 ]
-OnlyOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--only", metavar="PATTERN", help="Recalibrate only BNs whose qualified name (or a parent's) matches this fnmatch "
-                 "pattern, e.g. 'layer4.*'; repeatable.", show_default=False),
-]
-ExcludeOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--exclude", metavar="PATTERN", help="Leave BNs matching this pattern as they are; repeatable.", show_default=False),
-]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no tables; errors only.")]
 AllowTf32Opt = Annotated[
     bool,
@@ -80,7 +73,7 @@ def recalibrate(
     input_key: InputKeyOpt = None,
     num_batches: NumBatchesOpt = None,
     verify_batches: VerifyBatchesOpt = 0,
-    only: OnlyOpt = None,
+    include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
     allow_tf32: AllowTf32Opt = False,
@@ -102,7 +95,7 @@ def recalibrate(
     import torch
 
     from .. import console
-    from ..data import load_batches, model_input, plan_batches
+    from ..data import load_batches, plan_batches
     from ..errors import VerificationError
     from ..recalibration import recalibrate as recalibrate_model
     from ..verify import resolve_device
@@ -126,23 +119,22 @@ def recalibrate(
         counted = _Counted(plan.calibration)
         shown = console.progress(counted, total=plan.total, description="Recalibrating",
                                  enabled=not quiet and rank == 0, samples=lambda: counted.samples)
-        report = recalibrate_model(work, shown, input_key=input_key, only=only or (), exclude=exclude or (),
-                                   verify_batches=plan.verification, allow_tf32=allow_tf32)
         result: dict[str, Any] = {"command": "recalibrate", **source.describe(), "data": str(data), "output": None,
                                   "written": False, "dry_run": dry_run, "device": str(target),
                                   "tf32": allow_tf32 and target.type == "cuda",
-                                  "backend": group["backend"] if group else None, **report.to_dict(),
-                                  "recipe_step": report.recipe_step()}
-        if not report.unchanged_non_bn:
+                                  "backend": group["backend"] if group else None}
+        try:
+            report = recalibrate_model(work, shown, input_key=input_key, include=include or None,
+                                       exclude=exclude or None, verify_batches=plan.verification,
+                                       allow_tf32=allow_tf32)
+        except VerificationError as exc:
+            result.update(exc.report.to_dict(), recipe_step=exc.report.recipe_step())
             if rank == 0:
-                _render(result, report, json, quiet)
-            names = ", ".join(f"`{n}`" for n in report.changed_non_bn[:5]) or "on another process"
-            raise VerificationError(
-                f"parameters or buffers other than BatchNorm statistics changed during the pass ({names}); "
-                "something in the model's forward writes its own state; nothing was written", report=report)
+                _render(result, exc.report, json, quiet)
+            raise VerificationError(f"{exc}; nothing was written", exc.report) from None
+        result.update(report.to_dict(), recipe_step=report.recipe_step())
         if rank == 0 and not dry_run:
-            inputs = (model_input(counted.first, input_key)[:8],)  # the reloaded file must compute the same on it
-            written = write_verified(source, work, out, report.recipe_step(), force=force, inputs=inputs)
+            written = write_verified(source, work, out, force=force)
             result.update(output=str(written), written=True)
         if rank == 0:
             _render(result, report, json, quiet)

@@ -51,9 +51,9 @@ def unfreeze(
     model=MyNet())` rebuilds the model with the recorded steps replayed.
     """
     from .. import console
-    from ..errors import InputError
+    from ..errors import InputError, VerificationError
     from ..freezing import unfreeze as unfreeze_model
-    from ..verify import compare, resolve_device
+    from ..verify import resolve_device
     from .common import load_source, output_path, verification_inputs
     from .freeze import finish_verified
 
@@ -63,19 +63,23 @@ def unfreeze(
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
     )
-    unfrozen, report = unfreeze_model(source.model, include=include, exclude=exclude)
+    inputs = verification_inputs(source.model, input_shape, seed)
+    result: dict = {"command": "unfreeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
+    try:  # in place: the frozen model's outputs are computed first, so one model is held
+        unfrozen, report = unfreeze_model(source.model, include=include, exclude=exclude, inplace=True,
+                                          example_inputs=inputs, device=target, atol=atol, rtol=rtol)
+    except VerificationError as exc:
+        result.update(exc.report.to_dict())
+        _render(result, exc.report, json)
+        raise
     if not report.unfrozen:
         raise InputError(f"nothing to unfreeze in `{checkpoint}`: it has no frozen BatchNorm layers "
                          "(bntool freeze writes them)")
-    inputs = verification_inputs(source.model, input_shape, seed)
-    result: dict = {"command": "unfreeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
-    result.update(report.to_dict())
-    comparison = compare(source.model, unfrozen, inputs, device=target, atol=atol, rtol=rtol)
-    finish_verified(result, source, unfrozen, out, report.recipe_step(), comparison, "the unfrozen model (eval mode)",
-                    lambda: _render(result, report, comparison, json), force=force, dry_run=dry_run, inputs=inputs)
+    finish_verified(result, source, unfrozen, out, report, lambda: _render(result, report, json), force=force,
+                    dry_run=dry_run)
 
 
-def _render(result: dict, report, comparison, as_json: bool) -> None:
+def _render(result: dict, report, as_json: bool) -> None:
     from .. import console
     from .common import render_comparison, worst_summary
 
@@ -84,6 +88,7 @@ def _render(result: dict, report, comparison, as_json: bool) -> None:
         return
     rows = [[f.name, f.type, f.num_features, f"{f.eps:g}"] for f in report.unfrozen]
     console.table(f"Unfroze {len(rows)} BatchNorm layer(s)", ["BatchNorm", "now", "features", "eps"], rows)
+    comparison = report.comparison
     render_comparison(comparison, "Verification: unfrozen vs frozen (eval mode)")
     if comparison.passed:
         console.success(f"Verified on {comparison.device} ({worst_summary(comparison)}).")

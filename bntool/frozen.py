@@ -1,0 +1,163 @@
+"""Frozen BatchNorm modules: they normalize with their stored statistics in train and eval mode alike.
+
+``FrozenBatchNorm1d/2d/3d`` and ``FrozenSyncBatchNorm`` never use batch
+statistics nor update theirs, keep each layer's own eps and the original
+state-dict keys, and convert from and to the ordinary BN types
+(``from_batchnorm`` / ``to_batchnorm``). ``bntool.freezing`` swaps them in
+and out and proves the result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import InputError
+
+AFFINE_MODES = ("frozen", "trainable")
+NO_STATISTICS = "no running statistics (track_running_stats=False): run `bntool recalibrate` first"
+
+
+class _FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics: ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``.
+
+    ``affine`` is ``"frozen"`` (weight / bias are buffers: no optimizer or
+    ``requires_grad_(True)`` loop can train them), ``"trainable"`` (they are
+    parameters) or ``"none"`` (a non-affine BN: no weight, no bias). ``eps`` is
+    the original layer's own and is added at forward time, never folded into
+    the stored variance. ``momentum`` is unused but kept so that unfreezing
+    restores it.
+    """
+
+    _version = 2  # same state-dict version as nn.BatchNorm*: num_batches_tracked present
+    is_frozen_batchnorm = True  # what bntool.norms and fold look for
+    unfrozen_type: type[_BatchNorm] = nn.BatchNorm2d
+    input_dims: tuple[int, ...] = ()
+    input_text = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: str = "frozen", device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__()
+        if affine not in (*AFFINE_MODES, "none"):
+            raise InputError(f"affine must be one of `frozen`, `trainable`, `none`, got {affine!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine_mode, self.affine, self.track_running_stats = affine, affine != "none", True
+        for name, init in (("weight", torch.ones), ("bias", torch.zeros if bias else None)):
+            if affine == "none" or init is None:
+                self.register_parameter(name, None)
+            elif affine == "trainable":
+                self.register_parameter(name, nn.Parameter(init(num_features, **factory)))
+            else:
+                self.register_buffer(name, init(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in self.input_dims and not (not self.input_dims and input.dim() >= 2):
+            raise ValueError(f"{type(self).__name__} expected {self.input_text} input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine_mode}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # Like nn.BatchNorm*: checkpoints from before num_batches_tracked existed (and torchvision's
+        # FrozenBatchNorm2d) lack the key; keep ours instead of reporting it missing.
+        if local_metadata.get("version") is None or local_metadata["version"] < 2:
+            state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, affine: str = "frozen") -> _FrozenBatchNorm:
+        """A frozen copy of ``bn`` (values cloned, each tensor's dtype and device kept)."""
+        mode = "none" if bn.weight is None else affine
+        frozen = cls(bn.num_features, bn.eps, bn.momentum, mode, bias=bn.bias is not None)
+        _copy_tensors(bn, frozen, as_parameters=mode == "trainable")
+        return frozen.train(bn.training)
+
+    def to_batchnorm(self) -> _BatchNorm:
+        """An ordinary ``unfrozen_type`` with the same values; weight / bias trainable again."""
+        bn = self.unfrozen_type(self.num_features, self.eps, self.momentum, affine=self.weight is not None)
+        if self.weight is not None and self.bias is None:
+            bn.register_parameter("bias", None)
+        _copy_tensors(self, bn, as_parameters=True)
+        return bn.train(self.training)
+
+
+def _copy_tensors(source: nn.Module, target: nn.Module, *, as_parameters: bool) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        tensor = getattr(source, name)
+        if tensor is None:
+            continue
+        tensor = tensor.detach().clone()
+        if name in ("weight", "bias") and as_parameters:
+            target.register_parameter(name, nn.Parameter(tensor, requires_grad=True))
+        else:
+            target._parameters.pop(name, None)
+            target.register_buffer(name, tensor)
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    """Frozen form of ``nn.BatchNorm1d``: input (N, C) or (N, C, L)."""
+
+    unfrozen_type, input_dims, input_text = nn.BatchNorm1d, (2, 3), "2D or 3D"
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    """Frozen form of ``nn.BatchNorm2d``: input (N, C, H, W)."""
+
+    unfrozen_type, input_dims, input_text = nn.BatchNorm2d, (4,), "4D"
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    """Frozen form of ``nn.BatchNorm3d``: input (N, C, D, H, W)."""
+
+    unfrozen_type, input_dims, input_text = nn.BatchNorm3d, (5,), "5D"
+
+
+class FrozenSyncBatchNorm(_FrozenBatchNorm):
+    """Frozen form of ``nn.SyncBatchNorm``: any input of 2 or more dims, like SyncBatchNorm itself.
+
+    Fixed statistics need no cross-process reduction, so it runs anywhere, with
+    or without a process group. Unfreezing gives an ``nn.SyncBatchNorm`` on the
+    default process group.
+    """
+
+    unfrozen_type, input_dims, input_text = nn.SyncBatchNorm, (), "at least 2D"
+
+
+FROZEN_FOR = ((nn.SyncBatchNorm, FrozenSyncBatchNorm), (nn.BatchNorm1d, FrozenBatchNorm1d),
+               (nn.BatchNorm2d, FrozenBatchNorm2d), (nn.BatchNorm3d, FrozenBatchNorm3d))
+
+
+def is_already_frozen(module: nn.Module) -> bool:
+    """Ours, or another library's (torchvision.ops.FrozenBatchNorm2d, detectron2, timm)."""
+    return isinstance(module, _FrozenBatchNorm) or type(module).__name__.startswith("FrozenBatchNorm")
+
+
+def frozen_type_for(module: nn.Module) -> type[_FrozenBatchNorm] | None:
+    return next((f for t, f in FROZEN_FOR if isinstance(module, t)), None)
+
+
+def why_not_freezable(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be swapped for a frozen BN as it is, or None."""
+    if is_already_frozen(module):
+        return f"already frozen (`{type(module).__name__}`)"
+    torch_type = next((t for t, _ in FROZEN_FOR if isinstance(module, t)), None)
+    if torch_type is None:
+        return f"`{type(module).__name__}` is not a BatchNorm1d/2d/3d or SyncBatchNorm subclass; freeze it by hand"
+    if type(module).forward is not torch_type.forward:
+        return f"`{type(module).__name__}` overrides forward (it may do more than normalize); freeze it by hand"
+    if not module.track_running_stats or module.running_mean is None:
+        return NO_STATISTICS
+    return None
