@@ -24,6 +24,7 @@ from torch import nn
 from . import recipe
 from . import bnform
 from .cloning import clone
+from .spill import TensorStore
 from .report import with_step
 from .errors import InputError, VerificationError
 from .foldmath import identity_statistics, scale_consumer, scale_producer, through_after, through_before
@@ -78,12 +79,49 @@ class FoldReport:
 # ----------------------------------------------------------------------------- apply
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan) -> nn.Module:
+class Journal:
+    """What folding in place replaced, so that it can be undone: old parameters and buffers (their values in a
+    ``TensorStore``, on disk when large) and old modules."""
+
+    def __init__(self) -> None:
+        self.store = TensorStore()
+        self.entries: list[tuple] = []
+
+    def tensor(self, module: nn.Module, name: str) -> None:
+        old = getattr(module, name)
+        key = str(len(self.entries))
+        if old is not None:
+            self.store.put(key, old)
+        is_parameter = name in module._parameters
+        self.entries.append(("tensor", module, name, key if old is not None else None, is_parameter,
+                             bool(old is not None and old.requires_grad)))
+
+    def module(self, model: nn.Module, name: str) -> None:
+        self.entries.append(("module", model, name, model.get_submodule(name)))
+
+    def undo(self) -> None:
+        for entry in reversed(self.entries):
+            if entry[0] == "module":
+                entry[1].set_submodule(entry[2], entry[3])
+                continue
+            _, module, name, key, is_parameter, grad = entry
+            value = self.store.get(key) if key is not None else None
+            if is_parameter:
+                setattr(module, name, None if value is None else nn.Parameter(value, requires_grad=grad))
+            else:
+                module.register_buffer(name, value)
+        self.entries.clear()
+        self.store.close()
+        self.store = TensorStore()
+
+
+def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None) -> nn.Module:
     """Fold every pair of ``plan`` into ``model`` in place and return it.
 
     Every tensor that changes is replaced by a new one (never written into),
     so a copy that still shares its untouched tensors with the original (see
-    ``fold``) leaves the original intact.
+    ``fold``) leaves the original intact. ``journal`` records what is
+    replaced, to undo it.
     """
     forms: dict[str, bnform.NormForm] = {}
     scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -108,10 +146,20 @@ def apply_plan(model: nn.Module, plan: FoldPlan) -> nn.Module:
             k, c = through_after(k, c, a, s)
             k, c = _per_channel(k, c, _channels(target, output=False))
             weight, bias = scale_consumer(target.weight, target.bias, k, c, groups=getattr(target, "groups", 1))
+        if journal is not None:
+            journal.tensor(target, "weight")
+            journal.tensor(target, "bias")
         _set_weight_and_bias(target, weight, bias)
     becomes = {p.bn: p.bn_becomes for p in plan.pairs}
     for name, form in forms.items():
-        _retire_bn(model, name, model.get_submodule(name), becomes[name], form)
+        bn = model.get_submodule(name)
+        if journal is not None:
+            if becomes[name] == "identity":
+                for key in ("running_mean", "running_var", "weight", "bias"):
+                    journal.tensor(bn, key)
+            else:
+                journal.module(model, name)
+        _retire_bn(model, name, bn, becomes[name], form)
     return model
 
 
@@ -212,7 +260,10 @@ def fold(
     layer, within the derived tolerance. A fold it blames is taken out (the
     report's ``rejected``), and the rest is folded and verified again; with
     ``strict=True`` any failure raises ``VerificationError`` (carrying the
-    report) instead. ``model`` is not changed unless ``inplace=True``.
+    report) instead. ``model`` is not changed unless ``inplace=True``: then
+    the original's outputs are computed first and the fold is made on
+    ``model`` itself (what it replaces is kept aside, on disk when large, to
+    undo a rejected fold), so that no second model is held in memory.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -220,27 +271,32 @@ def fold(
     flow = dataflow(model, inputs)
     rejected: dict[str, str] = {}
     reference = None
+    journal = Journal() if inplace else None
     for _ in range(MAX_ROUNDS):
         plan = plan_from_dataflow(model, flow, rejected)
-        folded = apply_plan(_copy_for(model, plan), plan)
+        if verify and reference is None:  # first, while the model is the original; later plans check fewer points
+            points = [*plan.probes(), *(p.into for p in plan.pairs if p.direction == "forward")]
+            reference = Reference.of(model, inputs, device=device, probes=points, float64=atol is None and rtol is None)
+        fan_in = plan.fan_in(model)
+        folded = apply_plan(model, plan, journal) if inplace else apply_plan(_copy_for(model, plan), plan)
         comparison = None
         if not verify:
             break
-        if reference is None:  # every later plan checks at some of these points
-            points = [*plan.probes(), *(p.into for p in plan.pairs if p.direction == "forward")]
-            reference = Reference.of(model, inputs, device=device, probes=points, float64=atol is None and rtol is None)
-        comparison = compare(model, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(), reference=reference,
-                             fan_in=plan.fan_in(model))
+        comparison = compare(None, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(), reference=reference,
+                             fan_in=fan_in)
         blamed = {} if comparison.passed or strict else _blame(plan, comparison)
-        if not blamed:
+        if comparison.passed or not blamed:
             break
         rejected.update(blamed)
+        if journal is not None:
+            journal.undo()  # back to the original, to fold the rest
     outputs_only = dataclasses.replace(reference, layers={}, layer_deltas={}) if reference is not None else None
     report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), outputs_only)
     if comparison is not None and not comparison.passed:
+        if journal is not None:
+            journal.undo()  # a failed in-place fold leaves the model as it was
         raise VerificationError(comparison.failure_message("the folded model"), report)
-    result = apply_plan(model, plan) if inplace else folded
-    return with_step(result, plan.recipe_step()), report
+    return with_step(folded, plan.recipe_step()), report
 
 
 def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, out_of_memory, out_of_memory_message, shorten
+from .spill import TensorStore
 
 #: The candidate may be this many times further from the float64 reference
 #: than the original model in its own dtype is.
@@ -428,13 +429,14 @@ class Reference:
     ``layer_deltas``: for each probed layer, float64 minus own-dtype output,
     for the derived tolerance. The deltas are tiny next to the outputs, so
     they are kept in bfloat16 (their own error stays below 0.4%), and no
-    layer output is kept in float64.
+    layer output is kept in float64. Layer outputs beyond a few tens of MB go
+    to an unlinked temporary file (``spill.TensorStore``), not to memory.
     """
 
     outputs: tuple[tuple[str, torch.Tensor], ...]
-    layers: dict[str, torch.Tensor]
+    layers: TensorStore
     float64: tuple[tuple[str, torch.Tensor], ...] | None
-    layer_deltas: dict[str, torch.Tensor]
+    layer_deltas: TensorStore
     device: torch.device
 
     @classmethod
@@ -449,16 +451,15 @@ class Reference:
     ) -> Reference:
         """Run ``original`` (eval mode, TF32 off) on ``inputs``, and in float64 when ``float64``, layer by layer."""
         device = resolve_device(device)
-        layers: dict[str, torch.Tensor] = {}
-        deltas: dict[str, torch.Tensor] = {}
+        layers, deltas = TensorStore(), TensorStore()
 
         def keep(label: str, output: torch.Tensor) -> None:
-            layers[label] = output.clone()
+            layers.put(label, output)
 
         def measure(label: str, output: torch.Tensor) -> None:
-            mine = layers.get(label)
+            mine = layers.get(label) if label in layers else None
             if mine is not None and mine.shape == output.shape and mine.is_floating_point():
-                deltas[label] = (output - mine.double()).to(torch.bfloat16)
+                deltas.put(label, (output - mine.double()).to(torch.bfloat16))
 
         with tf32_disabled():
             outputs = run_on(original, inputs, device, probes=probes, on_probe=keep)
@@ -506,9 +507,10 @@ def compare(
         if label not in reference.layers:
             unknown.append(label)
             return
-        delta = reference.layer_deltas.get(label) if derived else None
+        delta = reference.layer_deltas.get(label) if derived and label in reference.layer_deltas else None
         widen = rounding_factor((fan_in or {}).get(label.split("`")[1]))
-        layers.append(_compare_one(label, reference.layers[label], output, None, atol, rtol, delta=delta, widen=widen))
+        layers.append(_compare_one(label, reference.layers.get(label), output, None, atol, rtol, delta=delta,
+                                   widen=widen))
 
     with tf32_disabled():
         if isinstance(candidate, nn.Module):

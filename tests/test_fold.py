@@ -468,3 +468,28 @@ def test_a_frozen_model_folds_like_an_ordinary_one(affine):
     assert len(report.plan.pairs) == 4 and report.plan.skips == ()
     assert not any(isinstance(m, FrozenBatchNorm1d | FrozenBatchNorm2d) for m in folded.modules())
     _assert_computes_original(folded, original, _inputs((3, 1, 28, 28)))
+
+
+def test_an_inplace_fold_undoes_a_rejected_pair_and_a_failed_strict_fold(monkeypatch):
+    """In place, a fold verification rejects is undone bit for bit (the rest stays folded); a failed strict fold
+    leaves the model exactly as it was."""
+    torch.manual_seed(0)
+    model = randomize_bn(zoo.lenet(), seed=5)
+    inputs = zoo_inputs(model)
+    original = copy.deepcopy(model)
+    _corrupt_nth_fold(monkeypatch, 2)  # the fold of `5` into `4`, in the first round only
+    folded, report = bntool.fold(model, inputs, inplace=True)
+    assert folded is model and [s.bn for s in report.rejected] == ["5"]
+    assert type(model[5]) is nn.BatchNorm2d and isinstance(model[1], nn.Identity)
+    for key in ("4.weight", "4.bias", "5.running_mean", "5.running_var", "5.weight", "5.bias"):
+        assert torch.equal(model.state_dict()[key], original.state_dict()[key]), key
+    _assert_computes_original(model, original, inputs)
+
+    strict = randomize_bn(zoo.lenet(), seed=5)
+    before = copy.deepcopy(strict.state_dict())
+    _corrupt_nth_fold(monkeypatch, 1)
+    with pytest.raises(VerificationError):
+        bntool.fold(strict, inputs, inplace=True, strict=True)
+    assert [type(m) for m in strict] == [type(m) for m in original]
+    assert strict.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in strict.state_dict().items())

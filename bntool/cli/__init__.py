@@ -78,6 +78,30 @@ from . import recalibrate as _recalibrate  # noqa: E402,F401
 from . import export as _export  # noqa: E402,F401
 
 
+#: blocks at least this large come straight from the operating system and go back to it when freed
+MMAP_THRESHOLD = 1 << 20
+
+
+def _give_freed_memory_back() -> None:
+    """Ask glibc to hand large blocks back to the system when they are freed.
+
+    By default glibc raises its mmap threshold to the size of the largest
+    block freed so far (up to 32 MB), after which model-sized tensors come from
+    its heap and their memory is kept when they are freed: a command that
+    loads, folds and writes a model would keep the high-water mark of each
+    step. A fixed threshold keeps the process at what it really holds.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``bntool`` console script."""
     from .. import outputs
@@ -86,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["--help"]  # bare `bntool`: the help, on stdout, exit 0
+    _give_freed_memory_back()
     _state["debug"] = "--debug" in argv
     outputs.committed.clear()
     try:

@@ -77,7 +77,9 @@ def fold(
     inputs = verification_inputs(source.model, input_shape, seed)
     result: dict = {"command": "fold", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
     try:
-        folded, report = fold_model(source.model, inputs, device=target, atol=atol, rtol=rtol, strict=strict)
+        # in place: the original's outputs are computed first, so one model is held (undone if it fails)
+        folded, report = fold_model(source.model, inputs, device=target, atol=atol, rtol=rtol, strict=strict,
+                                    inplace=True)
     except VerificationError as exc:
         result.update(exc.report.to_dict())
         _render(result, exc.report, json)
