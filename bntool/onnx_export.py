@@ -1,72 +1,61 @@
 """ONNX export, folded by default, proven to compute what the PyTorch model computes.
 
 ``export_onnx`` folds (exactly as ``bntool fold``, verified) unless
-``fold=False``, exports a CPU copy in eval mode with ``torch.onnx.export``
+``fold=False``, exports in eval mode on the CPU with ``torch.onnx.export``
 (the torch.export-based exporter, ``dynamo=True``, unless
-``exporter="torchscript"``) into a temporary folder beside ``path``, then
-proves the temporary file: ``onnx.checker`` (full check), no
-BatchNormalization in training mode, and onnxruntime (graph optimizations
-off) against the original PyTorch model at every verification batch size.
-Only then is the file (and any external-data file) renamed into place.
+``exporter="torchscript"``; ``onnx_write``) into a temporary folder beside
+``path``, then proves the temporary file: ``onnx.checker`` (full check), no
+BatchNormalization in training mode, every initializer bit for bit, and
+onnxruntime (graph optimizations off) against the original PyTorch model at
+every verification batch size. Only then is the file (and any external-data
+file) renamed into place (``onnx_commit``).
+
+Memory: the original runs twice per verification batch size (float32 and
+float64) before anything else and is not read again; the model is exported
+without a copy beyond folding's (none with ``consume=True``); the file is
+written and read a tensor at a time (``onnx_stream``); the model's tensors
+are let go before onnxruntime loads the file's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
+import gc
 import inspect
-import io
-import logging
 import os
 import re
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import InputError, VerificationError, shorten
-from .inputs import mentions
 from . import outputs
+from .cloning import clone
+from .errors import InputError, VerificationError
 from .folding import FoldReport
 from .folding import fold as fold_model
 from .onnx_check import (
     KEY_OPS,
-    compare_initializers,
     OnnxFacts,
     OnnxVerification,
     TrainingBN,
+    compare_initializers,
     inputs_at,
     inspect_file,
     output_template,
+    read_structure,
     verification_batch_sizes,
     verify_onnx,
 )
-from .verify import flatten_outputs, model_dtype, resolve_device
+from .onnx_commit import commit
+from .onnx_write import ExportSpec, write_onnx
+from .verify import Reference, flatten_outputs, model_dtype, resolve_device
 
 EXPORTERS = ("dynamo", "torchscript")
-EXPORTER_TEXT = {
-    "dynamo": "torch.onnx.export(dynamo=True) (torch.export)",
-    "torchscript": "torch.onnx.export(dynamo=False) (TorchScript tracing)",
-}
-
-
-@dataclass(frozen=True)
-class ExportSpec:
-    """How to call the exporter."""
-
-    exporter: str
-    opset: int | None
-    dynamic_batch: bool
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    optimize: str  # "full" (the exporter's optimizer), "constants" (constant folding only) or "off"
-    external_data: bool | None
 
 
 @dataclass(frozen=True)
@@ -142,6 +131,7 @@ def export_onnx(
     rtol: float | None = None,
     force: bool = False,
     keep_on_fail: bool = False,
+    consume: bool = False,
 ) -> ExportReport:
     """Export ``model`` (folded unless ``fold=False``, always in eval mode) to ``path`` and prove the file.
 
@@ -156,7 +146,16 @@ def export_onnx(
     graph; the default is the optimizer when folding and constant folding only
     (BatchNormalization nodes kept) with ``fold=False``. On failure
     ``VerificationError`` carries the report and nothing is written unless
-    ``keep_on_fail``. ``model`` is never changed.
+    ``keep_on_fail``. ``model`` is never changed, and never copied but by
+    folding, which makes the one copy that is exported.
+
+    ``consume=True`` hands ``model`` over to the export, for a caller with no
+    further use for it (the CLI): it is folded in place, moved to the CPU and
+    exported itself, and once the file's weights are compared with its
+    tensors, those are released (the module is left on the meta device), so
+    that onnxruntime's copy of the weights never sits beside a model. The
+    original's outputs at every verification batch size are computed first;
+    they are all the checks need of it.
     """
     if exporter not in EXPORTERS:
         raise InputError(f"unknown exporter `{exporter}`; pass dynamo (recommended) or torchscript")
@@ -171,15 +170,28 @@ def export_onnx(
     if any(m.training for m in model.modules()):
         notes.append("the model was in training mode; it was exported in eval mode "
                      "(BatchNorm uses its running statistics)")
+    default_input_names = _input_names(model, len(inputs))
+    # The original's outputs at every verification batch size, computed once (float32 and float64: two forwards
+    # each); fold's own reference serves the export batch. Past this point nothing reads the original.
+    derived = atol is None and rtol is None
+    from_fold = fold and batch in feed and _same_tensors(feed[batch], inputs)
     fold_report = None
-    if fold:
-        folded, fold_report = fold_model(model, inputs, device=target, atol=atol, rtol=rtol)
-    else:
-        folded = copy.deepcopy(model)
-    export_model = folded.cpu().eval()
+    with _first_output(model) as (structure, hook):  # the outputs' structure, seen in those runs: no forward of its own
+        references = {b: Reference.of(model, feed[b], device=target, float64=derived)
+                      for b in sizes if not (from_fold and b == batch)}
+        if fold:
+            folded, fold_report = fold_model(model, inputs, inplace=consume, device=target, atol=atol, rtol=rtol)
+            if from_fold:
+                references[batch] = fold_report.reference
+            export_model = folded.cpu()  # the folded copy (``model`` itself when consumed): moved, never copied
+            del folded
+        else:
+            export_model = model.cpu() if consume else _on_cpu(model)
+    del model  # nothing below reads the original
+    export_model._forward_hooks.pop(hook, None)  # folding's copy carries the hook too
     cpu_inputs = tuple(t.cpu() for t in inputs)
-    template = output_template(export_model, cpu_inputs)
-    spec = ExportSpec(exporter, opset, dynamic_batch, _names(input_names, _input_names(model, len(inputs)), "input"),
+    template = structure[0] if structure else output_template(export_model, cpu_inputs)
+    spec = ExportSpec(exporter, opset, dynamic_batch, _names(input_names, default_input_names, "input"),
                       _names(output_names, _output_names(template), "output"),
                       {True: "full", False: "off", None: "full" if fold else "constants"}[optimize], external_data)
     with outputs.staging_folder(out) as stage:
@@ -187,18 +199,26 @@ def export_onnx(
         start = time.perf_counter()
         described = write_onnx(export_model, cpu_inputs, tmp, spec)
         seconds = time.perf_counter() - start
-        facts = inspect_file(tmp)
+        # one reading of the file's structure serves the checker, the facts and the weights' comparison; the
+        # weights themselves stay in the file and are compared a chunk at a time
+        found = read_structure(tmp)
+        facts = inspect_file(tmp, found)
         if opset is not None and facts.opset != opset:
             raise InputError(f"the exporter wrote opset {facts.opset}, not the --opset {opset} asked for (it cannot "
                              f"convert this graph); pass --opset {facts.opset} or newer")
         failures = _structural_failures(facts, dynamic_batch)
-        weights_checked, differ = compare_initializers(tmp, export_model)
+        weights_checked, differ = compare_initializers(found, export_model)
         if differ:
             shown = ", ".join(f"`{name}`" for name in differ[:3]) + (", ..." if len(differ) > 3 else "")
             failures.append(f"{len(differ)} initializer(s) differ from the model's tensors: {shown}")
+        if consume:  # onnxruntime holds the weights next: the model's go first
+            export_model.to("meta")
+        del found, export_model  # (folding's copy goes with the name; a caller's model is the caller's)
+        _give_back_memory()
         verification = None
         try:
-            verification = verify_onnx(model, tmp, feed, device=target, atol=atol, rtol=rtol, template=template)
+            verification = verify_onnx(None, tmp, feed, device=target, atol=atol, rtol=rtol, template=template,
+                                       references=references)
             failures += verification.failures()
         except VerificationError as exc:
             failures.append(str(exc))
@@ -207,7 +227,7 @@ def export_onnx(
                               tuple(failures), tuple(notes), weights_checked)
         if failures and not keep_on_fail:
             raise VerificationError("the ONNX file was not written: " + "; ".join(failures), report)
-        notes += _commit(stage, tmp, out, force)
+        notes += commit(stage, tmp, out, force)
         report = dataclasses.replace(report, written=True, notes=tuple(notes))
         if failures:
             raise VerificationError(f"kept `{out}` (--keep-on-fail) although: " + "; ".join(failures), report)
@@ -228,155 +248,57 @@ def _structural_failures(facts: OnnxFacts, dynamic_batch: bool) -> list[str]:
     return failures
 
 
-def external_data_name(out: Path) -> str:
-    """The one external-data file name bntool gives an ONNX file (both exporters use it)."""
-    return f"{out.name}.data"
-
-
-def _commit(stage: Path, tmp: Path, out: Path, force: bool) -> list[str]:
-    """Move the external-data file, then the .onnx file, from ``stage`` into ``out``'s folder; returns notes.
-
-    Nothing existing is replaced without ``force``. With it, an external-data
-    file that another .onnx file of the folder refers to is neither replaced
-    nor removed; the replaced file's own external data (``NAME.onnx.data``,
-    the only name bntool gives) is removed when nothing else refers to it.
-    Any other file the replaced .onnx file named is left as it is.
-    """
-    extra = [p for p in sorted(stage.iterdir()) if p != tmp]
-    ours = external_data_name(out)
-    old_refs = _external_data_files(out) if force and out.exists() else set()
-    for p in extra:
-        dst = out.parent / p.name
-        users = _other_users(dst, out) if force and os.path.lexists(dst) else []
-        if users:
-            raise InputError(f"`{dst}` (the weights of the .onnx file) is also used by {_list(users)}; replacing it "
-                             "would break that file; choose another --out or pass --embed-weights")
-    outputs.commit_all([*((p, out.parent / p.name) for p in extra), (tmp, out)], force=force)
-    notes = []
-    written = {p.name for p in extra}
-    stale = out.parent / ours
-    if ours in old_refs and ours not in written and os.path.lexists(stale):
-        users = _other_users(stale, out)
-        if users:
-            notes.append(f"kept `{stale}`, the replaced file's weights: {_list(users)} still use it")
-        else:
-            stale.unlink()
-    others = sorted(old_refs - {ours} - written)
-    if others:
-        notes.append(f"the replaced file also named {_list(others)} as external data; bntool did not write "
-                     "them for this output, so they were left as they are")
-    return notes
-
-
-def _other_users(data: Path, out: Path) -> list[str]:
-    """The .onnx files beside ``out`` (``out`` itself excluded) that mention ``data``'s name."""
-    users = []
-    for candidate in sorted(out.parent.glob("*.onnx")):
-        if candidate.name != out.name and mentions(candidate, data.name):
-            users.append(candidate.name)
-    return users
-
-
-def _list(names: Sequence[str]) -> str:
-    return ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-#: Larger .onnx files hold their weights and are not parsed to find external-data names.
-_PARSE_LIMIT = 64 << 20
-
-
-def _external_data_files(path: Path) -> set[str]:
-    """Names of the external-data files an existing .onnx file refers to (in its own folder only)."""
-    import onnx
-
+def _give_back_memory() -> None:
+    """Collect garbage and return the allocator's free memory to the system (glibc's ``malloc_trim``), so that the
+    next large allocation (onnxruntime's weights) takes the pages the model held instead of new ones."""
+    gc.collect()
     try:
-        if path.stat().st_size > _PARSE_LIMIT:
-            return {external_data_name(path)} if mentions(path, external_data_name(path)) else set()
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not an ONNX file we can read: nothing of ours to clean up
-        return set()
-    names = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            if location and Path(location).name == location:
-                names.add(location)
-    return names
+        import ctypes
 
-
-# ----------------------------------------------------------------------------- exporting
-
-
-def write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, spec: ExportSpec) -> str:
-    """Run the exporter on ``model`` (eval mode, CPU) and write ``path``; returns which exporter was used."""
-    model.eval()
-    kwargs: dict[str, Any] = {"opset_version": spec.opset, "input_names": list(spec.input_names),
-                              "output_names": list(spec.output_names)}
-    try:
-        with _quiet():
-            if spec.exporter == "dynamo":
-                if spec.dynamic_batch:
-                    batch = torch.export.Dim("batch")
-                    kwargs["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
-                program = torch.onnx.export(model, tuple(inputs), dynamo=True, verbose=False,
-                                            optimize=spec.optimize == "full", **kwargs)
-                if spec.optimize == "constants":
-                    import onnxscript.optimizer
-
-                    onnxscript.optimizer.fold_constants_ir(program.model)
-                    onnxscript.optimizer.remove_unused_nodes(program.model)
-                program.save(str(path), external_data=spec.external_data)
-            else:
-                if spec.dynamic_batch:
-                    kwargs["dynamic_axes"] = {n: {0: "batch"} for n in (*spec.input_names, *spec.output_names)}
-                torch.onnx.export(model, tuple(inputs), str(path), dynamo=False,
-                                  do_constant_folding=spec.optimize == "full", **kwargs)
-                if spec.external_data:
-                    _externalize(path)
-    except InputError:
-        raise
-    except Exception as exc:  # the exporter's own reason, in one or two lines
-        if outputs.write_errno(exc) is not None:
-            raise  # writing the file failed, not the model: the staging folder says so
-        raise InputError(_exporter_reason(exc, type(model).__name__, spec.exporter)) from exc
-    return EXPORTER_TEXT[spec.exporter]
-
-
-def _externalize(path: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory in its own way
+        pass
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporters print progress, warnings and graph dumps; keep stdout (``--json``) and stderr clean."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.ERROR)
+def _first_output(model: nn.Module) -> Iterator[tuple[list[Any], int]]:
+    """Keep the first output (with tensors in it) that ``model`` returns while the block runs; its structure names
+    the ONNX outputs and gives onnxruntime's flat outputs their places.
+
+    Yields the list that receives it and the hook's id: copies of ``model`` made meanwhile (folding's) carry the
+    hook too, under that id in their ``_forward_hooks``.
+    """
+    seen: list[Any] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        if not seen and flatten_outputs(output):
+            seen.append(output)
+
+    handle = model.register_forward_hook(keep)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
+        yield seen, handle.id
     finally:
-        logging.disable(previous)
+        handle.remove()
 
 
-def _exporter_reason(exc: BaseException, model_name: str, exporter: str) -> str:
-    cause = exc.__cause__ or exc
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    reason = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
-    where = re.search(r'raised this error:\s*File "([^"]+)", line (\d+), in \w+\s*\n\s*(.+)', str(exc))
-    at = f" at {Path(where.group(1)).name}:{where.group(2)} `{where.group(3).strip()}`" if where else ""
-    if exporter == "dynamo":
-        hint = ("make the forward exportable by torch.export (no data-dependent Python control flow; see "
-                "torch.cond), or pass --exporter torchscript, which traces only the path the example inputs take")
-    else:
-        hint = "pass --exporter dynamo, or make the forward traceable"
-    return f"{EXPORTER_TEXT[exporter]} cannot export `{model_name}`: {shorten(reason, 300)}{at}; {hint}"
+def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+                                    and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is on the CPU, else a module-tree copy holding CPU copies of its tensors."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return model
+    moved = clone(model, share=tensors)  # the module tree; its tensors are replaced below, never the model's
+    for module in moved.modules():
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is not None and tensor.device.type != "cpu":
+                    cpu = tensor.detach().cpu()
+                    store[key] = nn.Parameter(cpu, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else cpu
+    return moved
 
 
 def _as_model_dtype(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

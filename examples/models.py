@@ -22,6 +22,7 @@ __all__ = [
     "lenet",
     "resnet_small",
     "resnet50",
+    "wide_resnet",
     "mobilenet_v2",
     "mlp_bn",
     "conv1d_net",
@@ -178,6 +179,18 @@ def resnet50(num_classes: int = 1000) -> ResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3]); state-dict compatible with torchvision."""
     return _with_shape(ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes),
                        (1, 3, 224, 224))
+
+
+def wide_resnet(width: int = 304, num_classes: int = 1000) -> ResNet:
+    """A wide ResNet-18 (BasicBlock, [2, 2, 2, 2], widths ``width`` x 1/2/4/8, 3x3 stem) for memory benchmarks.
+
+    Nearly all of it is weights: at the default width 304 it holds 254 M
+    float32 parameters (about 1 GB), while its activations at ``input_shape``
+    (1x3x16x16, the last stage at 2x2) are a few MB. Builds in about a second.
+    """
+    model = ResNet(BasicBlock, [2, 2, 2, 2], widths=(width, 2 * width, 4 * width, 8 * width),
+                   num_classes=num_classes, small_stem=True)
+    return _with_shape(model, (1, 3, 16, 16))
 
 
 # --------------------------------------------------------------- MobileNetV2

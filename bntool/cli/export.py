@@ -144,6 +144,7 @@ def export(
             input_names=_names(input_names), output_names=_names(output_names), verify_batch_sizes=sizes,
             verify_inputs=verify_inputs, exporter=exporter, optimize=optimize, external_data=external_data,
             device=device, seed=seed, atol=atol, rtol=rtol, force=force, keep_on_fail=keep_on_fail,
+            consume=True,  # nothing here needs the original afterwards: one model held, not two
         )
     except VerificationError as exc:
         if exc.report is not None:
