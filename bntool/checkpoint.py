@@ -130,7 +130,7 @@ def read(path: str | os.PathLike, *, key: str | None = None, allow_pickle: bool 
         candidates = tuple(c for c in candidates if c.key == key)
         if not candidates:
             found = ", ".join(f"`{c.key}`" for c in _find_state_dicts(obj) if c.key) or "none"
-            raise InputError(f"`{path}` has no state dict under --key `{key}`; state dicts found under: {found}")
+            raise InputError(f"`{path}` has no state dict under `key=\"{key}\"`; state dicts found under: {found}")
     if not candidates:
         raise InputError(
             f"`{path}` holds no state dict (no mapping of names to tensors); "
@@ -181,7 +181,7 @@ def _read_torch(path: Path, allow_pickle: bool) -> Any:
         shown = ", ".join(f"`{g}`" for g in unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
         raise UnsafeFileError(
             f"`{path}` contains pickled Python objects ({shown}); loading it would run code "
-            "from the file, which can do anything. Re-save its state_dict, or pass --allow-pickle "
+            "from the file, which can do anything. Re-save its state_dict, or pass `allow_pickle=True` "
             "if you trust where it came from"
         ) from None
     except Exception as exc:  # a corrupt file can make the unpickler fail in any way (KeyError, struct.error...)
@@ -309,7 +309,7 @@ def resolve(loaded: Loaded, model: nn.Module | None, *, strip_prefix: bool = Tru
     if len(fits) > 1:
         keys = ", ".join(f"`{r.key}`" for r in fits)
         raise InputError(
-            f"`{loaded.path}` holds {len(fits)} state dicts that fit the model ({keys}); pass --key to choose one"
+            f"`{loaded.path}` holds {len(fits)} state dicts that fit the model ({keys}); pass `key=\"...\"` to choose one"
         )
     best = loaded.candidates[0]
     state, prefix = _strip(best.state_dict, expected) if strip_prefix else (best.state_dict, None)
@@ -351,9 +351,9 @@ def _mismatch(path, model, state, expected, prefix, strip_prefix) -> CheckpointM
         parts.append(f"{len(missing)} keys missing ({short(missing)})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected ({short(unexpected)})")
-    hint = "check --model and --model-args, or pass --key to pick another state dict in the file"
+    hint = "check the model it is loaded into (`model_args`), or pass `key=\"...\"` to pick another state dict"
     if not strip_prefix and any(k.startswith(WRAPPER_PREFIXES) for k in unexpected):
-        hint = "the checkpoint looks wrapped (DataParallel / torch.compile); drop --no-strip-prefix"
+        hint = "the checkpoint looks wrapped (DataParallel / torch.compile); drop `strip_prefix=False`"
     return CheckpointMismatchError(
         f"cannot load `{path}` into `{type(model).__name__}`: {' and '.join(parts)}; {hint}"
     )
@@ -376,7 +376,7 @@ def load_state(model: nn.Module, loaded: Loaded, *, strip_prefix: bool = True) -
         more = f" (and {len(wrong) - 2} more)" if len(wrong) > 2 else ""
         raise CheckpointMismatchError(
             f"cannot load `{loaded.path}` into `{type(model).__name__}`: {'; '.join(wrong[:2])}{more}; "
-            "check --model-args (sizes, number of classes)"
+            "check the model's sizes (`model_args`: widths, number of classes)"
         )
     model.load_state_dict(resolved.state_dict, strict=True)
     return resolved

@@ -46,7 +46,7 @@ class TensorBatches:
 
     def __init__(self, tensor: torch.Tensor, batch_size: int, name: str = "the tensor"):
         if batch_size < 1:
-            raise InputError(f"--batch-size {batch_size}: pass a positive number of samples per batch")
+            raise InputError(f"`batch_size` {batch_size}: pass a positive number of samples per batch")
         if tensor.dim() == 0 or tensor.shape[0] == 0:
             raise InputError(f"{name} holds no samples (shape {tuple(tensor.shape)}); pass inputs stacked along dim 0")
         self.tensor, self.batch_size = tensor, batch_size
@@ -67,18 +67,18 @@ class ImageFolderBatches:
     def __init__(self, paths: Sequence[Path], batch_size: int, image_size: tuple[int, int] | None,
                  mean: Sequence[float] | None, std: Sequence[float] | None):
         if batch_size < 1:
-            raise InputError(f"--batch-size {batch_size}: pass a positive number of images per batch")
+            raise InputError(f"`batch_size` {batch_size}: pass a positive number of images per batch")
         channels = len(mean) if mean else len(std) if std else 3
         if channels not in (1, 3) or (mean and std and len(mean) != len(std)):
             raise InputError(
-                f"--mean/--std need 1 value (grey) or 3 values (RGB) each, got {list(mean or [])} / {list(std or [])}"
+                f"`mean` / `std` need 1 value (grey) or 3 values (RGB) each, got {list(mean or [])} / {list(std or [])}"
             )
         self.paths, self.batch_size, self.image_size = list(paths), batch_size, image_size
         self.mode = "L" if channels == 1 else "RGB"
         self.mean = torch.tensor(mean if mean else [0.0] * channels, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std if std else [1.0] * channels, dtype=torch.float32)[:, None, None]
         if (self.std == 0).any():
-            raise InputError(f"--std {list(std)} contains 0; pass positive standard deviations")
+            raise InputError(f"`std` {list(std)} contains 0; pass positive standard deviations")
 
     def __len__(self) -> int:
         return math.ceil(len(self.paths) / self.batch_size)
@@ -106,7 +106,7 @@ class ImageFolderBatches:
         if len(sizes) > 1:
             raise InputError(
                 f"images in the folder have different sizes ({', '.join('x'.join(map(str, s)) for s in sorted(sizes))}); "
-                "pass --image-size, e.g. --image-size 224"
+                "pass `image_size`, e.g. 224"
             )
         return torch.stack(images)
 
@@ -130,34 +130,34 @@ def load_batches(
         paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise InputError(
-                f"--data `{source}`: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                f"data `{source}`: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}); "
                 "pass a folder of images, a tensor file or a module:factory"
             )
         return ImageFolderBatches(paths, batch_size, _image_size(image_size), mean, std)
     if path.exists() or path.is_symlink():
         require_regular_file(path, "--data")  # not a FIFO or a device, not empty: before opening it
-        return TensorBatches(_read_tensor_file(path, input_key), batch_size, f"--data `{source}`")
+        return TensorBatches(_read_tensor_file(path, input_key), batch_size, f"data `{source}`")
     if ":" in str(source):
         factory = resolve_callable(str(source), flag="--data")
         kwargs = parse_kwargs(data_args, "--data-args") if isinstance(data_args, (str, type(None))) else dict(data_args)
         try:
             batches = factory(**kwargs)
         except TypeError as exc:
-            raise InputError(f"--data `{source}` rejected its arguments: {exc}; check --data-args") from None
+            raise InputError(f"data `{source}` rejected its arguments: {exc}; check `data_args`") from None
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # an exception, or sys.exit() in the factory
-            raise InputError(f"--data `{source}` {user_exit(exc)} instead of returning batches") from None
+            raise InputError(f"data `{source}` {user_exit(exc)} instead of returning batches") from None
         if isinstance(batches, torch.Tensor):
-            return TensorBatches(batches, batch_size, f"--data `{source}`")
+            return TensorBatches(batches, batch_size, f"data `{source}`")
         if not isinstance(batches, Iterable):
             raise InputError(
-                f"--data `{source}` returned a {type(batches).__name__}, not an iterable of batches; "
+                f"data `{source}` returned a {type(batches).__name__}, not an iterable of batches; "
                 "return a DataLoader, a list of batches or one stacked tensor"
             )
         return batches
     raise InputError(
-        f"--data `{source}`: no such file or folder; pass a tensor file ({', '.join(TENSOR_SUFFIXES)}), "
+        f"data `{source}`: no such file or folder; pass a tensor file ({', '.join(TENSOR_SUFFIXES)}), "
         "a folder of images, or package.module:factory / path/file.py:factory"
     )
 
@@ -169,13 +169,13 @@ def _image_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if len(dims) == 1:
         dims = dims * 2
     if len(dims) != 2 or min(dims) < 1:
-        raise InputError(f"--image-size {size}: pass one positive size (224) or height,width (224,320)")
+        raise InputError(f"`image_size` {size}: pass one positive size (224) or height,width (224,320)")
     return dims
 
 
 def _read_tensor_file(path: Path, input_key: str | None) -> torch.Tensor:
     suffix = path.suffix.lower()
-    where = f"--data `{path}`"
+    where = f"data `{path}`"
     if suffix in (".pt", ".pth"):
         import pickle
 
@@ -230,7 +230,7 @@ def model_input(batch: Any, input_key: str | None = None, *, where: str = "a bat
         if input_key is not None:
             if input_key not in batch:
                 raise InputError(f"{where} has no key `{input_key}` (keys: {', '.join(map(str, keys))}); "
-                                 "pass one of those with --input-key")
+                                 "pass one of those as `input_key`")
             return model_input(batch[input_key], None, where=where)
         tensors = [k for k in keys if isinstance(batch[k], torch.Tensor)]
         if len(tensors) == 1:
@@ -239,7 +239,7 @@ def model_input(batch: Any, input_key: str | None = None, *, where: str = "a bat
         if len(obvious) == 1:
             return model_input(batch[obvious[0]], None, where=where)
         raise InputError(f"{where} is a dict with keys {', '.join(f'`{k}`' for k in keys)} and none is obviously "
-                         "the model input; pass --input-key KEY (or forward=... in the Python API)")
+                         "the model input; pass `input_key` (or `forward=...` to run the model yourself)")
     raise InputError(f"{where} is a {type(batch).__name__}, not a tensor, tuple, list or dict; "
                      "return tensors from the data factory, or pass forward=callable(model, batch) in the Python API")
 
@@ -292,9 +292,9 @@ def plan_batches(batches: Iterable[Any], *, num_batches: int | None = None, veri
     must be consumed before the verification one (they may share one iterator).
     """
     if num_batches is not None and num_batches < 1:
-        raise InputError(f"--num-batches {num_batches}: pass a positive number of batches")
+        raise InputError(f"`num_batches` {num_batches}: pass a positive number of batches")
     if verify_batches < 0:
-        raise InputError(f"--verify-batches {verify_batches}: pass 0 or a positive number of batches")
+        raise InputError(f"`verify_batches` {verify_batches}: pass 0 or a positive number of batches")
     if not 0 <= rank < world_size:
         raise InputError(f"rank {rank} is not in a world of {world_size} processes")
     try:
@@ -307,11 +307,11 @@ def plan_batches(batches: Iterable[Any], *, num_batches: int | None = None, veri
         room = length - verify_batches
         n_cal = room if num_batches is None else min(num_batches, room)
         if n_cal < 1:
-            raise InputError(f"the data has {length} batches: not enough for --verify-batches {verify_batches} "
-                             "plus at least one calibration batch; pass fewer --verify-batches")
+            raise InputError(f"the data has {length} batches: not enough for `verify_batches` {verify_batches} "
+                             "plus at least one calibration batch; pass fewer `verify_batches`")
     else:
         if verify_batches and num_batches is None:
-            raise InputError("--verify-batches needs --num-batches for a data source without a length "
+            raise InputError("`verify_batches` needs `num_batches` for a data source without a length "
                              "(the verification batches are the ones after the calibration batches)")
         n_cal = num_batches
     total = len(range(rank, n_cal, world_size)) if n_cal is not None else None

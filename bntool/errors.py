@@ -1,11 +1,45 @@
 """Typed errors. Every user-controlled problem is raised as one of these.
 
 A message says what failed, where (file, key, qualified layer name), expected
-versus got where that helps, and what to do. ``bntool.cli.main`` turns a
-``BntoolError`` into ``Error: <message>`` on stderr and its ``exit_code``.
+versus got where that helps, and what to do. The library names what to pass
+in the caller's terms, its Python parameters in backticks (`` `example_inputs` ``,
+`` `include` ``); ``bntool.cli.main``, the one error boundary, turns a
+``BntoolError`` into ``Error: <message>`` on stderr, with each parameter
+replaced by the flag that sets it (``for_cli``), and its ``exit_code``.
 """
 
 from __future__ import annotations
+
+import re
+
+#: Python parameter, as library messages spell it -> the command-line flag that sets it
+FLAGS = {
+    "`example_inputs`": "--input-shape",
+    "`allow_pickle=True`": "--allow-pickle",
+    "`strip_prefix=False`": "--no-strip-prefix",
+    "`model_args`": "--model-args",
+    "`force=True`": "--force",
+    "`include`": "--include",
+    "`exclude`": "--exclude",
+    "`data_args`": "--data-args",
+    "`batch_size`": "--batch-size",
+    "`num_batches`": "--num-batches",
+    "`verify_batches`": "--verify-batches",
+    "`input_key`": "--input-key",
+    "`image_size`": "--image-size",
+    "`mean`": "--mean",
+    "`std`": "--std",
+}
+#: parameters given a value in messages, ``device="cpu"`` -> ``--device cpu``
+VALUED = ("device", "key")
+_PARAMETER = re.compile("|".join(re.escape(k) for k in sorted(FLAGS, key=len, reverse=True)))
+_VALUED = re.compile(r'`(%s)="([^"`]*)"`' % "|".join(VALUED))
+
+
+def for_cli(message: str) -> str:
+    """``message`` as the command line says it: each Python parameter named by the flag that sets it."""
+    message = _VALUED.sub(lambda m: f"--{m.group(1)}" + (f" {m.group(2)}" if m.group(2) != "..." else ""), message)
+    return _PARAMETER.sub(lambda m: FLAGS[m.group(0)], message)
 
 
 class BntoolError(Exception):
@@ -25,7 +59,7 @@ class UnsafeFileError(InputError):
 
 
 class CheckpointMismatchError(InputError):
-    """The weights do not fit the model built from ``--model``."""
+    """The weights do not fit the model they are loaded into."""
 
 
 class VerificationError(BntoolError):
@@ -67,5 +101,5 @@ def out_of_memory(exc: BaseException) -> bool:
 def out_of_memory_message(exc: BaseException, doing: str = "") -> str:
     where = "the GPU" if "CUDA" in str(exc) or "cuda" in str(exc) else "the machine"
     first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 120)
-    return (f"ran out of memory{' ' + doing if doing else ''} on {where} ({first}); pass a smaller --input-shape "
-            "or --batch-size, or use --device cpu for a model too large for the GPU")
+    return (f"ran out of memory{' ' + doing if doing else ''} on {where} ({first}); pass smaller `example_inputs` "
+            'or a smaller `batch_size`, or verify on the CPU (`device="cpu"`) for a model too large for the GPU')

@@ -215,7 +215,7 @@ def replay(model: nn.Module, step: dict[str, Any]) -> None:
         except (AttributeError, KeyError, TypeError):
             raise InputError(
                 f"the file's recipe folds `{pair.get('bn')}` into `{pair.get('into')}`, but the model has no such "
-                "layer; pass the --model the checkpoint was made from"
+                "layer; build the model from the code the checkpoint was made from"
             ) from None
         if getattr(target, "bias", None) is None:
             w = target.weight
@@ -231,7 +231,7 @@ def replay(model: nn.Module, step: dict[str, Any]) -> None:
         if becomes == "rewritten" and (form.kind != "traced" or form.removable):
             raise InputError(f"the file's recipe rewrites `{name}` without its normalization, but this model's "
                              f"`{type(bn).__name__}` does not compute what it did when the file was written; pass "
-                             "the --model the checkpoint was made from")
+                             "the model from the code the checkpoint was made from")
         _retire_bn(model, name, bn, becomes, form)
 
 

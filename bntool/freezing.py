@@ -271,7 +271,7 @@ def replay(model: nn.Module, step: dict[str, Any]) -> nn.Module:
             found = "no such module" if module is None else f"a `{type(module).__name__}` ({reason})"
             raise InputError(
                 f"the checkpoint's recipe does not match the model: it {op}s layer `{name}`, but the model has "
-                f"{found}; build the model with the --model the checkpoint was made from"
+                f"{found}; build the model from the code the checkpoint was made from"
             )
         frozen_type = frozen_type_for(source)
         replacements[id(module)] = frozen_type.from_batchnorm(source, affine) if op == "freeze" else source.to_batchnorm()

@@ -163,7 +163,7 @@ def recalibrate(
                 raise error
         num_batches_seen, num_samples, empty_batches = totals
         if num_batches_seen == 0:
-            raise InputError("the data gave no batches; pass a non-empty data source (and --num-batches of at least 1)")
+            raise InputError("the data gave no batches; pass a non-empty data source (and `num_batches` of at least 1)")
         if num_samples == 0:
             raise InputError(f"all {num_batches_seen} batches are empty (0 samples); pass data with samples in it")
         layers, writes = _results(flat, held)
@@ -360,7 +360,7 @@ def replay(model: nn.Module, step: dict[str, Any]) -> None:
         bn = modules.get(name)
         if not isinstance(bn, _BatchNorm):
             raise InputError(f"recipe step recalibrate names `{name}`, which is not a BatchNorm layer of "
-                             f"`{type(model).__name__}`; pass the --model the checkpoint was made from")
+                             f"`{type(model).__name__}`; build the model from the code the checkpoint was made from")
         _enable_tracking(bn, model_device(model), model_dtype(model))
 
 
@@ -383,7 +383,7 @@ def _guarded(model: nn.Module, selected: list, run: Callable[[Any, int], int], b
         name, shape = _single_value_bn(model, selected, run, batch, index)
         raise InputError(
             f"batch {index}: `{name}` got 1 value per channel (input shape {shape}) and training-mode statistics "
-            "need at least 2; pass a larger --batch-size, or drop the short last batch (use --num-batches)"
+            "need at least 2; pass a larger `batch_size`, or drop the short last batch (use `num_batches`)"
         ) from None
     except RuntimeError as exc:
         if isinstance(exc, torch.OutOfMemoryError):
@@ -391,7 +391,7 @@ def _guarded(model: nn.Module, selected: list, run: Callable[[Any, int], int], b
         given = _shape_of(batch)
         raise InputError(
             f"batch {index} (input shape {given}) does not fit the model: {str(exc).splitlines()[0]}; "
-            f"the first layer {expected_input(model)}; pass data of that shape (check --image-size, --input-key)"
+            f"the first layer {expected_input(model)}; pass data of that shape (check `image_size`, `input_key`)"
         ) from None
 
 

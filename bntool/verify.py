@@ -113,17 +113,17 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise InputError(f"unknown device `{spec}`; pass --device auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"unknown device `{spec}`; pass `device=\"auto\"`, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {spec}: no CUDA GPU is available here; pass --device cpu or auto")
+            raise InputError(f"device {spec}: no CUDA GPU is available here; pass `device=\"cpu\"` or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InputError(
-                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present; "
+                f"device {spec}: only {torch.cuda.device_count()} CUDA device(s) present; "
                 f"pass an index below {torch.cuda.device_count()}"
             )
     elif device.type != "cpu":
-        raise InputError(f"unsupported device `{spec}`; pass --device auto, cpu, cuda or cuda:N")
+        raise InputError(f"unsupported device `{spec}`; pass `device=\"auto\"`, cpu, cuda or cuda:N")
     return device
 
 
@@ -206,8 +206,8 @@ def make_inputs(
     shapes = list(shapes) if shapes else declared_input_shapes(model)
     if not shapes:
         raise InputError(
-            f"cannot tell the input shape of `{type(model).__name__}`; pass --input-shape, e.g. "
-            "--input-shape 1,3,224,224 (repeat it for a model with several inputs)"
+            f"cannot tell the input shape of `{type(model).__name__}`; pass `example_inputs` (e.g. of shape "
+            "1,3,224,224; one per model input), or give the model an `input_shape` attribute"
         )
     dtype = dtype or model_dtype(model)
     _inputs_must_fit_in_memory(shapes, dtype)
@@ -351,7 +351,7 @@ def inputs_must_fit(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Iterato
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"running `{type(model).__name__}` on inputs of shape {shapes} failed: {shorten(first, 200)}; "
-            "pass the shape it expects with --input-shape"
+            "pass `example_inputs` of the shape it expects"
         ) from exc
 
 

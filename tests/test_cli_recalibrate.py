@@ -150,7 +150,7 @@ def test_bad_data_exits_2_with_one_line(setup):
     result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", tmp_path / "nope.pt", "--out", out)
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
-    assert result.stderr.startswith("Error: --data ") and "no such file or folder" in result.stderr
+    assert result.stderr.startswith("Error: data ") and "no such file or folder" in result.stderr
     torch.save(torch.randn(8, 5, 8, 8), tmp_path / "wrong.pt")
     result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", tmp_path / "wrong.pt",
                         "--out", out, "--device", "cpu")

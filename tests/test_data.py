@@ -66,7 +66,7 @@ def test_npy_and_npz_files(tmp_path, stacked):
     np.savez(tmp_path / "x.npz", images=stacked.numpy(), labels=np.zeros(10))
     check_cut(load_batches(tmp_path / "x.npz", batch_size=4), stacked)  # `images` is the obvious key
     np.savez(tmp_path / "two.npz", a=stacked.numpy(), b=stacked.numpy() + 1)
-    with pytest.raises(InputError, match="pass --input-key"):
+    with pytest.raises(InputError, match="pass `input_key`"):
         load_batches(tmp_path / "two.npz")
     got = torch.cat(list(load_batches(tmp_path / "two.npz", batch_size=4, input_key="b")))
     assert torch.equal(got, stacked + 1)
@@ -93,7 +93,7 @@ def test_image_folder_resized_and_normalised(tmp_path):
     torch.testing.assert_close(first[0], expected)
     grey = load_batches(folder, batch_size=3, image_size=(4, 6), mean=[0.5], std=[0.5])
     assert next(iter(grey)).shape == (3, 1, 4, 6)
-    with pytest.raises(InputError, match="different sizes.*--image-size"):
+    with pytest.raises(InputError, match="different sizes.*`image_size`"):
         list(load_batches(folder, batch_size=3))
 
 
@@ -112,7 +112,7 @@ def test_python_factory_module_and_file_with_data_args(tmp_path, monkeypatch):
     file_batches = load_batches(f"{tmp_path / 'mydata.py'}:loader", data_args={"n": 2})
     assert [float(model_input(b)[0, 0]) for b in file_batches] == [0.0, 1.0]
     assert [len(b) for b in load_batches("mydata:stacked", batch_size=2, data_args='{"rows": 5}')] == [2, 2, 1]
-    with pytest.raises(InputError, match="rejected its arguments.*--data-args"):
+    with pytest.raises(InputError, match="rejected its arguments.*`data_args`"):
         load_batches("mydata:loader", data_args='{"bogus": 1}')
     with pytest.raises(InputError, match="--data-args is not valid JSON"):
         load_batches("mydata:loader", data_args="{n: 1}")
@@ -134,7 +134,7 @@ def test_batch_forms():
     assert model_input({"pixel_values": x, "labels": torch.zeros(3), "ids": [1, 2, 3]}) is x  # obvious key
     assert model_input({"only": x, "meta": "text"}) is x  # the one tensor
     assert model_input({"a": x, "b": torch.zeros(3)}, input_key="a") is x
-    with pytest.raises(InputError, match=r"keys `a`, `b`.*pass --input-key KEY"):
+    with pytest.raises(InputError, match=r"keys `a`, `b`.*pass `input_key`"):
         model_input({"a": x, "b": torch.zeros(3)})
     with pytest.raises(InputError, match=r"no key `c` \(keys: a, b\)"):
         model_input({"a": x, "b": x}, input_key="c")
@@ -175,7 +175,7 @@ def test_batch_of_one_for_bn1d_names_the_layer(tmp_path):
                           nn.BatchNorm1d(5))
     torch.save(torch.randn(9, 3, 8, 8), tmp_path / "x.pt")
     batches = load_batches(tmp_path / "x.pt", batch_size=4)  # 4, 4, 1
-    with pytest.raises(InputError, match=r"batch 2: `4` got 1 value per channel \(input shape \(1, 5\)\).*--batch-size"):
+    with pytest.raises(InputError, match=r"batch 2: `4` got 1 value per channel \(input shape \(1, 5\)\).*`batch_size`"):
         recalibrate(model, batches)
     # a conv BN gets H*W values per channel from a single image: that is fine
     recalibrate(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), [torch.randn(1, 3, 8, 8)])
@@ -218,7 +218,7 @@ def test_plan_batches_shards_and_holds_out():
     stream = (torch.tensor([[float(i)]]) for i in range(10))
     plan = plan_batches(stream, num_batches=4, verify_batches=3, rank=0, world_size=2)
     assert plan.total == 2 and values(plan.calibration) == [0, 2] and values(plan.verification) == [4, 6]
-    with pytest.raises(InputError, match="needs --num-batches"):
+    with pytest.raises(InputError, match="needs `num_batches`"):
         plan_batches(iter([]), verify_batches=1)
-    with pytest.raises(InputError, match="not enough for --verify-batches 10"):
+    with pytest.raises(InputError, match="not enough for `verify_batches` 10"):
         plan_batches(batches, verify_batches=10)

@@ -157,6 +157,9 @@ def _interrupted(written: list) -> None:
 
 
 def _error(message: str) -> None:
+    from ..errors import for_cli
+
+    message = for_cli(message)
     from .. import console
 
     console.error(message)
