@@ -114,18 +114,19 @@ def _split(message: bytes, number: int) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class Pending:
-    """Where a tensor's bytes come from when ``write_model`` writes them: a size and a function returning them."""
+    """A tensor's bytes for ``write_model``: how many, and a function that writes them to a binary file
+    (``onnx_ir`` tensors' ``tofile``: a torch tensor's memory written as it is, no copy)."""
 
     size: int
-    data: Callable[[], Any]  # bytes, or anything with the buffer protocol
+    write: Callable[[BinaryIO], Any]
 
 
 def write_model(model: Any, tensors: Mapping[str, Pending], path: str | os.PathLike) -> None:
     """Write ``model`` (a ``ModelProto``) to ``path``, each initializer named in ``tensors`` with its bytes.
 
     Those initializers are stand-ins (external data at ``PENDING``): each is
-    written with ``raw_data`` instead, its bytes asked for only while it is
-    written. The fields are in the order ``SerializeToString`` writes them.
+    written with ``raw_data`` instead, its bytes written straight from their
+    source. The fields are in the order ``SerializeToString`` writes them.
     """
     import onnx
 
@@ -166,12 +167,11 @@ def write_model(model: Any, tensors: Mapping[str, Pending], path: str | os.PathL
         for (head, pending, tail), size in zip(parts, sizes):
             f.write(_field(GRAPH_INITIALIZER, size) + head)
             if pending is not None:
-                data = memoryview(pending.data()).cast("B")
-                if len(data) != pending.size:
-                    raise ValueError(f"{len(data)} bytes given for a tensor of {pending.size}")
                 f.write(_field(TENSOR_RAW_DATA, pending.size))
-                f.write(data)
-                del data
+                start = f.tell()
+                pending.write(f)
+                if f.tell() - start != pending.size:
+                    raise ValueError(f"{f.tell() - start} bytes written for a tensor of {pending.size}")
             f.write(tail)
         f.write(graph_tail)
         f.write(model_tail)

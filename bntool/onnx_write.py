@@ -113,7 +113,7 @@ def save_onnx(program: Any, path: Path, external_data: bool | None) -> None:
             tensor = value.const_value
             if tensor is None or isinstance(tensor, kept) or tensor.nbytes < IN_PLACE_MIN:
                 continue
-            pending[value.name] = Pending(tensor.nbytes, tensor.tobytes)
+            pending[value.name] = Pending(tensor.nbytes, tensor.tofile)
             swapped.append((value, tensor))
             value.const_value = ir.ExternalTensor(
                 PENDING, None, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name,

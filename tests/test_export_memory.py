@@ -151,11 +151,15 @@ def test_write_model_refuses_a_tensor_of_the_wrong_size(tmp_path):
     entry.key, entry.value = "location", onnx_stream.PENDING
     model = onnx.load(str(_matmul_file(tmp_path / "m.onnx", weight)))
     model.graph.initializer[0].CopyFrom(stand_in)
-    good = onnx_stream.Pending(len(weight.raw_data), lambda: weight.raw_data)
+    good = onnx_stream.Pending(len(weight.raw_data), lambda f: f.write(weight.raw_data))
     onnx_stream.write_model(model, {"w": good}, tmp_path / "ok.onnx")
     assert (tmp_path / "ok.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
-    short = onnx_stream.Pending(len(weight.raw_data), lambda: weight.raw_data[:-4])
-    with pytest.raises(ValueError, match="bytes given for a tensor of"):
+    # numpy writes to the file descriptor itself, past Python's buffer: the bytes still land in their place
+    array = numpy_helper.to_array(weight)
+    onnx_stream.write_model(model, {"w": onnx_stream.Pending(array.nbytes, array.tofile)}, tmp_path / "np.onnx")
+    assert (tmp_path / "np.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
+    short = onnx_stream.Pending(len(weight.raw_data), lambda f: f.write(weight.raw_data[:-4]))
+    with pytest.raises(ValueError, match="bytes written for a tensor of"):
         onnx_stream.write_model(model, {"w": short}, tmp_path / "bad.onnx")
     with pytest.raises(ValueError, match="no bytes for the initializer"):
         onnx_stream.write_model(model, {}, tmp_path / "bad.onnx")
