@@ -28,10 +28,15 @@ FLAGS = {
     "`input_key`": "--input-key",
     "`image_size`": "--image-size",
     "`mean`": "--mean",
+    "`verify_batch_sizes`": "--verify-batch-sizes",
+    "`dynamic_batch=True`": "--dynamic-batch",
+    "`external_data=False`": "--embed-weights",
+    "`keep_on_fail=True`": "--keep-on-fail",
+    "`opset`": "--opset",
     "`std`": "--std",
 }
 #: parameters given a value in messages, ``device="cpu"`` -> ``--device cpu``
-VALUED = ("device", "key")
+VALUED = ("device", "key", "exporter")
 _PARAMETER = re.compile("|".join(re.escape(k) for k in sorted(FLAGS, key=len, reverse=True)))
 _VALUED = re.compile(r'`(%s)="([^"`]*)"`' % "|".join(VALUED))
 

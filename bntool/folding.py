@@ -14,6 +14,7 @@ fold's structure on a freshly built model (``bntool.load``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -290,6 +291,8 @@ def fold(
         rejected.update(blamed)
         if journal is not None:
             journal.undo()  # back to the original, to fold the rest
+    if inplace:
+        gc.collect()  # the dataflow's traced structures hold the replaced tensors in reference cycles: free them now
     outputs_only = dataclasses.replace(reference, layers={}, layer_deltas={}) if reference is not None else None
     report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), outputs_only)
     if comparison is not None and not comparison.passed:

@@ -427,11 +427,11 @@ def verification_batch_sizes(batch: int, dynamic: bool, asked: Sequence[int] | N
         return sorted({batch, 1, batch + 1}) if dynamic else [batch]
     bad = [b for b in asked if b < 1]
     if bad:
-        raise InputError(f"--verify-batch-sizes {bad[0]}: pass positive batch sizes")
+        raise InputError(f"`verify_batch_sizes` {bad[0]}: pass positive batch sizes")
     other = [b for b in asked if b != batch]
     if other and not dynamic:
         raise InputError(f"the file has the fixed batch size {batch}, so it cannot run at batch {other[0]}; "
-                         "pass --dynamic-batch, or --verify-batch-sizes "
+                         "pass `dynamic_batch=True`, or `verify_batch_sizes` "
                          f"{batch}")
     return sorted(set(asked))
 

@@ -42,7 +42,7 @@ def commit(stage: Path, tmp: Path, out: Path, force: bool) -> list[str]:
         users = _other_users(dst, out) if force and os.path.lexists(dst) else []
         if users:
             raise InputError(f"`{dst}` (the weights of the .onnx file) is also used by {_list(users)}; replacing it "
-                             "would break that file; choose another --out or pass --embed-weights")
+                             "would break that file; choose another output path or pass `external_data=False`")
     outputs.commit_all([*((p, out.parent / p.name) for p in extra), (tmp, out)], force=force)
     notes = []
     written = {p.name for p in extra}

@@ -204,8 +204,8 @@ def export_onnx(
         found = read_structure(tmp)
         facts = inspect_file(tmp, found)
         if opset is not None and facts.opset != opset:
-            raise InputError(f"the exporter wrote opset {facts.opset}, not the --opset {opset} asked for (it cannot "
-                             f"convert this graph); pass --opset {facts.opset} or newer")
+            raise InputError(f"the exporter wrote opset {facts.opset}, not the `opset` {opset} asked for (it cannot "
+                             f"convert this graph); pass `opset` {facts.opset} or newer")
         failures = _structural_failures(facts, dynamic_batch)
         weights_checked, differ = compare_initializers(found, export_model)
         if differ:
@@ -230,7 +230,7 @@ def export_onnx(
         notes += commit(stage, tmp, out, force)
         report = dataclasses.replace(report, written=True, notes=tuple(notes))
         if failures:
-            raise VerificationError(f"kept `{out}` (--keep-on-fail) although: " + "; ".join(failures), report)
+            raise VerificationError(f"kept `{out}` (`keep_on_fail=True`) although: " + "; ".join(failures), report)
         return report
 
 
@@ -308,7 +308,7 @@ def _as_model_dtype(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[t
 
 def _batch_of(inputs: Sequence[torch.Tensor], dynamic: bool) -> int:
     if not inputs:
-        raise InputError("no example inputs; pass --input-shape (e.g. 1,3,224,224) or --data")
+        raise InputError("no example inputs; pass `example_inputs` (e.g. of shape 1,3,224,224)")
     if any(t.dim() == 0 for t in inputs):
         raise InputError("an example input is a scalar, so it has no batch dimension; pass tensors shaped (N, ...)")
     sizes = {int(t.shape[0]) for t in inputs}

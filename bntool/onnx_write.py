@@ -164,7 +164,7 @@ def _exporter_reason(exc: BaseException, model_name: str, exporter: str) -> str:
     at = f" at {Path(where.group(1)).name}:{where.group(2)} `{where.group(3).strip()}`" if where else ""
     if exporter == "dynamo":
         hint = ("make the forward exportable by torch.export (no data-dependent Python control flow; see "
-                "torch.cond), or pass --exporter torchscript, which traces only the path the example inputs take")
+                "torch.cond), or pass `exporter=\"torchscript\"`, which traces only the path the example inputs take")
     else:
-        hint = "pass --exporter dynamo, or make the forward traceable"
+        hint = 'pass `exporter="dynamo"`, or make the forward traceable'
     return f"{EXPORTER_TEXT[exporter]} cannot export `{model_name}`: {shorten(reason, 300)}{at}; {hint}"

@@ -228,7 +228,7 @@ def test_a_model_the_exporter_cannot_handle_is_an_input_error_with_its_reason(tm
     with pytest.raises(InputError) as info:
         bntool.export_onnx(model, make_inputs(model), tmp_path / "u.onnx")
     message = str(info.value)
-    assert "data-dependent" in message and "models.py:" in message and "--exporter torchscript" in message
+    assert "data-dependent" in message and "models.py:" in message and "`exporter=\"torchscript\"`" in message
     assert len(message.splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
@@ -245,7 +245,7 @@ def test_weights_can_go_to_external_data_and_move_into_place_together(tmp_path):
     [
         ({"input_names": ["a", "b"]}, "one name per input"),
         ({"output_names": ["x", "x"]}, "repeat"),
-        ({"verify_batch_sizes": [3]}, "--dynamic-batch"),
+        ({"verify_batch_sizes": [3]}, "`dynamic_batch=True`"),
         ({"exporter": "tf2onnx"}, "unknown exporter"),
     ],
     ids=["input-names", "output-names", "static-batch-sizes", "exporter"],
