@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _progress import start, step  # noqa: E402
 from bntool import snapshot  # noqa: E402
 from bntool.recalibration import recalibrate  # noqa: E402
-from bntool.verify import resolve_device, tf32  # noqa: E402
+from bntool.running import resolve_device, tf32  # noqa: E402
 from examples.models import mobilenet_v2, randomize_bn_, resnet50  # noqa: E402
 
 FACTORIES = {"resnet50": resnet50, "mobilenet_v2": mobilenet_v2}

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .cloning import clone
 from .errors import shorten
 from .foldmath import bn_scale_shift
 from .norms import bn_forward_is_standard, num_features
@@ -216,8 +217,6 @@ def _trace(module: nn.Module, rank: int) -> tuple[nn.Module, torch.fx.Graph]:
     The clone shares the module's tensors; constants the trace creates
     (``_tensor_constant0``) are attached to it, never to the user's module.
     """
-    from .cloning import clone
-
     copy = clone(module, share=[*module.parameters(), *module.buffers()])
     copy.training = False
     return copy, _ModuleTracer(rank, num_features(module)).trace(copy)

@@ -31,7 +31,8 @@ from .errors import InputError, VerificationError
 from .foldmath import identity_statistics, scale_consumer, scale_producer, through_after, through_before
 from .foldplan import TRANSPOSED, FoldPair, FoldPlan, Skip, plan_fold, plan_from_dataflow
 from .graph import dataflow
-from .verify import Comparison, Reference, compare, make_inputs
+from .shapes import make_inputs
+from .verify import Comparison, Reference, compare
 
 __all__ = ["FoldPair", "FoldPlan", "FoldReport", "Skip", "apply_plan", "fold", "plan_fold", "plan_from_dataflow",
            "replay"]

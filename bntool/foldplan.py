@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from . import bnform
-from .graph import FOLDABLE_TYPES, Dataflow, bn_names, dataflow
+from .graph import Dataflow, bn_names, dataflow
+from .graph_ops import FOLDABLE_TYPES
 from .report import Skip
 from .norms import bn_forward_is_standard, has_statistics, num_features, standard_forward
 

@@ -40,7 +40,9 @@ from .frozen import (  # noqa: F401 - the frozen modules are part of this module
 )
 from .report import Skip, with_step
 from .selection import select
-from .verify import Comparison, Reference, compare, make_inputs, model_device, resolve_device
+from .running import model_device, resolve_device
+from .shapes import make_inputs
+from .verify import Comparison, Reference, compare
 
 # ----------------------------------------------------------------------------- reports
 

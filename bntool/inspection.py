@@ -25,7 +25,7 @@ from .folding import FoldPlan, plan_from_dataflow
 from .graph import Dataflow, dataflow
 from .norms import has_statistics, is_batchnorm, is_foreign_batchnorm, is_frozen, num_features
 from .validity import problems
-from .verify import declared_input_shapes, make_inputs
+from .shapes import declared_input_shapes, make_inputs
 
 #: PyTorch's default eps, assumed where a file does not say (weights only).
 DEFAULT_EPS = 1e-5

@@ -34,16 +34,8 @@ from torch import nn
 
 from .errors import InputError, VerificationError, shorten
 from .onnx_stream import Scan, ScanError, in_place_copy, same_bytes, scan
-from .verify import (
-    Comparison,
-    Reference,
-    compare,
-    flatten_outputs,
-    inputs_must_fit,
-    model_device,
-    resolve_device,
-    training_flags,
-)
+from .running import flatten_outputs, inputs_must_fit, model_device, resolve_device, training_flags
+from .verify import Comparison, Reference, compare
 
 #: Node types the report counts on their own (all types are in ``node_counts``).
 KEY_OPS = ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -53,7 +53,8 @@ from .onnx_check import (
 )
 from .onnx_commit import commit
 from .onnx_write import ExportSpec, write_onnx
-from .verify import Reference, flatten_outputs, model_dtype, resolve_device
+from .running import flatten_outputs, model_dtype, resolve_device
+from .verify import Reference
 
 EXPORTERS = ("dynamo", "torchscript")
 

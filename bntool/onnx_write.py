@@ -25,7 +25,7 @@ from torch import nn
 from . import outputs
 from .errors import InputError, shorten
 from .onnx_stream import IN_PLACE_MIN, PENDING, Pending, write_model
-from .verify import training_flags
+from .running import training_flags
 
 EXPORTER_TEXT = {
     "dynamo": "torch.onnx.export(dynamo=True) (torch.export)",

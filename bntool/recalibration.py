@@ -72,7 +72,7 @@ from .stats import (
     SkippedLayer,
     merge_across_ranks,
 )
-from .verify import model_device, model_dtype, tf32
+from .running import model_device, model_dtype, tf32
 
 __all__ = ["recalibrate", "replay", "RecalibrationReport", "LayerStats", "NormQuality", "SkippedLayer"]
 

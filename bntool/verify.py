@@ -1,4 +1,4 @@
-"""Numeric verification: inputs, devices, TF32, and the one tolerance rule.
+"""Numeric verification: the original's reference outputs, the comparison, and the one tolerance rule.
 
 The tolerance is derived from the model itself. A float64 copy of the original
 model is the reference; the original in its own dtype is some distance from
@@ -10,23 +10,25 @@ that is wrong in one channel of one layer lands far outside that band.
 ``|candidate - original| <= atol + rtol * |original|`` check.
 Whatever the rule, an output with a NaN or an infinity, in the candidate or
 in the original, never passes: equal NaNs prove nothing.
+
+``Reference.of`` runs the original once (in its own dtype and in float64,
+layer by layer on the verification device: ``running.run_on``) and keeps what
+every later comparison on the same inputs needs; ``compare`` runs a candidate
+and judges each output and probed layer against it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
-import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import InputError, out_of_memory, out_of_memory_message, shorten
+from .errors import InputError
+from .running import flatten_outputs, resolve_device, run_on, tf32_disabled
 from .spill import TensorStore
 
 #: The candidate may be this many times further from the float64 reference
@@ -98,326 +100,6 @@ class Comparison:
             "rule": self.rule,
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
         }
-
-
-# ----------------------------------------------------------------------------- devices
-
-
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """``auto`` is the first CUDA GPU when one is present, else the CPU."""
-    if isinstance(spec, torch.device):
-        return spec
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise InputError(f"unknown device `{spec}`; pass `device=\"auto\"`, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {spec}: no CUDA GPU is available here; pass `device=\"cpu\"` or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(
-                f"device {spec}: only {torch.cuda.device_count()} CUDA device(s) present; "
-                f"pass an index below {torch.cuda.device_count()}"
-            )
-    elif device.type != "cpu":
-        raise InputError(f"unsupported device `{spec}`; pass `device=\"auto\"`, cpu, cuda or cuda:N")
-    return device
-
-
-def _tf32_flags() -> list[tuple[Any, str, str]]:
-    """(object, attribute, name) of every TF32 switch: the fp32_precision API where torch has it, else allow_tf32."""
-    b = torch.backends
-    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
-        return [(b.cuda.matmul, "fp32_precision", "cuda.matmul"), (b.cudnn.conv, "fp32_precision", "cudnn.conv"),
-                (b.cudnn.rnn, "fp32_precision", "cudnn.rnn")]
-    return [(b.cuda.matmul, "allow_tf32", "cuda.matmul"), (b.cudnn, "allow_tf32", "cudnn")]
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """TF32 on or off for cuDNN convolutions / RNNs and cuBLAS matmuls for the duration; the caller's settings are restored.
-
-    Off is full float32 precision: what verification and exact statistics need.
-    On is what a model deployed with TF32 computes (PyTorch's default for cuDNN convolutions).
-    """
-    flags = _tf32_flags()
-    saved = [getattr(obj, attr) for obj, attr, _ in flags]
-    try:
-        for obj, attr, _ in flags:
-            setattr(obj, attr, ("tf32" if enabled else "ieee") if attr == "fp32_precision" else enabled)
-        yield
-    finally:
-        for (obj, attr, _), value in zip(flags, saved):
-            setattr(obj, attr, value)
-
-
-def tf32_disabled() -> contextlib.AbstractContextManager[None]:
-    """Full float32 precision on CUDA for the duration; the caller's settings are restored."""
-    return tf32(False)
-
-
-def tf32_state() -> dict[str, Any]:
-    """The current TF32 settings, by flag (for reports and tests)."""
-    return {f"{name}.{attr}": getattr(obj, attr) for obj, attr, name in _tf32_flags()}
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise InputError(f"--input-shape `{text}` is not a shape; pass positive integers such as 1,3,224,224")
-    return shape
-
-
-def declared_input_shapes(model: nn.Module) -> list[tuple[int, ...]] | None:
-    """Shapes a model declares: ``input_shape`` (bntool examples) or ``example_input_array`` (Lightning)."""
-    example = getattr(model, "example_input_array", None)
-    if isinstance(example, torch.Tensor):
-        return [tuple(example.shape)]
-    if isinstance(example, (tuple, list)) and example and all(isinstance(t, torch.Tensor) for t in example):
-        return [tuple(t.shape) for t in example]
-    shape = getattr(model, "input_shape", None)
-    if isinstance(shape, (tuple, list)) and shape:
-        if all(isinstance(d, int) for d in shape):
-            return [tuple(shape)]
-        if all(isinstance(s, (tuple, list)) and all(isinstance(d, int) for d in s) for s in shape):
-            return [tuple(s) for s in shape]
-    return None
-
-
-def make_inputs(
-    model: nn.Module,
-    shapes: Sequence[tuple[int, ...]] | None = None,
-    *,
-    seed: int = 0,
-    dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """Standard-normal inputs of the given (or declared) shapes, reproducible from ``seed``."""
-    shapes = list(shapes) if shapes else declared_input_shapes(model)
-    if not shapes:
-        raise InputError(
-            f"cannot tell the input shape of `{type(model).__name__}`; pass `example_inputs` (e.g. of shape "
-            "1,3,224,224; one per model input), or give the model an `input_shape` attribute"
-        )
-    dtype = dtype or model_dtype(model)
-    _inputs_must_fit_in_memory(shapes, dtype)
-    generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory this machine can still give (``MemAvailable``), or ``None`` if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _inputs_must_fit_in_memory(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> None:
-    """Refuse, before allocating, inputs that cannot fit: drawn in float64, then cast (several copies)."""
-    size = sum(math.prod(shape) for shape in shapes)
-    need = size * (8 + torch.empty((), dtype=dtype).element_size())
-    free = available_memory()
-    if free is not None and need > free:
-        text = ", ".join(",".join(map(str, s)) for s in shapes)
-        raise InputError(f"--input-shape {text} needs {_bytes(need)} for the inputs alone, but only {_bytes(free)} "
-                         "of memory is available (the model needs more still); pass a smaller shape, "
-                         "e.g. batch size 1")
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return f"{n:.1f} PB"
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def flatten_outputs(obj: Any, name: str = "output") -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in a (nested) tensor / tuple / list / dict / dataclass output, named by its path."""
-    if isinstance(obj, torch.Tensor):
-        return [(name, obj)]
-    if isinstance(obj, dict):
-        return [item for key, value in obj.items() for item in flatten_outputs(value, f"{name}[{key!r}]")]
-    if isinstance(obj, (tuple, list)):
-        return [item for i, value in enumerate(obj) for item in flatten_outputs(value, f"{name}[{i}]")]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [
-            item for f in dataclasses.fields(obj) for item in flatten_outputs(getattr(obj, f.name), f"{name}.{f.name}")
-        ]
-    return []
-
-
-@contextlib.contextmanager
-def training_flags(model: nn.Module, train: bool) -> Iterator[nn.Module]:
-    """Put every module in train or eval mode; restore each module's own flag afterwards."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.train(train)
-        yield model
-    finally:
-        for module, flag in saved:
-            module.training = flag
-
-
-def run_model(
-    model: nn.Module,
-    inputs: Sequence[torch.Tensor],
-    *,
-    train: bool = False,
-    forward: Callable | None = None,
-    probes: Sequence[str] = (),
-    device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    on_probe: Callable[[str, torch.Tensor], None] | None = None,
-) -> list[tuple[str, torch.Tensor]]:
-    """Run ``model`` on ``inputs`` (moved to ``device`` and ``dtype``, by default the model's) with no grad.
-
-    Returns the named output tensors, followed by the outputs of every call of
-    the modules named in ``probes`` (as ``layer `name``` and ``layer `name`
-    (call 2)``...), in the order the calls ran. With ``on_probe``, each probed
-    output is handed to it as the call returns instead (nothing is kept).
-    """
-    device, dtype = device or model_device(model), dtype or model_dtype(model)
-    moved = [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs]
-    seen: list[tuple[str, torch.Tensor]] = []
-    calls: dict[str, int] = {}
-
-    def probe(name: str):
-        def hook(module, args, output) -> None:
-            if isinstance(output, torch.Tensor):
-                calls[name] = calls.get(name, 0) + 1
-                label = f"layer `{name}`" + (f" (call {calls[name]})" if calls[name] > 1 else "")
-                if on_probe is not None:
-                    on_probe(label, output.detach())
-                else:
-                    seen.append((label, output.detach().clone()))
-
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_hook(probe(name)) for name in dict.fromkeys(probes)]
-    try:
-        with torch.no_grad(), training_flags(model, train), inputs_must_fit(model, moved):
-            out = forward(model, moved) if forward else model(*moved)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return flatten_outputs(out) + seen
-
-
-@contextlib.contextmanager
-def inputs_must_fit(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Turn the model's own complaint about its inputs into one clear input error."""
-    try:
-        yield
-    except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as exc:
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
-        if out_of_memory(exc):
-            raise InputError(out_of_memory_message(exc, f"running `{type(model).__name__}` on inputs of shape "
-                                                        f"{shapes}")) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"running `{type(model).__name__}` on inputs of shape {shapes} failed: {shorten(first, 200)}; "
-            "pass `example_inputs` of the shape it expects"
-        ) from exc
-
-
-@contextlib.contextmanager
-def lent(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
-    """Run ``model`` on ``device`` (in ``dtype``) without a copy of it: each module's own tensors move there
-    for the duration of its call only.
-
-    At most the modules of the current call stack are on the device (in
-    ``dtype``) at once, so a float64 reference of a model, or a GPU check of a
-    CPU model, costs one layer's worth of memory, not a whole copy. A forward
-    that reads another module's tensors outside that module's call fails with
-    a device or dtype mismatch; ``run_on`` then falls back to a whole copy.
-    """
-    on_loan: list[list[tuple[dict, str, torch.Tensor]]] = []
-
-    def borrow(module: nn.Module, args: Any) -> None:
-        saved = []
-        for store in (module._parameters, module._buffers):
-            for key, tensor in store.items():
-                if tensor is None:
-                    continue
-                cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-                saved.append((store, key, tensor))
-                store[key] = tensor.detach().to(device=device, dtype=cast)
-        on_loan.append(saved)
-
-    def give_back(module: nn.Module, args: Any, output: Any) -> None:
-        for store, key, tensor in on_loan.pop():
-            store[key] = tensor
-
-    owners = {id(m): m for m in model.modules()
-              if any(t is not None for t in (*m._parameters.values(), *m._buffers.values()))}
-    handles = [h for m in owners.values()
-               for h in (m.register_forward_pre_hook(borrow), m.register_forward_hook(give_back))]
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-        while on_loan:  # a call that raised never reached its forward hook
-            for store, key, tensor in on_loan.pop():
-                store[key] = tensor
-
-
-def run_on(
-    model: nn.Module,
-    inputs: Sequence[torch.Tensor],
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    **kwargs: Any,
-) -> list[tuple[str, torch.Tensor]]:
-    """``run_model`` with the model on ``device`` (and in ``dtype``): lent layer by layer, else a whole copy."""
-    dtype = dtype or model_dtype(model)
-    if model_device(model) == device and model_dtype(model) == dtype:
-        return run_model(model, inputs, device=device, dtype=dtype, **kwargs)
-    try:
-        with lent(model, device, dtype):
-            return run_model(model, inputs, device=device, dtype=dtype, **kwargs)
-    except Exception:  # noqa: BLE001 - the forward reads tensors across modules: use a whole copy
-        from .cloning import clone
-
-        whole = clone(model).to(device=device)
-        if dtype != model_dtype(whole):
-            whole = whole.to(dtype)
-        return run_model(whole, inputs, device=device, dtype=dtype, **kwargs)
 
 
 @dataclass(frozen=True)

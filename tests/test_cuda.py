@@ -30,7 +30,7 @@ import bntool
 from bntool.errors import VerificationError
 from bntool.freezing import FrozenBatchNorm2d, check_frozen
 from bntool.recalibration import recalibrate
-from bntool.verify import tf32, tf32_state
+from bntool.running import tf32, tf32_state
 from examples import models as zoo
 from tests.conftest import randomize_bn, torchrun
 from tests.test_recalibrate import Capture, assert_stats, uneven_batches

@@ -18,7 +18,7 @@ import bntool
 from bntool import onnx_export
 from bntool.errors import InputError, VerificationError
 from bntool.onnx_check import training_mode_bns, verify_onnx
-from bntool.verify import make_inputs
+from bntool.shapes import make_inputs
 from examples import models as zoo
 from tests.conftest import randomize_bn
 

@@ -435,7 +435,7 @@ def test_a_wrong_fold_is_rejected_and_the_rest_is_folded_and_verified(monkeypatc
 
 
 def zoo_inputs(model):
-    from bntool.verify import make_inputs
+    from bntool.shapes import make_inputs
 
     return make_inputs(model)
 

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from bntool.folding import plan_fold
 from bntool.freezing import freeze
 from bntool.inspection import DEFAULT_EPS, FROM_KEYS, Summary, inspect
-from bntool.verify import make_inputs
+from bntool.shapes import make_inputs
 from examples.models import UntraceableNet, mlp_bn, randomize_bn_
 
 

@@ -512,7 +512,7 @@ def _set_tf32_flags(values: dict[str, str]) -> None:
 
 def test_tf32_is_off_during_the_pass_unless_allowed_and_the_callers_setting_comes_back():
     # catches: a pass under the caller's TF32 setting (inexact convolutions on a GPU), a setting not restored
-    from bntool.verify import tf32_state
+    from bntool.running import tf32_state
 
     if not hasattr(torch.backends.cudnn, "conv"):
         pytest.skip("this torch has only the legacy allow_tf32 switches")

@@ -23,7 +23,8 @@ from .. import checkpoint, console, modelspec
 from ..errors import InputError, VerificationError
 from ..report import set_recipe
 from ..validity import require_valid
-from ..verify import Comparison, OutputComparison, make_inputs, parse_shape
+from ..shapes import make_inputs, parse_shape
+from ..verify import Comparison, OutputComparison
 
 
 @dataclass

@@ -114,7 +114,7 @@ def export(
     from .. import console
     from ..errors import InputError, VerificationError
     from ..onnx_export import EXPORTERS, export_onnx
-    from ..verify import resolve_device
+    from ..running import resolve_device
     from .common import image_options, input_files, load_source, parse_numbers, verification_inputs
 
     console.use_stderr_for_humans(json)
@@ -166,7 +166,7 @@ def _data_inputs(model, data, data_args, input_key, batch_size, images, dynamic_
     from ..data import load_batches, model_input
     from ..errors import InputError
     from ..onnx_check import verification_batch_sizes
-    from ..verify import declared_input_shapes
+    from ..shapes import declared_input_shapes
 
     declared = declared_input_shapes(model)
     if declared and len(declared) > 1:

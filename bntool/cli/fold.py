@@ -63,7 +63,7 @@ def fold(
     """
     from ..folding import fold as fold_model
     from ..errors import VerificationError
-    from ..verify import resolve_device
+    from ..running import resolve_device
     from .common import load_source, output_path, verification_inputs, write_verified
 
     from .. import console

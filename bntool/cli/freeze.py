@@ -64,7 +64,7 @@ def freeze(
     from .. import console
     from ..errors import InputError, VerificationError
     from ..freezing import freeze as freeze_model
-    from ..verify import resolve_device
+    from ..running import resolve_device
     from .common import load_source, output_path, verification_inputs
 
     console.use_stderr_for_humans(json)

@@ -60,7 +60,7 @@ def inspect_command(
     from .. import checkpoint as ckpt
     from .. import console
     from ..inspection import inspect, plot as draw
-    from ..verify import make_inputs, parse_shape
+    from ..shapes import make_inputs, parse_shape
     from .common import load_source
 
     console.use_stderr_for_humans(json)

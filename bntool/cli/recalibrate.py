@@ -98,7 +98,7 @@ def recalibrate(
     from ..data import load_batches, plan_batches
     from ..errors import VerificationError
     from ..recalibration import recalibrate as recalibrate_model
-    from ..verify import resolve_device
+    from ..running import resolve_device
     from .common import image_options, load_source, output_path, write_verified
 
     console.use_stderr_for_humans(json)

@@ -53,7 +53,7 @@ def unfreeze(
     from .. import console
     from ..errors import InputError, VerificationError
     from ..freezing import unfreeze as unfreeze_model
-    from ..verify import resolve_device
+    from ..running import resolve_device
     from .common import load_source, output_path, verification_inputs
     from .freeze import finish_verified
 
