@@ -9,8 +9,8 @@ file beside it, checked by the caller, then moved into place:
 
 - without ``force`` by a move that cannot replace anything
   (``renameat2(RENAME_NOREPLACE)``, else a hard link, else a last check
-  immediately before the rename on file systems with neither): a file that
-  appeared at ``out`` while bntool worked is never replaced;
+  immediately before the rename on file systems with neither; ``noreplace``):
+  a file that appeared at ``out`` while bntool worked is never replaced;
 - with ``force`` by ``os.replace``, never onto one of the command's inputs.
 
 The files of an output are written into a staging folder beside it,
@@ -18,8 +18,8 @@ The files of an output are written into a staging folder beside it,
 a writer's own temporaries land in it too), and the writability probe is a
 file ``.bntool-<host>-<pid>-<random>.tmp``. A run that is killed leaves one
 behind; the next run that writes into that folder removes those whose process
-is gone on this host (names of exactly that pattern, nothing else). An output that cannot be
-written (full disk, read-only file system, no permission, a name too long, a
+is gone on this host (names of exactly that pattern, nothing else;
+``temporaries``). An output that cannot be written (full disk, read-only file system, no permission, a name too long, a
 parent that is a file) is one ``InputError`` saying so, with nothing left.
 """
 
@@ -27,22 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import re
-import secrets
 import shutil
-import socket
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import BntoolError, InputError
 from .inputs import refuse_inputs
+from .noreplace import move_no_replace, sync_folder
+from .temporaries import create_temp, remove_stale_temporaries, temp_name
 
-#: Host part of temporary names: a process id means something only on the host that made it.
-HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
-TEMP_PATTERN = re.compile(r"\.bntool-([0-9a-f]{6})-(\d+)-[0-9a-f]{8}\.tmp(?:dir)?")
 #: Outputs moved into place by this process (so an interruption can say what was written).
 committed: list[Path] = []
 
@@ -64,8 +59,6 @@ REASONS = {
     errno.EMLINK: "too many links",
 }
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-#: Link errors meaning "this file system has no hard links", not "the name exists".
-_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EINVAL)
 
 
 # ----------------------------------------------------------------------------- checking an output path
@@ -98,7 +91,7 @@ def check_output_path(out: str | os.PathLike, *, force: bool, inputs: Iterable =
         raise InputError(f"`{out}` already exists; pass --force to replace it or choose another {what}")
     remove_stale_temporaries(parent)
     with _mapped(out, what):
-        tmp = _create_temp(parent)
+        tmp = create_temp(parent)
         os.unlink(tmp)
     return out
 
@@ -109,65 +102,6 @@ def _name_max(folder: Path) -> int:
     except (OSError, ValueError, AttributeError):
         return 255
 
-
-# ----------------------------------------------------------------------------- temporaries
-
-
-def _temp_name() -> str:
-    """``.bntool-<host>-<pid>-<random>.tmp``: short whatever the output's name, and recognisable."""
-    return f".bntool-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-
-
-def _create_temp(folder: Path) -> Path:
-    """A new empty file with a bntool temporary name in ``folder`` (mode 0666 less the umask)."""
-    while True:
-        path = folder / _temp_name()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return path
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # another user's process, or we cannot tell: keep its file
-    return True
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Remove bntool temporaries in ``folder`` left by processes of this host that no longer run.
-
-    Only names of exactly bntool's pattern are touched: a file (or a link),
-    or a staging folder (``.tmpdir``). Returns the names removed.
-    """
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = TEMP_PATTERN.fullmatch(entry.name)
-        if not match or match.group(1) != HOST_TAG or _alive(int(match.group(2))):
-            continue
-        try:
-            if entry.name.endswith(".tmpdir") and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            elif not entry.is_dir(follow_symlinks=False):
-                os.unlink(entry.path)
-            else:
-                continue
-        except OSError:
-            continue
-        removed.append(entry.name)
-    return removed
 
 
 # ----------------------------------------------------------------------------- writing
@@ -245,7 +179,7 @@ def staging_folder(out: str | os.PathLike, what: str = "--out") -> Iterator[Path
     remove_stale_temporaries(out.parent)
     with _mapped(out, what):
         while True:
-            stage = out.parent / (_temp_name() + "dir")
+            stage = out.parent / (temp_name() + "dir")
             try:
                 os.mkdir(stage)
                 break
@@ -282,7 +216,7 @@ def commit_all(moves: Sequence[tuple[Path, Path]], *, force: bool, inputs: Itera
                     os.replace(tmp, dst)
                 else:
                     try:
-                        _move_no_replace(tmp, dst)
+                        move_no_replace(tmp, dst)
                     except FileExistsError:
                         raise InputError(
                             f"`{dst}` appeared while bntool was working (another process wrote it); it was not "
@@ -295,73 +229,5 @@ def commit_all(moves: Sequence[tuple[Path, Path]], *, force: bool, inputs: Itera
                 with contextlib.suppress(OSError):
                     os.unlink(dst)
         raise
-    _sync_folder(moves[-1][1].parent if moves else None)
+    sync_folder(moves[-1][1].parent if moves else None)
     committed.extend(dst for _, dst in moves)
-
-
-def _move_no_replace(tmp: Path, dst: Path) -> None:
-    """Rename ``tmp`` to ``dst``, failing with ``FileExistsError`` if ``dst`` exists: atomically where the
-    file system allows (``renameat2`` with ``RENAME_NOREPLACE``, else a hard link), else by a last check."""
-    try:
-        _renameat2_noreplace(tmp, dst)
-        return
-    except NotImplementedError:
-        pass
-    try:
-        os.link(tmp, dst, follow_symlinks=False)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno not in _NO_LINKS:
-            raise
-    else:
-        os.unlink(tmp)
-        return
-    if os.path.lexists(dst):  # no atomic way on this file system: the window is this line to the next
-        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
-    os.rename(tmp, dst)
-
-
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-_libc_renameat2 = None
-
-
-def _renameat2_noreplace(src: Path, dst: Path) -> None:
-    """Linux ``renameat2(..., RENAME_NOREPLACE)``; ``NotImplementedError`` where it is not available."""
-    global _libc_renameat2
-    if not sys.platform.startswith("linux"):
-        raise NotImplementedError
-    if _libc_renameat2 is None:
-        import ctypes
-
-        try:
-            function = ctypes.CDLL(None, use_errno=True).renameat2
-        except (OSError, AttributeError):
-            _libc_renameat2 = False
-            raise NotImplementedError from None
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        function.restype = ctypes.c_int
-        _libc_renameat2 = function
-    if _libc_renameat2 is False:
-        raise NotImplementedError
-    import ctypes
-
-    if _libc_renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-        return
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        raise NotImplementedError  # the file system does not support the flag
-    raise OSError(code, os.strerror(code), str(dst))
-
-
-def _sync_folder(folder: Path | None) -> None:
-    """Make the rename durable (best effort: not every file system or platform allows it)."""
-    if folder is None or not hasattr(os, "O_DIRECTORY"):
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -30,7 +30,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import checkpoint, folding, freezing, recalibration, recipe, tensorfile  # noqa: F401 - ops register replays
+from . import checkpoint, folding, freezing, matching, recalibration, recipe, tensorfile, torchfile, writing  # noqa: F401 - ops register replays
 from .errors import VerificationError
 from .report import recipe_of, set_recipe
 
@@ -51,7 +51,7 @@ def load(
     carries the recipe, so that saving it after more surgery records every step.
     """
     loaded = checkpoint.read(path, key=key, allow_pickle=allow_pickle)
-    checkpoint.load_state(model, loaded, strip_prefix=strip_prefix)
+    matching.load_state(model, loaded, strip_prefix=strip_prefix)
     set_recipe(model, loaded.recipe)
     return model
 
@@ -85,7 +85,7 @@ def save(
         if check is not None:
             check(tmp)
 
-    return checkpoint.save(model, out, recipe=steps, source=source, force=force, check=verified, protect=protect)
+    return writing.save(model, out, recipe=steps, source=source, force=force, check=verified, protect=protect)
 
 
 # ----------------------------------------------------------------------------- the check of a written file
@@ -108,9 +108,9 @@ def check_written(path: Path, model: nn.Module, steps: list[dict[str, Any]], *,
 def _differences(path: Path, state: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[str]]:
     """The recipe stored in the file, and the names whose tensors differ from ``state`` (read one at a time)."""
     loaded_meta = checkpoint.read_metadata(path)
-    if checkpoint.output_format(path) == "safetensors":
+    if writing.output_format(path) == "safetensors":
         return list(loaded_meta.get("recipe", [])), tensorfile.differences(path, state)
-    stored = checkpoint.torch_load(path)["state_dict"]  # memory-mapped: read as compared
+    stored = torchfile.torch_load(path)["state_dict"]  # memory-mapped: read as compared
     different = sorted(set(stored) ^ set(state))
     different += [k for k in state if k in stored and not same_bits(stored[k], state[k])]
     return list(loaded_meta.get("recipe", [])), different

@@ -27,7 +27,7 @@ Distributed: when torch.distributed is initialised (or ``process_group`` is
 given), every rank's estimators are all-gathered as float64 tensors (on the
 GPU for NCCL) and merged in rank order on the CPU by every rank, so all ranks
 end with bit-identical statistics. Sharding the data is the caller's job:
-each rank must pass its own share (``bntool.data.plan_batches`` / ``shard``;
+each rank must pass its own share (``bntool.batches.plan_batches`` / ``shard``;
 the CLI gives rank r the batches i with i % world_size == r).
 
 Everything the pass changes is put back in a ``finally``: training flags,
@@ -60,7 +60,7 @@ from .report import with_step
 from .selection import select
 from .collect import BN_BUFFERS, Collector, Totals, bn_input, gather, write_back
 from .collect import collectors as make_collectors
-from .data import batch_size_of, expected_input, model_input
+from .batches import batch_size_of, expected_input, model_input
 from .errors import InputError, VerificationError
 from .norms import is_foreign_batchnorm, is_frozen
 from .snapshot import Snapshot

@@ -250,12 +250,12 @@ def _full_disk_pt(run, mp):
 
 
 def _read_only_folder(run, mp):
-    import bntool.outputs as outputs
+    import bntool.temporaries as temporaries
 
     real_open, real_mkdir = os.open, os.mkdir
 
     def read_only(name: str) -> None:
-        if outputs.TEMP_PATTERN.fullmatch(os.path.basename(name)):
+        if temporaries.TEMP_PATTERN.fullmatch(os.path.basename(name)):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
 
     mp.setattr(os, "open", lambda path, *a, **k: read_only(str(path)) or real_open(path, *a, **k))
@@ -269,7 +269,7 @@ def _move_not_permitted(run, mp):
     def refuse(tmp, dst):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
 
-    mp.setattr(outputs, "_move_no_replace", refuse)
+    mp.setattr(outputs, "move_no_replace", refuse)
     return ["cannot write", "permission denied", "EACCES"]
 
 

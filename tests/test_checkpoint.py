@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import bntool
-from bntool import checkpoint
+from bntool import checkpoint, writing
 from bntool.errors import CheckpointMismatchError, InputError, UnsafeFileError
 from examples import models as zoo
 from tests.conftest import randomize_bn
@@ -122,7 +122,7 @@ def test_fold_save_load_round_trip_into_a_fresh_model(tmp_path):
     model = randomize_bn(zoo.resnet_small(), seed=4)
     folded, report = bntool.fold(model)
     for name in ("folded.safetensors", "folded.pt"):
-        out = checkpoint.save(folded, tmp_path / name, recipe=[report.plan.recipe_step()])
+        out = writing.save(folded, tmp_path / name, recipe=[report.plan.recipe_step()])
         fresh = bntool.load(out, zoo.resnet_small()).eval()
         assert _same_state(fresh, folded)
         assert isinstance(fresh.bn1, nn.Identity) and fresh.conv1.bias is not None
@@ -141,7 +141,7 @@ def test_save_is_atomic_and_leaves_nothing_when_the_check_fails(tmp_path, lenet)
         raise InputError("check failed")
 
     with pytest.raises(InputError, match="check failed"):
-        checkpoint.save(lenet, out, recipe=[], check=failing_check)
+        writing.save(lenet, out, recipe=[], check=failing_check)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -149,17 +149,17 @@ def test_save_refuses_existing_output_and_the_input_itself(tmp_path, lenet):
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"keep me")
     with pytest.raises(InputError, match="--force"):
-        checkpoint.save(lenet, out, recipe=[])
+        writing.save(lenet, out, recipe=[])
     assert out.read_bytes() == b"keep me"
     source = checkpoint.Loaded(path=out, candidates=())
     with pytest.raises(InputError, match="never modifies its input"):
-        checkpoint.save(lenet, out, recipe=[], source=source, force=True)
+        writing.save(lenet, out, recipe=[], source=source, force=True)
     assert out.read_bytes() == b"keep me"
-    checkpoint.save(lenet, out, recipe=[], force=True)
+    writing.save(lenet, out, recipe=[], force=True)
     assert _same_state(bntool.load(out, zoo.lenet()), lenet)
 
 
 def test_unknown_recipe_op_asks_for_a_newer_bntool(tmp_path, lenet):
-    out = checkpoint.save(lenet, tmp_path / "x.safetensors", recipe=[{"op": "teleport"}])
+    out = writing.save(lenet, tmp_path / "x.safetensors", recipe=[{"op": "teleport"}])
     with pytest.raises(InputError, match="newer bntool"):
         bntool.load(out, zoo.lenet())

@@ -13,7 +13,7 @@ import torch
 import bntool.checkpoint
 from bntool import modelspec
 from tests.conftest import invoke_main, torchrun
-from bntool.data import plan_batches
+from bntool.batches import plan_batches
 from bntool.recalibration import recalibrate
 
 

@@ -9,15 +9,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from bntool.data import (
-    ImageFolderBatches,
-    TensorBatches,
-    batch_size_of,
-    load_batches,
-    model_input,
-    plan_batches,
-    shard,
-)
+from bntool.batches import batch_size_of, model_input, plan_batches, shard
+from bntool.data import ImageFolderBatches, TensorBatches, load_batches
 from bntool.errors import InputError
 from bntool.recalibration import recalibrate
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import bntool
-from bntool import outputs
+from bntool import noreplace, outputs, temporaries
 from bntool.errors import InputError
 from examples import models as zoo
 from tests.conftest import assert_one_line_error, bntool_temporaries, folder_state, randomize_bn
@@ -38,7 +38,7 @@ def checkpoint(lenet_checkpoint) -> Path:
 def test_the_final_move_never_replaces_a_file(tmp_path, monkeypatch, mechanism):
     """Each way bntool moves without replacing (and its fallbacks on file systems without them)."""
     if mechanism != "renameat2":
-        monkeypatch.setattr(outputs, "_renameat2_noreplace", lambda *a: (_ for _ in ()).throw(NotImplementedError))
+        monkeypatch.setattr(noreplace, "renameat2_noreplace", lambda *a: (_ for _ in ()).throw(NotImplementedError))
     if mechanism == "check-then-rename":
         def no_hard_links(src, dst, **kwargs):
             raise OSError(errno.EPERM, "Operation not permitted")
@@ -48,10 +48,10 @@ def test_the_final_move_never_replaces_a_file(tmp_path, monkeypatch, mechanism):
     tmp.write_bytes(b"new")
     dst.write_bytes(b"somebody else's")
     with pytest.raises(FileExistsError):
-        outputs._move_no_replace(tmp, dst)
+        noreplace.move_no_replace(tmp, dst)
     assert dst.read_bytes() == b"somebody else's" and tmp.read_bytes() == b"new"
     dst.unlink()
-    outputs._move_no_replace(tmp, dst)
+    noreplace.move_no_replace(tmp, dst)
     assert dst.read_bytes() == b"new" and not tmp.exists()
 
 
@@ -101,7 +101,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_and_nothing_else(tmp_path):
-    dead, tag = _dead_pid(), outputs.HOST_TAG
+    dead, tag = _dead_pid(), temporaries.HOST_TAG
     stale_file = tmp_path / f".bntool-{tag}-{dead}-0123abcd.tmp"
     stale_stage = tmp_path / f".bntool-{tag}-{dead}-89abcdef.tmpdir"
     stale_file.write_bytes(b"x")
@@ -118,17 +118,17 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_nothing_else(tmp_pa
     for name in keep:
         (tmp_path / name).mkdir() if name.endswith("dir") else (tmp_path / name).write_bytes(b"keep")
     before = {k: v for k, v in folder_state(tmp_path).items() if k in keep}
-    removed = outputs.remove_stale_temporaries(tmp_path)
+    removed = temporaries.remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted([stale_file.name, stale_stage.name])
     assert folder_state(tmp_path) == before
 
 
 SLOW_WRITE = """
 import os, time
-import bntool.checkpoint as checkpoint
+import bntool.writing as writing
 from examples.models import lenet
 
-_write = checkpoint.write_state
+_write = writing.write_state
 
 
 def _write_then_wait(path, *args, **kwargs):
@@ -137,7 +137,7 @@ def _write_then_wait(path, *args, **kwargs):
     time.sleep(120)
 
 
-checkpoint.write_state = _write_then_wait
+writing.write_state = _write_then_wait
 
 
 def net():
@@ -206,13 +206,13 @@ def test_ctrl_c_after_the_write_says_what_was_written(cli, checkpoint, tmp_path,
 
 
 def test_ctrl_c_inside_a_write_removes_the_temporary(cli, checkpoint, tmp_path, monkeypatch):
-    import bntool.checkpoint as ckpt
+    import bntool.writing as writing
 
     def interrupted(path, *args, **kwargs):
         path.write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "write_state", interrupted)
+    monkeypatch.setattr(writing, "write_state", interrupted)
     before = folder_state(tmp_path)
     result = cli("fold", checkpoint, "--model", LENET, "--out", tmp_path / "f.safetensors")
     assert result.code == 130 and result.err.strip() == "Error: interrupted; nothing was written"
@@ -265,7 +265,7 @@ def test_an_unwritable_folder_is_refused_before_the_model_is_built(cli, checkpoi
     real_open = os.open
 
     def read_only(path, *args, **kwargs):
-        if outputs.TEMP_PATTERN.fullmatch(os.path.basename(str(path))):
+        if temporaries.TEMP_PATTERN.fullmatch(os.path.basename(str(path))):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         return real_open(path, *args, **kwargs)
 

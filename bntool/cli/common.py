@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import checkpoint, console, modelspec
+from .. import checkpoint, console, matching, modelspec, outputs, writing
 from ..errors import InputError, VerificationError
 from ..report import set_recipe
 from ..validity import require_valid
@@ -33,7 +33,7 @@ class Source:
 
     model: nn.Module
     loaded: checkpoint.Loaded
-    resolved: checkpoint.Resolved
+    resolved: matching.Resolved
     spec: str | None
     build_fresh: Callable[[], nn.Module]
 
@@ -81,7 +81,7 @@ def load_source(
             "e.g. --model mypkg.models:resnet50 or --model path/to/models.py:resnet50"
         )
     model = build_fresh()
-    resolved = checkpoint.load_state(model, loaded, strip_prefix=strip_prefix)
+    resolved = matching.load_state(model, loaded, strip_prefix=strip_prefix)
     set_recipe(model, loaded.recipe)
     loaded, resolved = loaded.without_tensors(), dataclasses.replace(resolved, state_dict={})  # freed once loaded
     model.eval()
@@ -104,8 +104,8 @@ def output_path(checkpoint_path: Path, out: Path | None, suffix: str, *, force: 
     """
     out = out or checkpoint_path.with_name(f"{checkpoint_path.stem}.{suffix}.safetensors")
     if not dry_run:
-        checkpoint.output_format(out)
-        checkpoint.check_output_path(out, force=force, inputs=input_files(checkpoint_path, model=model, data=data))
+        writing.output_format(out)
+        outputs.check_output_path(out, force=force, inputs=input_files(checkpoint_path, model=model, data=data))
     return out
 
 

@@ -110,8 +110,8 @@ def export(
     the PyTorch model (eval mode, TF32 off) at every verification batch size.
     Nothing is written unless all of it passes.
     """
-    from .. import checkpoint as ckpt
     from .. import console
+    from ..outputs import check_output_path
     from ..errors import InputError, VerificationError
     from ..onnx_export import EXPORTERS, export_onnx
     from ..running import resolve_device
@@ -124,7 +124,7 @@ def export(
     out = out or checkpoint.with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise InputError(f"--out `{out}` has extension `{out.suffix}`; an ONNX file ends in .onnx")
-    ckpt.check_output_path(out, force=force, inputs=input_files(checkpoint, model=model, data=data))
+    check_output_path(out, force=force, inputs=input_files(checkpoint, model=model, data=data))
     if input_shape and data:
         raise InputError("pass --input-shape or --data, not both")
     sizes = parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int)
@@ -163,7 +163,8 @@ def _data_inputs(model, data, data_args, input_key, batch_size, images, dynamic_
     """Example inputs (``batch_size`` samples) and one real batch per verification size, from ``--data``."""
     import torch
 
-    from ..data import load_batches, model_input
+    from ..batches import model_input
+    from ..data import load_batches
     from ..errors import InputError
     from ..onnx_check import verification_batch_sizes
     from ..shapes import declared_input_shapes

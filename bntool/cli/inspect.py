@@ -58,6 +58,7 @@ def inspect_command(
     Nothing is written except the --plot image (an existing one only with --force).
     """
     from .. import checkpoint as ckpt
+    from ..matching import resolve
     from .. import console
     from ..inspection import inspect, plot as draw
     from ..shapes import make_inputs, parse_shape
@@ -68,7 +69,7 @@ def inspect_command(
         _check_plot_path(plot, checkpoint, model, force)
     loaded = ckpt.read(checkpoint, key=key, allow_pickle=allow_pickle) if model is None else None
     if loaded is not None and loaded.module is None:
-        resolved = ckpt.resolve(loaded, None, strip_prefix=strip_prefix)
+        resolved = resolve(loaded, None, strip_prefix=strip_prefix)
         report = inspect(resolved.state_dict)
         if input_shape:
             console.warning("--input-shape is used only with --model (for the dataflow); ignored")

@@ -95,7 +95,8 @@ def recalibrate(
     import torch
 
     from .. import console
-    from ..data import load_batches, plan_batches
+    from ..batches import plan_batches
+    from ..data import load_batches
     from ..errors import VerificationError
     from ..recalibration import recalibrate as recalibrate_model
     from ..running import resolve_device
@@ -160,7 +161,7 @@ class _Counted:
         self.batches, self.samples, self.first = batches, 0, None
 
     def __iter__(self):
-        from ..data import batch_size_of
+        from ..batches import batch_size_of
 
         for batch in self.batches:
             self.samples += batch_size_of(batch)
