@@ -50,7 +50,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _progress import start, step  # noqa: E402
-from bntool import snapshot  # noqa: E402
+from bntool import statediff  # noqa: E402
 from bntool.recalibration import recalibrate  # noqa: E402
 from bntool.running import resolve_device, tf32  # noqa: E402
 from examples.models import mobilenet_v2, randomize_bn_, resnet50  # noqa: E402
@@ -149,7 +149,7 @@ def bench_row(model: nn.Module, batches: list[torch.Tensor], device: torch.devic
         report = recalibrate(ours, batches, allow_tf32=allow_tf32)
         torch.optim.swa_utils.update_bn(batches, theirs, device=device)
     start = time.perf_counter()
-    snapshot.Snapshot(model, [f"{n}.{k}" for n, _ in bns(model) for k in ("running_mean", "running_var")]).changed(model)
+    statediff.Snapshot(model, [f"{n}.{k}" for n, _ in bns(model) for k in ("running_mean", "running_var")]).changed(model)
     sync(device)
     fixed = time.perf_counter() - start
     return {

@@ -33,15 +33,15 @@ _EXPORTS = {
     "InputError": "bntool.errors",
     "VerificationError": "bntool.errors",
     "recalibrate": "bntool.recalibration",
-    "RecalibrationReport": "bntool.recalibration",
+    "RecalibrationReport": "bntool.recal_report",
     "inspect": "bntool.inspection",
     "InspectReport": "bntool.inspection",
     "Finding": "bntool.inspection",
     "freeze": "bntool.freezing",
     "unfreeze": "bntool.freezing",
-    "FrozenBatchNorm1d": "bntool.freezing",
-    "FrozenBatchNorm2d": "bntool.freezing",
-    "FrozenBatchNorm3d": "bntool.freezing",
+    "FrozenBatchNorm1d": "bntool.frozen",
+    "FrozenBatchNorm2d": "bntool.frozen",
+    "FrozenBatchNorm3d": "bntool.frozen",
     "export_onnx": "bntool.onnx_export",
     "ExportReport": "bntool.onnx_export",
     "verify_onnx": "bntool.onnx_check",
@@ -68,11 +68,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .persist import load, save
     from .errors import BntoolError, InputError, VerificationError
-    from .recalibration import RecalibrationReport, recalibrate
+    from .recal_report import RecalibrationReport
+    from .recalibration import recalibrate
     from .folding import FoldPlan, FoldReport, fold, plan_fold
     from .report import Skip
     from .verify import Comparison, compare
     from .inspection import Finding, InspectReport, inspect
-    from .freezing import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
+    from .freezing import freeze, unfreeze
+    from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .onnx_check import verify_onnx
     from .onnx_export import ExportReport, export_onnx

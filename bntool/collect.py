@@ -16,7 +16,8 @@ its float64 estimator on the device (a few vectorised kernels, no
 synchronisation: the per-call counts go up through pinned memory) and zeroed.
 At the end ``gather`` brings every pool to the CPU in one transfer and merges
 what is left for all layers at once, as vectors over every channel of every
-layer (``Totals``).
+layer (``Totals``); under torch.distributed ``merge_ranks`` merges every
+rank's ``Totals`` in rank order.
 
 Calls with no values (an empty batch) are skipped and counted. BatchNorm
 computes batch statistics in its input dtype, so for a float16 / bfloat16
@@ -26,6 +27,7 @@ the input itself in float64 instead (slower, exact).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .snapshot import copy_all
-from .stats import ChannelStats, reduce_calls
+from .statediff import copy_all
+from .stats import ChannelStats, merge_across_ranks, reduce_calls
 
 #: input dtypes whose batch statistics BatchNorm computes precisely enough to read back
 READBACK_DTYPES = (torch.float32, torch.float64)
@@ -271,3 +273,19 @@ def write_back(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
             flat = torch.cat([values.reshape(-1) for _, values in items]).to(dtype).to(device)
             pieces = flat.split([target.numel() for target, _ in items])
             copy_all([target for target, _ in items], [p.view(target.shape) for p, (target, _) in zip(pieces, items)])
+
+
+def merge_ranks(flat: Totals, totals: list[int], group: Any, world_size: int, failed: bool) -> tuple[Totals, list[int]]:
+    """Every rank's estimators merged in rank order (bit-identical on every rank), back as one ``Totals``."""
+    names = [c.name for c in flat.layers]
+    stats = {name: ChannelStats.on(mean, m2, count)
+             for name, mean, m2, count in zip(names, flat.split(flat.mean), flat.split(flat.m2), flat.counts)}
+    sums = {"": torch.tensor(totals, dtype=torch.float64)}
+    for name, calls, empty, var_sum in zip(names, flat.calls, flat.empty_calls, flat.split(flat.var_sum)):
+        sums[name] = torch.cat([torch.tensor([float(calls), float(empty)], dtype=torch.float64), var_sum])
+    stats, sums = merge_across_ranks(stats, sums, group, world_size, failed=failed)
+    merged = dataclasses.replace(
+        flat, counts=[stats[n].count for n in names], calls=[int(sums[n][0]) for n in names],
+        empty_calls=[int(sums[n][1]) for n in names], mean=torch.cat([stats[n].mean for n in names]),
+        m2=torch.cat([stats[n].m2 for n in names]), var_sum=torch.cat([sums[n][2:] for n in names]))
+    return merged, [int(v) for v in sums[""]]

@@ -6,8 +6,8 @@ Unlike ``m.eval()`` on each BN (undone by the next ``model.train()``),
 the original state-dict keys; :func:`unfreeze` turns them back; :func:`replay`
 redoes either as a recipe step. Both verify their result before returning it:
 frozen in train mode == original in eval mode (and the frozen statistics do
-not move), unfrozen == frozen in eval mode; a failure raises
-``VerificationError`` carrying the report.
+not move: ``freeze_check``), unfrozen == frozen in eval mode; a failure
+raises ``VerificationError`` carrying the report.
 """
 
 from __future__ import annotations
@@ -19,28 +19,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import recipe
 from .cloning import clone
 from .errors import InputError, VerificationError
-from .frozen import (  # noqa: F401 - the frozen modules are part of this module's API
-    AFFINE_MODES,
-    NO_STATISTICS,
-    FROZEN_FOR,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    FrozenSyncBatchNorm,
-    _FrozenBatchNorm,
-    frozen_type_for,
-    is_already_frozen,
-    why_not_freezable,
-)
+from .freeze_check import FreezeCheck, check_frozen
+from .frozen import AFFINE_MODES, _FrozenBatchNorm, frozen_type_for, why_not_freezable
+from .norms import has_fixed_statistics
 from .report import Skip, with_step
 from .selection import select
-from .running import model_device, resolve_device
 from .shapes import make_inputs
 from .verify import Comparison, Reference, compare
 
@@ -179,7 +168,7 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
     lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
     if lazy:
         raise InputError(f"`{lazy[0]}` is an uninitialized lazy module; run one forward pass before freezing")
-    candidates = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) or is_already_frozen(m)]
+    candidates = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) or has_fixed_statistics(m)]
     selected, _ = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)
     chosen = set(selected)
     checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
@@ -279,84 +268,6 @@ def replay(model: nn.Module, step: dict[str, Any]) -> nn.Module:
         replacements[id(module)] = frozen_type.from_batchnorm(source, affine) if op == "freeze" else source.to_batchnorm()
     _convert(model, lambda name, module: replacements.get(id(module), module))
     return model
-
-
-# ----------------------------------------------------------------------------- verification
-
-#: Modules that are random in train mode; the check runs them in eval mode (identity for dropout).
-STOCHASTIC_TYPES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd, nn.RReLU)
-STOCHASTIC_TYPE_NAMES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d"})
-
-
-@dataclass(frozen=True)
-class FreezeCheck:
-    """Frozen model in train mode vs the original in eval mode, and whether any frozen layer's state moved.
-
-    ``held_in_eval`` names the modules run in eval mode during the check:
-    dropout-like modules (random in train mode) and BN layers left unfrozen
-    (they use batch statistics in train mode; this check is about the frozen ones).
-    """
-
-    comparison: Comparison
-    frozen_layers: tuple[str, ...]
-    held_in_eval: tuple[str, ...]
-    statistics_moved: tuple[str, ...]
-
-    @property
-    def passed(self) -> bool:
-        return self.comparison.passed and not self.statistics_moved
-
-    def failure_message(self, what: str = "the frozen model in train mode") -> str:
-        parts = [] if self.comparison.passed else [
-            self.comparison.failure_message(what) + " (a `self.training` branch outside BatchNorm and dropout, "
-            "e.g. in the model's forward, also shows here; it cannot be verified this way)"]
-        if self.statistics_moved:
-            parts.append("running statistics or affine values changed in train mode in "
-                         + ", ".join(f"`{n}`" for n in self.statistics_moved))
-        return "; ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.comparison.to_dict(), "passed": self.passed, "frozen_layers": list(self.frozen_layers),
-                "held_in_eval": list(self.held_in_eval), "statistics_moved": list(self.statistics_moved)}
-
-
-class _TrainExcept(nn.Module):
-    """Runs ``model``; ``train(True)`` puts everything in train mode except the ``held`` modules."""
-
-    def __init__(self, model: nn.Module, held: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.model = model
-        object.__setattr__(self, "_held", tuple(held))  # not registered: no second name for them
-
-    def train(self, mode: bool = True) -> _TrainExcept:
-        super().train(mode)
-        for module in self._held:
-            module.train(False)
-        return self
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-
-def check_frozen(original: nn.Module | None, frozen: nn.Module, inputs: Sequence[torch.Tensor], *,
-                 device: str | torch.device = "auto", atol: float | None = None,
-                 rtol: float | None = None, reference: Reference | None = None) -> FreezeCheck:
-    """Verify ``frozen`` in train mode against ``original`` in eval mode (or its ``reference``); neither changes.
-
-    The frozen model runs on ``device`` as it is (a model elsewhere is copied
-    there), so that a frozen layer that did move its statistics would show it.
-    """
-    device = resolve_device(device)
-    candidate = frozen if model_device(frozen) == device else clone(frozen).to(device)
-    layers = [(n, m) for n, m in candidate.named_modules() if isinstance(m, _FrozenBatchNorm)]
-    held = [(n, m) for n, m in candidate.named_modules()
-            if isinstance(m, (*STOCHASTIC_TYPES, _NormBase)) or type(m).__name__ in STOCHASTIC_TYPE_NAMES]
-    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in layers}
-    comparison = compare(original, _TrainExcept(candidate, [m for _, m in held]), inputs, device=device,
-                         candidate_train=True, atol=atol, rtol=rtol, reference=reference)
-    moved = [n for n, m in layers
-             if any(not torch.equal(v, before[n][k]) for k, v in m.state_dict().items())]
-    return FreezeCheck(comparison, tuple(n for n, _ in layers), tuple(n for n, _ in held), tuple(moved))
 
 
 recipe.register("freeze", replay)

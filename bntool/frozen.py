@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import InputError
+from .norms import has_fixed_statistics
 
 AFFINE_MODES = ("frozen", "trainable")
 NO_STATISTICS = "no running statistics (track_running_stats=False): run `bntool recalibrate` first"
@@ -140,18 +141,13 @@ FROZEN_FOR = ((nn.SyncBatchNorm, FrozenSyncBatchNorm), (nn.BatchNorm1d, FrozenBa
                (nn.BatchNorm2d, FrozenBatchNorm2d), (nn.BatchNorm3d, FrozenBatchNorm3d))
 
 
-def is_already_frozen(module: nn.Module) -> bool:
-    """Ours, or another library's (torchvision.ops.FrozenBatchNorm2d, detectron2, timm)."""
-    return isinstance(module, _FrozenBatchNorm) or type(module).__name__.startswith("FrozenBatchNorm")
-
-
 def frozen_type_for(module: nn.Module) -> type[_FrozenBatchNorm] | None:
     return next((f for t, f in FROZEN_FOR if isinstance(module, t)), None)
 
 
 def why_not_freezable(module: nn.Module) -> str | None:
     """Why ``module`` cannot be swapped for a frozen BN as it is, or None."""
-    if is_already_frozen(module):
+    if has_fixed_statistics(module):
         return f"already frozen (`{type(module).__name__}`)"
     torch_type = next((t for t, _ in FROZEN_FOR if isinstance(module, t)), None)
     if torch_type is None:

@@ -23,7 +23,7 @@ from torch import nn
 from .errors import InputError, shorten
 from .folding import FoldPlan, plan_from_dataflow
 from .graph import Dataflow, dataflow
-from .norms import has_statistics, is_batchnorm, is_foreign_batchnorm, is_frozen, num_features
+from .norms import has_fixed_statistics, has_statistics, is_batchnorm, num_features
 from .validity import problems
 from .shapes import declared_input_shapes, make_inputs
 
@@ -358,7 +358,7 @@ def _model_findings(model: nn.Module, rows: Sequence[BNRow], bns: dict[str, nn.M
         "{n} BN layer(s) have track_running_stats=False: {names}",
         "eval mode normalizes with the statistics of each batch, so outputs depend on the batch (and batch size "
         "1 fails or is meaningless); give them statistics with `bntool recalibrate`, then they can be folded")
-    add("momentum_none", "info", [n for n in names if has_statistics(bns[n]) and not _fixed(bns[n])
+    add("momentum_none", "info", [n for n in names if has_statistics(bns[n]) and not has_fixed_statistics(bns[n])
                                   and getattr(bns[n], "momentum", 0.1) is None],
         "{n} BN layer(s) have momentum=None: {names}",
         "their statistics are a cumulative average over every batch since the last reset, early batches (other "
@@ -377,19 +377,19 @@ def _model_findings(model: nn.Module, rows: Sequence[BNRow], bns: dict[str, nn.M
         "no conv / linear output reaches them directly, so they cannot fold backward; fold can only push them "
         "forward into the next layer (exact only without zero padding). Check the order is intended: the usual "
         "block is conv -> BN -> activation")
-    add("frozen", "info", [n for n in names if _fixed(bns[n])],
+    add("frozen", "info", [n for n in names if has_fixed_statistics(bns[n])],
         "{n} BN layer(s) are frozen (by bntool freeze, or a frozen BatchNorm class): {names}",
         "they normalize with their stored statistics even in train mode and never update them: right for "
         "fine-tuning with small batches; `bntool.unfreeze` turns them back into ordinary BNs")
     trains = any(p.requires_grad for n, m in modules.items() if n not in bns for p in m.parameters(recurse=False))
     add("frozen_parameters", "info", [
-        n for n in names if trains and not _fixed(bns[n])
+        n for n in names if trains and not has_fixed_statistics(bns[n])
         and (params := list(bns[n].parameters(recurse=False))) and not any(p.requires_grad for p in params)],
         "{n} BN layer(s) have weight / bias with requires_grad=False while other layers train: {names}",
         "their affine parameters are fixed, but in train mode they still normalize with batch statistics and "
         "update running_mean / running_var; to fix the statistics as well, use `bntool freeze`")
     add("eval_mode_in_train", "info", [n for n in names if model.training and not bns[n].training
-                                       and not _fixed(bns[n])],
+                                       and not has_fixed_statistics(bns[n])],
         "{n} BN layer(s) are in eval mode while the model is in train mode: {names}",
         "they use and keep their stored statistics for now, but the next model.train() puts them back in train "
         "mode (the `fix_bn` snippet must be re-run after every call); `bntool freeze` makes it stick")
@@ -472,8 +472,3 @@ def plot(report: InspectReport, path: str | Path, *, title: str | None = None, f
     with atomic_write(path, force=force, what="--plot") as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
     return path
-
-
-def _fixed(module: nn.Module) -> bool:
-    """Frozen by bntool, or a frozen BN class of another library: statistics that never move."""
-    return is_frozen(module) or is_foreign_batchnorm(module)

@@ -4,13 +4,17 @@ Three families of module are BatchNorms to bntool:
 
 * ``torch.nn`` BatchNorm1d/2d/3d, SyncBatchNorm and every subclass (timm's
   ``BatchNormAct2d`` among them);
-* bntool's own frozen BNs (``is_frozen_batchnorm``);
+* bntool's own frozen BNs (``is_bntool_frozen``);
 * BN-like modules from other libraries that are not ``_BatchNorm`` subclasses:
   torchvision's, timm's and detectron2's ``FrozenBatchNorm2d``, timm's
   ``FrozenBatchNormAct2d``. They are recognised by their shape (1-D
   ``running_mean`` / ``running_var`` of one size, a numeric ``eps``) and a class
   name that says BatchNorm; what their forward computes is established
   separately (``bnform``), never assumed.
+
+Whether a BN is frozen, its statistics fixed in train mode as in eval mode,
+is ``has_fixed_statistics``: bntool's frozen BNs, other libraries' (every
+BN-like module of the third family, and any class named ``FrozenBatchNorm*``).
 """
 
 from __future__ import annotations
@@ -26,16 +30,22 @@ _BN_NAME = re.compile(r"batch_?norm", re.I)
 
 def is_batchnorm(module: object) -> bool:
     """BatchNorm1d/2d/3d, SyncBatchNorm, their subclasses, bntool's frozen BNs, and foreign frozen BNs."""
-    return isinstance(module, _BatchNorm) or is_frozen(module) or is_foreign_batchnorm(module)
+    return isinstance(module, _BatchNorm) or is_bntool_frozen(module) or is_foreign_batchnorm(module)
 
 
-def is_frozen(module: object) -> bool:
+def is_bntool_frozen(module: object) -> bool:
+    """One of bntool's ``FrozenBatchNorm*`` modules (``bntool.frozen``)."""
     return bool(getattr(type(module), "is_frozen_batchnorm", False))
+
+
+def has_fixed_statistics(module: object) -> bool:
+    """A frozen BN, whose statistics never move: bntool's, or another library's (torchvision, timm, detectron2)."""
+    return is_bntool_frozen(module) or is_foreign_batchnorm(module) or type(module).__name__.startswith("FrozenBatchNorm")
 
 
 def is_foreign_batchnorm(module: object) -> bool:
     """A BN-like module that is no ``_BatchNorm``: running statistics, an eps, and a BatchNorm class name."""
-    if isinstance(module, _BatchNorm) or is_frozen(module) or not isinstance(module, nn.Module):
+    if isinstance(module, _BatchNorm) or is_bntool_frozen(module) or not isinstance(module, nn.Module):
         return False
     name = type(module).__name__
     if not (_BN_NAME.search(name) or "BN" in name):
@@ -74,6 +84,6 @@ def standard_forward(module: nn.Module, bases: tuple[type, ...]) -> bool:
 
 
 def bn_forward_is_standard(module: nn.Module) -> bool:
-    if is_frozen(module):
+    if is_bntool_frozen(module):
         return True
     return standard_forward(module, (nn.SyncBatchNorm, _BatchNorm))

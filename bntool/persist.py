@@ -33,6 +33,7 @@ from torch import nn
 from . import checkpoint, folding, freezing, matching, recalibration, recipe, tensorfile, torchfile, writing  # noqa: F401 - ops register replays
 from .errors import VerificationError
 from .report import recipe_of, set_recipe
+from .statediff import same_bits
 
 
 def load(
@@ -153,12 +154,3 @@ def layer_kinds(model: nn.Module) -> dict[str, Any]:
             kinds[name] = (type(module), module.extra_repr())
     return kinds
 
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical (a NaN equals the same NaN), same dtype and shape."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    a, b = a.detach().cpu().contiguous().reshape(-1), b.detach().cpu().contiguous().reshape(-1)
-    if a.dtype == torch.bool or a.element_size() == 1:
-        return bool(torch.equal(a, b))
-    return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))

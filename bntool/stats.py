@@ -22,23 +22,16 @@ sum n_k (mean_k - mean)**2``). The recalibration hooks use it to merge lazily.
 
 ``merge_across_ranks`` all-gathers every rank's estimators and merges them in
 rank order, so every process of a distributed job ends bit-identical.
-
-The report objects (``RecalibrationReport``, ``LayerStats``, ``NormQuality``,
-``SkippedLayer``) live here too: they are what the statistics say.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import BntoolError
-from .report import Skip
 
 
 class ChannelStats:
@@ -134,125 +127,6 @@ def host_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
-
-
-# ----------------------------------------------------------------------------- the report
-
-
-@dataclass(frozen=True)
-class NormQuality:
-    """How close a BN's eval-mode normalised input, ``(x - running_mean) / sqrt(running_var + eps)``, is to 0 / 1.
-
-    Averages over channels of ``|mean|`` and ``|variance - 1|`` on the verification batches.
-    """
-
-    mean_error: float
-    var_error: float
-
-    @classmethod
-    def of(cls, stats: ChannelStats, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> NormQuality:
-        mean, var = stats.result()
-        denom = running_var.to(torch.float64).cpu() + eps
-        norm_mean = (mean.cpu() - running_mean.to(torch.float64).cpu()) / denom.sqrt()
-        return cls(float(norm_mean.abs().mean()), float((var.cpu() / denom - 1.0).abs().mean()))
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """One recalibrated BN layer.
-
-    ``count``: values per channel over the whole pass (N*H*W summed over calls);
-    ``calls``: forward calls seen (more than the batches for a shared BN);
-    ``mean_change``: max over channels of ``|new mean - old mean| / sqrt(new var + eps)``;
-    ``var_change``: max over channels of ``|new var / old var - 1|`` (None for a converted layer);
-    ``batch_var_gap``: max over channels of ``|mean of per-call variances - population variance| /
-    population variance``, what averaging batch variances would have got wrong;
-    ``method``: ``readback`` (BN's own batch statistics) or ``float64`` (recomputed from a half-precision input);
-    ``empty_calls``: calls with no values (an empty batch), skipped: they carry no statistics;
-    ``frozen``: a bntool frozen BN, recalibrated and still frozen.
-    """
-
-    name: str
-    kind: str
-    channels: int
-    count: int
-    calls: int
-    mean_change: float | None
-    var_change: float | None
-    batch_var_gap: float
-    converted: bool
-    method: str
-    empty_calls: int = 0
-    frozen: bool = False
-    verify_before: NormQuality | None = None
-    verify_after: NormQuality | None = None
-
-
-SkippedLayer = Skip  # a BN layer whose statistics were not changed, and why
-
-
-@dataclass(frozen=True)
-class RecalibrationReport:
-    """What ``recalibrate`` did. ``passed`` is False when anything but the selected BN buffers changed.
-
-    ``num_batches`` counts every batch, ``empty_batches`` those with no samples (skipped).
-    """
-
-    layers: tuple[LayerStats, ...]
-    skipped: tuple[SkippedLayer, ...]
-    converted: tuple[str, ...]
-    num_batches: int
-    num_samples: int
-    unchanged_non_bn: bool
-    changed_non_bn: tuple[str, ...]
-    world_size: int = 1
-    verify_batches: int = 0
-    empty_batches: int = 0
-
-    @property
-    def passed(self) -> bool:
-        return self.unchanged_non_bn
-
-    @property
-    def done(self) -> tuple[LayerStats, ...]:
-        return self.layers
-
-    @property
-    def comparison(self) -> None:
-        """Recalibration is checked by its state check (``unchanged_non_bn``), not by comparing outputs."""
-        return None
-
-    @property
-    def mean_of_batch_vars_vs_population(self) -> float:
-        """Largest relative gap, over layers and channels, between the mean of batch variances and the true variance."""
-        return max((layer.batch_var_gap for layer in self.layers), default=0.0)
-
-    def recipe_step(self) -> dict[str, Any]:
-        """The recipe entry: which layers were recalibrated and which became tracking BNs."""
-        return {
-            "op": "recalibrate",
-            "layers": [layer.name for layer in self.layers],
-            "tracking_enabled": list(self.converted),
-            "num_batches": self.num_batches,
-            "num_samples": self.num_samples,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["passed"] = self.passed
-        data["mean_of_batch_vars_vs_population"] = self.mean_of_batch_vars_vs_population
-        return _finite(data)
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None, tuples lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 # ----------------------------------------------------------------------------- across ranks

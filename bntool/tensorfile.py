@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .statediff import same_bits
+
 #: torch dtype -> safetensors dtype name
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -103,7 +105,7 @@ def differences(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) ->
             for at in range(0, data.numel(), BLOCK):
                 n = min(BLOCK, data.numel() - at)
                 view = buffer[:n]
-                if f.readinto(memoryview(view.numpy())) != n or not torch.equal(view, data[at:at + n]):
+                if f.readinto(memoryview(view.numpy())) != n or not same_bits(view, data[at:at + n]):
                     different.append(name)
                     break
     return different

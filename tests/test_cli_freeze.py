@@ -11,7 +11,7 @@ import torch
 
 import bntool.checkpoint
 from tests.conftest import invoke_main
-from bntool.freezing import FrozenBatchNorm1d, FrozenBatchNorm2d
+from bntool.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
 
 MODELS = textwrap.dedent(
     """
@@ -194,7 +194,7 @@ def test_unfreeze_refuses_a_model_with_nothing_frozen_and_bad_patterns(setup, cl
 
 def test_a_wrong_unfreeze_fails_verification_with_exit_1_and_writes_nothing(setup, cli, monkeypatch):
     # catches: a verification that does not look (one channel of one layer off by 0.1%)
-    from bntool.freezing import _FrozenBatchNorm
+    from bntool.frozen import _FrozenBatchNorm
 
     tmp_path, models, ckpt, _ = setup
     frozen = tmp_path / "frozen.safetensors"

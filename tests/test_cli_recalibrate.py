@@ -194,7 +194,7 @@ def test_state_written_outside_bn_fails_with_exit_1_and_writes_nothing(setup):
 def test_a_frozen_checkpoint_is_recalibrated_stays_frozen_and_loads(setup, cli):
     # AdaBN after frozen fine-tuning: catches frozen layers skipped, unfrozen in the output, or a recipe that
     # bntool.load cannot replay
-    from bntool.freezing import FrozenBatchNorm1d, FrozenBatchNorm2d
+    from bntool.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
 
     tmp_path, models, ckpt, data, model = setup
     frozen, out = tmp_path / "frozen.safetensors", tmp_path / "adapted.safetensors"

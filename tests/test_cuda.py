@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bntool
 from bntool.errors import VerificationError
-from bntool.freezing import FrozenBatchNorm2d, check_frozen
+from bntool.freeze_check import check_frozen
+from bntool.frozen import FrozenBatchNorm2d
 from bntool.recalibration import recalibrate
 from bntool.running import tf32, tf32_state
 from examples import models as zoo

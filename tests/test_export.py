@@ -144,7 +144,8 @@ def test_no_fold_keeps_batchnorm_nodes_that_onnxruntime_still_matches(tmp_path):
 
 
 def test_frozen_model_exports_folded_and_unfolded(tmp_path):
-    from bntool.freezing import FrozenBatchNorm2d, freeze
+    from bntool.freezing import freeze
+    from bntool.frozen import FrozenBatchNorm2d
 
     frozen, _ = freeze(_model(zoo.lenet))
     assert any(isinstance(m, FrozenBatchNorm2d) for m in frozen.modules())

@@ -458,7 +458,8 @@ def test_plan_is_data_and_recipe_step_is_json():
 @pytest.mark.parametrize("affine", ["frozen", "trainable"])
 def test_a_frozen_model_folds_like_an_ordinary_one(affine):
     """Frozen BNs (bntool freeze) fold into their producers; the result matches the original in eval mode."""
-    from bntool.freezing import FrozenBatchNorm1d, FrozenBatchNorm2d, freeze
+    from bntool.freezing import freeze
+    from bntool.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
 
     torch.manual_seed(0)
     original = randomize_bn(zoo.lenet(), seed=6)

@@ -14,18 +14,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import bntool.report
 from bntool import recipe
 from bntool.errors import InputError, VerificationError
-from bntool.freezing import (
-    FreezeReport,
-    NO_STATISTICS,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    FrozenSyncBatchNorm,
-    check_frozen,
-    freeze,
-    replay,
-    unfreeze,
-)
+from bntool.freeze_check import check_frozen
+from bntool.freezing import FreezeReport, freeze, replay, unfreeze
+from bntool.frozen import NO_STATISTICS, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSyncBatchNorm
 
 
 # ----------------------------------------------------------------------------- models

@@ -26,7 +26,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bntool.errors import InputError, VerificationError
 from bntool.norms import is_batchnorm
-from bntool.recalibration import RecalibrationReport, recalibrate, replay
+from bntool.recal_report import RecalibrationReport
+from bntool.recal_state import replay
+from bntool.recalibration import recalibrate
 from bntool.recipe import REPLAYERS
 from bntool.recipe import replay as replay_recipe
 from bntool.stats import ChannelStats, reduce_calls
@@ -454,7 +456,8 @@ def test_a_frozen_model_is_recalibrated_exactly_and_stays_frozen():
     # catches: frozen BNs skipped (statistics unchanged), normalising with their stored statistics during the
     # pass (every later BN then sees other inputs than in the unfrozen recalibration), or swapped back to BN
     import bntool
-    from bntool.freezing import FrozenBatchNorm2d, check_frozen
+    from bntool.freeze_check import check_frozen
+    from bntool.frozen import FrozenBatchNorm2d
 
     torch.manual_seed(0)
     frozen, _ = bntool.freeze(randomize_bn_(resnet_small(), seed=15))
@@ -575,7 +578,7 @@ def test_the_gpu_state_check_compares_once_and_still_names_what_changed(monkeypa
     # compares tensor by tensor on a GPU, and a batched check that cannot say which tensor changed
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from bntool import snapshot
+    from bntool import statediff
 
     class Equals(TorchDispatchMode):
         count = 0
@@ -584,7 +587,7 @@ def test_the_gpu_state_check_compares_once_and_still_names_what_changed(monkeypa
             Equals.count += func is torch.ops.aten.equal.default
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(snapshot, "COMPARE_IN_PLACE", ())
+    monkeypatch.setattr(statediff, "COMPARE_IN_PLACE", ())
     model = randomize_bn_(resnet_small(), seed=18)
     with Equals():
         report = recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 3)))
