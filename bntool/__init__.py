@@ -23,8 +23,8 @@ _EXPORTS = {
     "load": "bntool.persist",
     "save": "bntool.persist",
     "fold": "bntool.folding",
-    "plan_fold": "bntool.folding",
-    "FoldPlan": "bntool.folding",
+    "plan_fold": "bntool.foldrules",
+    "FoldPlan": "bntool.foldplan",
     "FoldReport": "bntool.folding",
     "Skip": "bntool.report",
     "compare": "bntool.verify",
@@ -36,7 +36,7 @@ _EXPORTS = {
     "RecalibrationReport": "bntool.recal_report",
     "inspect": "bntool.inspection",
     "InspectReport": "bntool.inspection",
-    "Finding": "bntool.inspection",
+    "Finding": "bntool.findings",
     "freeze": "bntool.freezing",
     "unfreeze": "bntool.freezing",
     "FrozenBatchNorm1d": "bntool.frozen",
@@ -44,7 +44,7 @@ _EXPORTS = {
     "FrozenBatchNorm3d": "bntool.frozen",
     "export_onnx": "bntool.onnx_export",
     "ExportReport": "bntool.onnx_export",
-    "verify_onnx": "bntool.onnx_check",
+    "verify_onnx": "bntool.onnx_run",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -70,11 +70,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import BntoolError, InputError, VerificationError
     from .recal_report import RecalibrationReport
     from .recalibration import recalibrate
-    from .folding import FoldPlan, FoldReport, fold, plan_fold
+    from .folding import FoldReport, fold
+    from .foldplan import FoldPlan
+    from .foldrules import plan_fold
     from .report import Skip
     from .verify import Comparison, compare
-    from .inspection import Finding, InspectReport, inspect
+    from .findings import Finding
+    from .inspection import InspectReport, inspect
     from .freezing import freeze, unfreeze
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-    from .onnx_check import verify_onnx
+    from .onnx_run import verify_onnx
     from .onnx_export import ExportReport, export_onnx

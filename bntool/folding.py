@@ -1,6 +1,6 @@
 """Fold BatchNorm into the layer that feeds it (or reads it), only where exact, and prove it.
 
-``foldplan.plan_from_dataflow`` decides which BN folds into which layer;
+``foldrules.plan_from_dataflow`` decides which BN folds into which layer;
 ``apply_plan`` does the surgery (producers and consumers get new weights and,
 where needed, a bias; a folded BN is removed, or replaced by what its forward
 does besides normalizing); ``fold`` runs both on a copy and verifies the
@@ -29,13 +29,14 @@ from .spill import TensorStore
 from .report import with_step
 from .errors import InputError, VerificationError
 from .foldmath import identity_statistics, scale_consumer, scale_producer, through_after, through_before
-from .foldplan import TRANSPOSED, FoldPair, FoldPlan, Skip, plan_fold, plan_from_dataflow
+from .foldplan import TRANSPOSED, FoldPair, FoldPlan
+from .foldrules import plan_from_dataflow
+from .report import Skip
 from .graph import dataflow
 from .shapes import make_inputs
 from .verify import Comparison, Reference, compare
 
-__all__ = ["FoldPair", "FoldPlan", "FoldReport", "Skip", "apply_plan", "fold", "plan_fold", "plan_from_dataflow",
-           "replay"]
+__all__ = ["FoldReport", "Journal", "apply_plan", "fold", "replay"]
 
 #: Rounds of "drop the folds verification blames, plan again" before giving up.
 MAX_ROUNDS = 16

@@ -4,7 +4,7 @@ Every module call, tensor operation, model input and output becomes an ``Op``
 that names the ops whose outputs it reads as data (shape and dtype queries are
 not data reads: ``x.size(0)``, ``y.reshape_as(x)``'s ``x``). Module calls are
 listed per module, so a module called twice has two ops. The fold rules in
-``foldplan.py`` decide from these facts alone.
+``foldrules.py`` decide from these facts alone.
 
 Two ways to see the dataflow:
 

@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 _BN_NAME = re.compile(r"batch_?norm", re.I)
+#: PyTorch's default eps, assumed where a file does not say (weights only).
+DEFAULT_EPS = 1e-5
 
 
 def is_batchnorm(module: object) -> bool:

@@ -38,20 +38,9 @@ from .cloning import clone
 from .errors import InputError, VerificationError
 from .folding import FoldReport
 from .folding import fold as fold_model
-from .onnx_check import (
-    KEY_OPS,
-    OnnxFacts,
-    OnnxVerification,
-    TrainingBN,
-    compare_initializers,
-    inputs_at,
-    inspect_file,
-    output_template,
-    read_structure,
-    verification_batch_sizes,
-    verify_onnx,
-)
+from .onnx_check import KEY_OPS, OnnxFacts, TrainingBN, compare_initializers, inspect_file, read_structure
 from .onnx_commit import commit
+from .onnx_run import OnnxVerification, inputs_at, output_template, verification_batch_sizes, verify_onnx
 from .onnx_write import ExportSpec, write_onnx
 from .running import flatten_outputs, model_dtype, resolve_device
 from .verify import Reference

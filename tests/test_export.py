@@ -17,7 +17,8 @@ from torch import nn
 import bntool
 from bntool import onnx_export
 from bntool.errors import InputError, VerificationError
-from bntool.onnx_check import training_mode_bns, verify_onnx
+from bntool.onnx_check import training_mode_bns
+from bntool.onnx_run import verify_onnx
 from bntool.shapes import make_inputs
 from examples import models as zoo
 from tests.conftest import randomize_bn

@@ -11,7 +11,8 @@ from torch.nn import functional as F
 
 import bntool
 from bntool.errors import VerificationError
-from bntool.folding import apply_plan, plan_fold
+from bntool.folding import apply_plan
+from bntool.foldrules import plan_fold
 from bntool.foldmath import fold_into_consumer, fold_into_producer, identity_statistics
 from examples import models as zoo
 from tests.conftest import randomize_bn
@@ -282,7 +283,7 @@ def test_unsafe_patterns_really_are_unsafe(name):
     model = randomize_bn(cls(), seed=7)
     inputs = _inputs(shape)
     producer = "fc" if name.startswith("linear") else "conv"
-    forced = bntool.FoldPlan((bntool.folding.FoldPair("bn", producer, "backward", "removed", ""),), (), "forced")
+    forced = bntool.FoldPlan((bntool.foldplan.FoldPair("bn", producer, "backward", "removed", ""),), (), "forced")
     broken = apply_plan(copy.deepcopy(model), forced)
     comparison = bntool.compare(model, broken, inputs)
     assert not comparison.passed

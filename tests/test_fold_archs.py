@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bntool
-from bntool.folding import FoldPair, FoldPlan, apply_plan
+from bntool.folding import apply_plan
+from bntool.foldplan import FoldPair, FoldPlan
 from bntool.norms import is_batchnorm
 from examples import archs
 from tests.conftest import randomize_bn

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bntool.folding import plan_fold
+from bntool.foldrules import plan_fold
 from bntool.freezing import freeze
-from bntool.inspection import DEFAULT_EPS, FROM_KEYS, Summary, inspect
+from bntool.findings import Summary
+from bntool.inspection import FROM_KEYS, inspect
+from bntool.norms import DEFAULT_EPS
 from bntool.shapes import make_inputs
 from examples.models import UntraceableNet, mlp_bn, randomize_bn_
 

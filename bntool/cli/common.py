@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 
 from .. import checkpoint, console, matching, modelspec, outputs, writing
-from ..errors import InputError, VerificationError
+from ..errors import InputError
 from ..report import set_recipe
 from ..validity import require_valid
 from ..shapes import make_inputs, parse_shape

@@ -166,7 +166,7 @@ def _data_inputs(model, data, data_args, input_key, batch_size, images, dynamic_
     from ..batches import model_input
     from ..data import load_batches
     from ..errors import InputError
-    from ..onnx_check import verification_batch_sizes
+    from ..onnx_run import verification_batch_sizes
     from ..shapes import declared_input_shapes
 
     declared = declared_input_shapes(model)

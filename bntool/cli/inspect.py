@@ -60,7 +60,8 @@ def inspect_command(
     from .. import checkpoint as ckpt
     from ..matching import resolve
     from .. import console
-    from ..inspection import inspect, plot as draw
+    from ..inspection import inspect
+    from ..plot import plot as draw
     from ..shapes import make_inputs, parse_shape
     from .common import load_source
 

@@ -1,0 +1,333 @@
+"""The fold rules: which BatchNorm folds into which layer, and why each other one does not.
+
+``plan_from_dataflow`` decides from the dataflow (``graph.py``) and from what
+each BN module computes (``bnform.py``) alone; it returns data
+(``foldplan``): a ``FoldPlan`` of ``FoldPair`` s and, for every other BN, a
+``Skip`` with its reason. ``bntool fold``, ``bntool inspect`` and the reports
+all read the same plan.
+
+The rules, for every call of a BN:
+
+* **backward** into the module whose output it normalizes (its *producer*):
+  the BN's normalization reads its input directly; between producer and BN
+  stand only multiplies / adds by numbers (kept, and accounted for) and
+  order-preserving reshapes that keep the channel axis; nothing else reads
+  the producer's output or anything in between; and every call of the
+  producer feeds this BN. A BN called after several producers folds into
+  each of them; a block called twice folds once.
+* **forward** into the one module that reads its output (its *consumer*),
+  when backward is not possible: the BN's output is its normalization's
+  output (no activation after it), the same conditions mirrored, and the
+  consumer is a linear or a conv with no zero padding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import bnform
+from .foldplan import CONVS, TRANSPOSED, FoldPair, FoldPlan
+from .graph import Dataflow, bn_names, dataflow
+from .graph_ops import FOLDABLE_TYPES
+from .norms import bn_forward_is_standard, has_statistics, num_features, standard_forward
+from .report import Skip
+
+
+@dataclass(frozen=True)
+class _Link:
+    """The path from one BN call to the module at its other end, through ops that are kept."""
+
+    module: str | None = None
+    op: int = -1
+    through: tuple[float, float] = (1.0, 0.0)
+    reshaped: bool = False
+    blocker: str | None = None
+
+
+def plan_fold(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> FoldPlan:
+    """Which BNs fold into which layer, and why each other BN does not."""
+    return plan_from_dataflow(model, dataflow(model, example_inputs))
+
+
+def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, str] | None = None) -> FoldPlan:
+    """The plan for ``model``; BNs in ``rejected`` (name -> reason) are left, with that reason."""
+    modules = dict(model.named_modules())
+    owners = _parameter_owners(model)
+    pairs: list[FoldPair] = []
+    skips: list[Skip] = []
+    for name in bn_names(model):
+        if rejected and name in rejected:
+            skips.append(Skip(name, rejected[name]))
+            continue
+        result = _plan_bn(name, modules[name], flow, modules, owners)
+        if isinstance(result, str):
+            skips.append(Skip(name, result))
+        else:
+            pairs.extend(result)
+    return FoldPlan(tuple(pairs), tuple(skips), flow.method, flow.note)
+
+
+def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners) -> list[FoldPair] | str:
+    calls = flow.calls.get(name, ())
+    if name == "":
+        return "the model is a single BatchNorm: there is no layer to fold it into"
+    if not calls:
+        host = _called_ancestor(name, flow)
+        if host is not None:
+            return (f"runs inside `{host}` (a {type(modules[host]).__name__} with its own forward), which bntool "
+                    "treats as one layer and does not look into")
+        if flow.method == "recorded":
+            return "did not run on the verification inputs, so its dataflow is unknown"
+        return "is never called in the model's forward"
+    if not has_statistics(bn):
+        return ("has no running statistics (track_running_stats=False), so eval mode normalizes with batch "
+                "statistics; run `bntool recalibrate` to give it statistics, then fold")
+    if bn._forward_pre_hooks:
+        return "has a forward pre-hook, which would see its input already normalized after folding"
+    rank = _rank(flow, calls, bn)
+    form = bnform.analyze(bn, rank)
+    if not form.foldable:
+        return form.reason or "its forward is not a BatchNorm bntool can fold"
+    becomes = {"standard": "removed", "identity": "identity"}.get(form.kind, "removed" if form.removable else "rewritten")
+
+    def pair(target: str, direction: str, through: tuple[float, float]) -> FoldPair:
+        return FoldPair(name, target, direction, becomes, type(modules[target]).__name__, through,
+                        rank if becomes == "rewritten" else None, form.keeps if becomes == "rewritten" else ())
+
+    backward = _backward(name, bn, form, calls, flow, modules, owners)
+    if not isinstance(backward, str):
+        return [pair(target, "backward", through) for target, through in backward]
+    forward = _forward(name, bn, form, calls, flow, modules, owners)
+    if not isinstance(forward, str):
+        return [pair(target, "forward", through) for target, through in forward]
+    return f"{backward}; folding forward is not exact either: {forward}"
+
+
+def _called_ancestor(name: str, flow: Dataflow) -> str | None:
+    """The nearest enclosing module that the dataflow saw called as one op (``a.conv`` for ``a.conv.norm``)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in flow.calls:
+            return ".".join(parts[:i])
+    return None
+
+
+def _rank(flow: Dataflow, calls: tuple[int, ...], bn: nn.Module) -> int | None:
+    """The BN's input rank, measured only where its form depends on it (a forward of its own)."""
+    if bn_forward_is_standard(bn):
+        return None
+    shape = flow.shape(calls[0])[0]
+    return len(shape) if shape is not None else None
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _backward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tuple[str, tuple[float, float]]] | str:
+    if not form.at_input:
+        return f"`{type(bn).__name__}` does other work on its input before normalizing it"
+    links = [_upstream(flow, call) for call in calls]
+    blocked = next((link.blocker for link in links if link.blocker), None)
+    if blocked:
+        return blocked
+    result = []
+    for producer, group in _by_module(links).items():
+        module = modules[producer]
+        reason = (_layer_reason(module, producer, owners, _functional(flow, group))
+                  or _all_calls_reason(flow, producer, group, name)
+                  or _through_reason(group, producer, name))
+        if reason:
+            return reason
+        if group[0].through[0] == 0.0:
+            return f"the output of `{producer}` is multiplied by 0 before the BN"
+        if module._forward_hooks:
+            return f"`{producer}` has forward hooks, which would see its output already normalized after folding"
+        for link, call in zip(links, calls):
+            if link.module == producer:
+                reason = _channel_reason(bn, module, producer, link, flow, call, backward=True)
+                if reason:
+                    return reason
+        result.append((producer, group[0].through))
+    return result
+
+
+def _upstream(flow: Dataflow, call: int) -> _Link:
+    op = flow.ops[call]
+    if not op.inputs:
+        return _Link(blocker="it is called without a tensor input")
+    current, index = call, op.inputs[0]
+    a, s, reshaped = 1.0, 0.0, False
+    while True:
+        source = flow.ops[index]
+        others = [r for r in flow.readers_of(index) if r != current]
+        if others:
+            shown = ", ".join(f"`{flow.ops[r].target}`" for r in others[:3])
+            return _Link(blocker=f"the output of `{source.target}` is also read by {shown}")
+        if source.kind == "input":
+            return _Link(blocker="is applied to a model input, so no layer produces what it normalizes")
+        if source.kind == "module" and source.affine is None and not source.reshape:
+            return _Link(source.target, index, (a, s), reshaped)
+        if source.affine is not None:
+            a, s = a * source.affine[0], a * source.affine[1] + s
+        elif source.reshape:
+            reshaped = True
+        else:
+            return _Link(blocker=f"an operation (`{source.target}`) stands between its input's producer and the BN")
+        if not source.inputs:
+            return _Link(blocker=f"`{source.target}` makes its input from nothing bntool can fold into")
+        current, index = index, source.inputs[0]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tuple[str, tuple[float, float]]] | str:
+    if not form.at_output:
+        what = ", ".join(f"`{k}`" for k in form.keeps) or "other work"
+        return f"`{type(bn).__name__}` runs {what} after normalizing, so no layer after it can absorb it"
+    links = [_downstream(flow, call) for call in calls]
+    blocked = next((link.blocker for link in links if link.blocker), None)
+    if blocked:
+        return blocked
+    result = []
+    for consumer, group in _by_module(links).items():
+        module = modules[consumer]
+        if isinstance(module, TRANSPOSED):
+            return f"`{consumer}` is a transposed conv, into which bntool folds only from the output side"
+        reason = (_layer_reason(module, consumer, owners, _functional(flow, group))
+                  or _all_calls_reason(flow, consumer, group, name)
+                  or _through_reason(group, consumer, name))
+        if reason:
+            return reason
+        if module._forward_pre_hooks:
+            return f"`{consumer}` has a forward pre-hook, which would see the BN's input after folding"
+        for link, call in zip(links, calls):
+            if link.module == consumer:
+                reason = _channel_reason(bn, module, consumer, link, flow, call, backward=False)
+                if reason:
+                    return reason
+        if isinstance(module, CONVS) and module.padding_mode == "zeros" and _has_padding(module):
+            return f"`{consumer}` zero-pads its input, and the padding would not see the BN's shift"
+        result.append((consumer, group[0].through))
+    return result
+
+
+def _downstream(flow: Dataflow, call: int) -> _Link:
+    current = call
+    a, s, reshaped = 1.0, 0.0, False
+    while True:
+        readers = flow.readers_of(current)
+        if len(readers) != 1:
+            shown = ", ".join(f"`{flow.ops[r].target}`" for r in readers[:3]) or "nothing"
+            return _Link(blocker=f"its output is read by {shown}, not by one layer it could fold into")
+        reader = flow.ops[readers[0]]
+        if reader.kind == "output":
+            return _Link(blocker="its output is a model output, with no layer after it")
+        if reader.kind == "module" and reader.affine is None and not reader.reshape:
+            if reader.inputs != (current,):
+                return _Link(blocker=f"`{reader.target}` reads other tensors besides the BN's output")
+            return _Link(reader.target, reader.index, (a, s), reshaped)
+        if reader.affine is not None and reader.inputs == (current,):
+            a, s = reader.affine[0] * a, reader.affine[0] * s + reader.affine[1]
+        elif reader.reshape:
+            reshaped = True
+        else:
+            return _Link(blocker=f"its output goes through `{reader.target}` before reaching a layer")
+        current = reader.index
+
+
+# ----------------------------------------------------------------------------- shared rules
+
+
+def _by_module(links: list[_Link]) -> dict[str, list[_Link]]:
+    groups: defaultdict[str, list[_Link]] = defaultdict(list)
+    for link in links:
+        groups[link.module].append(link)
+    return dict(groups)
+
+
+def _functional(flow: Dataflow, group: list[_Link]) -> bool:
+    """Every call is the layer's own ``F.conv*`` / ``F.linear`` inside a forward of its own."""
+    return all(flow.ops[link.op].functional for link in group)
+
+
+def _layer_reason(module: nn.Module, name: str, owners, functional: bool = False) -> str | None:
+    if not isinstance(module, FOLDABLE_TYPES):
+        return f"`{name}` is a {type(module).__name__}, which bntool cannot fold into"
+    if not functional and not standard_forward(module, FOLDABLE_TYPES):
+        return f"`{name}` is a {type(module).__name__} with its own forward, so its arithmetic is unknown"
+    shared = [o for o in owners.get(id(module.weight), ()) if o != name]
+    if shared:
+        return f"the weight of `{name}` is shared with `{shared[0]}`, which folding would change too"
+    return None
+
+
+def _all_calls_reason(flow: Dataflow, layer: str, group: list[_Link], bn: str) -> str | None:
+    calls = flow.calls.get(layer, ())
+    if set(calls) - {link.op for link in group}:
+        return (f"`{layer}` is called {len(calls)} times in one forward pass, and folding would change every call, "
+                f"not only the ones next to `{bn}`")
+    return None
+
+
+def _through_reason(group: list[_Link], layer: str, bn: str) -> str | None:
+    if len({link.through for link in group}) > 1:
+        return f"the operations between `{layer}` and `{bn}` differ from call to call"
+    return None
+
+
+def _channel_reason(bn, layer: nn.Module, name: str, link: _Link, flow: Dataflow, call: int, *, backward: bool) -> str | None:
+    """The layer's channel axis must be the BN's axis 1, element for element (or the BN has one channel)."""
+    features = num_features(bn)
+    linear = isinstance(layer, nn.Linear)
+    if backward:
+        channels = layer.out_features if linear else layer.out_channels
+    else:
+        channels = layer.in_features if linear else layer.in_channels
+    if features == 1:  # one channel: the same k and c for everything
+        return None
+    if not linear and not link.reshaped:
+        if channels != features:
+            side = "output" if backward else "input"
+            return f"`{name}` has {channels} {side} channels but the BN has {features}"
+        return None
+    bn_shape = flow.shape(call)[0]
+    layer_in, layer_out = flow.shape(link.op)
+    layer_shape = layer_out if backward else layer_in
+    if bn_shape is None or layer_shape is None:
+        return "the shape of its input is unknown; pass example inputs"
+    axis = len(layer_shape) - 1 if linear else 1
+    if _same_channels(layer_shape, axis, bn_shape):
+        return None
+    if linear and not link.reshaped:
+        return f"it normalizes axis 1 of a {len(bn_shape)}-D input, but the Linear's features are on the last axis"
+    return f"the reshape between `{name}` and the BN does not keep the channel axis"
+
+
+def _same_channels(layer_shape: tuple[int, ...], axis: int, bn_shape: tuple[int, ...]) -> bool:
+    """Row-major reshapes keep channel ``axis`` of ``layer_shape`` as axis 1 of ``bn_shape``, element for element."""
+    if len(bn_shape) < 2:
+        return False
+    return (layer_shape[axis] == bn_shape[1] and math.prod(layer_shape[:axis]) == bn_shape[0]
+            and math.prod(layer_shape[axis + 1:]) == math.prod(bn_shape[2:]))
+
+
+def _has_padding(conv: nn.Module) -> bool:
+    padding = conv.padding
+    if isinstance(padding, str):
+        return padding != "valid" and any(k > 1 for k in conv.kernel_size)
+    return any(p != 0 for p in padding)
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners[id(param)].append(name)
+    return owners
