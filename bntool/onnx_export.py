@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import inspect
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,14 +32,14 @@ import torch
 from torch import nn
 
 from . import outputs
-from .cloning import clone
+from .cloning import on_cpu
 from .errors import InputError, VerificationError
 from .folding import FoldReport
 from .folding import fold as fold_model
 from .onnx_check import KEY_OPS, OnnxFacts, TrainingBN, compare_initializers, inspect_file, read_structure
 from .onnx_commit import commit
 from .onnx_run import OnnxVerification, inputs_at, output_template, verification_batch_sizes, verify_onnx
-from .onnx_write import ExportSpec, write_onnx
+from .onnx_write import ExportSpec, chosen_names, default_input_names, default_output_names, write_onnx
 from .running import flatten_outputs, model_dtype, resolve_device
 from .verify import Reference
 
@@ -160,7 +158,7 @@ def export_onnx(
     if any(m.training for m in model.modules()):
         notes.append("the model was in training mode; it was exported in eval mode "
                      "(BatchNorm uses its running statistics)")
-    default_input_names = _input_names(model, len(inputs))
+    input_defaults = default_input_names(model, len(inputs))
     # The original's outputs at every verification batch size, computed once (float32 and float64: two forwards
     # each); fold's own reference serves the export batch. Past this point nothing reads the original.
     derived = atol is None and rtol is None
@@ -176,13 +174,13 @@ def export_onnx(
             export_model = folded.cpu()  # the folded copy (``model`` itself when consumed): moved, never copied
             del folded
         else:
-            export_model = model.cpu() if consume else _on_cpu(model)
+            export_model = model.cpu() if consume else on_cpu(model)
     del model  # nothing below reads the original
     export_model._forward_hooks.pop(hook, None)  # folding's copy carries the hook too
     cpu_inputs = tuple(t.cpu() for t in inputs)
     template = structure[0] if structure else output_template(export_model, cpu_inputs)
-    spec = ExportSpec(exporter, opset, dynamic_batch, _names(input_names, default_input_names, "input"),
-                      _names(output_names, _output_names(template), "output"),
+    spec = ExportSpec(exporter, opset, dynamic_batch, chosen_names(input_names, input_defaults, "input"),
+                      chosen_names(output_names, default_output_names(template), "output"),
                       {True: "full", False: "off", None: "full" if fold else "constants"}[optimize], external_data)
     with outputs.staging_folder(out) as stage:
         tmp = stage / out.name
@@ -276,21 +274,6 @@ def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
                                     and torch.equal(x, y) for x, y in zip(a, b))
 
 
-def _on_cpu(model: nn.Module) -> nn.Module:
-    """``model`` itself when it is on the CPU, else a module-tree copy holding CPU copies of its tensors."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device.type == "cpu" for t in tensors):
-        return model
-    moved = clone(model, share=tensors)  # the module tree; its tensors are replaced below, never the model's
-    for module in moved.modules():
-        for store in (module._parameters, module._buffers):
-            for key, tensor in store.items():
-                if tensor is not None and tensor.device.type != "cpu":
-                    cpu = tensor.detach().cpu()
-                    store[key] = nn.Parameter(cpu, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else cpu
-    return moved
-
-
 def _as_model_dtype(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     dtype = model_dtype(model)
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
@@ -306,35 +289,3 @@ def _batch_of(inputs: Sequence[torch.Tensor], dynamic: bool) -> int:
         raise InputError(f"the example inputs have different batch sizes {sorted(sizes)}; "
                          "a dynamic batch needs the same first dimension on every input")
     return int(inputs[0].shape[0])
-
-
-def _input_names(model: nn.Module, count: int) -> list[str]:
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
-    except (TypeError, ValueError):
-        params = []
-    if len(params) >= count:
-        return params[:count]
-    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
-
-
-def _output_names(template: Any) -> list[str]:
-    names = []
-    for path, _ in flatten_outputs(template, ""):
-        parts = re.findall(r"\['?([^'\]]+)'?\]|\.(\w+)", path)
-        name = "_".join(a or b for a, b in parts) or "output"
-        name = f"output_{name}" if name[0].isdigit() else name
-        names.append(name if name not in names else f"{name}_{len(names)}")
-    return names
-
-
-def _names(given: Sequence[str] | None, default: list[str], what: str) -> tuple[str, ...]:
-    if given is None:
-        return tuple(default)
-    if len(set(given)) != len(given):
-        raise InputError(f"the {what} names ({', '.join(given)}) repeat; pass distinct names")
-    if len(given) != len(default):
-        raise InputError(f"{len(given)} {what} name(s) given ({', '.join(given)}) but the model has {len(default)} "
-                         f"{what}(s) ({', '.join(default)}); pass one name per {what}")
-    return tuple(given)

@@ -1,5 +1,9 @@
 """Running the exporter and writing its file: ``write_onnx`` (dynamo or TorchScript) and ``save_onnx``.
 
+``ExportSpec`` says how to call the exporter, with the input and output
+names chosen or derived from the model (``default_input_names``: its
+forward's parameters; ``default_output_names``: the paths of its outputs).
+
 ``save_onnx`` writes the dynamo exporter's program with its weights streamed
 into the file one tensor at a time (``onnx_stream.write_model``), the very
 bytes ``ONNXProgram.save`` writes, and ``write_onnx`` lets the exported graph
@@ -10,6 +14,7 @@ holds its weights while the file is checked.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import re
@@ -25,12 +30,44 @@ from torch import nn
 from . import outputs
 from .errors import InputError, shorten
 from .onnx_stream import IN_PLACE_MIN, PENDING, Pending, write_model
-from .running import training_flags
+from .running import flatten_outputs, training_flags
 
 EXPORTER_TEXT = {
     "dynamo": "torch.onnx.export(dynamo=True) (torch.export)",
     "torchscript": "torch.onnx.export(dynamo=False) (TorchScript tracing)",
 }
+
+
+def default_input_names(model: nn.Module, count: int) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) >= count:
+        return params[:count]
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+
+
+def default_output_names(template: Any) -> list[str]:
+    names = []
+    for path, _ in flatten_outputs(template, ""):
+        parts = re.findall(r"\['?([^'\]]+)'?\]|\.(\w+)", path)
+        name = "_".join(a or b for a, b in parts) or "output"
+        name = f"output_{name}" if name[0].isdigit() else name
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
+def chosen_names(given: Sequence[str] | None, default: list[str], what: str) -> tuple[str, ...]:
+    if given is None:
+        return tuple(default)
+    if len(set(given)) != len(given):
+        raise InputError(f"the {what} names ({', '.join(given)}) repeat; pass distinct names")
+    if len(given) != len(default):
+        raise InputError(f"{len(given)} {what} name(s) given ({', '.join(given)}) but the model has {len(default)} "
+                         f"{what}(s) ({', '.join(default)}); pass one name per {what}")
+    return tuple(given)
 
 
 @dataclass(frozen=True)

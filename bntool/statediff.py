@@ -4,7 +4,8 @@
 shape, and every element's bits equal, compared as integers, so a NaN equals
 the same NaN and 0.0 differs from -0.0. Everything that proves "unchanged" or
 "written exactly" uses it: the recalibration's state check, the frozen
-layers' check, the written file's check (``persist``, ``tensorfile``).
+layers' check, the written file's check (``persist``; ``same_bits_in_file``
+for ``tensorfile`` and ``onnx_stream``, a block at a time).
 
 ``Snapshot(model, skip, only=...)`` copies every parameter and buffer not
 named in ``skip`` (and, with ``only``, under one of those modules) into one
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -48,6 +50,18 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if b.device != a.device:
         b = b.to(a.device)
     return bool(torch.equal(bits(a.detach()), bits(b.detach())))
+
+
+def same_bits_in_file(f: BinaryIO, offset: int, data: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether the open file ``f`` holds exactly the bytes ``data`` (flat uint8, on the CPU) at ``offset``, read
+    into ``buffer`` (uint8) a block at a time: a written file checked without holding more than a block of it."""
+    f.seek(offset)
+    for at in range(0, data.numel(), buffer.numel()):
+        n = min(buffer.numel(), data.numel() - at)
+        view = buffer[:n]
+        if f.readinto(memoryview(view.numpy())) != n or not same_bits(view, data[at:at + n]):
+            return False
+    return True
 
 
 def state(model: nn.Module, skip: set[str], only: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

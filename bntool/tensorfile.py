@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .statediff import same_bits
+from .statediff import same_bits_in_file
 
 #: torch dtype -> safetensors dtype name
 DTYPES = {
@@ -101,11 +101,6 @@ def differences(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) ->
             if end - begin != data.numel():
                 different.append(name)
                 continue
-            f.seek(start + begin)
-            for at in range(0, data.numel(), BLOCK):
-                n = min(BLOCK, data.numel() - at)
-                view = buffer[:n]
-                if f.readinto(memoryview(view.numpy())) != n or not same_bits(view, data[at:at + n]):
-                    different.append(name)
-                    break
+            if not same_bits_in_file(f, start + begin, data, buffer):
+                different.append(name)
     return different

@@ -77,9 +77,9 @@ def test_default_out_is_beside_the_input(cli, ddp_checkpoint):
 
 
 def _wrong_in_one_channel(monkeypatch, first_only: bool = False) -> None:
-    import bntool.folding as folding
+    import bntool.foldapply as foldapply
 
-    real = folding.scale_producer
+    real = foldapply.scale_producer
     calls = []
 
     def wrong_in_one_channel(*args, **kwargs):
@@ -90,7 +90,7 @@ def _wrong_in_one_channel(monkeypatch, first_only: bool = False) -> None:
             bias[2] += 0.01
         return weight, bias
 
-    monkeypatch.setattr(folding, "scale_producer", wrong_in_one_channel)
+    monkeypatch.setattr(foldapply, "scale_producer", wrong_in_one_channel)
 
 
 def test_failed_verification_under_strict_exits_1_and_writes_nothing(cli, ddp_checkpoint, tmp_path, monkeypatch):

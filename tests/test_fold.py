@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 import bntool
 from bntool.errors import VerificationError
-from bntool.folding import apply_plan
+from bntool.foldapply import apply_plan
 from bntool.foldrules import plan_fold
 from bntool.foldmath import fold_into_consumer, fold_into_producer, identity_statistics
 from examples import models as zoo
@@ -387,9 +387,9 @@ def test_inplace_fold_changes_the_given_model():
 
 def _corrupt_nth_fold(monkeypatch, n: int) -> list:
     """Make the n-th backward fold 0.1% wrong in one output channel; returns the calls seen."""
-    import bntool.folding as folding
+    import bntool.foldapply as foldapply
 
-    real = folding.scale_producer
+    real = foldapply.scale_producer
     calls = []
 
     def corrupt_one_channel(*args, **kwargs):
@@ -400,7 +400,7 @@ def _corrupt_nth_fold(monkeypatch, n: int) -> list:
             weight[3] *= 1.001
         return weight, bias
 
-    monkeypatch.setattr(folding, "scale_producer", corrupt_one_channel)
+    monkeypatch.setattr(foldapply, "scale_producer", corrupt_one_channel)
     return calls
 
 

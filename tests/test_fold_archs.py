@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bntool
-from bntool.folding import apply_plan
+from bntool.foldapply import apply_plan
 from bntool.foldplan import FoldPair, FoldPlan
 from bntool.norms import is_batchnorm
 from examples import archs

@@ -1,0 +1,179 @@
+"""Fold surgery on a model, in place: each folded layer's new weight and bias, each folded BN retired.
+
+``apply_plan`` folds every pair of a ``FoldPlan`` into the model (the
+arithmetic is ``foldmath``'s, what a BN computes ``bnform``'s): every tensor
+that changes is replaced by a new one, never written into, so a copy that
+shares its untouched tensors with the original leaves the original intact;
+a ``Journal`` records what was replaced, to undo a fold in place. ``replay``
+rebuilds a recorded fold's structure on a freshly built model (biases where
+they were added, BNs removed or rewritten) for ``bntool.load``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import bnform
+from .errors import InputError
+from .foldmath import identity_statistics, scale_consumer, scale_producer, through_after, through_before
+from .foldplan import TRANSPOSED, FoldPlan
+from .spill import TensorStore
+
+
+class Journal:
+    """What folding in place replaced, so that it can be undone: old parameters and buffers (their values in a
+    ``TensorStore``, on disk when large) and old modules."""
+
+    def __init__(self) -> None:
+        self.store = TensorStore()
+        self.entries: list[tuple] = []
+
+    def tensor(self, module: nn.Module, name: str) -> None:
+        old = getattr(module, name)
+        key = str(len(self.entries))
+        if old is not None:
+            self.store.put(key, old)
+        is_parameter = name in module._parameters
+        self.entries.append(("tensor", module, name, key if old is not None else None, is_parameter,
+                             bool(old is not None and old.requires_grad)))
+
+    def module(self, model: nn.Module, name: str) -> None:
+        self.entries.append(("module", model, name, model.get_submodule(name)))
+
+    def undo(self) -> None:
+        for entry in reversed(self.entries):
+            if entry[0] == "module":
+                entry[1].set_submodule(entry[2], entry[3])
+                continue
+            _, module, name, key, is_parameter, grad = entry
+            value = self.store.get(key) if key is not None else None
+            if is_parameter:
+                setattr(module, name, None if value is None else nn.Parameter(value, requires_grad=grad))
+            else:
+                module.register_buffer(name, value)
+        self.entries.clear()
+        self.store.close()
+        self.store = TensorStore()
+
+
+def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None) -> nn.Module:
+    """Fold every pair of ``plan`` into ``model`` in place and return it.
+
+    Every tensor that changes is replaced by a new one (never written into),
+    so a copy that still shares its untouched tensors with the original (see
+    ``fold``) leaves the original intact. ``journal`` records what is
+    replaced, to undo it.
+    """
+    forms: dict[str, bnform.NormForm] = {}
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    scratch: dict[torch.device, torch.Tensor] = {}
+    for pair in plan.pairs:
+        bn = model.get_submodule(pair.bn)
+        if pair.bn not in forms:
+            forms[pair.bn] = bnform.analyze(bn, pair.rank)
+            scales[pair.bn] = bnform.scale_shift(bn, forms[pair.bn], pair.rank)
+        k, c = scales[pair.bn]
+        target = model.get_submodule(pair.into)
+        a, s = pair.through
+        if pair.direction == "backward":
+            k, c = through_before(k, c, a, s)
+            k, c = _per_channel(k, c, _channels(target, output=True))
+            device = target.weight.device
+            if device not in scratch or scratch[device].numel() < target.weight.numel():
+                scratch[device] = torch.empty(target.weight.numel(), dtype=torch.float64, device=device)
+            weight, bias = scale_producer(target.weight, target.bias, k, c, transposed=isinstance(target, TRANSPOSED),
+                                          groups=getattr(target, "groups", 1), scratch=scratch[device])
+        else:
+            k, c = through_after(k, c, a, s)
+            k, c = _per_channel(k, c, _channels(target, output=False))
+            weight, bias = scale_consumer(target.weight, target.bias, k, c, groups=getattr(target, "groups", 1))
+        if journal is not None:
+            journal.tensor(target, "weight")
+            journal.tensor(target, "bias")
+        _set_weight_and_bias(target, weight, bias)
+    becomes = {p.bn: p.bn_becomes for p in plan.pairs}
+    for name, form in forms.items():
+        bn = model.get_submodule(name)
+        if journal is not None:
+            if becomes[name] == "identity":
+                for key in ("running_mean", "running_var", "weight", "bias"):
+                    journal.tensor(bn, key)
+            else:
+                journal.module(model, name)
+        _retire_bn(model, name, bn, becomes[name], form)
+    return model
+
+
+def _channels(layer: nn.Module, *, output: bool) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features if output else layer.in_features
+    return layer.out_channels if output else layer.in_channels
+
+
+def _per_channel(k: torch.Tensor, c: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-channel BN's ``k`` and ``c`` apply to every channel of the layer."""
+    if k.numel() == 1 and channels != 1:
+        return k.expand(channels).clone(), c.expand(channels).clone()
+    return k, c
+
+
+def _set_weight_and_bias(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    old_weight, old_bias = layer.weight, layer.bias
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=old_weight.requires_grad)
+    grad = old_bias.requires_grad if old_bias is not None else old_weight.requires_grad
+    dtype = old_bias.dtype if old_bias is not None else old_weight.dtype
+    layer.bias = nn.Parameter(bias.detach().to(device=old_weight.device, dtype=dtype), requires_grad=grad)
+
+
+def _retire_bn(model: nn.Module, name: str, bn: nn.Module, becomes: str, form: bnform.NormForm) -> None:
+    if becomes == "identity":
+        mean, var = identity_statistics(bn.running_var, bn.eps)
+        bn.running_mean = mean
+        bn.running_var = var
+        if bn.weight is not None:
+            bn.weight = nn.Parameter(torch.ones_like(bn.weight), requires_grad=bn.weight.requires_grad)
+        if bn.bias is not None:
+            bn.bias = nn.Parameter(torch.zeros_like(bn.bias), requires_grad=bn.bias.requires_grad)
+        return
+    replacement = bnform.remainder(bn, form) if becomes == "rewritten" else None
+    replacement = replacement if replacement is not None else nn.Identity()
+    replacement._forward_hooks.update(bn._forward_hooks)  # a user's hook sees the same output as before
+    replacement._forward_hooks_with_kwargs.update(bn._forward_hooks_with_kwargs)
+    replacement._forward_hooks_always_called.update(bn._forward_hooks_always_called)
+    model.set_submodule(name, replacement)
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def replay(model: nn.Module, step: dict[str, Any]) -> None:
+    """Rebuild a recorded fold's structure: biases where they were added, BNs removed or rewritten."""
+    retired: dict[str, dict[str, Any]] = {}
+    for pair in step.get("pairs", []):
+        try:
+            target = model.get_submodule(pair["into"])
+            model.get_submodule(pair["bn"])
+        except (AttributeError, KeyError, TypeError):
+            raise InputError(
+                f"the file's recipe folds `{pair.get('bn')}` into `{pair.get('into')}`, but the model has no such "
+                "layer; build the model from the code the checkpoint was made from"
+            ) from None
+        if getattr(target, "bias", None) is None:
+            w = target.weight
+            channels = w.shape[1] * target.groups if isinstance(target, TRANSPOSED) else w.shape[0]
+            target.bias = nn.Parameter(torch.zeros(channels, dtype=w.dtype, device=w.device))
+        retired[pair["bn"]] = pair
+    for name, pair in retired.items():
+        becomes = pair.get("bn_becomes")
+        if becomes == "identity":
+            continue
+        bn = model.get_submodule(name)
+        form = bnform.analyze(bn, pair.get("rank"))
+        if becomes == "rewritten" and (form.kind != "traced" or form.removable):
+            raise InputError(f"the file's recipe rewrites `{name}` without its normalization, but this model's "
+                             f"`{type(bn).__name__}` does not compute what it did when the file was written; pass "
+                             "the model from the code the checkpoint was made from")
+        _retire_bn(model, name, bn, becomes, form)
