@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from bntool.norms import is_batchnorm, num_features
 
 __all__ = [
     "lenet",
@@ -367,29 +368,33 @@ def dropout_net(num_classes: int = 10, p: float = 0.5) -> nn.Sequential:
 
 # ------------------------------------------------------------------- helpers
 @torch.no_grad()
-def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters, in place.
+def randomize_bn_(model: nn.Module, seed: int = 0, *, signed: bool = True) -> nn.Module:
+    """Give every BatchNorm non-default statistics and affine parameters, in place; returns ``model``.
 
-    running_mean ~ N(0, 1), running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5),
-    bias ~ 0.2 * N(0, 1), num_batches_tracked = 100. Tensors that a BN lacks
-    (``affine=False``, ``track_running_stats=False``) are skipped.
+    The one BN randomizer of the tests and benchmarks (never check a BN in its
+    initial state). Every BN bntool recognises (torch's, bntool's frozen ones,
+    other libraries'): running_mean ~ 2 N(0, 1), running_var ~ U(0.1, 3),
+    weight ~ U(0.5, 1.5) with about 30% of the signs flipped (all positive
+    with ``signed=False``), bias ~ N(0, 1), num_batches_tracked = 100. Tensors
+    that a BN lacks (``affine=False``, ``track_running_stats=False``) are skipped.
     """
     gen = torch.Generator().manual_seed(seed)
-
-    def rand(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(t.shape, generator=gen).mul_(hi - lo).add_(lo).to(t)
-
     for module in model.modules():
-        if not isinstance(module, _BatchNorm):
+        if not is_batchnorm(module):
             continue
-        if module.running_mean is not None:
-            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen))
-            module.running_var.copy_(rand(module.running_var, 0.5, 2.0))
-        if module.num_batches_tracked is not None:
-            module.num_batches_tracked.fill_(100)
-        if module.weight is not None:
-            module.weight.copy_(rand(module.weight, 0.5, 1.5))
-            module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
+        n = num_features(module)
+        if getattr(module, "running_mean", None) is not None:
+            module.running_mean.copy_(torch.randn(n, generator=gen) * 2)
+            module.running_var.copy_(torch.rand(n, generator=gen) * 2.9 + 0.1)
+            if getattr(module, "num_batches_tracked", None) is not None:
+                module.num_batches_tracked.fill_(100)
+        if getattr(module, "weight", None) is not None:
+            gamma = torch.rand(n, generator=gen) + 0.5
+            if signed:
+                gamma = gamma * torch.where(torch.rand(n, generator=gen) < 0.3, -1.0, 1.0)
+            module.weight.copy_(gamma)
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_(torch.randn(n, generator=gen))
     return model
 
 

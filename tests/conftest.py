@@ -1,5 +1,6 @@
-"""Shared test helpers: BN state that is never the default, an in-process CLI runner, torchrun, and the
-``cuda`` marker (skipped with a reason where torch sees no CUDA GPU)."""
+"""Shared test helpers: BN state that is never the default, the in-process CLI runner (``cli``), the one way
+to run a real process (``run``: a fresh interpreter, the console script, torchrun), and the ``cuda`` marker
+(skipped with a reason where torch sees no CUDA GPU)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from torch import nn
 
-from bntool.norms import is_batchnorm, num_features
+from examples.models import randomize_bn_
 
 ROOT = Path(__file__).resolve().parents[1]
 #: where ``--device auto`` verifies on this machine
@@ -44,26 +44,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, signed: bool = True) -> nn.Module:
-    """Random running statistics (positive variance), gamma (either sign) and beta on every BN."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if not is_batchnorm(m):
-                continue
-            n = num_features(m)
-            if getattr(m, "running_mean", None) is not None:
-                m.running_mean.copy_(torch.randn(n, generator=g) * 2)
-                m.running_var.copy_(torch.rand(n, generator=g) * 2.9 + 0.1)
-                if getattr(m, "num_batches_tracked", None) is not None:
-                    m.num_batches_tracked.fill_(100)
-            if getattr(m, "weight", None) is not None:
-                gamma = torch.rand(n, generator=g) + 0.5
-                if signed:
-                    gamma = gamma * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
-                m.weight.copy_(gamma)
-            if getattr(m, "bias", None) is not None:
-                m.bias.copy_(torch.randn(n, generator=g))
-    return model.eval()
+    """``examples.models.randomize_bn_`` (the one BN randomizer), then eval mode."""
+    return randomize_bn_(model, seed, signed=signed).eval()
 
 
 @dataclasses.dataclass
@@ -102,40 +84,58 @@ def assert_one_line_error(result: CliResult, *fragments: str) -> None:
         assert fragment in lines[0], (fragment, lines[0])
 
 
-def invoke_main(*args, env: dict[str, str] | None = None):
-    """Run ``bntool ARGS`` through ``bntool.cli.main`` under Typer's ``CliRunner`` (stdout and stderr apart)."""
-    from typer.testing import CliRunner
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: this one's, with the checkout importable, plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
 
-    from bntool.cli import main
 
-    app = typer.Typer(add_completion=False)
+def start(cmd, *, env: dict[str, str] | None = None, cwd: Path | None = None,
+          merge_output: bool = False) -> subprocess.Popen:
+    """Start ``cmd`` (text output piped; default environment ``python_env()``) in a process group of its own."""
+    return subprocess.Popen([str(c) for c in cmd], env=python_env() if env is None else env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+                            text=True, start_new_session=True)
 
-    @app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
-    def run(ctx: typer.Context) -> None:
-        main(list(ctx.args))
 
-    return CliRunner(env=env).invoke(app, [str(a) for a in args])
+def stop(proc: subprocess.Popen) -> None:
+    """Kill ``proc``'s whole process group if it still runs (no child is ever left waiting)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Wait for ``proc``; if it outlives ``timeout``, kill its process group and fail the test."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"`{' '.join(map(str, proc.args))}` did not finish within {timeout} s:\n{stdout}\n{stderr}")
+    finally:
+        stop(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run(cmd, *, env: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = 240) -> subprocess.CompletedProcess:
+    """The one way tests run a real process (a fresh interpreter, the console script, torchrun): ``start`` and
+    ``finish`` it. Everything else runs the CLI in-process through the ``cli`` fixture."""
+    return finish(start(cmd, env=env, cwd=cwd), timeout)
+
+
+def run_python(code: str, *args: str) -> str:
+    """``python -c CODE ARGS`` in a fresh interpreter (what this process has imported does not count); its stdout."""
+    result = run([sys.executable, "-c", code, *args])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def torchrun(*args: str, nproc: int, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N -m bntool ARGS`` (a free port; the whole process group is
     killed if it outlives ``timeout``, so no rank is ever left waiting for its peers)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "bntool", *map(str, args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout} s:\n{stdout}\n{stderr}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                "-m", "bntool", *map(str, args)], env=python_env(OMP_NUM_THREADS="1"), cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture

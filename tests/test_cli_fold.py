@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from torch import nn
 
 import bntool
 from examples import models as zoo
-from tests.conftest import AUTO_DEVICE, assert_one_line_error, randomize_bn
+from tests.conftest import AUTO_DEVICE, assert_one_line_error, randomize_bn, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
@@ -219,11 +216,6 @@ def test_debug_shows_the_traceback(cli, tmp_path):
 # ----------------------------------------------------------------------------- start-up cost
 
 
-def _run_python(code: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-
-
 def test_help_does_not_import_torch():
     code = (
         "import sys\nfrom bntool.cli import main\n"
@@ -231,9 +223,9 @@ def test_help_does_not_import_torch():
         "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
         "print('torch' in sys.modules)"
     )
-    assert _run_python(code).strip().splitlines()[-1] == "False"
+    assert run_python(code).strip().splitlines()[-1] == "False"
 
 
 def test_import_bntool_imports_no_cli_or_onnx_libraries():
     code = "import sys, bntool; bntool.fold; bntool.load; print(sorted({'typer', 'rich', 'onnx', 'onnxruntime'} & set(sys.modules)))"
-    assert _run_python(code).strip() == "[]"
+    assert run_python(code).strip() == "[]"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import bntool.checkpoint
-from tests.conftest import invoke_main
 from bntool.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
+from examples.models import randomize_bn_
 
 MODELS = textwrap.dedent(
     """
@@ -42,10 +42,6 @@ MODELS = textwrap.dedent(
 )
 
 
-def bntool_cli(*args: str):
-    return invoke_main(*args)
-
-
 @pytest.fixture
 def setup(tmp_path):
     models = tmp_path / "models.py"
@@ -53,15 +49,7 @@ def setup(tmp_path):
     spec = f"{models}:net"
     from bntool import modelspec
 
-    model = modelspec.build(spec)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+    model = randomize_bn_(modelspec.build(spec), seed=0)
     ckpt = tmp_path / "best.pt"
     torch.save({"epoch": 3, "state_dict": model.state_dict()}, ckpt)
     return tmp_path, models, ckpt, model
@@ -71,15 +59,15 @@ def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_freeze_writes_a_verified_checkpoint_that_loads_frozen(setup):
+def test_freeze_writes_a_verified_checkpoint_that_loads_frozen(setup, cli):
     tmp_path, models, ckpt, original = setup
     before = sha(ckpt)
     out = tmp_path / "frozen.safetensors"
-    result = bntool_cli("freeze", ckpt, "--model", f"{models}:net", "--out", out, "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    result = cli("freeze", ckpt, "--model", f"{models}:net", "--out", out, "--device", "cpu")
+    assert result.code == 0, result.out + result.err
     for name in ("stem.1", "layer1.1", "head.3"):
-        assert name in result.stdout
-    assert "Verified" in result.stdout and "head.4" in result.stdout  # the dropout held in eval for the check
+        assert name in result.out
+    assert "Verified" in result.out and "head.4" in result.out  # the dropout held in eval for the check
     assert sha(ckpt) == before and out.exists()
     from bntool import modelspec
 
@@ -89,13 +77,13 @@ def test_freeze_writes_a_verified_checkpoint_that_loads_frozen(setup):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_json_report_with_include_and_trainable_affine(setup):
+def test_json_report_with_include_and_trainable_affine(setup, cli):
     tmp_path, models, ckpt, _ = setup
     out = tmp_path / "frozen.pt"
-    result = bntool_cli("freeze", ckpt, "--model", f"{models}:net", "--include", "layer1.*", "--include", "stem",
+    result = cli("freeze", ckpt, "--model", f"{models}:net", "--include", "layer1.*", "--include", "stem",
                         "--trainable-affine", "--out", out, "--json", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    assert result.code == 0, result.out + result.err
+    report = json.loads(result.out)
     assert report["command"] == "freeze" and report["written"] and report["output"] == str(out)
     assert [layer["name"] for layer in report["frozen"]] == ["stem.1", "layer1.1"]
     assert report["recipe_step"] == {"op": "freeze", "layers": ["stem.1", "layer1.1"], "affine": "trainable"}
@@ -103,34 +91,34 @@ def test_json_report_with_include_and_trainable_affine(setup):
     assert bntool.checkpoint.read(out).recipe == [report["recipe_step"]]
 
 
-def test_bad_pattern_exits_2_with_one_line(setup):
+def test_bad_pattern_exits_2_with_one_line(setup, cli):
     tmp_path, models, ckpt, _ = setup
     out = tmp_path / "frozen.safetensors"
-    result = bntool_cli("freeze", ckpt, "--model", f"{models}:net", "--include", "backbone.*", "--out", out)
-    assert result.exit_code == 2
-    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
-    assert result.stderr.startswith("Error: include pattern `backbone.*` matches no BatchNorm")
-    assert "`layer1.1`" in result.stderr and not out.exists()
+    result = cli("freeze", ckpt, "--model", f"{models}:net", "--include", "backbone.*", "--out", out)
+    assert result.code == 2
+    assert result.err.strip().count("\n") == 0 and "Traceback" not in result.out + result.err
+    assert result.err.startswith("Error: include pattern `backbone.*` matches no BatchNorm")
+    assert "`layer1.1`" in result.err and not out.exists()
 
 
-def test_existing_output_is_refused_without_force(setup):
+def test_existing_output_is_refused_without_force(setup, cli):
     tmp_path, models, ckpt, _ = setup
     out = tmp_path / "frozen.safetensors"
     out.write_bytes(b"keep me")
-    result = bntool_cli("freeze", ckpt, "--model", f"{models}:net", "--out", out, "--device", "cpu")
-    assert result.exit_code == 2 and "already exists; pass --force" in result.stderr
+    result = cli("freeze", ckpt, "--model", f"{models}:net", "--out", out, "--device", "cpu")
+    assert result.code == 2 and "already exists; pass --force" in result.err
     assert out.read_bytes() == b"keep me"
-    result = bntool_cli("freeze", ckpt, "--model", f"{models}:net", "--out", out, "--force", "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    result = cli("freeze", ckpt, "--model", f"{models}:net", "--out", out, "--force", "--device", "cpu")
+    assert result.code == 0, result.out + result.err
     assert out.read_bytes() != b"keep me"
 
 
-def test_train_mode_behaviour_outside_batchnorm_fails_verification_and_writes_nothing(setup):
+def test_train_mode_behaviour_outside_batchnorm_fails_verification_and_writes_nothing(setup, cli):
     tmp_path, models, ckpt, _ = setup
     out = tmp_path / "frozen.safetensors"
-    result = bntool_cli("freeze", ckpt, "--model", f"{models}:shifty", "--out", out, "--device", "cpu")
-    assert result.exit_code == 1
-    assert "Error: the frozen model in train mode does not match the original" in result.stderr
+    result = cli("freeze", ckpt, "--model", f"{models}:shifty", "--out", out, "--device", "cpu")
+    assert result.code == 1
+    assert "Error: the frozen model in train mode does not match the original" in result.err
     assert not out.exists() and not list(tmp_path.glob(".frozen*"))
 
 

@@ -8,9 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
-
-from bntool.cli import app, main
 from examples.models import lenet, randomize_bn_
 
 MODEL = f"{Path(__file__).resolve().parent.parent / 'examples' / 'models.py'}:lenet"
@@ -36,24 +33,24 @@ def files(tmp_path: Path) -> dict[str, Path]:
     return {p.stem: p for p in tmp_path.iterdir()}
 
 
-def run(*args: str):
-    result = CliRunner().invoke(app, ["inspect", *map(str, args)])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
+@pytest.fixture
+def inspect(cli):
+    """``bntool inspect ARGS`` through the ``cli`` runner, expected to exit 0."""
+    def run(*args: str):
+        result = cli("inspect", *args)
+        assert result.code == 0, result.out + result.err
+        return result
+
+    return run
 
 
-def run_json(*args: str) -> dict:
-    return json.loads(run(*args, "--json").stdout)
+@pytest.fixture
+def inspect_json(inspect):
+    return lambda *args: json.loads(inspect(*args, "--json").out)
 
 
-def error_of(capsys, *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(["inspect", *map(str, args)])
-    return exc.value.code, capsys.readouterr().err
-
-
-def test_weights_only_safetensors(files):
-    report = run_json(files["lenet"])
+def test_weights_only_safetensors(files, inspect_json):
+    report = inspect_json(files["lenet"])
     assert [r["name"] for r in report["layers"]] == ["1", "5", "10", "13"]
     assert {r["type"] for r in report["layers"]} == {"BatchNorm (from keys)"}
     found = {f["kind"]: f["layers"] for f in report["findings"]}
@@ -62,21 +59,21 @@ def test_weights_only_safetensors(files):
     assert report["dataflow"] == "none" and "--model" in report["note"] and report["weights_only"] is True
 
 
-def test_weights_only_ddp_checkpoint(files):
-    report = run_json(files["ddp"])
+def test_weights_only_ddp_checkpoint(files, inspect_json):
+    report = inspect_json(files["ddp"])
     assert report["key"] == "state_dict" and report["stripped_prefix"] == "module."
     assert [r["name"] for r in report["layers"]] == ["1", "5", "10", "13"]
     assert {f["kind"] for f in report["findings"]} == {"statistics_never_updated", "dead_channels"}
 
 
-def test_clean_file_has_no_findings(files):
-    report = run_json(files["clean"])
+def test_clean_file_has_no_findings(files, inspect_json, inspect):
+    report = inspect_json(files["clean"])
     assert report["findings"] == []
-    assert "No problems found" in run(files["clean"]).stdout
+    assert "No problems found" in inspect(files["clean"]).out
 
 
-def test_with_model_shows_dataflow_and_fold(files):
-    report = run_json(files["ddp"], "--model", MODEL)
+def test_with_model_shows_dataflow_and_fold(files, inspect_json):
+    report = inspect_json(files["ddp"], "--model", MODEL)
     rows = {r["name"]: r for r in report["layers"]}
     assert report["dataflow"] == "fx"
     assert rows["1"]["fed_by"] == "0" and rows["1"]["feeds"] == ["2"]
@@ -86,34 +83,35 @@ def test_with_model_shows_dataflow_and_fold(files):
     assert "its eps" in dead["message"] and "assumed" not in dead["message"]
 
 
-def test_no_batchnorm(tmp_path):
+def test_no_batchnorm(tmp_path, inspect):
     torch.save({"fc.weight": torch.ones(2, 2)}, tmp_path / "plain.pth")
-    assert "No BatchNorm layers (no keys ending in running_mean / running_var)." in run(tmp_path / "plain.pth").stdout
+    assert "No BatchNorm layers (no keys ending in running_mean / running_var)." in inspect(tmp_path / "plain.pth").out
 
 
-def test_human_output(files):
-    out = run(files["ddp"], "--model", MODEL).stdout
+def test_human_output(files, inspect):
+    out = inspect(files["ddp"], "--model", MODEL).out
     assert "4 BatchNorm layer(s)" in out
     assert "WARNING [statistics_never_updated]" in out and "what to do:" in out
     assert "yes, into 0" in out
 
 
-def test_json_owns_stdout(files):
-    result = run(files["lenet"], "--json")
-    json.loads(result.stdout)  # nothing else on stdout
+def test_json_owns_stdout(files, inspect):
+    result = inspect(files["lenet"], "--json")
+    json.loads(result.out)  # nothing else on stdout
 
 
-def test_plot_writes_png_and_nothing_else(files, tmp_path, capsys):
+def test_plot_writes_png_and_nothing_else(files, tmp_path, inspect_json, inspect, cli):
     before = set(tmp_path.iterdir())
     out = tmp_path / "stats.png"
-    report = run_json(files["lenet"], "--plot", out)
+    report = inspect_json(files["lenet"], "--plot", out)
     assert report["plot"] == str(out)
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert set(tmp_path.iterdir()) == before | {out}
     first = out.read_bytes()
-    code, err = error_of(capsys, files["ddp"], "--model", MODEL, "--plot", out)  # an existing plot is kept...
+    result = cli("inspect", files["ddp"], "--model", MODEL, "--plot", out)  # an existing plot is kept...
+    code, err = result.code, result.err
     assert code == 2 and "already exists" in err and "--force" in err and out.read_bytes() == first
-    run(files["ddp"], "--model", MODEL, "--plot", out, "--force")  # ...and replaced only with --force
+    inspect(files["ddp"], "--model", MODEL, "--plot", out, "--force")  # ...and replaced only with --force
     assert out.read_bytes()[:8] == PNG_MAGIC and out.read_bytes() != first
     assert set(tmp_path.iterdir()) == before | {out}
 
@@ -130,16 +128,17 @@ def test_plot_writes_png_and_nothing_else(files, tmp_path, capsys):
     ],
     ids=["missing-file", "plot-suffix", "plot-folder", "bad-model", "bad-shape", "wrong-shape"],
 )
-def test_bad_input_exits_2_with_one_line(files, tmp_path, monkeypatch, capsys, args, expected):
+def test_bad_input_exits_2_with_one_line(files, tmp_path, monkeypatch, args, expected, cli):
     monkeypatch.chdir(tmp_path)
-    code, err = error_of(capsys, *(a.format(lenet=files["lenet"]) for a in args))
+    result = cli("inspect", *(a.format(lenet=files["lenet"]) for a in args))
+    code, err = result.code, result.err
     assert code == 2
     assert err.startswith("Error: ") and expected in err
     assert "Traceback" not in err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.tmp*"))
 
 
-def test_plot_without_matplotlib(files, tmp_path, monkeypatch, capsys):
+def test_plot_without_matplotlib(files, tmp_path, monkeypatch, cli):
     import builtins
 
     real_import = builtins.__import__
@@ -150,6 +149,7 @@ def test_plot_without_matplotlib(files, tmp_path, monkeypatch, capsys):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    code, err = error_of(capsys, files["lenet"], "--plot", tmp_path / "x.png")
+    result = cli("inspect", files["lenet"], "--plot", tmp_path / "x.png")
+    code, err = result.code, result.err
     assert code == 2 and "bntool[plot]" in err
     assert not (tmp_path / "x.png").exists()

@@ -10,7 +10,7 @@ import torch
 
 from bntool.errors import shorten
 from examples import models as zoo
-from tests.conftest import assert_one_line_error, invoke_main
+from tests.conftest import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
@@ -22,19 +22,20 @@ def checkpoint(lenet_checkpoint) -> Path:
     return lenet_checkpoint
 
 
-def test_off_a_terminal_tables_and_lines_are_never_wrapped(checkpoint, tmp_path):
-    """Under CliRunner (a pipe) and COLUMNS=80, an 80-column console would wrap the 95-column verification
-    table (splitting numbers) and the long path."""
+def test_off_a_terminal_tables_and_lines_are_never_wrapped(cli, checkpoint, tmp_path, monkeypatch):
+    """Off a terminal (captured) and with COLUMNS=80, an 80-column console would wrap the 95-column
+    verification table (splitting numbers) and the long path."""
+    monkeypatch.setenv("COLUMNS", "80")
     out = tmp_path / ("a-long-output-name-" * 5 + ".safetensors")
-    result = invoke_main("fold", checkpoint, "--model", LENET, "--out", out, env={"COLUMNS": "80"})
-    assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
+    result = cli("fold", checkpoint, "--model", LENET, "--out", out)
+    assert result.code == 0, result.out + result.err
+    lines = result.out.splitlines()
     assert any(len(line) > 80 for line in lines)
     header = next(line for line in lines if "max abs err" in line)
     assert "max rel err" in header and "tolerance" in header and "argmax agree" in header
     table = [line for line in lines if line[:1] in BOX]
     assert all(line[-1] in "┓┃┩│┘" for line in table), "a table row continued on another line"
-    assert f"Wrote {out} (" in result.stdout
+    assert f"Wrote {out} (" in result.out
 
 
 def _table_row(output: str, name: str) -> list[str]:

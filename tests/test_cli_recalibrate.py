@@ -12,7 +12,8 @@ import torch
 
 import bntool.checkpoint
 from bntool import modelspec
-from tests.conftest import invoke_main, torchrun
+from examples.models import randomize_bn_
+from tests.conftest import torchrun
 from bntool.batches import plan_batches
 from bntool.recalibration import recalibrate
 
@@ -59,22 +60,12 @@ MODELS = textwrap.dedent(
 )
 
 
-def bntool_cli(*args):
-    return invoke_main(*args, env={"COLUMNS": "200"})
-
-
 @pytest.fixture
 def setup(tmp_path):
     models = tmp_path / "models.py"
     models.write_text(MODELS)
-    model = modelspec.build(f"{models}:net")
+    model = randomize_bn_(modelspec.build(f"{models}:net"), seed=0)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
     ckpt = tmp_path / "best.pt"
     torch.save({"epoch": 3, "state_dict": model.state_dict()}, ckpt)
     data = tmp_path / "calib.pt"
@@ -95,16 +86,16 @@ def expected_state(model, data: Path, **plan):
     return expected.state_dict()
 
 
-def test_recalibrate_writes_the_statistics_of_the_data(setup):
+def test_recalibrate_writes_the_statistics_of_the_data(setup, cli):
     tmp_path, models, ckpt, data, model = setup
     before = sha(ckpt)
     out = tmp_path / "recal.safetensors"
-    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", data, "--batch-size", 8,
+    result = cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", data, "--batch-size", 8,
                         "--verify-batches", 1, "--out", out, "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    assert result.code == 0, result.out + result.err
     for fragment in ("stem.1", "layer1.1", "head.3", "bit-identical", "Wrote", "4 batches, 32 samples",
                      "1 held-out batches"):
-        assert fragment in result.stdout, fragment
+        assert fragment in result.out, fragment
     assert sha(ckpt) == before
     loaded = bntool.load(out, modelspec.build(f"{models}:net")).state_dict()
     for key, value in expected_state(model, data, verify_batches=1).items():
@@ -112,13 +103,13 @@ def test_recalibrate_writes_the_statistics_of_the_data(setup):
     assert not torch.equal(loaded["stem.1.running_var"], model.state_dict()["stem.1.running_var"])
 
 
-def test_json_report_and_recipe(setup):
+def test_json_report_and_recipe(setup, cli):
     tmp_path, models, ckpt, data, _ = setup
     out = tmp_path / "recal.pt"
-    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", data, "--batch-size", 8,
+    result = cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", data, "--batch-size", 8,
                         "--num-batches", 3, "--exclude", "head.*", "--out", out, "--json", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    assert result.code == 0, result.out + result.err
+    report = json.loads(result.out)
     assert report["command"] == "recalibrate" and report["written"] and report["output"] == str(out)
     assert [layer["name"] for layer in report["layers"]] == ["stem.1", "layer1.1"]
     assert report["skipped"] == [{"name": "head.3", "reason": "excluded by the exclude pattern `head.*`; statistics unchanged"}]
@@ -128,7 +119,7 @@ def test_json_report_and_recipe(setup):
     assert bntool.checkpoint.read(out).recipe == [report["recipe_step"]]
 
 
-def test_untracked_bn_becomes_tracking_and_the_file_loads(setup):
+def test_untracked_bn_becomes_tracking_and_the_file_loads(setup, cli):
     tmp_path, models, _, data, _ = setup
     model = modelspec.build(f"{models}:untracked")
     ckpt = tmp_path / "untracked.safetensors"
@@ -136,26 +127,26 @@ def test_untracked_bn_becomes_tracking_and_the_file_loads(setup):
 
     save_file(model.state_dict(), ckpt)
     out = tmp_path / "tracked.safetensors"
-    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:untracked", "--data", data, "--out", out,
+    result = cli("recalibrate", ckpt, "--model", f"{models}:untracked", "--data", data, "--out", out,
                         "--device", "cpu", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert result.stdout == ""
+    assert result.code == 0, result.out + result.err
+    assert result.out == ""
     loaded = bntool.load(out, modelspec.build(f"{models}:untracked"))
     assert loaded.layer1[1].track_running_stats and "layer1.1.running_var" in loaded.state_dict()
 
 
-def test_bad_data_exits_2_with_one_line(setup):
+def test_bad_data_exits_2_with_one_line(setup, cli):
     tmp_path, models, ckpt, data, _ = setup
     out = tmp_path / "recal.safetensors"
-    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", tmp_path / "nope.pt", "--out", out)
-    assert result.exit_code == 2
-    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
-    assert result.stderr.startswith("Error: data ") and "no such file or folder" in result.stderr
+    result = cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", tmp_path / "nope.pt", "--out", out)
+    assert result.code == 2
+    assert result.err.strip().count("\n") == 0 and "Traceback" not in result.out + result.err
+    assert result.err.startswith("Error: data ") and "no such file or folder" in result.err
     torch.save(torch.randn(8, 5, 8, 8), tmp_path / "wrong.pt")
-    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", tmp_path / "wrong.pt",
+    result = cli("recalibrate", ckpt, "--model", f"{models}:net", "--data", tmp_path / "wrong.pt",
                         "--out", out, "--device", "cpu")
-    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
-    assert "input shape (8, 5, 8, 8)" in result.stderr and "expects (N, 3, H, W)" in result.stderr
+    assert result.code == 2 and result.err.strip().count("\n") == 0
+    assert "input shape (8, 5, 8, 8)" in result.err and "expects (N, 3, H, W)" in result.err
     assert not out.exists() and not list(tmp_path.glob(".recal*"))
 
 
@@ -177,17 +168,17 @@ def test_torchrun_two_processes_match_one(setup):
             assert torch.equal(loaded[key], value), key
 
 
-def test_state_written_outside_bn_fails_with_exit_1_and_writes_nothing(setup):
+def test_state_written_outside_bn_fails_with_exit_1_and_writes_nothing(setup, cli):
     tmp_path, models, _, data, _ = setup
     ckpt = tmp_path / "counting.pt"
     torch.save(modelspec.build(f"{models}:counting").state_dict(), ckpt)
     out = tmp_path / "recal.safetensors"
-    result = bntool_cli("recalibrate", ckpt, "--model", f"{models}:counting", "--data", data, "--out", out,
+    result = cli("recalibrate", ckpt, "--model", f"{models}:counting", "--data", data, "--out", out,
                         "--device", "cpu")
-    assert result.exit_code == 1, result.output
+    assert result.code == 1, result.out + result.err
     assert "Error: parameters or buffers other than BatchNorm statistics changed during the pass (`calls`)" \
-        in result.stderr
-    assert "Changed outside BatchNorm statistics: calls" in result.stdout
+        in result.err
+    assert "Changed outside BatchNorm statistics: calls" in result.out
     assert not out.exists() and not list(tmp_path.glob(".recal*"))
 
 

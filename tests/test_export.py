@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -21,7 +19,7 @@ from bntool.onnx_check import training_mode_bns
 from bntool.onnx_run import verify_onnx
 from bntool.shapes import make_inputs
 from examples import models as zoo
-from tests.conftest import randomize_bn
+from tests.conftest import randomize_bn, run_python
 
 
 def _model(factory, seed: int = 0) -> nn.Module:
@@ -273,8 +271,7 @@ def test_an_existing_file_is_replaced_only_with_force(tmp_path):
 def test_import_bntool_does_not_import_onnx():
     code = ("import sys, bntool; bntool.export_onnx; "
             "print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert run_python(code).strip() == "[]"
 
 
 def test_replacing_an_external_data_export_removes_its_old_weights_file(tmp_path):

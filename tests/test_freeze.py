@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,24 +15,11 @@ from bntool.errors import InputError, VerificationError
 from bntool.freeze_check import check_frozen
 from bntool.freezing import FreezeReport, freeze, replay, unfreeze
 from bntool.frozen import NO_STATISTICS, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSyncBatchNorm
+from examples.models import randomize_bn_
+from tests.conftest import run_python
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-default statistics and affine values in every BN (never the ones / zeros defaults)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.5)
-                m.num_batches_tracked.fill_(100)
-            if isinstance(m, _BatchNorm) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(0.3 * torch.randn(m.num_features, generator=gen))
-    return model
 
 
 class Stages(nn.Module):
@@ -392,8 +377,7 @@ def test_check_holds_dropout_in_eval_and_catches_moving_statistics():
 
 def test_import_pulls_in_no_cli_dependencies():
     code = "import sys, bntool.freezing; print(sorted({'rich', 'typer', 'onnx'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert run_python(code).strip() == "[]"
 
 
 def test_bias_free_affine_and_lazy_layers():
@@ -401,9 +385,7 @@ def test_bias_free_affine_and_lazy_layers():
         bn = nn.BatchNorm2d(4, bias=False)  # torch >= 2.6: weight without bias
     except TypeError:
         pytest.skip("this torch has no BatchNorm bias=False")
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn)
-    with torch.no_grad():
-        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 1), bn))
     frozen, _ = freeze(model, verify=False)
     assert frozen[1].bias is None and list(frozen.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 4, 4)

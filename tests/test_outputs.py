@@ -20,7 +20,15 @@ import bntool
 from bntool import noreplace, outputs, temporaries
 from bntool.errors import InputError
 from examples import models as zoo
-from tests.conftest import assert_one_line_error, bntool_temporaries, folder_state, randomize_bn
+from tests.conftest import (
+    assert_one_line_error,
+    bntool_temporaries,
+    folder_state,
+    python_env,
+    randomize_bn,
+    run,
+    start,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
@@ -149,10 +157,8 @@ def _start_slow_fold(folder: Path, checkpoint: Path) -> tuple[subprocess.Popen, 
     """``bntool fold`` in a process of its own that stops, written but not moved, until signalled."""
     (folder / "slow.py").write_text(SLOW_WRITE)
     mark = folder.parent / "written"
-    env = {**os.environ, "BNTOOL_TEST_MARK": str(mark), "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "bntool", "fold", str(checkpoint), "--model",
-                                f"{folder / 'slow.py'}:net", "--out", str(folder / "out.safetensors")],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start([sys.executable, "-m", "bntool", "fold", checkpoint, "--model", f"{folder / 'slow.py'}:net",
+                     "--out", folder / "out.safetensors"], env=python_env(BNTOOL_TEST_MARK=str(mark)))
     deadline = time.monotonic() + 120
     while not mark.exists():
         assert process.poll() is None, process.communicate()
@@ -249,8 +255,7 @@ def test_a_file_size_limit_is_one_line_per_writer_and_leaves_nothing(checkpoint,
         ["inspect", str(checkpoint), "--model", LENET, "--plot", str(tmp_path / "a.png")],
     ]
     before = folder_state(tmp_path)
-    result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, json.dumps(runs)], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    result = run([sys.executable, "-c", FILE_SIZE_LIMIT, json.dumps(runs)], timeout=300)
     assert json.loads(result.stdout.splitlines()[-1]) == [2, 2, 2, 2], result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 4 and "Traceback" not in result.stderr

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -35,7 +36,7 @@ def _run(lines: list[str], cwd: Path) -> str:
     env.pop("PYTHONPATH", None)
     output = []
     for line in lines:
-        result = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True)
+        result = run(["bash", "-c", line], cwd=cwd, env=env, timeout=600)
         assert result.returncode == 0, f"`{line}` exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
         output.append(result.stdout)
     return "\n".join(output)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from bntool.stats import ChannelStats, reduce_calls
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from examples.models import dropout_net, randomize_bn_, resnet_small  # noqa: E402
+from tests.conftest import finish, python_env, start, stop  # noqa: E402
 
 RTOL = 1e-6
 
@@ -601,24 +600,14 @@ def test_the_gpu_state_check_compares_once_and_still_names_what_changed(monkeypa
 
 def run_two_ranks(tmp_path: Path, *extra: str) -> list[tuple[int, str]]:
     """Start both ranks of tests/_dist_worker.py on a gloo group; (exit code, output) of each."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen([sys.executable, str(ROOT / "tests" / "_dist_worker.py"), str(rank), "2",
-                          str(tmp_path / "init"), str(tmp_path / f"rank{rank}.pt"), *extra],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for rank in range(2)
-    ]
-    results = []
+    procs = [start([sys.executable, ROOT / "tests" / "_dist_worker.py", rank, 2, tmp_path / "init",
+                    tmp_path / f"rank{rank}.pt", *extra], env=python_env(OMP_NUM_THREADS="1"), merge_output=True)
+             for rank in range(2)]
     try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=120)
-            results.append((proc.returncode, out.decode()))
+        return [(done.returncode, done.stdout) for done in (finish(proc, timeout=120) for proc in procs)]
     finally:
         for proc in procs:  # never leave a rank waiting for its peer
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+            stop(proc)
 
 
 def test_a_failing_rank_stops_the_other_instead_of_hanging(tmp_path):
