@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import checkpoint, console, matching, modelspec, outputs, writing
+from .. import checkpoint, console, matching, modelspec, outputs, persist, writing  # persist: the ops' recipe replays
 from ..errors import InputError
 from ..report import set_recipe
 from ..validity import require_valid
@@ -63,8 +63,6 @@ def load_source(
     ``all``, ``weights`` (BN statistics may be broken: recalibrate replaces
     them) or ``none`` (inspect reports them instead).
     """
-    from .. import persist  # noqa: F401 - every operation registers how its recipe steps replay
-
     kwargs = modelspec.parse_kwargs(model_args)
     loaded = checkpoint.read(path, key=key, allow_pickle=allow_pickle)
     if model_spec is not None:
@@ -152,11 +150,9 @@ def write_verified(source: Source, result: nn.Module, out: Path, *, force: bool)
     to ``result``'s, the recipe the one ``result`` carries, and the recipe,
     replayed on a freshly built model, giving the same layers and tensors.
     """
-    from ..persist import save
-
     require_valid(result, what="the result")  # never write NaN / inf (say, statistics a recalibration did not reach)
     protect = [p for p, _ in input_files(source.loaded.path, model=source.spec)]
-    return save(result, out, source=source.loaded, force=force, build=source.build_fresh, protect=protect)
+    return persist.save(result, out, source=source.loaded, force=force, build=source.build_fresh, protect=protect)
 
 
 def worst(outputs) -> OutputComparison | None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from . import app
+from .app import app
 from .options import (
     ExcludeOpt,
     IncludeOpt,

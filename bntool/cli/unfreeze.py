@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import app
+from .app import app
 from .options import (
     AllowPickleOpt,
     AtolOpt,
