@@ -73,7 +73,7 @@ from .running import model_device, model_dtype, tf32
 from .stats import merge_across_ranks
 from .statediff import Snapshot
 
-__all__ = ["recalibrate", "replay", "RecalibrationReport"]
+__all__ = ["recalibrate"]
 
 
 def recalibrate(

@@ -77,3 +77,25 @@ def test_bntool_modules_are_imported_at_the_top_except_in_the_cli_commands():
     # the CLI imports the torch side inside each command (and rich only to print an error): `bntool --help` stays fast
     lazy = [(n, t) for n, imports in GRAPH.items() for t, inner in imports if inner and not n.startswith("bntool.cli")]
     assert lazy == []
+
+
+def _map_groups() -> dict[str, int]:
+    """Each module of docs/architecture.md's module map -> the index of its group (ground floor first)."""
+    import re
+
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    text = text[text.index("## Module map"):text.index("## One command")]
+    groups: dict[str, int] = {}
+    for index, section in enumerate(text.split("\n**")[1:]):
+        for row in (line for line in section.splitlines() if line.startswith("| `")):
+            for file in re.findall(r"`([\w/]+)\.py`", row.split(" | ")[0]):
+                name = "bntool." + file.replace("/", ".")
+                groups[name.removesuffix(".__init__")] = index
+    return groups
+
+
+def test_the_module_map_lists_every_module_and_imports_never_reach_a_later_group():
+    groups = _map_groups()
+    assert sorted(set(MODULES) - set(groups)) == [] and sorted(set(groups) - set(MODULES)) == []
+    upward = [(n, t) for n, imports in GRAPH.items() for t, _ in imports if groups[t] > groups[n]]
+    assert upward == [("bntool.inspection", "bntool.plot")]  # the one exception the map names
