@@ -36,6 +36,11 @@ succeeded (they are not touched during it). Only BN buffers of
 the selected layers change; every other parameter and buffer is checked
 bit for bit and the report says whether that held.
 
+This module is the driver; its rooms: ``recal_state`` (what the pass changes
+on each BN and puts back), ``collect`` (the per-call statistics, gathered and
+merged across ranks), ``recal_batches`` (running the batches, the quality
+check) and ``recal_report`` (the report, and the values to write).
+
 (The module is ``recalibration``, like ``folding`` and ``freezing``, so that
 ``bntool.recalibrate`` is always the function: importing a submodule binds
 its name on the package and would shadow the lazily exported function.)
