@@ -32,18 +32,23 @@ from .running import flatten_outputs, resolve_device, run_on, tf32_disabled
 from .spill import TensorStore
 
 #: The candidate may be this many times further from the float64 reference
-#: than the original model in its own dtype is.
-SLACK = 8.0
+#: than the original model in its own dtype is. Folded weights are rounded
+#: once more than the original's, so a folded layer can sit several times
+#: further from float64 than the original's own layer (measured up to 9x on
+#: EfficientNet-B0 projections): 16 keeps every correct fold measured at
+#: under half its tolerance, while a 0.1% error in one channel is still
+#: hundreds of times over it.
+SLACK = 16.0
 #: Floor, in units of the dtype's machine epsilon times the output's largest
 #: magnitude, below which differences are never called failures.
 FLOOR_EPS = {torch.float64: 8.0, torch.float32: 8.0, torch.float16: 8.0, torch.bfloat16: 8.0}
 #: A candidate whose weights were recomputed (folded) carries their rounding, about one unit each, summed
-#: over a layer's fan-in: the floor grows with ``sqrt(fan_in / FAN_IN_FREE)`` for fan-ins above this.
+#: over a layer's fan-in: the tolerance grows with ``sqrt(fan_in / FAN_IN_FREE)`` for fan-ins above this.
 FAN_IN_FREE = 64
 
 
 def rounding_factor(fan_in: int | None) -> float:
-    """How much the floor widens for outputs that depend on rounded weights with this fan-in."""
+    """How much the tolerance widens for outputs that depend on rounded weights with this fan-in."""
     return max(1.0, (fan_in / FAN_IN_FREE) ** 0.5) if fan_in else 1.0
 
 
@@ -224,7 +229,7 @@ def _compare_one(
     widen: float = 1.0,
 ) -> OutputComparison:
     """One output against the original: within the derived tolerance of the float64 reference ``ref``
-    (or ``orig + delta``), its floor widened by ``widen``; or within ``atol``/``rtol`` of the original."""
+    (or ``orig + delta``), widened by ``widen``; or within ``atol``/``rtol`` of the original."""
     if orig.shape != cand.shape:
         return OutputComparison(name, tuple(orig.shape), float("inf"), float("inf"), 0.0, False)
     if not orig.is_floating_point():
@@ -246,8 +251,8 @@ def _compare_one(
         r64 = torch.where(both, ref.double().to(o64.device), 0.0)
         original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
         candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
-        floor = widen * FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
-        tolerance = max(SLACK * original_error, floor)
+        floor = FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
+        tolerance = widen * max(SLACK * original_error, floor)
         passed = finite and candidate_error <= tolerance
     else:
         a, r = atol or 0.0, rtol or 0.0
