@@ -198,7 +198,7 @@ class _ModuleTracer(torch.fx.Tracer):
     """Traces one module's forward; its children are leaves, so the remainder keeps them as they are."""
 
     def __init__(self, rank: int, channels: int):
-        super().__init__()
+        super().__init__(autowrap_modules=())  # a BN's forward calls no `math` function on its input: skip the scan
         self.input_rank, self.input_channels = rank, channels
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

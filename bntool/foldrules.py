@@ -122,9 +122,12 @@ def _called_ancestor(name: str, flow: Dataflow) -> str | None:
 
 
 def _rank(flow: Dataflow, calls: tuple[int, ...], bn: nn.Module) -> int | None:
-    """The BN's input rank, measured only where its form depends on it (a forward of its own)."""
+    """The BN's input rank where its form depends on it (a forward of its own): what a 2d / 3d BN class says,
+    else measured (a BatchNorm1d takes 2-D or 3-D inputs; another class may take anything)."""
     if bn_forward_is_standard(bn):
         return None
+    if isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d)):
+        return 4 if isinstance(bn, nn.BatchNorm2d) else 5
     shape = flow.shape(calls[0])[0]
     return len(shape) if shape is not None else None
 
