@@ -31,9 +31,11 @@ _ATOMIC = (type(None), bool, int, float, complex, str, bytes, type, torch.dtype,
 _EMPTY_COPIES = (dict, OrderedDict, set, list)
 
 
-def clone(model: nn.Module, share: Iterable[torch.Tensor] = ()) -> nn.Module:
-    """A deep copy of ``model`` in which the tensors of ``share`` are the original objects."""
+def clone(model: nn.Module, share: Iterable[torch.Tensor] = (), keep: Iterable[nn.Module] = ()) -> nn.Module:
+    """A deep copy of ``model`` in which the tensors of ``share`` and the submodules of ``keep`` are the original
+    objects (a kept submodule is the caller's to replace before anyone uses the copy)."""
     memo: dict[int, Any] = {id(t): t for t in share}
+    memo.update((id(m), m) for m in keep)
     return _copy_module(model, memo)
 
 

@@ -67,16 +67,16 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None)
     ``fold``) leaves the original intact. ``journal`` records what is
     replaced, to undo it.
     """
+    lookup = _Submodules(model)
     forms: dict[str, bnform.NormForm] = {}
-    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for pair in plan.pairs:
+        if pair.bn not in forms:
+            forms[pair.bn] = bnform.analyze(lookup[pair.bn], pair.rank)
+    scales = _scale_shifts(lookup, forms, {p.bn: p.rank for p in plan.pairs})
     scratch: dict[torch.device, torch.Tensor] = {}
     for pair in plan.pairs:
-        bn = model.get_submodule(pair.bn)
-        if pair.bn not in forms:
-            forms[pair.bn] = bnform.analyze(bn, pair.rank)
-            scales[pair.bn] = bnform.scale_shift(bn, forms[pair.bn], pair.rank)
         k, c = scales[pair.bn]
-        target = model.get_submodule(pair.into)
+        target = lookup[pair.into]
         a, s = pair.through
         if pair.direction == "backward":
             k, c = through_before(k, c, a, s)
@@ -96,7 +96,7 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None)
         _set_weight_and_bias(target, weight, bias)
     becomes = {p.bn: p.bn_becomes for p in plan.pairs}
     for name, form in forms.items():
-        bn = model.get_submodule(name)
+        bn = lookup[name]
         if journal is not None:
             if becomes[name] == "identity":
                 for key in ("running_mean", "running_var", "weight", "bias"):
@@ -105,6 +105,57 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None)
                 journal.module(model, name)
         _retire_bn(model, name, bn, becomes[name], form)
     return model
+
+
+class _Submodules:
+    """``model.get_submodule`` through the ``_modules`` dicts, memoized (folding looks each layer up several
+    times; ``get_submodule``'s checks cost more than the surgery on a small layer)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.found: dict[str, nn.Module] = {"": model}
+
+    def __getitem__(self, name: str) -> nn.Module:
+        module = self.found.get(name)
+        if module is None:
+            parent, _, child = name.rpartition(".")
+            module = self[parent]._modules.get(child)
+            if module is None:
+                module = self.model.get_submodule(name)  # its error message
+            self.found[name] = module
+        return module
+
+
+def _scale_shifts(lookup: _Submodules, forms: dict[str, bnform.NormForm],
+                  ranks: dict[str, int | None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each BN's ``(k, c)`` (see ``bnform.scale_shift``); plain BNs' all at once, per device, with the same bits
+    (elementwise float64 arithmetic on concatenated statistics)."""
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    plain: dict[torch.device, list[tuple[str, nn.Module]]] = {}
+    for name, form in forms.items():
+        bn = lookup[name]
+        if form.kind in ("standard", "identity") and bn.running_mean is not None and bn.running_var is not None:
+            plain.setdefault(bn.running_mean.device, []).append((name, bn))
+        else:
+            scales[name] = bnform.scale_shift(bn, form, ranks[name])
+    for group in plain.values():
+        if len(group) == 1:
+            name, bn = group[0]
+            scales[name] = bnform.scale_shift(bn, forms[name], ranks[name])
+            continue
+        mean = torch.cat([bn.running_mean.detach().double() for _, bn in group])
+        var = torch.cat([bn.running_var.detach().double() for _, bn in group])
+        gamma = torch.cat([bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bn.running_mean,
+                           dtype=torch.float64) for _, bn in group])
+        beta = torch.cat([bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(bn.running_mean,
+                          dtype=torch.float64) for _, bn in group])
+        sizes = [bn.running_mean.numel() for _, bn in group]
+        eps = torch.tensor([float(bn.eps) for _, bn in group], dtype=torch.float64, device=mean.device)
+        k = gamma / torch.sqrt(var + eps.repeat_interleave(torch.tensor(sizes, device=mean.device)))
+        c = beta - k * mean
+        for (name, _), k_bn, c_bn in zip(group, k.split(sizes), c.split(sizes)):
+            scales[name] = (k_bn, c_bn)
+    return scales
 
 
 def _channels(layer: nn.Module, *, output: bool) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +121,7 @@ def fold(
         if verify and reference is None:  # first, while the model is the original; later plans check fewer points
             points = [*plan.probes(), *(p.into for p in plan.pairs if p.direction == "forward")]
             reference = Reference.of(model, inputs, device=device, probes=points, float64=atol is None and rtol is None)
-        fan_in = plan.fan_in(model)
+        fan_in = plan.fan_in(model) if verify else None
         folded = apply_plan(model, plan, journal) if inplace else apply_plan(_copy_for(model, plan), plan)
         comparison = None
         if not verify:
@@ -145,16 +146,26 @@ def fold(
 
 
 def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:
-    """A copy of ``model`` that owns every tensor, without copying the ones ``apply_plan`` will replace."""
+    """A copy of ``model`` that owns every tensor, without copying the ones ``apply_plan`` will replace.
+
+    A BN that folding removes is not copied at all: the copy holds the original
+    module until ``apply_plan`` puts ``nn.Identity`` in its place, reading it
+    and never changing it (unless the model holds it at two places).
+    """
     replaced: list[torch.Tensor] = []
+    removed: list[nn.Module] = []
+    places = Counter(id(m) for m in model.modules(remove_duplicate=False))
     for pair in plan.pairs:
         target = model.get_submodule(pair.into)
         replaced += [t for t in (target.weight, target.bias) if t is not None]
         bn = model.get_submodule(pair.bn)
+        if pair.bn_becomes == "removed" and places[id(bn)] == 1:  # (a module at two places is copied)
+            removed.append(bn)
+            continue
         names = ("running_mean", "running_var", "weight", "bias") if pair.bn_becomes == "identity" else None
         replaced += [t for key, t in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]
                      if t is not None and (names is None or key in names)]
-    return clone(model, share=replaced)
+    return clone(model, share=replaced, keep=removed)
 
 
 def _blame(plan: FoldPlan, comparison: Comparison) -> dict[str, str]:

@@ -123,6 +123,13 @@ def _scale(
     On the CPU this runs block by block (``BLOCK`` values, along the first
     axis longer than 1), so memory is read and written once.
     """
+    if out is None and weight.numel() <= BLOCK and weight.is_contiguous():  # one block: three plain ops
+        if scratch is None or scratch.numel() < weight.numel() or scratch.device != weight.device:
+            return (weight.detach().reshape(shape).double() * scale).to(weight.dtype).view(weight.shape)
+        buffer = scratch[: weight.numel()].view(shape)
+        buffer.copy_(weight.detach().view(shape))
+        buffer.mul_(scale)
+        return buffer.to(weight.dtype).view(weight.shape)
     if out is None or not out.is_contiguous():
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     source, target = weight.detach().reshape(shape), out.detach().view(shape)

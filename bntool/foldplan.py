@@ -10,6 +10,7 @@ each point depends on, which widens the tolerance's floor (``fan_in``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,14 +81,20 @@ class FoldPlan:
         """Per check point (and ``""`` for the outputs): the largest fan-in of the folded weights it depends on."""
         sizes = {}
         for p in self.pairs:
-            weight = model.get_submodule(p.into).weight
-            if isinstance(model.get_submodule(p.into), TRANSPOSED):  # (in, out / groups, *kernel)
-                sizes[p.into] = weight.shape[0] // model.get_submodule(p.into).groups * weight[0, 0].numel()
+            if p.into in sizes:
+                continue
+            layer = model.get_submodule(p.into)
+            shape = layer.weight.shape
+            inner = math.prod(shape[2:])
+            if isinstance(layer, TRANSPOSED):  # (in, out / groups, *kernel)
+                sizes[p.into] = shape[0] // layer.groups * inner
             else:  # (out, in / groups, *kernel) or (out, in)
-                sizes[p.into] = weight[0].numel()
+                sizes[p.into] = shape[1] * inner if len(shape) > 1 else 1
+        restored_at = {p.into: p.bn for p in self.pairs if p.direction == "backward"}
         points: dict[str, int] = {}
-        for point in self.probes():
-            points[point] = max(sizes[p.into] for p in self.pairs_checked_at(point))
+        for p in self.pairs:
+            point = p.bn if p.direction == "backward" else restored_at.get(p.into, p.into)
+            points[point] = max(points.get(point, 0), sizes[p.into])
         points[""] = max(sizes.values(), default=0)
         return points
 

@@ -495,3 +495,59 @@ def test_an_inplace_fold_undoes_a_rejected_pair_and_a_failed_strict_fold(monkeyp
     assert [type(m) for m in strict] == [type(m) for m in original]
     assert strict.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in strict.state_dict().items())
+
+
+def test_apply_gives_each_pair_the_bits_of_its_own_fold():
+    """``apply_plan`` computes every plain BN's scale and shift at once: each layer must still get exactly what
+    folding its own BN alone gives (different eps, affine and non-affine BNs, float64 statistics, big and small
+    layers), so a misaligned statistic or eps in the batched arithmetic shows up as a changed bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3),
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16, affine=False),
+        nn.Conv2d(16, 700, 1), nn.BatchNorm2d(700, eps=1e-5),
+        nn.Conv2d(700, 400, 1, bias=False), nn.BatchNorm2d(400, eps=0.1),  # 280000 weights: more than one block
+    )
+    randomize_bn(model, seed=2)
+    model[7].running_var.data = model[7].running_var.double()  # another dtype in the batch
+    model[7].running_mean.data = model[7].running_mean.double()
+    model.eval()
+    plan = plan_fold(model, (torch.randn(1, 3, 6, 6),))
+    assert len(plan.pairs) == 4
+    expected = {}
+    for conv, bn in [(0, 1), (2, 3), (4, 5), (6, 7)]:
+        c, b = model[conv], model[bn]
+        expected[conv] = fold_into_producer(c.weight, c.bias, b.running_mean, b.running_var, b.eps, b.weight, b.bias)
+    folded = apply_plan(copy.deepcopy(model), plan)
+    for conv, (weight, bias) in expected.items():
+        assert torch.equal(folded[conv].weight, weight), conv
+        assert torch.equal(folded[conv].bias, bias), conv
+
+
+def test_folded_copy_shares_no_module_with_the_original():
+    """The copy that ``fold`` works on holds the removed BNs of the original until they are replaced: none may
+    be left in the result, or a later change to the folded model would change the original."""
+    model = randomize_bn(zoo.resnet_small(), seed=0).eval()
+    folded, report = bntool.fold(model, verify=False)
+    assert report.done
+    originals = {id(m) for m in model.modules()}
+    assert not [name for name, m in folded.named_modules() if id(m) in originals]
+
+
+class _Aliased(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.alias = self.bn  # the same module under a second name, never called through it
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_bn_held_at_two_places_is_copied_not_shared():
+    model = randomize_bn(_Aliased(), seed=1).eval()
+    folded, report = bntool.fold(model, (torch.randn(1, 3, 8, 8),), verify=False)
+    assert [p.bn for p in report.done] == ["bn"]
+    assert isinstance(folded.bn, nn.Identity)
+    assert folded.alias is not model.bn and isinstance(folded.alias, nn.BatchNorm2d)
