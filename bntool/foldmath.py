@@ -18,11 +18,12 @@ import torch
 def bn_scale_shift(
     bn_running_mean: torch.Tensor,
     bn_running_var: torch.Tensor,
-    bn_eps: float,
+    bn_eps: float | torch.Tensor,
     bn_weight: torch.Tensor | None,
     bn_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(k, c)`` in float64 such that eval-mode BN(x) == k * x + c per channel."""
+    """``(k, c)`` in float64 such that eval-mode BN(x) == k * x + c per channel (``bn_eps`` may be per channel:
+    several BNs' statistics concatenated give each BN's own bits)."""
     mean = bn_running_mean.detach().double()
     var = bn_running_var.detach().double()
     gamma = bn_weight.detach().double() if bn_weight is not None else torch.ones_like(mean)
@@ -123,22 +124,18 @@ def _scale(
     On the CPU this runs block by block (``BLOCK`` values, along the first
     axis longer than 1), so memory is read and written once.
     """
-    if out is None and weight.numel() <= BLOCK and weight.is_contiguous():  # one block: three plain ops
-        if scratch is None or scratch.numel() < weight.numel() or scratch.device != weight.device:
-            return (weight.detach().reshape(shape).double() * scale).to(weight.dtype).view(weight.shape)
-        buffer = scratch[: weight.numel()].view(shape)
+    if out is None and weight.numel() <= BLOCK and weight.is_contiguous():  # one block: the result is its rounding
+        buffer = _float64_scratch(scratch, weight.numel(), weight.device)[: weight.numel()].view(shape)
         buffer.copy_(weight.detach().view(shape))
         buffer.mul_(scale)
-        return buffer.to(weight.dtype).view(weight.shape)
+        return buffer.to(weight.dtype, copy=True).view(weight.shape)  # (a copy even for float64: scratch is reused)
     if out is None or not out.is_contiguous():
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     source, target = weight.detach().reshape(shape), out.detach().view(shape)
     axis = next((i for i, d in enumerate(shape) if d > 1), 0)  # every axis before it has length 1
     per_item = max(1, source.numel() // max(1, shape[axis]))
     step = shape[axis] if weight.device.type != "cpu" else max(1, BLOCK // per_item)
-    need = min(source.numel(), step * per_item)
-    if scratch is None or scratch.numel() < need or scratch.device != weight.device:
-        scratch = torch.empty(max(need, 1), dtype=torch.float64, device=weight.device)
+    scratch = _float64_scratch(scratch, min(source.numel(), step * per_item), weight.device)
     for start in range(0, shape[axis], step):
         stop = min(start + step, shape[axis])
         block = source.narrow(axis, start, stop - start)
@@ -148,6 +145,13 @@ def _scale(
         buffer.mul_(factor)
         target.narrow(axis, start, stop - start).copy_(buffer)
     return out
+
+
+def _float64_scratch(scratch: torch.Tensor | None, need: int, device: torch.device) -> torch.Tensor:
+    """``scratch`` when it is a float64 buffer of at least ``need`` values on ``device``, else a new one."""
+    if scratch is None or scratch.numel() < need or scratch.device != device:
+        scratch = torch.empty(max(need, 1), dtype=torch.float64, device=device)
+    return scratch
 
 
 def fold_into_consumer(

@@ -524,6 +524,22 @@ def test_apply_gives_each_pair_the_bits_of_its_own_fold():
         assert torch.equal(folded[conv].bias, bias), conv
 
 
+def test_float64_layers_of_one_size_each_own_their_new_weights():
+    """Layers are scaled through one reused float64 buffer; a float64 layer's new weight must be its own tensor,
+    not a view of that buffer which the next layer of the same size overwrites."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3),
+                                       nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), seed=4).double().eval()
+    expected = [fold_into_producer(model[i].weight, model[i].bias, model[i + 1].running_mean, model[i + 1].running_var,
+                                   model[i + 1].eps, model[i + 1].weight, model[i + 1].bias)[0] for i in (0, 2, 4)]
+    folded, report = bntool.fold(model, _inputs((2, 4, 9, 9))[0].double(), strict=True)
+    assert len(report.done) == 3
+    for i, weight in zip((0, 2, 4), expected):
+        assert torch.equal(folded[i].weight, weight), i
+    storages = {folded[i].weight.untyped_storage().data_ptr() for i in (0, 2, 4)}
+    assert len(storages) == 3
+
+
 def test_folded_copy_shares_no_module_with_the_original():
     """The copy that ``fold`` works on holds the removed BNs of the original until they are replaced: none may
     be left in the result, or a later change to the folded model would change the original."""
