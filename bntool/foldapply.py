@@ -18,7 +18,7 @@ from torch import nn
 
 from . import bnform
 from .errors import InputError
-from .foldmath import identity_statistics, scale_consumer, scale_producer, through_after, through_before
+from .foldmath import bn_scale_shift, identity_statistics, scale_consumer, scale_producer, through_after, through_before
 from .foldplan import TRANSPOSED, FoldPlan
 from .spill import TensorStore
 
@@ -139,20 +139,17 @@ def _scale_shifts(lookup: _Submodules, forms: dict[str, bnform.NormForm],
         else:
             scales[name] = bnform.scale_shift(bn, form, ranks[name])
     for group in plain.values():
-        if len(group) == 1:
-            name, bn = group[0]
-            scales[name] = bnform.scale_shift(bn, forms[name], ranks[name])
-            continue
-        mean = torch.cat([bn.running_mean.detach().double() for _, bn in group])
-        var = torch.cat([bn.running_var.detach().double() for _, bn in group])
-        gamma = torch.cat([bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bn.running_mean,
-                           dtype=torch.float64) for _, bn in group])
-        beta = torch.cat([bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(bn.running_mean,
-                          dtype=torch.float64) for _, bn in group])
-        sizes = [bn.running_mean.numel() for _, bn in group]
-        eps = torch.tensor([float(bn.eps) for _, bn in group], dtype=torch.float64, device=mean.device)
-        k = gamma / torch.sqrt(var + eps.repeat_interleave(torch.tensor(sizes, device=mean.device)))
-        c = beta - k * mean
+        bns = [bn for _, bn in group]
+        sizes = [bn.running_mean.numel() for bn in bns]
+
+        def joined(tensors: list[torch.Tensor | None], fill: float) -> torch.Tensor:
+            return torch.cat([torch.full((n,), fill, dtype=torch.float64, device=bn.running_mean.device)
+                              if t is None else t.detach().double() for t, n, bn in zip(tensors, sizes, bns)])
+
+        eps = torch.tensor([float(bn.eps) for bn in bns], dtype=torch.float64, device=bns[0].running_mean.device)
+        k, c = bn_scale_shift(joined([bn.running_mean for bn in bns], 0.0), joined([bn.running_var for bn in bns], 0.0),
+                              eps.repeat_interleave(torch.tensor(sizes, device=eps.device)),
+                              joined([bn.weight for bn in bns], 1.0), joined([bn.bias for bn in bns], 0.0))
         for (name, _), k_bn, c_bn in zip(group, k.split(sizes), c.split(sizes)):
             scales[name] = (k_bn, c_bn)
     return scales

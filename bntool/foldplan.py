@@ -68,14 +68,15 @@ class FoldPlan:
         BN's; a forward fold is whole at its consumer's output, unless a BN
         after that consumer also folds into it: then at that BN's output.
         """
-        restored_at = {p.into: p.bn for p in self.pairs if p.direction == "backward"}
-        points = [p.bn if p.direction == "backward" else restored_at.get(p.into, p.into) for p in self.pairs]
-        return list(dict.fromkeys(points))
+        return list(dict.fromkeys(point for _, point in self._checked_at()))
 
     def pairs_checked_at(self, point: str) -> list[FoldPair]:
+        return [p for p, at in self._checked_at() if at == point]
+
+    def _checked_at(self) -> list[tuple[FoldPair, str]]:
+        """Each pair with the module at whose output it is checked (see ``probes``)."""
         restored_at = {p.into: p.bn for p in self.pairs if p.direction == "backward"}
-        return [p for p in self.pairs
-                if (p.bn if p.direction == "backward" else restored_at.get(p.into, p.into)) == point]
+        return [(p, p.bn if p.direction == "backward" else restored_at.get(p.into, p.into)) for p in self.pairs]
 
     def fan_in(self, model: nn.Module) -> dict[str, int]:
         """Per check point (and ``""`` for the outputs): the largest fan-in of the folded weights it depends on."""
@@ -90,10 +91,8 @@ class FoldPlan:
                 sizes[p.into] = shape[0] // layer.groups * inner
             else:  # (out, in / groups, *kernel) or (out, in)
                 sizes[p.into] = shape[1] * inner if len(shape) > 1 else 1
-        restored_at = {p.into: p.bn for p in self.pairs if p.direction == "backward"}
         points: dict[str, int] = {}
-        for p in self.pairs:
-            point = p.bn if p.direction == "backward" else restored_at.get(p.into, p.into)
+        for p, point in self._checked_at():
             points[point] = max(points.get(point, 0), sizes[p.into])
         points[""] = max(sizes.values(), default=0)
         return points

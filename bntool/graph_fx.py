@@ -43,20 +43,6 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_leaf(m) or super().is_leaf_module(m, qualname)
 
-    def create_arg(self, a: Any) -> Any:
-        """fx's own, with the commonest arguments (a proxy, a number, a tuple of them) answered first."""
-        kind = type(a)
-        if kind is torch.fx.Proxy:
-            return a.node
-        if kind in _PLAIN:
-            return a
-        if kind is tuple:
-            return tuple(self.create_arg(item) for item in a)
-        return super().create_arg(a)
-
-
-_PLAIN = frozenset((int, float, bool, str, type(None)))
-
 
 def _fx_name(node: torch.fx.Node) -> str:
     if node.op == "call_method":
