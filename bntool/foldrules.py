@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils import parametrize
 from torch import nn
 
 from . import bnform
@@ -268,9 +269,28 @@ def _layer_reason(module: nn.Module, name: str, owners, functional: bool = False
         return f"`{name}` is a {type(module).__name__}, which bntool cannot fold into"
     if not functional and not standard_forward(module, FOLDABLE_TYPES):
         return f"`{name}` is a {type(module).__name__} with its own forward, so its arithmetic is unknown"
+    recomputed = _recomputed_tensor(module)
+    if recomputed:
+        return (f"the {recomputed} of `{name}` is recomputed at every call (weight_norm, spectral_norm or another "
+                "parametrization), so a folded value written there would not be used")
     shared = [o for o in owners.get(id(module.weight), ()) if o != name]
     if shared:
         return f"the weight of `{name}` is shared with `{shared[0]}`, which folding would change too"
+    return None
+
+
+def _recomputed_tensor(module: nn.Module) -> str | None:
+    """``"weight"`` / ``"bias"`` when the layer computes it at each call instead of holding it.
+
+    ``torch.nn.utils.parametrize`` turns it into a property; the older
+    ``weight_norm`` / ``spectral_norm`` keep it as a plain attribute that a
+    pre-hook overwrites. Either way it is neither a parameter nor a buffer.
+    """
+    for key in ("weight", "bias"):
+        if parametrize.is_parametrized(module, key):
+            return key
+        if key not in module._parameters and key not in module._buffers:
+            return key
     return None
 
 

@@ -289,6 +289,41 @@ def test_unsafe_patterns_really_are_unsafe(name):
     assert not comparison.passed
 
 
+class _Rescale(nn.Module):
+    def forward(self, t):
+        return 2.0 * t
+
+
+RECOMPUTED = {  # a layer whose weight / bias is computed at each call: a folded value written there is never used
+    "weight_norm": lambda conv: nn.utils.parametrizations.weight_norm(conv),
+    "spectral_norm": lambda conv: nn.utils.parametrizations.spectral_norm(conv),
+    "old-style weight_norm (pre-hook)": lambda conv: nn.utils.weight_norm(conv),
+    "old-style spectral_norm (pre-hook)": lambda conv: nn.utils.spectral_norm(conv),
+    "parametrized bias": lambda conv: nn.utils.parametrize.register_parametrization(conv, "bias", _Rescale()),
+}
+
+
+@pytest.mark.parametrize("side", ["backward", "forward"])
+@pytest.mark.parametrize("kind", list(RECOMPUTED))
+def test_layer_with_recomputed_weight_is_left_with_a_reason(kind, side):
+    torch.manual_seed(0)
+    if side == "backward":  # conv -> BN: the BN would fold into the conv's output side
+        model = nn.Sequential(RECOMPUTED[kind](nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4), nn.ReLU())
+    else:  # relu -> BN -> unpadded conv: the BN would fold into the conv's input side
+        model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.BatchNorm2d(3), RECOMPUTED[kind](nn.Conv2d(3, 4, 3)))
+    model = randomize_bn(model, seed=4).eval()
+    inputs = _inputs((2, 3, 7, 7))
+    with torch.no_grad():
+        expected = model(*inputs)
+    folded, report = bntool.fold(model, inputs)
+    assert report.plan.pairs == ()
+    [skip] = report.plan.skips
+    assert "is recomputed at every call" in skip.reason, skip.reason
+    assert report.comparison.passed
+    with torch.no_grad():
+        assert torch.equal(folded(*inputs), expected)
+
+
 def test_bn_without_running_stats_is_left_and_points_to_recalibrate():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     randomize_bn(model, seed=1)
