@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device)
+_ATOMIC_TYPES = frozenset(_ATOMIC)
 _EMPTY_COPIES = (dict, OrderedDict, set, list)
 
 
@@ -65,14 +66,17 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     memo[id(module)] = new
     state = {}
     for key, value in module.__dict__.items():
-        if key == "_modules":
+        kind = type(value)
+        if kind in _ATOMIC_TYPES:  # (most attributes: by exact type first, the cheapest test)
+            state[key] = value
+        elif kind in _EMPTY_COPIES and not value:  # the hook and buffer-name containers, mostly empty
+            state[key] = kind()
+        elif key == "_modules":
             state[key] = {n: None if m is None else _copy_module(m, memo) for n, m in value.items()}
         elif key in ("_parameters", "_buffers"):
             state[key] = {n: None if t is None else _copy_tensor(t, memo) for n, t in value.items()}
-        elif isinstance(value, _ATOMIC) or (type(value) is tuple and all(isinstance(v, _ATOMIC) for v in value)):
+        elif isinstance(value, _ATOMIC) or (kind is tuple and all(isinstance(v, _ATOMIC) for v in value)):
             state[key] = value
-        elif type(value) in _EMPTY_COPIES and not value:  # the hook and buffer-name containers, mostly empty
-            state[key] = type(value)()
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)

@@ -67,7 +67,7 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None)
     ``fold``) leaves the original intact. ``journal`` records what is
     replaced, to undo it.
     """
-    lookup = _Submodules(model)
+    lookup = Submodules(model)
     forms: dict[str, bnform.NormForm] = {}
     for pair in plan.pairs:
         if pair.bn not in forms:
@@ -103,11 +103,11 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None)
                     journal.tensor(bn, key)
             else:
                 journal.module(model, name)
-        _retire_bn(model, name, bn, becomes[name], form)
+        _retire_bn(lookup, name, bn, becomes[name], form)
     return model
 
 
-class _Submodules:
+class Submodules:
     """``model.get_submodule`` through the ``_modules`` dicts, memoized (folding looks each layer up several
     times; ``get_submodule``'s checks cost more than the surgery on a small layer)."""
 
@@ -126,7 +126,7 @@ class _Submodules:
         return module
 
 
-def _scale_shifts(lookup: _Submodules, forms: dict[str, bnform.NormForm],
+def _scale_shifts(lookup: Submodules, forms: dict[str, bnform.NormForm],
                   ranks: dict[str, int | None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each BN's ``(k, c)`` (see ``bnform.scale_shift``); plain BNs' all at once, per device, with the same bits
     (elementwise float64 arithmetic on concatenated statistics)."""
@@ -142,14 +142,21 @@ def _scale_shifts(lookup: _Submodules, forms: dict[str, bnform.NormForm],
         bns = [bn for _, bn in group]
         sizes = [bn.running_mean.numel() for bn in bns]
 
-        def joined(tensors: list[torch.Tensor | None], fill: float) -> torch.Tensor:
-            return torch.cat([torch.full((n,), fill, dtype=torch.float64, device=bn.running_mean.device)
-                              if t is None else t.detach().double() for t, n, bn in zip(tensors, sizes, bns)])
+        device = bns[0].running_mean.device
 
-        eps = torch.tensor([float(bn.eps) for bn in bns], dtype=torch.float64, device=bns[0].running_mean.device)
+        def joined(tensors: list[torch.Tensor | None], fill: float) -> torch.Tensor:
+            """The tensors end to end, in float64 (cast once when they share a dtype: the same values)."""
+            dtypes = {t.dtype for t in tensors if t is not None}
+            dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
+            return torch.cat([torch.full((n,), fill, dtype=dtype, device=device) if t is None else t.detach().to(dtype)
+                              for t, n in zip(tensors, sizes)]).double()
+
+        epsilons = {float(bn.eps) for bn in bns}
+        eps = (epsilons.pop() if len(epsilons) == 1 else
+               torch.tensor([float(bn.eps) for bn in bns], dtype=torch.float64, device=device)
+               .repeat_interleave(torch.tensor(sizes, device=device)))
         k, c = bn_scale_shift(joined([bn.running_mean for bn in bns], 0.0), joined([bn.running_var for bn in bns], 0.0),
-                              eps.repeat_interleave(torch.tensor(sizes, device=eps.device)),
-                              joined([bn.weight for bn in bns], 1.0), joined([bn.bias for bn in bns], 0.0))
+                              eps, joined([bn.weight for bn in bns], 1.0), joined([bn.bias for bn in bns], 0.0))
         for (name, _), k_bn, c_bn in zip(group, k.split(sizes), c.split(sizes)):
             scales[name] = (k_bn, c_bn)
     return scales
@@ -169,14 +176,21 @@ def _per_channel(k: torch.Tensor, c: torch.Tensor, channels: int) -> tuple[torch
 
 
 def _set_weight_and_bias(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """(Straight into ``_parameters`` when both are parameters there, the usual case: ``setattr``'s checks cost
+    more than the rest of a small layer's surgery.)"""
     old_weight, old_bias = layer.weight, layer.bias
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=old_weight.requires_grad)
     grad = old_bias.requires_grad if old_bias is not None else old_weight.requires_grad
     dtype = old_bias.dtype if old_bias is not None else old_weight.dtype
-    layer.bias = nn.Parameter(bias.detach().to(device=old_weight.device, dtype=dtype), requires_grad=grad)
+    new_weight = nn.Parameter(weight.detach(), requires_grad=old_weight.requires_grad)
+    new_bias = nn.Parameter(bias.detach().to(device=old_weight.device, dtype=dtype), requires_grad=grad)
+    params = layer._parameters
+    if "weight" in params and "bias" in params:
+        params["weight"], params["bias"] = new_weight, new_bias
+    else:
+        layer.weight, layer.bias = new_weight, new_bias
 
 
-def _retire_bn(model: nn.Module, name: str, bn: nn.Module, becomes: str, form: bnform.NormForm) -> None:
+def _retire_bn(lookup: Submodules, name: str, bn: nn.Module, becomes: str, form: bnform.NormForm) -> None:
     if becomes == "identity":
         mean, var = identity_statistics(bn.running_var, bn.eps)
         bn.running_mean = mean
@@ -191,7 +205,9 @@ def _retire_bn(model: nn.Module, name: str, bn: nn.Module, becomes: str, form: b
     replacement._forward_hooks.update(bn._forward_hooks)  # a user's hook sees the same output as before
     replacement._forward_hooks_with_kwargs.update(bn._forward_hooks_with_kwargs)
     replacement._forward_hooks_always_called.update(bn._forward_hooks_always_called)
-    model.set_submodule(name, replacement)
+    parent, _, child = name.rpartition(".")
+    lookup[parent]._modules[child] = replacement  # (what set_submodule does, without its checks)
+    lookup.found[name] = replacement
 
 
 # ----------------------------------------------------------------------------- replay
@@ -224,4 +240,4 @@ def replay(model: nn.Module, step: dict[str, Any]) -> None:
             raise InputError(f"the file's recipe rewrites `{name}` without its normalization, but this model's "
                              f"`{type(bn).__name__}` does not compute what it did when the file was written; pass "
                              "the model from the code the checkpoint was made from")
-        _retire_bn(model, name, bn, becomes, form)
+        _retire_bn(Submodules(model), name, bn, becomes, form)

@@ -27,7 +27,7 @@ from torch import nn
 from . import recipe
 from .cloning import clone
 from .errors import VerificationError
-from .foldapply import Journal, apply_plan, replay
+from .foldapply import Journal, Submodules, apply_plan, replay
 from .foldplan import FoldPair, FoldPlan
 from .foldrules import plan_from_dataflow
 from .graph import dataflow
@@ -155,10 +155,11 @@ def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:
     replaced: list[torch.Tensor] = []
     removed: list[nn.Module] = []
     places = Counter(id(m) for m in model.modules(remove_duplicate=False))
+    lookup = Submodules(model)
     for pair in plan.pairs:
-        target = model.get_submodule(pair.into)
+        target = lookup[pair.into]
         replaced += [t for t in (target.weight, target.bias) if t is not None]
-        bn = model.get_submodule(pair.bn)
+        bn = lookup[pair.bn]
         if pair.bn_becomes == "removed" and places[id(bn)] == 1:  # (a module at two places is copied)
             removed.append(bn)
             continue
