@@ -216,7 +216,7 @@ def _trace(module: nn.Module, rank: int) -> tuple[nn.Module, torch.fx.Graph]:
     The clone shares the module's tensors; constants the trace creates
     (``_tensor_constant0``) are attached to it, never to the user's module.
     """
-    copy = clone(module, share=[*module.parameters(), *module.buffers()])
+    copy = clone(module, share_all=True)
     copy.training = False
     return copy, _ModuleTracer(rank, num_features(module)).trace(copy)
 

@@ -32,12 +32,19 @@ _ATOMIC_TYPES = frozenset(_ATOMIC)
 _EMPTY_COPIES = (dict, OrderedDict, set, list)
 
 
-def clone(model: nn.Module, share: Iterable[torch.Tensor] = (), keep: Iterable[nn.Module] = ()) -> nn.Module:
-    """A deep copy of ``model`` in which the tensors of ``share`` and the submodules of ``keep`` are the original
-    objects (a kept submodule is the caller's to replace before anyone uses the copy)."""
-    memo: dict[int, Any] = {id(t): t for t in share}
+def clone(model: nn.Module, share: Iterable[torch.Tensor] = (), keep: Iterable[nn.Module] = (), *,
+          share_all: bool = False) -> nn.Module:
+    """A deep copy of ``model`` in which the tensors of ``share`` (every parameter and buffer with
+    ``share_all``) and the submodules of ``keep`` are the original objects (a kept submodule is the caller's to
+    replace before anyone uses the copy)."""
+    memo: dict[Any, Any] = {id(t): t for t in share}
     memo.update((id(m), m) for m in keep)
+    if share_all:
+        memo[_SHARE_ALL] = True
     return _copy_module(model, memo)
+
+
+_SHARE_ALL = "share every parameter and buffer"  # a memo key (deepcopy's own keys are ints)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,11 +63,13 @@ def _plain(cls: type) -> bool:
     )
 
 
-def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+def _copy_module(module: nn.Module, memo: dict[Any, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
     cls = type(module)
     if not _plain(cls):
+        if _SHARE_ALL in memo:
+            memo.update((id(t), t) for t in (*module.parameters(), *module.buffers()))
         return copy.deepcopy(module, memo)
     new = cls.__new__(cls)
     memo[id(module)] = new
@@ -83,9 +92,11 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     return new
 
 
-def _copy_tensor(tensor: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+def _copy_tensor(tensor: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
     if id(tensor) in memo:
         return memo[id(tensor)]
+    if _SHARE_ALL in memo:
+        return tensor
     return copy.deepcopy(tensor, memo)
 
 
@@ -95,7 +106,7 @@ def on_cpu(model: nn.Module) -> nn.Module:
     tensors = [*model.parameters(), *model.buffers()]
     if all(t.device.type == "cpu" for t in tensors):
         return model
-    moved = clone(model, share=tensors)  # the module tree; its tensors are replaced below, never the model's
+    moved = clone(model, share_all=True)  # the module tree; its tensors are replaced below, never the model's
     for module in moved.modules():
         for store in (module._parameters, module._buffers):
             for key, tensor in store.items():

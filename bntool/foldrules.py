@@ -37,9 +37,9 @@ from torch import nn
 
 from . import bnform
 from .foldplan import CONVS, TRANSPOSED, FoldPair, FoldPlan
-from .graph import Dataflow, bn_names, dataflow
+from .graph import Dataflow, dataflow
 from .graph_ops import FOLDABLE_TYPES
-from .norms import bn_forward_is_standard, has_statistics, num_features, standard_forward
+from .norms import bn_forward_is_standard, has_statistics, is_batchnorm, num_features, standard_forward
 from .report import Skip
 
 
@@ -65,7 +65,7 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
     owners = _parameter_owners(model)
     pairs: list[FoldPair] = []
     skips: list[Skip] = []
-    for name in bn_names(model):
+    for name in [n for n, m in modules.items() if is_batchnorm(m)]:  # (bn_names, from the modules at hand)
         if rejected and name in rejected:
             skips.append(Skip(name, rejected[name]))
             continue
@@ -354,6 +354,7 @@ def _has_padding(conv: nn.Module) -> bool:
 def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     owners: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):
-        for param in module.parameters(recurse=False):
-            owners[id(param)].append(name)
+        for param in module._parameters.values():  # (module.parameters(recurse=False), without its machinery)
+            if param is not None:
+                owners[id(param)].append(name)
     return owners

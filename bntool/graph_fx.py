@@ -34,7 +34,7 @@ from .graph_ops import (
 
 def trace(model: nn.Module) -> torch.fx.Graph:
     """The fx graph of ``model``'s forward, traced on a clone sharing its tensors, in eval mode."""
-    copy = clone(model, share=[*model.parameters(), *model.buffers()])
+    copy = clone(model, share_all=True)
     return _Tracer().trace(copy.eval())
 
 
