@@ -112,6 +112,25 @@ def analyze(module: nn.Module, rank: int | None = None) -> NormForm:
     return _form_of_graph(root, graph, rank)
 
 
+def rebound(form: NormForm, module: nn.Module) -> NormForm:
+    """``form``, found on a module of which ``module`` is a clone (or ``module`` itself), made ``module``'s.
+
+    The traced graph names attributes, so it serves any clone; its root (the
+    trace's own clone, which also holds the constants the trace made) takes
+    ``module``'s children, parameters and buffers, so that what is left after
+    folding is built from ``module``'s and never from the module analyzed.
+    """
+    root = form._root
+    if root is None:
+        return form
+    for store in ("_modules", "_parameters", "_buffers"):
+        theirs, mine = root.__dict__[store], module.__dict__[store]
+        if set(theirs) != set(mine):
+            raise ValueError(f"`{type(module).__name__}` is not a clone of the module analyzed")
+        theirs.update(mine)
+    return form
+
+
 def scale_shift(module: nn.Module, form: NormForm, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k, c)``, float64 per channel, such that the module's normalization is ``k * x + c`` (on the CPU)."""
     if form.kind in ("standard", "identity"):

@@ -59,19 +59,24 @@ class Journal:
         self.store = TensorStore()
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None,
+               planned: dict[str, bnform.NormForm] | None = None) -> nn.Module:
     """Fold every pair of ``plan`` into ``model`` in place and return it.
 
     Every tensor that changes is replaced by a new one (never written into),
     so a copy that still shares its untouched tensors with the original (see
     ``fold``) leaves the original intact. ``journal`` records what is
-    replaced, to undo it.
+    replaced, to undo it. ``planned``: the forms the plan found (see
+    ``plan_from_dataflow``) when ``model`` is the model planned or a clone of
+    it; each is used once (taken out), instead of tracing the BN again.
     """
     lookup = Submodules(model)
     forms: dict[str, bnform.NormForm] = {}
     for pair in plan.pairs:
         if pair.bn not in forms:
-            forms[pair.bn] = bnform.analyze(lookup[pair.bn], pair.rank)
+            known = planned.pop(pair.bn, None) if planned is not None else None
+            bn = lookup[pair.bn]
+            forms[pair.bn] = bnform.rebound(known, bn) if known is not None else bnform.analyze(bn, pair.rank)
     scales = _scale_shifts(lookup, forms, {p.bn: p.rank for p in plan.pairs})
     scratch: dict[torch.device, torch.Tensor] = {}
     for pair in plan.pairs:

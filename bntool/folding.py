@@ -117,12 +117,13 @@ def fold(
     reference = None
     journal = Journal() if inplace else None
     for _ in range(MAX_ROUNDS):
-        plan = plan_from_dataflow(model, flow, rejected)
+        forms: dict = {}  # what each BN computes, traced once for both the plan and the surgery
+        plan = plan_from_dataflow(model, flow, rejected, forms)
         if verify and reference is None:  # first, while the model is the original; later plans check fewer points
             points = [*plan.probes(), *(p.into for p in plan.pairs if p.direction == "forward")]
             reference = Reference.of(model, inputs, device=device, probes=points, float64=atol is None and rtol is None)
         fan_in = plan.fan_in(model) if verify else None
-        folded = apply_plan(model, plan, journal) if inplace else apply_plan(_copy_for(model, plan), plan)
+        folded = apply_plan(model if inplace else _copy_for(model, plan), plan, journal, forms)
         comparison = None
         if not verify:
             break

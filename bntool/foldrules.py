@@ -59,8 +59,13 @@ def plan_fold(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = 
     return plan_from_dataflow(model, dataflow(model, example_inputs))
 
 
-def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, str] | None = None) -> FoldPlan:
-    """The plan for ``model``; BNs in ``rejected`` (name -> reason) are left, with that reason."""
+def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, str] | None = None,
+                       forms: dict[str, bnform.NormForm] | None = None) -> FoldPlan:
+    """The plan for ``model``; BNs in ``rejected`` (name -> reason) are left, with that reason.
+
+    ``forms``, when given, receives what each BN of a pair computes (``bnform.analyze``), for ``apply_plan``
+    to use instead of tracing each BN again.
+    """
     modules = dict(model.named_modules())
     owners = _parameter_owners(model)
     pairs: list[FoldPair] = []
@@ -73,11 +78,14 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
         if isinstance(result, str):
             skips.append(Skip(name, result))
         else:
-            pairs.extend(result)
+            pairs.extend(result[0])
+            if forms is not None:
+                forms[name] = result[1]
     return FoldPlan(tuple(pairs), tuple(skips), flow.method, flow.note)
 
 
-def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners) -> list[FoldPair] | str:
+def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners) -> tuple[list[FoldPair], bnform.NormForm] | str:
+    """The BN's pairs and what it computes, or why it does not fold."""
     calls = flow.calls.get(name, ())
     if name == "":
         return "the model is a single BatchNorm: there is no layer to fold it into"
@@ -106,10 +114,10 @@ def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners) -> list[
 
     backward = _backward(name, bn, form, calls, flow, modules, owners)
     if not isinstance(backward, str):
-        return [pair(target, "backward", through) for target, through in backward]
+        return [pair(target, "backward", through) for target, through in backward], form
     forward = _forward(name, bn, form, calls, flow, modules, owners)
     if not isinstance(forward, str):
-        return [pair(target, "forward", through) for target, through in forward]
+        return [pair(target, "forward", through) for target, through in forward], form
     return f"{backward}; folding forward is not exact either: {forward}"
 
 

@@ -359,6 +359,48 @@ def test_bn_subclass_with_extra_work_keeps_only_the_extra_work():
     _assert_computes_original(folded, model, inputs)
 
 
+class BNPReLU(nn.BatchNorm2d):
+    """A BN subclass whose activation has a parameter of its own."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.act = nn.PReLU(channels)
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bn_subclass_is_traced_once_and_what_is_left_is_the_folded_models_own(inplace, monkeypatch):
+    """The plan's trace of a BN subclass also serves the surgery; the activation left in the folded copy holds
+    its own parameter (a copy), never the original model's, and in place it is the model's own module."""
+    traced = []
+    real_trace = bntool.bnform._trace
+    monkeypatch.setattr(bntool.bnform, "_trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), BNPReLU(6), nn.Conv2d(6, 2, 1)), seed=9).eval()
+    with torch.no_grad():
+        model[1].act.weight.uniform_(-0.5, 0.5)
+    original_act, original_slope = model[1].act, model[1].act.weight
+    inputs = _inputs((2, 3, 8, 8))
+    with torch.no_grad():
+        expected = model(*inputs)
+    folded, report = bntool.fold(model, inputs, inplace=inplace)
+    assert len(traced) == 1 and [p.bn_becomes for p in report.plan.pairs] == ["rewritten"]
+    assert not isinstance(folded[1], nn.modules.batchnorm._BatchNorm)
+    slope = folded[1].act.weight
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*inputs), expected, rtol=1e-5, atol=1e-5)
+    if inplace:
+        assert folded is model and folded[1].act is original_act and slope is original_slope
+        return
+    assert slope is not original_slope and slope.data_ptr() != original_slope.data_ptr()
+    assert torch.equal(slope, original_slope)
+    with torch.no_grad():
+        slope.fill_(7.0)  # changing the folded model's activation leaves the original alone
+        assert torch.equal(model(*inputs), expected)
+    assert isinstance(model[1], BNPReLU) and model[1].act is original_act
+
+
 class UntraceableBNReLU(nn.BatchNorm2d):
     """A BN subclass whose forward fx cannot trace: it keeps running with identity statistics."""
 
