@@ -165,7 +165,7 @@ def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:
             removed.append(bn)
             continue
         names = ("running_mean", "running_var", "weight", "bias") if pair.bn_becomes == "identity" else None
-        replaced += [t for key, t in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]
+        replaced += [t for key, t in [*bn._parameters.items(), *bn._buffers.items()]  # (its own, not its children's)
                      if t is not None and (names is None or key in names)]
     return clone(model, share=replaced, keep=removed)
 

@@ -90,7 +90,8 @@ def scale_producer(
     conv's weight is ``(in_channels, out_channels // groups, *kernel)``: output
     channel ``g * (out // groups) + j`` is column ``j`` of the rows of group ``g``.
     """
-    k, c = k.to(producer_weight.device), c.to(producer_weight.device)
+    if k.device != producer_weight.device:
+        k, c = k.to(producer_weight.device), c.to(producer_weight.device)
     if transposed:
         in_channels, out_per_group = producer_weight.shape[:2]
         spatial = producer_weight.shape[2:]
