@@ -10,6 +10,7 @@ replaced by the flag that sets it (``for_cli``), and its ``exit_code``.
 
 from __future__ import annotations
 
+import os
 import re
 
 #: Python parameter, as library messages spell it -> the command-line flag that sets it
@@ -75,6 +76,23 @@ class VerificationError(BntoolError):
     def __init__(self, message: str, report: object | None = None):
         super().__init__(message)
         self.report = report
+
+
+def require_module(value: object, parameter: str = "model") -> None:
+    """Raise ``InputError`` unless ``value`` is a built ``torch.nn.Module`` (passing the class, the factory or a
+    checkpoint's path instead is an easy slip, and would fail deep inside with an ``AttributeError``)."""
+    from torch import nn  # (here: the CLI imports this module before torch)
+
+    if isinstance(value, nn.Module):
+        return
+    if isinstance(value, type) or callable(value):
+        name = getattr(value, "__name__", type(value).__name__)
+        kind = "class" if isinstance(value, type) else "function"
+        raise InputError(f"`{parameter}` is the {kind} `{name}`, not a model; pass a built model, such as `{name}()`")
+    if isinstance(value, (str, os.PathLike)):
+        raise InputError(f"`{parameter}` is the path `{value}`, not a model; build the model, then read the checkpoint "
+                         "into it with `bntool.load(path, model)`")
+    raise InputError(f"`{parameter}` must be a torch.nn.Module, not a {type(value).__name__}")
 
 
 def shorten(text: str, limit: int = 200) -> str:

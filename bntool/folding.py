@@ -26,7 +26,7 @@ from torch import nn
 
 from . import recipe
 from .cloning import clone
-from .errors import VerificationError
+from .errors import VerificationError, require_module
 from .foldapply import Journal, Submodules, apply_plan, replay
 from .foldplan import FoldPair, FoldPlan
 from .foldrules import plan_from_dataflow
@@ -109,6 +109,7 @@ def fold(
     ``model`` itself (what it replaces is kept aside, on disk when large, to
     undo a rejected fold), so that no second model is held in memory.
     """
+    require_module(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs) if example_inputs is not None else make_inputs(model, seed=seed)

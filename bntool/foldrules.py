@@ -32,10 +32,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils import parametrize
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import bnform
+from .errors import require_module
 from .foldplan import CONVS, TRANSPOSED, FoldPair, FoldPlan
 from .graph import Dataflow, dataflow
 from .graph_ops import FOLDABLE_TYPES
@@ -56,6 +57,7 @@ class _Link:
 
 def plan_fold(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> FoldPlan:
     """Which BNs fold into which layer, and why each other BN does not."""
+    require_module(model)
     return plan_from_dataflow(model, dataflow(model, example_inputs))
 
 

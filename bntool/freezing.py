@@ -24,7 +24,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import recipe
 from .cloning import clone
-from .errors import InputError, VerificationError
+from .errors import InputError, VerificationError, require_module
 from .freeze_check import FreezeCheck, check_frozen
 from .frozen import AFFINE_MODES, _FrozenBatchNorm, frozen_type_for, why_not_freezable
 from .norms import has_fixed_statistics
@@ -163,6 +163,7 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
     raises ``VerificationError`` carrying the report. With ``inplace`` the
     original's outputs are computed first, so no second model is held.
     """
+    require_module(model)
     if affine not in AFFINE_MODES:
         raise InputError(f"affine must be `frozen` or `trainable`, got {affine!r}")
     lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
@@ -209,6 +210,7 @@ def unfreeze(model: nn.Module, include: str | Iterable[str] | None = None, exclu
     Unless ``verify=False``, the result in eval mode is compared with the
     frozen model in eval mode (``VerificationError`` on a mismatch).
     """
+    require_module(model)
     candidates = [n for n, m in model.named_modules() if isinstance(m, _FrozenBatchNorm)]
     selected, _ = select(candidates, include, exclude, what="frozen BatchNorm", owner=type(model).__name__)
     chosen = set(selected)

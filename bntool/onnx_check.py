@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,15 +181,18 @@ ONNX_DTYPES = {
 }
 
 
-def compare_initializers(file: str | os.PathLike | Scan, model: nn.Module) -> tuple[int, list[str]]:
+def compare_initializers(file: str | os.PathLike | Scan, model: nn.Module,
+                         skip: Collection[str] = ()) -> tuple[int, list[str]]:
     """Compare every initializer named like one of ``model``'s tensors with that tensor, bit for bit.
 
     The exporters name initializers after the state-dict keys, so this sees a
     wrong value in any channel of any weight, including channels that no
     verification input reaches (a channel a ReLU always zeroes). Type, shape
     and every byte must match; large tensors are read from the file a chunk
-    at a time. ``file`` is a path or its ``onnx_stream.scan``. Returns how
-    many initializers were compared and the names of those that differ.
+    at a time. ``file`` is a path or its ``onnx_stream.scan``; ``skip``
+    names initializers that are known to hold other values (``write_onnx``'s
+    ``rewritten``). Returns how many initializers were compared and the names
+    of those that differ.
     """
     import numpy as np
     from onnx import numpy_helper
@@ -199,7 +202,7 @@ def compare_initializers(file: str | os.PathLike | Scan, model: nn.Module) -> tu
     checked, differ = 0, []
     for tensor in found.model.graph.initializer:
         own = state.get(tensor.name)
-        if own is None or tuple(tensor.dims) != tuple(own.shape):
+        if own is None or tensor.name in skip or tuple(tensor.dims) != tuple(own.shape):
             continue
         checked += 1
         own = own.detach().cpu().contiguous().reshape(-1)

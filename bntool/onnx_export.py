@@ -33,7 +33,7 @@ from torch import nn
 
 from . import outputs
 from .cloning import on_cpu
-from .errors import InputError, VerificationError
+from .errors import InputError, VerificationError, require_module
 from .folding import FoldReport
 from .folding import fold as fold_model
 from .onnx_check import KEY_OPS, OnnxFacts, TrainingBN, compare_initializers, inspect_file, read_structure
@@ -145,6 +145,7 @@ def export_onnx(
     original's outputs at every verification batch size are computed first;
     they are all the checks need of it.
     """
+    require_module(model)
     if exporter not in EXPORTERS:
         raise InputError(f"unknown exporter `{exporter}`; pass dynamo (recommended) or torchscript")
     out = outputs.check_output_path(path, force=force)
@@ -185,7 +186,7 @@ def export_onnx(
     with outputs.staging_folder(out) as stage:
         tmp = stage / out.name
         start = time.perf_counter()
-        described = write_onnx(export_model, cpu_inputs, tmp, spec)
+        described, rewritten = write_onnx(export_model, cpu_inputs, tmp, spec)
         seconds = time.perf_counter() - start
         # one reading of the file's structure serves the checker, the facts and the weights' comparison; the
         # weights themselves stay in the file and are compared a chunk at a time
@@ -195,7 +196,12 @@ def export_onnx(
             raise InputError(f"the exporter wrote opset {facts.opset}, not the `opset` {opset} asked for (it cannot "
                              f"convert this graph); pass `opset` {facts.opset} or newer")
         failures = _structural_failures(facts, dynamic_batch)
-        weights_checked, differ = compare_initializers(found, export_model)
+        weights_checked, differ = compare_initializers(found, export_model, skip=rewritten)
+        if rewritten:
+            shown = ", ".join(f"`{name}`" for name in rewritten[:3]) + (", ..." if len(rewritten) > 3 else "")
+            notes.append(f"{len(rewritten)} initializer(s) named after the model's tensors hold values the exporter's "
+                         f"optimizer computed (it fused layers itself): {shown}; onnxruntime checks them, the "
+                         "bit-for-bit comparison with the model does not")
         if differ:
             shown = ", ".join(f"`{name}`" for name in differ[:3]) + (", ..." if len(differ) > 3 else "")
             failures.append(f"{len(differ)} initializer(s) differ from the model's tensors: {shown}")

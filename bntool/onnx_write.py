@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -83,9 +83,18 @@ class ExportSpec:
     external_data: bool | None
 
 
-def write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, spec: ExportSpec) -> str:
-    """Run the exporter on ``model`` (in eval mode for the call, on the CPU) and write ``path``; returns which exporter
-    was used. The dynamo exporter's weights go to the file one tensor at a time (``save_onnx``)."""
+class Written(NamedTuple):
+    """What ``write_onnx`` did: the exporter used, and the initializers named after one of the model's tensors
+    that hold another value, which the exporter's optimizer computed (it fused a layer pair itself)."""
+
+    exporter: str
+    rewritten: tuple[str, ...] = ()
+
+
+def write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, spec: ExportSpec) -> Written:
+    """Run the exporter on ``model`` (in eval mode for the call, on the CPU) and write ``path``. The dynamo
+    exporter's weights go to the file one tensor at a time (``save_onnx``)."""
+    rewritten: tuple[str, ...] = ()
     kwargs: dict[str, Any] = {"opset_version": spec.opset, "input_names": list(spec.input_names),
                               "output_names": list(spec.output_names)}
     try:
@@ -101,6 +110,7 @@ def write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, spe
 
                     onnxscript.optimizer.fold_constants_ir(program.model)
                     onnxscript.optimizer.remove_unused_nodes(program.model)
+                rewritten = _rewritten(program, model)
                 save_onnx(program, path, spec.external_data)
                 _let_go(program)
                 del program
@@ -117,7 +127,28 @@ def write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, spe
         if outputs.write_errno(exc) is not None:
             raise  # writing the file failed, not the model: the staging folder says so
         raise InputError(_exporter_reason(exc, type(model).__name__, spec.exporter)) from exc
-    return EXPORTER_TEXT[spec.exporter]
+    return Written(EXPORTER_TEXT[spec.exporter], rewritten)
+
+
+def _rewritten(program: Any, model: nn.Module) -> tuple[str, ...]:
+    """Initializers named after one of ``model``'s tensors whose value is not that tensor.
+
+    The exporter hands over the model's own tensors; its optimizer replaces
+    one when it computes a new value under the same name (a
+    BatchNormalization it fused into the Conv before it, where bntool left
+    the BN because the PyTorch layer's weight is recomputed at each call).
+    """
+    state = model.state_dict(keep_vars=True)
+    names = []
+    for name, value in program.model.graph.initializers.items():
+        own = state.get(name)
+        if own is None:
+            continue
+        held = getattr(value.const_value, "raw", None)
+        if not (isinstance(held, torch.Tensor) and held.data_ptr() == own.data_ptr() and held.shape == own.shape
+                and held.dtype == own.dtype):
+            names.append(name)
+    return tuple(names)
 
 
 #: Above this many bytes of weights the exporter writes them as external data on its own (protobuf stops at 2 GB).

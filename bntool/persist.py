@@ -31,7 +31,7 @@ import torch.fx
 from torch import nn
 
 from . import checkpoint, folding, freezing, matching, recalibration, recipe, tensorfile, torchfile, writing  # noqa: F401 - ops register replays
-from .errors import VerificationError
+from .errors import VerificationError, require_module
 from .report import recipe_of, set_recipe
 from .statediff import same_bits
 
@@ -51,6 +51,7 @@ def load(
     returns the folded model. ``model`` is changed in place and returned, and
     carries the recipe, so that saving it after more surgery records every step.
     """
+    require_module(model)
     loaded = checkpoint.read(path, key=key, allow_pickle=allow_pickle)
     matching.load_state(model, loaded, strip_prefix=strip_prefix)
     set_recipe(model, loaded.recipe)
@@ -78,6 +79,7 @@ def save(
     ``VerificationError`` and nothing is written. ``out`` is never
     ``source``'s file or one of ``protect``.
     """
+    require_module(model)
     steps = recipe_of(model) if recipe is None else list(recipe)
 
     def verified(tmp: Path) -> None:
@@ -145,12 +147,19 @@ def build_light(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def layer_kinds(model: nn.Module) -> dict[str, Any]:
-    """Each layer's kind: its type and hyper-parameters (for an fx GraphModule, a class per instance, its code)."""
+    """Each layer's kind: its class (by module and qualified name) and hyper-parameters.
+
+    By name, because some classes are made per instance: an fx GraphModule's
+    (whose code is compared instead) and ``torch.nn.utils.parametrize``'s
+    ``ParametrizedConv2d`` and the like (whose parametrizations are layers of
+    their own, compared too).
+    """
     kinds = {}
     for name, module in model.named_modules():
+        cls = type(module)
         if isinstance(module, torch.fx.GraphModule):
-            kinds[name] = (type(module).__name__, module.code)
+            kinds[name] = (cls.__name__, module.code)
         else:
-            kinds[name] = (type(module), module.extra_repr())
+            kinds[name] = (cls.__module__, cls.__qualname__, module.extra_repr())
     return kinds
 

@@ -60,7 +60,7 @@ from . import recipe
 from .batches import batch_size_of, model_input
 from .collect import Collector, gather, merge_ranks, write_back
 from .collect import collectors as make_collectors
-from .errors import InputError, VerificationError
+from .errors import InputError, VerificationError, require_module
 from .recal_batches import guarded, norm_quality
 from .recal_report import NormQuality, RecalibrationReport, results
 from .recal_state import (
@@ -123,6 +123,7 @@ def recalibrate(
     unless ``verify=False``, anything else that changed raises
     ``VerificationError`` carrying the report.
     """
+    require_module(model)
     if only is not None:
         if include is not None:
             raise InputError("pass `include` or its older name `only`, not both")

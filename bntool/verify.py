@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, require_module
 from .running import flatten_outputs, resolve_device, run_on, tf32_disabled
 from .spill import TensorStore
 
@@ -182,6 +182,8 @@ def compare(
     changed, and a model not on ``device`` is run there layer by layer rather
     than copied.
     """
+    if original is not None:
+        require_module(original, "original")
     derived = atol is None and rtol is None
     if reference is None or (derived and reference.float64 is None):
         reference = Reference.of(original, inputs, device=device, probes=probes, float64=derived)

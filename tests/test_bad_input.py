@@ -347,3 +347,45 @@ def test_sweep_one_line_exit_2_nothing_lost_nothing_left(cli, run_in, monkeypatc
         after = {k: v for k, v in after.items() if k in before}
     assert after == before  # every file byte-identical, nothing new
     assert bntool_temporaries(run.folder) == []
+
+
+# ----------------------------------------------------------------------------- the library, given no model
+
+
+def _library_calls(tmp_path):
+    import bntool
+
+    x = torch.randn(2, 3, 8, 8)
+    return {
+        "load": lambda m: bntool.load(tmp_path / "missing.safetensors", m),
+        "save": lambda m: bntool.save(m, tmp_path / "out.safetensors"),
+        "fold": lambda m: bntool.fold(m, x),
+        "plan_fold": lambda m: bntool.plan_fold(m, x),
+        "compare": lambda m: bntool.compare(m, torch.nn.Identity(), (x,)),
+        "recalibrate": lambda m: bntool.recalibrate(m, [x]),
+        "freeze": lambda m: bntool.freeze(m),
+        "unfreeze": lambda m: bntool.unfreeze(m),
+        "export_onnx": lambda m: bntool.export_onnx(m, x, tmp_path / "out.onnx"),
+    }
+
+
+NOT_MODELS = {  # what gets passed instead of a built model, and what the message must say
+    "the class": (zoo.MobileNetV2, "is the class `MobileNetV2`, not a model; pass a built model, such as `MobileNetV2()`"),
+    "the factory": (zoo.lenet, "is the function `lenet`, not a model; pass a built model, such as `lenet()`"),
+    "a path": ("model.pth", "is the path `model.pth`, not a model"),
+    "a state dict": ({"w": torch.ones(1)}, "must be a torch.nn.Module, not a dict"),
+}
+
+
+@pytest.mark.parametrize("what", list(NOT_MODELS))
+@pytest.mark.parametrize("call", ["load", "save", "fold", "plan_fold", "compare", "recalibrate", "freeze", "unfreeze",
+                                  "export_onnx"])
+def test_library_calls_given_something_other_than_a_model_say_so(call, what, tmp_path):
+    from bntool.errors import InputError
+
+    value, message = NOT_MODELS[what]
+    with pytest.raises(InputError) as caught:
+        _library_calls(tmp_path)[call](value)
+    parameter = "original" if call == "compare" else "model"
+    assert str(caught.value).startswith(f"`{parameter}` ") and message in str(caught.value), str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -229,3 +229,47 @@ def test_help_does_not_import_torch():
 def test_import_bntool_imports_no_cli_or_onnx_libraries():
     code = "import sys, bntool; bntool.fold; bntool.load; print(sorted({'typer', 'rich', 'onnx', 'onnxruntime'} & set(sys.modules)))"
     assert run_python(code).strip() == "[]"
+
+
+PARAMETRIZED_MODEL = '''
+import torch
+from torch import nn
+
+
+def net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 6, 3)), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4))
+    model.input_shape = (2, 3, 10, 10)
+    return model
+'''
+
+
+@pytest.mark.parametrize("command", ["fold", "freeze", "recalibrate"])
+def test_a_model_with_a_parametrized_layer_is_written_and_reloads(cli, tmp_path, command):
+    """``torch.nn.utils.parametrize`` makes a class per instance (``ParametrizedConv2d``): the written file's check,
+    which rebuilds the model from its recipe, must see the same layers, and the file must load into a fresh one."""
+    (tmp_path / "pnet.py").write_text(PARAMETRIZED_MODEL)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pnet_for_test", tmp_path / "pnet.py")
+    pnet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pnet)
+    model = randomize_bn(pnet.net(), seed=2)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "p.safetensors")
+    torch.save(torch.randn(8, 3, 10, 10), tmp_path / "data.pt")
+    extra = ["--data", tmp_path / "data.pt"] if command == "recalibrate" else []
+    out = tmp_path / "out.safetensors"
+    result = cli(command, tmp_path / "p.safetensors", "--model", f"{tmp_path / 'pnet.py'}:net", *extra, "--out", out)
+    assert result.code == 0, result.err
+    reloaded = bntool.load(out, pnet.net()).eval()
+    assert type(reloaded[0]).__name__ == "ParametrizedConv2d"
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        if command == "fold":  # folded: conv 3 took BN 4; conv 0's weight is recomputed, so BN 1 stays
+            assert isinstance(reloaded[1], nn.BatchNorm2d) and isinstance(reloaded[4], nn.Identity)
+            torch.testing.assert_close(reloaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+        elif command == "freeze":
+            assert torch.equal(reloaded(x), model.eval()(x))

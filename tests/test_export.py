@@ -318,3 +318,22 @@ def test_every_weight_of_a_folded_export_is_compared(zoo_export):
     folded, _ = bntool.fold(model, inputs)
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d)]
     assert report.initializers_checked >= len(convs)  # every conv weight (Linear weights may be renamed)
+
+
+def test_a_bn_the_exporters_optimizer_fuses_itself_is_not_a_false_mismatch(tmp_path):
+    """bntool leaves the BN after a weight-normed conv (the PyTorch weight is recomputed at every call); in ONNX the
+    weight is a constant and the optimizer fuses the BN into the conv, writing a new ``0.bias``. That initializer is
+    the optimizer's, not a corrupt copy of the model's: the export is written, verified by onnxruntime, and says so;
+    every other initializer is still compared bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 6, 3)), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4))
+    model = randomize_bn(model, seed=3).eval()
+    inputs = (torch.randn(2, 3, 10, 10),)
+    report = bntool.export_onnx(model, inputs, tmp_path / "m.onnx")
+    assert report.written and report.passed
+    assert [s.bn for s in report.fold.plan.skips] == ["1"] and report.bn_left == 0  # fused by the optimizer
+    [note] = [n for n in report.notes if "optimizer computed" in n]
+    assert "`0.bias`" in note
+    names = {i.name for i in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    assert {"3.weight", "3.bias"} <= names and report.initializers_checked == 2
