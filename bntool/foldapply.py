@@ -40,13 +40,14 @@ class Journal:
         self.entries.append(("tensor", module, name, key if old is not None else None, is_parameter,
                              bool(old is not None and old.requires_grad)))
 
-    def module(self, model: nn.Module, name: str) -> None:
-        self.entries.append(("module", model, name, model.get_submodule(name)))
+    def module(self, parent: nn.Module, key: str) -> None:
+        """Before ``parent._modules[key]`` is replaced."""
+        self.entries.append(("module", parent, key, parent._modules[key]))
 
     def undo(self) -> None:
         for entry in reversed(self.entries):
             if entry[0] == "module":
-                entry[1].set_submodule(entry[2], entry[3])
+                entry[1]._modules[entry[2]] = entry[3]
                 continue
             _, module, name, key, is_parameter, grad = entry
             value = self.store.get(key) if key is not None else None
@@ -107,7 +108,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None,
                 for key in ("running_mean", "running_var", "weight", "bias"):
                     journal.tensor(bn, key)
             else:
-                journal.module(model, name)
+                for parent, key in lookup.places(bn):
+                    journal.module(parent, key)
         _retire_bn(lookup, name, bn, becomes[name], form)
     return model
 
@@ -119,6 +121,24 @@ class Submodules:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.found: dict[str, nn.Module] = {"": model}
+        self.parents: dict[int, list[tuple[nn.Module, str]]] | None = None
+
+    def places(self, module: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Every ``(parent, key)`` with ``parent._modules[key] is module`` (a module can sit at several places)."""
+        if self.parents is None:
+            self.parents = {}
+            seen: set[int] = set()
+            stack = [self.model]
+            while stack:
+                parent = stack.pop()
+                if id(parent) in seen:
+                    continue
+                seen.add(id(parent))
+                for key, child in parent._modules.items():
+                    if child is not None:
+                        self.parents.setdefault(id(child), []).append((parent, key))
+                        stack.append(child)
+        return self.parents.get(id(module), [])
 
     def __getitem__(self, name: str) -> nn.Module:
         module = self.found.get(name)
@@ -174,9 +194,11 @@ def _channels(layer: nn.Module, *, output: bool) -> int:
 
 
 def _per_channel(k: torch.Tensor, c: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A one-channel BN's ``k`` and ``c`` apply to every channel of the layer."""
-    if k.numel() == 1 and channels != 1:
-        return k.expand(channels).clone(), c.expand(channels).clone()
+    """The layer's ``k`` and ``c``, one per channel: a BN channel that covers ``m`` consecutive layer channels (the
+    rules checked the reshape between them; a one-channel BN covers them all) applies to each of them."""
+    if k.numel() != channels:
+        m = channels // k.numel()
+        return k.repeat_interleave(m), c.repeat_interleave(m)
     return k, c
 
 
@@ -210,8 +232,8 @@ def _retire_bn(lookup: Submodules, name: str, bn: nn.Module, becomes: str, form:
     replacement._forward_hooks.update(bn._forward_hooks)  # a user's hook sees the same output as before
     replacement._forward_hooks_with_kwargs.update(bn._forward_hooks_with_kwargs)
     replacement._forward_hooks_always_called.update(bn._forward_hooks_always_called)
-    parent, _, child = name.rpartition(".")
-    lookup[parent]._modules[child] = replacement  # (what set_submodule does, without its checks)
+    for parent, key in lookup.places(bn) or [(lookup[name.rpartition(".")[0]], name.rpartition(".")[2])]:
+        parent._modules[key] = replacement  # at every place the model holds it (set_submodule, without its checks)
     lookup.found[name] = replacement
 
 

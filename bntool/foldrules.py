@@ -11,7 +11,8 @@ The rules, for every call of a BN:
 * **backward** into the module whose output it normalizes (its *producer*):
   the BN's normalization reads its input directly; between producer and BN
   stand only multiplies / adds by numbers (kept, and accounted for) and
-  order-preserving reshapes that keep the channel axis; nothing else reads
+  row-major reshapes that keep each of the producer's channels within one
+  BN channel (the same channel, or a block of them); nothing else reads
   the producer's output or anything in between; and every call of the
   producer feeds this BN. A BN called after several producers folds into
   each of them; a block called twice folds once.
@@ -283,7 +284,7 @@ def _layer_reason(module: nn.Module, name: str, owners, functional: bool = False
     if recomputed:
         return (f"the {recomputed} of `{name}` is recomputed at every call (weight_norm, spectral_norm or another "
                 "parametrization), so a folded value written there would not be used")
-    shared = [o for o in owners.get(id(module.weight), ()) if o != name]
+    shared = [o for o, m in owners.get(id(module.weight), ()) if m is not module]  # (itself at another place: no)
     if shared:
         return f"the weight of `{name}` is shared with `{shared[0]}`, which folding would change too"
     return None
@@ -343,15 +344,29 @@ def _channel_reason(bn, layer: nn.Module, name: str, link: _Link, flow: Dataflow
         return None
     if linear and not link.reshaped:
         return f"it normalizes axis 1 of a {len(bn_shape)}-D input, but the Linear's features are on the last axis"
-    return f"the reshape between `{name}` and the BN does not keep the channel axis"
+    return f"the reshape between `{name}` and the BN does not map each channel of `{name}` into one channel of the BN"
 
 
 def _same_channels(layer_shape: tuple[int, ...], axis: int, bn_shape: tuple[int, ...]) -> bool:
-    """Row-major reshapes keep channel ``axis`` of ``layer_shape`` as axis 1 of ``bn_shape``, element for element."""
-    if len(bn_shape) < 2:
+    """Whether a row-major reshape from ``layer_shape`` to ``bn_shape`` maps every element of the layer's channel
+    ``f`` (on ``axis``) to the BN's channel (axis 1) ``f // m``, the same for all of them.
+
+    ``m == 1``: the channel axis kept, element for element (LeViT's
+    ``flatten(0, 1)``). ``m > 1``: each BN channel is a block of ``m``
+    consecutive layer channels: a Linear's features reshaped into channels
+    and positions (a DCGAN generator's ``fc(z).view(-1, C, H, W)`` before a
+    ``BatchNorm2d``), or a BN's channels and positions flattened into a
+    Linear's features (``fc(bn(x).flatten(1))``). Row-major, element
+    ``(lead, f, t)`` of the layer's side is ``(lead, f // m, (f % m) * T + t)``
+    of the BN's when the leading sizes agree and the BN's positions number
+    ``m`` times the layer's (``T``).
+    """
+    if len(bn_shape) < 2 or math.prod(layer_shape[:axis]) != bn_shape[0]:
         return False
-    return (layer_shape[axis] == bn_shape[1] and math.prod(layer_shape[:axis]) == bn_shape[0]
-            and math.prod(layer_shape[axis + 1:]) == math.prod(bn_shape[2:]))
+    channels, features = layer_shape[axis], bn_shape[1]
+    if features == 0 or channels % features:
+        return False
+    return math.prod(bn_shape[2:]) == (channels // features) * math.prod(layer_shape[axis + 1:])
 
 
 def _has_padding(conv: nn.Module) -> bool:
@@ -361,10 +376,11 @@ def _has_padding(conv: nn.Module) -> bool:
     return any(p != 0 for p in padding)
 
 
-def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
-    owners: dict[int, list[str]] = defaultdict(list)
+def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every place of every module holding each parameter, by the parameter's id."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):
         for param in module._parameters.values():  # (module.parameters(recurse=False), without its machinery)
             if param is not None:
-                owners[id(param)].append(name)
+                owners[id(param)].append((name, module))
     return owners

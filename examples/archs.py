@@ -59,6 +59,8 @@ __all__ = [
     "quant_linear_bn",
     "quant_conv_transpose_bn",
     "linear_bn1d_one_channel",
+    "dcgan_generator",
+    "dcgan_discriminator",
     "block_called_twice",
     "bn_shared_by_two_convs",
     "scalar_ops_between",
@@ -1508,6 +1510,74 @@ def quant_conv_transpose_bn() -> ModelForConvTransposeBNFusion:
 def linear_bn1d_one_channel() -> nn.Sequential:
     """Linear(3, 5) on ``(N, 1, 3)``, then ``BatchNorm1d(1)``: one channel, broadcast over every output feature."""
     return _with_shape(nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(1)), (4, 1, 3))
+
+
+# ============================================================================ PyTorch-GAN's DCGAN (eriklindernoren)
+
+
+class DCGANGenerator(nn.Module):
+    """PyTorch-GAN's ``dcgan.py`` generator: a Linear whose output is viewed as a feature map and normalized by a
+    ``BatchNorm2d`` (each BN channel a block of ``init_size ** 2`` features), then upsample / conv / BN blocks with
+    the repository's ``BatchNorm2d(128, 0.8)`` (0.8 is eps: the second positional argument)."""
+
+    def __init__(self, img_size: int = 32, latent_dim: int = 16, channels: int = 3):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.l1 = nn.Sequential(nn.Linear(latent_dim, 128 * self.init_size ** 2))
+        self.conv_blocks = nn.Sequential(
+            nn.BatchNorm2d(128),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(128, 128, 3, stride=1, padding=1),
+            nn.BatchNorm2d(128, 0.8),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(128, 64, 3, stride=1, padding=1),
+            nn.BatchNorm2d(64, 0.8),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(64, channels, 3, stride=1, padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z):
+        out = self.l1(z)
+        out = out.view(out.shape[0], 128, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+
+class DCGANDiscriminator(nn.Module):
+    """PyTorch-GAN's ``dcgan.py`` discriminator: conv / LeakyReLU / Dropout2d / BN blocks, then the last feature
+    map flattened into a Linear (the last BN folds forward into it, across the flatten)."""
+
+    def __init__(self, img_size: int = 32, channels: int = 3):
+        super().__init__()
+
+        def discriminator_block(in_filters, out_filters, bn=True):
+            block = [nn.Conv2d(in_filters, out_filters, 3, 2, 1), nn.LeakyReLU(0.2, inplace=True), nn.Dropout2d(0.25)]
+            if bn:
+                block.append(nn.BatchNorm2d(out_filters, 0.8))
+            return block
+
+        self.model = nn.Sequential(
+            *discriminator_block(channels, 16, bn=False),
+            *discriminator_block(16, 32),
+            *discriminator_block(32, 64),
+            *discriminator_block(64, 128),
+        )
+        ds_size = img_size // 2 ** 4
+        self.adv_layer = nn.Sequential(nn.Linear(128 * ds_size ** 2, 1), nn.Sigmoid())
+
+    def forward(self, img):
+        out = self.model(img)
+        out = out.view(out.shape[0], -1)
+        return self.adv_layer(out)
+
+
+def dcgan_generator(img_size: int = 32, latent_dim: int = 16) -> DCGANGenerator:
+    return _with_shape(DCGANGenerator(img_size, latent_dim), (4, latent_dim))
+
+
+def dcgan_discriminator(img_size: int = 32) -> DCGANDiscriminator:
+    return _with_shape(DCGANDiscriminator(img_size), (4, 3, img_size, img_size))
 
 
 # ============================================================================ module reuse and call forms

@@ -638,9 +638,158 @@ class _Aliased(nn.Module):
         return self.bn(self.conv(x))
 
 
-def test_a_bn_held_at_two_places_is_copied_not_shared():
+def test_a_bn_held_at_two_places_goes_from_both_and_the_original_keeps_it_at_both():
+    """The module folded away is gone wherever the copy held it (an alias is the same module); the original's
+    BN is never touched through the copy."""
     model = randomize_bn(_Aliased(), seed=1).eval()
+    before = copy.deepcopy(model.state_dict())
     folded, report = bntool.fold(model, (torch.randn(1, 3, 8, 8),), verify=False)
     assert [p.bn for p in report.done] == ["bn"]
-    assert isinstance(folded.bn, nn.Identity)
-    assert folded.alias is not model.bn and isinstance(folded.alias, nn.BatchNorm2d)
+    assert isinstance(folded.bn, nn.Identity) and folded.alias is folded.bn
+    assert isinstance(model.bn, nn.BatchNorm2d) and model.alias is model.bn
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- one module at two places
+
+
+def _reused_block():
+    """``Sequential(stem, conv, bn, relu, conv, bn)`` with the same conv and BN objects at both places."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), conv, bn, nn.ReLU(), conv, bn)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_block_held_at_two_places_folds_once_and_leaves_no_bn_at_either(inplace):
+    """The conv's weight is not "shared with another layer": it is the same layer. The BN goes from both places."""
+    model = randomize_bn(_reused_block(), seed=4).eval()
+    inputs = _inputs((2, 3, 6, 6))
+    original = copy.deepcopy(model)
+    folded, report = bntool.fold(model, inputs, inplace=inplace)
+    assert [(p.bn, p.into) for p in report.plan.pairs] == [("2", "1")] and report.plan.skips == ()
+    assert isinstance(folded[2], nn.Identity) and folded[5] is folded[2] and folded[4] is folded[1]
+    _assert_computes_original(folded, original, inputs)
+    if not inplace:
+        assert folded[1] is not model[1] and isinstance(model[2], nn.BatchNorm2d) and model[5] is model[2]
+
+
+def test_a_block_held_at_two_places_reloads_and_undoes_at_both(monkeypatch, tmp_path):
+    model = randomize_bn(_reused_block(), seed=4).eval()
+    inputs = _inputs((2, 3, 6, 6))
+    folded, _ = bntool.fold(copy.deepcopy(model), inputs)
+    bntool.save(folded, tmp_path / "f.safetensors")
+    fresh = bntool.load(tmp_path / "f.safetensors", _reused_block()).eval()
+    assert isinstance(fresh[2], nn.Identity) and fresh[5] is fresh[2]
+    with torch.no_grad():
+        assert torch.equal(fresh(*inputs), folded(*inputs))
+
+    before = copy.deepcopy(model.state_dict())
+    _corrupt_nth_fold(monkeypatch, 1)
+    with pytest.raises(VerificationError):
+        bntool.fold(model, inputs, inplace=True, strict=True)
+    assert type(model[2]) is nn.BatchNorm2d and model[5] is model[2]  # back at both places
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- channels in blocks across a reshape
+
+
+class LinearToBN2d(nn.Module):
+    """A GAN generator's projection: ``fc(z).view(-1, C, H, W)`` then ``BatchNorm2d(C)``: each BN channel is a
+    block of H * W consecutive features of the Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4 * 3 * 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 2, 4, 2, 1)
+
+    def forward(self, z):
+        return self.up(F.relu(self.bn(self.fc(z).view(-1, 4, 3, 3))))
+
+
+class BN2dToLinear(nn.Module):
+    """A classifier head ``fc(bn(x).flatten(1))``: each BN channel is a block of H * W of the Linear's inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.bn(F.relu(self.conv(x))), 1))
+
+
+class ConvToFewerChannels(nn.Module):
+    """``conv(x).view(B, 2, 4 * H, W)``: BN channel c covers the conv's channels 4c .. 4c + 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        return F.relu(self.bn(self.conv(x).view(b, 2, 4 * (h - 2), w - 2)))
+
+
+class ConvToMoreChannels(nn.Module):
+    """``conv(x).view(B, 16, -1)``: one conv channel spans 4 BN channels with different statistics: no fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x).view(x.shape[0], 16, -1)))
+
+
+class LinearTransposedToBN(nn.Module):
+    """``fc(z).view(-1, 3, 4).transpose(1, 2)``: the features reach the BN channels interleaved: no fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 12)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, z):
+        return F.relu(self.bn(self.fc(z).view(-1, 3, 4).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("cls,shape,direction", [(LinearToBN2d, (5, 8), "backward"), (BN2dToLinear, (2, 3, 6, 6), "forward"),
+                                                 (ConvToFewerChannels, (2, 3, 6, 6), "backward")])
+def test_a_bn_channel_that_is_a_block_of_layer_channels_folds(cls, shape, direction):
+    model = randomize_bn(cls(), seed=8).eval()
+    inputs = _inputs(shape)
+    folded, report = bntool.fold(model, inputs)
+    [pair] = report.plan.pairs
+    assert pair.direction == direction and isinstance(folded.bn, nn.Identity)
+    _assert_computes_original(folded, model, inputs)
+
+
+@pytest.mark.parametrize("cls,shape,fragment", [
+    (ConvToMoreChannels, (2, 3, 6, 6), "does not map each channel of `conv` into one channel of the BN"),
+    (LinearTransposedToBN, (5, 8), "(`transpose`) stands between")])
+def test_a_reshape_that_splits_or_interleaves_channels_is_refused(cls, shape, fragment):
+    model = randomize_bn(cls(), seed=8).eval()
+    folded, report = bntool.fold(model, _inputs(shape))
+    assert report.plan.pairs == () and fragment in report.plan.skips[0].reason, report.plan.skips[0].reason
+    assert isinstance(folded.bn, nn.BatchNorm1d)
+
+
+def test_forcing_the_refused_split_fold_really_breaks_it():
+    """The block rule is not overcautious: folding ``ConvToMoreChannels`` anyway (with any one of the four BN channels
+    a conv channel spans) changes the output."""
+    model = randomize_bn(ConvToMoreChannels(), seed=8).eval()
+    inputs = _inputs((2, 3, 6, 6))
+    k, c = bntool.foldmath.bn_scale_shift(model.bn.running_mean, model.bn.running_var, model.bn.eps, model.bn.weight,
+                                          model.bn.bias)
+    broken = copy.deepcopy(model)
+    weight, bias = fold_into_producer(model.conv.weight, model.conv.bias, torch.zeros(4), torch.ones(4) - model.bn.eps,
+                                      model.bn.eps, k[::4].float(), c[::4].float())
+    broken.conv.weight.data, broken.conv.bias.data = weight, bias
+    broken.bn = nn.Identity()
+    assert not bntool.compare(model, broken, inputs).passed

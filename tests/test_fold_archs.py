@@ -180,6 +180,9 @@ ARCHS = {
     "quant-linear-bn1d": Arch("quant_linear_bn"),
     "quant-convtranspose-bn": Arch("quant_conv_transpose_bn"),
     "linear-bn1d-one-channel": Arch("linear_bn1d_one_channel"),
+    "dcgan-generator": Arch("dcgan_generator"),  # Linear -> view -> BatchNorm2d: each BN channel a block of features
+    "dcgan-discriminator": Arch("dcgan_discriminator", left={  # the last BN folds forward across the flatten
+        "model.6": ("zero-pads",), "model.10": ("zero-pads",)}),
     # module reuse and call forms
     "block-called-twice": Arch("block_called_twice"),
     "bn-shared-by-two-convs": Arch("bn_shared_by_two_convs"),
@@ -291,7 +294,8 @@ def test_folded_levit_holds_no_tracing_leftovers():
 #: scalar steps, into two producers, into one conv from both sides, into a block called twice.
 CLI_ROUND_TRIP = ["bn-act-relu-hardswish-silu-drop", "bn-act-bias-none", "resnetv2-preact", "dpn", "levit-blocks",
                   "torchvision-frozen-resnet", "timm-frozen-efficientnet", "detectron2-frozen-separate",
-                  "scalar-mul-add-between", "bn-shared-by-two-convs", "mmcv-bn-conv-bn", "block-called-twice"]
+                  "scalar-mul-add-between", "bn-shared-by-two-convs", "mmcv-bn-conv-bn", "block-called-twice",
+                  "dcgan-generator", "dcgan-discriminator"]
 
 
 @pytest.mark.parametrize("name", CLI_ROUND_TRIP)
