@@ -26,7 +26,7 @@ from torch import nn
 
 from . import recipe
 from .cloning import clone
-from .errors import VerificationError, require_module
+from .errors import BntoolError, InputError, VerificationError, out_of_memory, require_module, shorten
 from .foldapply import Journal, Submodules, apply_plan, replay
 from .foldplan import FoldPair, FoldPlan
 from .foldrules import plan_from_dataflow
@@ -128,14 +128,34 @@ def fold(
         comparison = None
         if not verify:
             break
-        comparison = compare(None, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(), reference=reference,
-                             fan_in=fan_in)
-        blamed = {} if comparison.passed or strict else _blame(plan, comparison)
-        if comparison.passed or not blamed:
+        crashed = None
+        try:
+            comparison = compare(None, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(), reference=reference,
+                                 fan_in=fan_in)
+        except Exception as exc:  # noqa: BLE001 - the original ran on these inputs: the fold broke the forward
+            crashed = _the_failure(exc)
+            blamed = {} if strict else _blame_crash(plan, folded, crashed)
+        else:
+            blamed = {} if comparison.passed or strict else _blame(plan, comparison)
+            if comparison.passed:
+                break
+        if not blamed:
+            if crashed is not None:
+                if journal is not None:
+                    journal.undo()  # a failed in-place fold leaves the model as it was
+                report = FoldReport(plan, None, tuple(s for s in plan.skips if s.bn in rejected))
+                raise VerificationError(f"the folded model failed to run on inputs the original runs on "
+                                        f"({_one_line(crashed)}); nothing was folded", report) from crashed
             break
         rejected.update(blamed)
         if journal is not None:
             journal.undo()  # back to the original, to fold the rest
+    else:
+        if crashed is not None:  # (every round ended in a crash it could blame: never return an unverified model)
+            if journal is not None:
+                journal.undo()
+            raise VerificationError(f"the folded model failed to run ({_one_line(crashed)}); nothing was folded",
+                                    FoldReport(plan, None)) from crashed
     if inplace:
         gc.collect()  # the dataflow's traced structures hold the replaced tensors in reference cycles: free them now
     outputs_only = dataclasses.replace(reference, layers={}, layer_deltas={}) if reference is not None else None
@@ -169,6 +189,39 @@ def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:
         replaced += [t for key, t in [*bn._parameters.items(), *bn._buffers.items()]  # (its own, not its children's)
                      if t is not None and (names is None or key in names)]
     return clone(model, share=replaced, keep=removed)
+
+
+def _the_failure(exc: BaseException) -> BaseException:
+    """What the model raised (running it turns a model's complaint into an ``InputError`` about the inputs, which
+    does not apply here: the original ran on them). Running out of memory is not the fold's fault: raised on."""
+    cause = exc.__cause__ if isinstance(exc, InputError) and exc.__cause__ is not None else exc
+    if out_of_memory(cause) or (isinstance(exc, BntoolError) and exc.__cause__ is None):
+        raise exc
+    return cause
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {shorten(text[0])}" if text else type(exc).__name__
+
+
+def _blame_crash(plan: FoldPlan, folded: nn.Module, exc: BaseException) -> dict[str, str]:
+    """The folds whose replacement module or folded layer the failure was raised in (the innermost one in the
+    traceback): a forward that reads ``self.bn.affine`` of a BN folding replaced, say."""
+    lookup = Submodules(folded)
+    suspects: dict[int, list[FoldPair]] = {}
+    for pair in plan.pairs:
+        if pair.bn_becomes != "identity":
+            suspects.setdefault(id(lookup[pair.bn]), []).append(pair)
+        suspects.setdefault(id(lookup[pair.into]), []).append(pair)
+    tb, found = exc.__traceback__, None
+    while tb is not None:  # outermost to innermost: the last match is the innermost
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in suspects:
+            found = suspects[id(owner)]
+        tb = tb.tb_next
+    return {p.bn: f"rejected by verification: the folded model failed to run ({_one_line(exc)}) in what replaced or "
+                  f"absorbed it; the forward uses it as more than a layer" for p in found or ()}
 
 
 def _blame(plan: FoldPlan, comparison: Comparison) -> dict[str, str]:

@@ -71,13 +71,14 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
     """
     modules = dict(model.named_modules())
     owners = _parameter_owners(model)
+    read = [op.target for op in flow.ops if op.kind == "attr"]  # model tensors the forward reads directly
     pairs: list[FoldPair] = []
     skips: list[Skip] = []
     for name in [n for n, m in modules.items() if is_batchnorm(m)]:  # (bn_names, from the modules at hand)
         if rejected and name in rejected:
             skips.append(Skip(name, rejected[name]))
             continue
-        result = _plan_bn(name, modules[name], flow, modules, owners)
+        result = _plan_bn(name, modules[name], flow, modules, owners, read)
         if isinstance(result, str):
             skips.append(Skip(name, result))
         else:
@@ -87,8 +88,10 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
     return FoldPlan(tuple(pairs), tuple(skips), flow.method, flow.note)
 
 
-def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners) -> tuple[list[FoldPair], bnform.NormForm] | str:
-    """The BN's pairs and what it computes, or why it does not fold."""
+def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners,
+             read: Sequence[str] = ()) -> tuple[list[FoldPair], bnform.NormForm] | str:
+    """The BN's pairs and what it computes, or why it does not fold. ``read``: the model tensors the forward reads
+    directly, outside the calls of the modules that hold them."""
     calls = flow.calls.get(name, ())
     if name == "":
         return "the model is a single BatchNorm: there is no layer to fold it into"
@@ -100,6 +103,10 @@ def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners) -> tuple
         if flow.method == "recorded":
             return "did not run on the verification inputs, so its dataflow is unknown"
         return "is never called in the model's forward"
+    outside = next((t for t in read if t.startswith(f"{name}.")), None)
+    if outside is not None:  # (DiverseBranchBlock pads with values computed from its BN's statistics)
+        return (f"its tensors are also read outside its own call (`{outside}`), and folding would change or remove "
+                "them")
     if not has_statistics(bn):
         return ("has no running statistics (track_running_stats=False), so eval mode normalizes with batch "
                 "statistics; run `bntool recalibrate` to give it statistics, then fold")
@@ -158,6 +165,7 @@ def _backward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tu
     for producer, group in _by_module(links).items():
         module = modules[producer]
         reason = (_layer_reason(module, producer, owners, _functional(flow, group))
+                  or _read_elsewhere_reason(flow, producer)
                   or _all_calls_reason(flow, producer, group, name)
                   or _through_reason(group, producer, name))
         if reason:
@@ -219,6 +227,7 @@ def _forward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tup
         if isinstance(module, TRANSPOSED):
             return f"`{consumer}` is a transposed conv, into which bntool folds only from the output side"
         reason = (_layer_reason(module, consumer, owners, _functional(flow, group))
+                  or _read_elsewhere_reason(flow, consumer)
                   or _all_calls_reason(flow, consumer, group, name)
                   or _through_reason(group, consumer, name))
         if reason:
@@ -277,9 +286,9 @@ def _functional(flow: Dataflow, group: list[_Link]) -> bool:
 
 def _layer_reason(module: nn.Module, name: str, owners, functional: bool = False) -> str | None:
     if not isinstance(module, FOLDABLE_TYPES):
-        return f"`{name}` is a {type(module).__name__}, which bntool cannot fold into"
+        return f"`{name}` is {_a(type(module).__name__)}, which bntool cannot fold into"
     if not functional and not standard_forward(module, FOLDABLE_TYPES):
-        return f"`{name}` is a {type(module).__name__} with its own forward, so its arithmetic is unknown"
+        return f"`{name}` is {_a(type(module).__name__)} with its own forward, so its arithmetic is unknown"
     recomputed = _recomputed_tensor(module)
     if recomputed:
         return (f"the {recomputed} of `{name}` is recomputed at every call (weight_norm, spectral_norm or another "
@@ -288,6 +297,10 @@ def _layer_reason(module: nn.Module, name: str, owners, functional: bool = False
     if shared:
         return f"the weight of `{name}` is shared with `{shared[0]}`, which folding would change too"
     return None
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _recomputed_tensor(module: nn.Module) -> str | None:
@@ -302,6 +315,19 @@ def _recomputed_tensor(module: nn.Module) -> str | None:
             return key
         if key not in module._parameters and key not in module._buffers:
             return key
+    return None
+
+
+def _read_elsewhere_reason(flow: Dataflow, layer: str) -> str | None:
+    """The forward reads the layer's weight or bias other than in the layer's own call (``y * conv.weight.mean()``):
+    that reader would see the folded values."""
+    own = (f"{layer}.weight", f"{layer}.bias")
+    for op in flow.ops:
+        if op.kind == "attr" and op.target in own:
+            for r in flow.readers_of(op.index):
+                reader = flow.ops[r]
+                if not (reader.kind == "module" and reader.target == layer and reader.functional):
+                    return f"`{op.target}` is also read by `{reader.target}`, which would see the folded values"
     return None
 
 

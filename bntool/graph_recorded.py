@@ -37,6 +37,8 @@ class _Recorder(TorchFunctionMode):
         self.modules = modules
         self.owners = {id(getattr(m, attr)): name for name, m in modules.items() if isinstance(m, FOLDABLE_TYPES)
                        for attr in ("weight", "bias") if getattr(m, attr, None) is not None}
+        self.tensor_names = {id(t): f"{name}.{key}" if name else key for name, m in modules.items()
+                             for store in (m._parameters, m._buffers) for key, t in store.items() if t is not None}
         self.shapes: dict[int, tuple[Shape | None, Shape | None]] = {}
         self.ops: list[Op] = []
         self.producer: dict[tuple[int, int], int] = {}
@@ -51,9 +53,10 @@ class _Recorder(TorchFunctionMode):
         return self.source_of(self.key(t))
 
     def source_of(self, k: tuple[int, int]) -> int:
-        """The op that produced the tensor keyed ``k``; one no op produced is a model tensor read directly."""
+        """The op that produced the tensor keyed ``k``; one no op produced is a tensor read directly (named as the
+        model's parameter or buffer it is, as fx names its ``get_attr`` nodes)."""
         if k not in self.producer:
-            self.producer[k] = self.add("attr", "tensor", (), [])
+            self.producer[k] = self.add("attr", self.tensor_names.get(k[0], "tensor"), (), [])
         return self.producer[k]
 
     def add(self, kind: str, target: str, inputs: tuple[int, ...], outputs: list[torch.Tensor],

@@ -60,6 +60,7 @@ __all__ = [
     "quant_conv_transpose_bn",
     "linear_bn1d_one_channel",
     "dcgan_generator",
+    "dbb_net",
     "dcgan_discriminator",
     "block_called_twice",
     "bn_shared_by_two_convs",
@@ -1510,6 +1511,81 @@ def quant_conv_transpose_bn() -> ModelForConvTransposeBNFusion:
 def linear_bn1d_one_channel() -> nn.Sequential:
     """Linear(3, 5) on ``(N, 1, 3)``, then ``BatchNorm1d(1)``: one channel, broadcast over every output feature."""
     return _with_shape(nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(1)), (4, 1, 3))
+
+
+# ============================================================================ DiverseBranchBlock (DingXiaoH)
+
+
+class BNAndPadLayer(nn.Module):
+    """DBB's BN that pads its output with what the BN makes of a zero input, computed in the forward from the
+    BN's own parameters and statistics: the BN's tensors are read outside the BN's call, so it must stay."""
+
+    def __init__(self, pad_pixels, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)
+        self.pad_pixels = pad_pixels
+
+    def forward(self, input):
+        output = self.bn(input)
+        if self.pad_pixels > 0:
+            if self.bn.affine:
+                pad_values = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / torch.sqrt(
+                    self.bn.running_var + self.bn.eps)
+            else:
+                pad_values = - self.bn.running_mean / torch.sqrt(self.bn.running_var + self.bn.eps)
+            output = F.pad(output, [self.pad_pixels] * 4)
+            pad_values = pad_values.view(1, -1, 1, 1)
+            output[:, :, 0:self.pad_pixels, :] = pad_values
+            output[:, :, -self.pad_pixels:, :] = pad_values
+            output[:, :, :, 0:self.pad_pixels] = pad_values
+            output[:, :, :, -self.pad_pixels:] = pad_values
+        return output
+
+
+def _dbb_conv_bn(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1):
+    result = nn.Sequential()
+    result.add_module("conv", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                        bias=False))
+    result.add_module("bn", nn.BatchNorm2d(out_channels))
+    return result
+
+
+class DiverseBranchBlock(nn.Module):
+    """DBB (training-time form): a KxK conv+BN, a 1x1 conv+BN, a 1x1 conv -> BN-and-pad -> average pool -> BN,
+    and a 1x1 conv -> BN-and-pad -> KxK conv -> BN, summed in place, then the nonlinearity."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1,
+                 internal_channels_1x1_3x3=None):
+        super().__init__()
+        self.nonlinear = nn.ReLU()
+        self.dbb_origin = _dbb_conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups=groups)
+        self.dbb_avg = nn.Sequential()
+        self.dbb_avg.add_module("conv", nn.Conv2d(in_channels, out_channels, 1, 1, 0, groups=groups, bias=False))
+        self.dbb_avg.add_module("bn", BNAndPadLayer(pad_pixels=padding, num_features=out_channels))
+        self.dbb_avg.add_module("avg", nn.AvgPool2d(kernel_size=kernel_size, stride=stride, padding=0))
+        self.dbb_1x1 = _dbb_conv_bn(in_channels, out_channels, 1, stride, 0, groups=groups)
+        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(out_channels))
+        internal = internal_channels_1x1_3x3 or in_channels * 2
+        self.dbb_1x1_kxk = nn.Sequential()
+        self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(in_channels, internal, 1, 1, 0, groups=groups, bias=False))
+        self.dbb_1x1_kxk.add_module("bn1", BNAndPadLayer(pad_pixels=padding, num_features=internal, affine=True))
+        self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(internal, out_channels, kernel_size, stride, 0, groups=groups,
+                                                       bias=False))
+        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(out_channels))
+
+    def forward(self, inputs):
+        out = self.dbb_origin(inputs)
+        if hasattr(self, "dbb_1x1"):
+            out += self.dbb_1x1(inputs)
+        out += self.dbb_avg(inputs)
+        out += self.dbb_1x1_kxk(inputs)
+        return self.nonlinear(out)
+
+
+def dbb_net() -> nn.Sequential:
+    """Two DBBs (3x3, padding 1) and a head."""
+    return _with_shape(nn.Sequential(DiverseBranchBlock(3, 8, 3, padding=1), DiverseBranchBlock(8, 8, 3, 2, padding=1),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)), (2, 3, 12, 12))
 
 
 # ============================================================================ PyTorch-GAN's DCGAN (eriklindernoren)

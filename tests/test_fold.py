@@ -793,3 +793,64 @@ def test_forcing_the_refused_split_fold_really_breaks_it():
     broken.conv.weight.data, broken.conv.bias.data = weight, bias
     broken.bn = nn.Identity()
     assert not bntool.compare(model, broken, inputs).passed
+
+
+# ----------------------------------------------------------------------------- a forward that reads what folding changes
+
+
+class ReadsConvWeight(nn.Module):
+    def __init__(self, untraceable: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.untraceable = untraceable
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.untraceable and float(y.sum()) > -1e9:  # fx cannot trace this: the recorded path
+            y = y * 1.0
+        return y * self.conv.weight.mean()  # reads the weight folding would change
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_a_layer_whose_weight_the_forward_also_reads_is_left(untraceable):
+    model = randomize_bn(ReadsConvWeight(untraceable), seed=3).eval()
+    inputs = _inputs((2, 3, 5, 5))
+    folded, report = bntool.fold(model, inputs)
+    assert report.plan.method == ("recorded" if untraceable else "fx") and report.plan.pairs == ()
+    assert "`conv.weight` is also read by `mean`" in report.plan.skips[0].reason
+    assert report.comparison.passed
+
+
+class ReadsBNAttribute(nn.Module):
+    """A forward that asks the BN for a Python attribute (``affine``): nothing in a traced graph shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return y * 2.0 if self.bn1.affine else y
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_fold_that_breaks_the_forward_is_rejected_and_the_rest_is_folded(inplace):
+    """Removing `bn1` makes the forward fail (`Identity` has no `affine`): that fold is blamed from where the failure
+    was raised, left with the reason, and the rest is folded and verified; strict raises, nothing changed."""
+    model = randomize_bn(ReadsBNAttribute(), seed=3).eval()
+    inputs = _inputs((2, 3, 5, 5))
+    original = copy.deepcopy(model)
+    folded, report = bntool.fold(model, inputs, inplace=inplace)
+    assert [p.bn for p in report.plan.pairs] == ["bn2"] and [s.bn for s in report.rejected] == ["bn1"]
+    assert "failed to run (AttributeError" in report.plan.reason_for("bn1")
+    assert isinstance(folded.bn1, nn.BatchNorm2d) and isinstance(folded.bn2, nn.Identity)
+    _assert_computes_original(folded, original, inputs)
+
+    strict = randomize_bn(ReadsBNAttribute(), seed=3).eval()
+    before = copy.deepcopy(strict.state_dict())
+    with pytest.raises(VerificationError, match="the folded model failed to run on inputs the original runs on"):
+        bntool.fold(strict, inputs, inplace=inplace, strict=True)
+    assert isinstance(strict.bn1, nn.BatchNorm2d) and isinstance(strict.bn2, nn.BatchNorm2d)
+    assert all(torch.equal(v, before[k]) for k, v in strict.state_dict().items())

@@ -180,6 +180,10 @@ ARCHS = {
     "quant-linear-bn1d": Arch("quant_linear_bn"),
     "quant-convtranspose-bn": Arch("quant_conv_transpose_bn"),
     "linear-bn1d-one-channel": Arch("linear_bn1d_one_channel"),
+    "dbb": Arch("dbb_net", left={  # DiverseBranchBlock: BN-and-pad reads its BN's tensors; a BN after a pool
+        **{f"{b}.dbb_avg.bn.bn": ("read outside its own call",) for b in "01"},
+        **{f"{b}.dbb_1x1_kxk.bn1.bn": ("read outside its own call",) for b in "01"},
+        **{f"{b}.dbb_avg.avgbn": ("an AvgPool2d",) for b in "01"}}),
     "dcgan-generator": Arch("dcgan_generator"),  # Linear -> view -> BatchNorm2d: each BN channel a block of features
     "dcgan-discriminator": Arch("dcgan_discriminator", left={  # the last BN folds forward across the flatten
         "model.6": ("zero-pads",), "model.10": ("zero-pads",)}),
@@ -295,7 +299,7 @@ def test_folded_levit_holds_no_tracing_leftovers():
 CLI_ROUND_TRIP = ["bn-act-relu-hardswish-silu-drop", "bn-act-bias-none", "resnetv2-preact", "dpn", "levit-blocks",
                   "torchvision-frozen-resnet", "timm-frozen-efficientnet", "detectron2-frozen-separate",
                   "scalar-mul-add-between", "bn-shared-by-two-convs", "mmcv-bn-conv-bn", "block-called-twice",
-                  "dcgan-generator", "dcgan-discriminator"]
+                  "dcgan-generator", "dcgan-discriminator", "dbb"]
 
 
 @pytest.mark.parametrize("name", CLI_ROUND_TRIP)

@@ -109,7 +109,10 @@ def _render(result: dict, report, as_json: bool) -> None:
     plan = report.plan
     rows = [[p.bn, p.into, p.into_type, p.direction, _becomes(p)] for p in plan.pairs]
     if rows:
-        console.table(f"Folded {len(rows)} BatchNorm layer(s)", ["BatchNorm", "into", "type", "direction", "BN becomes"], rows)
+        failed = report.comparison is None or not report.comparison.passed  # (the CLI always verifies)
+        title = (f"Tried to fold {len(rows)} BatchNorm layer(s); the result failed verification and was not kept"
+                 if failed else f"Folded {len(rows)} BatchNorm layer(s)")
+        console.table(title, ["BatchNorm", "into", "type", "direction", "BN becomes"], rows)
     if plan.skips:
         console.table(f"Left {len(plan.skips)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
                       [[s.bn, s.reason] for s in plan.skips])
