@@ -32,20 +32,24 @@ def guarded(model: nn.Module, selected: list, run: Callable[[Any, int], int], ba
         raise
     except ValueError as exc:
         if "Expected more than 1 value per channel" not in str(exc):
-            raise
+            raise _does_not_fit(model, batch, index, exc) from None  # (a BN's "expected 4D input", say)
         name, shape = _single_value_bn(model, selected, run, batch, index)
         raise InputError(
             f"batch {index}: `{name}` got 1 value per channel (input shape {shape}) and training-mode statistics "
             "need at least 2; pass a larger `batch_size`, or drop the short last batch (use `num_batches`)"
         ) from None
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, IndexError) as exc:
         if isinstance(exc, torch.OutOfMemoryError):
             raise
-        given = _shape_of(batch)
-        raise InputError(
-            f"batch {index} (input shape {given}) does not fit the model: {str(exc).splitlines()[0]}; "
-            f"the first layer {expected_input(model)}; pass data of that shape (check `image_size`, `input_key`)"
-        ) from None
+        raise _does_not_fit(model, batch, index, exc) from None
+
+
+def _does_not_fit(model: nn.Module, batch: Any, index: int, exc: Exception) -> InputError:
+    """The model's complaint about a batch, as an error about the data."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(
+        f"batch {index} (input shape {_shape_of(batch)}) does not fit the model: {first}; "
+        f"the first layer {expected_input(model)}; pass data of that shape (check `image_size`, `input_key`)")
 
 
 def _single_value_bn(model: nn.Module, selected: list, run: Callable, batch: Any, index: int) -> tuple[str, tuple]:

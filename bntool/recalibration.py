@@ -128,6 +128,9 @@ def recalibrate(
         if include is not None:
             raise InputError("pass `include` or its older name `only`, not both")
         include = only
+    if isinstance(batches, torch.Tensor):  # iterating it would give single samples, not batches
+        raise InputError(f"`batches` is one tensor (shape {tuple(batches.shape)}), not an iterable of batches; pass "
+                         "`[x]` for one batch, or `x.split(64)` for batches of 64")
     if num_batches is not None and num_batches < 1:
         raise InputError(f"num_batches={num_batches}: pass a positive number of batches (or None for all)")
     if merge_every is not None and merge_every < 1:

@@ -638,3 +638,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             assert torch.equal(a, value), key
     assert results[0]["report"]["num_batches"] == 5 and results[0]["report"]["world_size"] == 2
     assert results[0]["report"] == results[1]["report"]
+
+
+def test_a_tensor_passed_as_the_batches_is_refused_in_one_line():
+    """Iterating a tensor gives single samples; bntool says what to pass instead of failing inside the model."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InputError, match=r"`batches` is one tensor \(shape \(8, 3, 6, 6\)\).*`\[x\]` for one batch"):
+        recalibrate(model, torch.randn(8, 3, 6, 6))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("batch", [torch.randn(3, 6, 6), torch.randn(4, 3, 6)])
+def test_a_batch_the_model_rejects_with_a_value_or_index_error_is_an_input_error(batch):
+    """A BN's ``expected 4D input`` (ValueError) is the data's shape too, not a crash."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(InputError, match=r"batch 0 \(input shape .*\) does not fit the model"):
+        recalibrate(model, [batch])
