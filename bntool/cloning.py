@@ -33,18 +33,24 @@ _EMPTY_COPIES = (dict, OrderedDict, set, list)
 
 
 def clone(model: nn.Module, share: Iterable[torch.Tensor] = (), keep: Iterable[nn.Module] = (), *,
-          share_all: bool = False) -> nn.Module:
+          share_all: bool = False, eval_mode: bool = False) -> nn.Module:
     """A deep copy of ``model`` in which the tensors of ``share`` (every parameter and buffer with
     ``share_all``) and the submodules of ``keep`` are the original objects (a kept submodule is the caller's to
-    replace before anyone uses the copy)."""
+    replace before anyone uses the copy). ``eval_mode``: the copy is in eval mode, as ``.eval()`` would leave it
+    (through ``.eval()`` itself when a module's class has a ``train`` of its own)."""
     memo: dict[Any, Any] = {id(t): t for t in share}
     memo.update((id(m), m) for m in keep)
     if share_all:
         memo[_SHARE_ALL] = True
-    return _copy_module(model, memo)
+    plain_train = eval_mode and all(type(m).train is nn.Module.train for m in model.modules())
+    if plain_train:
+        memo[_EVAL] = True
+    copy_ = _copy_module(model, memo)
+    return copy_.eval() if eval_mode and not plain_train else copy_
 
 
-_SHARE_ALL = "share every parameter and buffer"  # a memo key (deepcopy's own keys are ints)
+_SHARE_ALL = "share every parameter and buffer"  # memo keys (deepcopy's own keys are ints)
+_EVAL = "copies in eval mode"
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,10 +90,14 @@ def _copy_module(module: nn.Module, memo: dict[Any, Any]) -> nn.Module:
             state[key] = {n: None if m is None else _copy_module(m, memo) for n, m in value.items()}
         elif key in ("_parameters", "_buffers"):
             state[key] = {n: None if t is None else _copy_tensor(t, memo) for n, t in value.items()}
+        elif kind is tuple and all(type(v) in _ATOMIC_TYPES for v in value):  # (kernel_size, stride, ...)
+            state[key] = value
         elif isinstance(value, _ATOMIC) or (kind is tuple and all(isinstance(v, _ATOMIC) for v in value)):
             state[key] = value
         else:
             state[key] = copy.deepcopy(value, memo)
+    if _EVAL in memo and "training" in state:
+        state["training"] = False
     new.__dict__.update(state)
     return new
 

@@ -71,7 +71,7 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
     """
     modules = dict(model.named_modules())
     owners = _parameter_owners(model)
-    read = [op.target for op in flow.ops if op.kind == "attr"]  # model tensors the forward reads directly
+    read = [op.target for op in flow.tensor_reads]  # model tensors the forward reads directly
     pairs: list[FoldPair] = []
     skips: list[Skip] = []
     for name in [n for n, m in modules.items() if is_batchnorm(m)]:  # (bn_names, from the modules at hand)
@@ -322,8 +322,8 @@ def _read_elsewhere_reason(flow: Dataflow, layer: str) -> str | None:
     """The forward reads the layer's weight or bias other than in the layer's own call (``y * conv.weight.mean()``):
     that reader would see the folded values."""
     own = (f"{layer}.weight", f"{layer}.bias")
-    for op in flow.ops:
-        if op.kind == "attr" and op.target in own:
+    for op in flow.tensor_reads:
+        if op.target in own:
             for r in flow.readers_of(op.index):
                 reader = flow.ops[r]
                 if not (reader.kind == "module" and reader.target == layer and reader.functional):

@@ -59,6 +59,8 @@ class Dataflow:
     measure: Callable[[], dict[int, tuple[Shape | None, Shape | None]]] | None = field(default=None, repr=False)
     readers: dict[int, tuple[int, ...]] = field(init=False)
     calls: dict[str, tuple[int, ...]] = field(init=False)
+    #: model tensors the forward reads directly (``conv.weight``), and the ops that read them
+    tensor_reads: tuple[Op, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         readers: defaultdict[int, list[int]] = defaultdict(list)
@@ -70,6 +72,7 @@ class Dataflow:
                 calls[op.target].append(op.index)
         self.readers = {i: tuple(r) for i, r in readers.items()}
         self.calls = {name: tuple(c) for name, c in calls.items()}
+        self.tensor_reads = tuple(op for op in self.ops if op.kind == "attr")
 
     def readers_of(self, index: int) -> tuple[int, ...]:
         return self.readers.get(index, ())

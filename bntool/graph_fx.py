@@ -34,8 +34,7 @@ from .graph_ops import (
 
 def trace(model: nn.Module) -> torch.fx.Graph:
     """The fx graph of ``model``'s forward, traced on a clone sharing its tensors, in eval mode."""
-    copy = clone(model, share_all=True)
-    return _Tracer().trace(copy.eval())
+    return _Tracer().trace(clone(model, share_all=True, eval_mode=True))
 
 
 class _Tracer(torch.fx.Tracer):

@@ -66,3 +66,27 @@ def test_share_only_the_given_tensors():
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         assert torch.equal(copied(x), model(x))
+
+
+class KeepsBNTraining(nn.Module):
+    """A module whose ``train`` does more than set flags (a common fine-tuning trick): eval mode must go through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.calls = 0
+
+    def train(self, mode: bool = True):
+        self.calls += 1
+        return super().train(mode)
+
+
+def test_eval_mode_copies_are_in_eval_mode_and_the_original_keeps_its_mode():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.BatchNorm2d(3), nn.Dropout()))
+    model.train()
+    copied = clone(model, share_all=True, eval_mode=True)
+    assert not any(m.training for m in copied.modules()) and all(m.training for m in model.modules())
+    custom = nn.Sequential(KeepsBNTraining()).train()
+    copied = clone(custom, share_all=True, eval_mode=True)
+    assert copied[0].calls == custom[0].calls + 1  # its own train() ran, on the copy only
+    assert not any(m.training for m in copied.modules()) and all(m.training for m in custom.modules())
