@@ -160,6 +160,7 @@ COVERAGE = [
     ("ResNet, FrozenBatchNorm2d (torchvision)", lambda: archs.torchvision_frozen_resnet()),
     ("ResNet, Conv2d(norm=FrozenBN) (detectron2)", lambda: archs.detectron2_frozen_resnet()),
     ("BN -> conv -> BN (mmcv fuse_conv_bn test)", lambda: archs.mmcv_fuse_conv_bn_model()),
+    ("YOLOv8 detection (ultralytics)", lambda: archs.yolov8_like()),
     ("DCGAN generator (PyTorch-GAN)", lambda: archs.dcgan_generator()),
     ("DCGAN discriminator (PyTorch-GAN)", lambda: archs.dcgan_discriminator()),
 ]

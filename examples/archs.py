@@ -60,6 +60,7 @@ __all__ = [
     "quant_conv_transpose_bn",
     "linear_bn1d_one_channel",
     "dcgan_generator",
+    "yolov8_like",
     "dbb_net",
     "dcgan_discriminator",
     "block_called_twice",
@@ -1586,6 +1587,203 @@ def dbb_net() -> nn.Sequential:
     """Two DBBs (3x3, padding 1) and a head."""
     return _with_shape(nn.Sequential(DiverseBranchBlock(3, 8, 3, padding=1), DiverseBranchBlock(8, 8, 3, 2, padding=1),
                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)), (2, 3, 12, 12))
+
+
+# ============================================================================ ultralytics YOLOv8 (detection)
+
+
+def _autopad(k, p=None, d=1):
+    if d > 1:
+        k = d * (k - 1) + 1 if isinstance(k, int) else [d * (x - 1) + 1 for x in k]
+    if p is None:
+        p = k // 2 if isinstance(k, int) else [x // 2 for x in k]
+    return p
+
+
+class YoloConv(nn.Module):
+    """ultralytics ``Conv``: conv (no bias) -> BatchNorm2d -> SiLU, in one module."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, c1, c2, k=1, s=1, p=None, g=1, d=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, _autopad(k, p, d), groups=g, dilation=d, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = self.default_act if act is True else act if isinstance(act, nn.Module) else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class YoloBottleneck(nn.Module):
+    def __init__(self, c1, c2, shortcut=True, g=1, k=(3, 3), e=0.5):
+        super().__init__()
+        c_ = int(c2 * e)
+        self.cv1 = YoloConv(c1, c_, k[0], 1)
+        self.cv2 = YoloConv(c_, c2, k[1], 1, g=g)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x)) if self.add else self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """CSP bottleneck with 2 convolutions: the first conv's output chunked in two, bottlenecks chained on the
+    second half, everything concatenated."""
+
+    def __init__(self, c1, c2, n=1, shortcut=False, g=1, e=0.5):
+        super().__init__()
+        self.c = int(c2 * e)
+        self.cv1 = YoloConv(c1, 2 * self.c, 1, 1)
+        self.cv2 = YoloConv((2 + n) * self.c, c2, 1)
+        self.m = nn.ModuleList(YoloBottleneck(self.c, self.c, shortcut, g, k=((3, 3), (3, 3)), e=1.0) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    def __init__(self, c1, c2, k=5):
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = YoloConv(c1, c_, 1, 1)
+        self.cv2 = YoloConv(c_ * 4, c2, 1, 1)
+        self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class Concat(nn.Module):
+    def __init__(self, dimension=1):
+        super().__init__()
+        self.d = dimension
+
+    def forward(self, x):
+        return torch.cat(x, self.d)
+
+
+class DFL(nn.Module):
+    """Distribution focal loss integral: a fixed 1x1 conv (weights 0..c1-1, no BN) over a softmax."""
+
+    def __init__(self, c1=16):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
+        x = torch.arange(c1, dtype=torch.float)
+        self.conv.weight.data[:] = nn.Parameter(x.view(1, c1, 1, 1))
+        self.c1 = c1
+
+    def forward(self, x):
+        b, _, a = x.shape
+        return self.conv(x.view(b, 4, self.c1, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+
+def _make_anchors(feats, strides, grid_cell_offset=0.5):
+    anchor_points, stride_tensor = [], []
+    dtype, device = feats[0].dtype, feats[0].device
+    for i, stride in enumerate(strides):
+        _, _, h, w = feats[i].shape
+        sx = torch.arange(end=w, device=device, dtype=dtype) + grid_cell_offset
+        sy = torch.arange(end=h, device=device, dtype=dtype) + grid_cell_offset
+        sy, sx = torch.meshgrid(sy, sx, indexing="ij")
+        anchor_points.append(torch.stack((sx, sy), -1).view(-1, 2))
+        stride_tensor.append(torch.full((h * w, 1), stride, dtype=dtype, device=device))
+    return torch.cat(anchor_points), torch.cat(stride_tensor)
+
+
+def _dist2bbox(distance, anchor_points, xywh=True, dim=-1):
+    lt, rb = distance.chunk(2, dim)
+    x1y1 = anchor_points - lt
+    x2y2 = anchor_points + rb
+    if xywh:
+        return torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), dim)
+    return torch.cat((x1y1, x2y2), dim)
+
+
+class Detect(nn.Module):
+    """YOLOv8 head: per level, a box branch and a class branch of Conv+BN+SiLU blocks; in inference the anchors
+    are computed from the feature shapes and cached on the module (``self.anchors``, ``self.shape``), the input
+    list is overwritten in place, and ``(y, x)`` is returned."""
+
+    dynamic = False
+    export = False
+    shape = None
+    anchors = torch.empty(0)
+    strides = torch.empty(0)
+
+    def __init__(self, nc=80, ch=()):
+        super().__init__()
+        self.nc = nc
+        self.nl = len(ch)
+        self.reg_max = 16
+        self.no = nc + self.reg_max * 4
+        self.stride = torch.tensor([8.0, 16.0, 32.0][: self.nl])
+        c2, c3 = max((16, ch[0] // 4, self.reg_max * 4)), max(ch[0], min(self.nc, 100))
+        self.cv2 = nn.ModuleList(
+            nn.Sequential(YoloConv(x, c2, 3), YoloConv(c2, c2, 3), nn.Conv2d(c2, 4 * self.reg_max, 1)) for x in ch)
+        self.cv3 = nn.ModuleList(nn.Sequential(YoloConv(x, c3, 3), YoloConv(c3, c3, 3), nn.Conv2d(c3, self.nc, 1))
+                                 for x in ch)
+        self.dfl = DFL(self.reg_max) if self.reg_max > 1 else nn.Identity()
+
+    def forward(self, x):
+        for i in range(self.nl):
+            x[i] = torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])), 1)
+        if self.training:
+            return x
+        shape = x[0].shape
+        x_cat = torch.cat([xi.view(shape[0], self.no, -1) for xi in x], 2)
+        if self.dynamic or self.shape != shape:
+            self.anchors, self.strides = (x.transpose(0, 1) for x in _make_anchors(x, self.stride, 0.5))
+            self.shape = shape
+        box, cls = x_cat.split((self.reg_max * 4, self.nc), 1)
+        dbox = _dist2bbox(self.dfl(box), self.anchors.unsqueeze(0), xywh=True, dim=1) * self.strides
+        y = torch.cat((dbox, cls.sigmoid()), 1)
+        return y if self.export else (y, x)
+
+
+class YoloV8(nn.Module):
+    """A YOLOv8 detection model as ultralytics builds it from its yaml: ``model`` is a Sequential of layers, each
+    with ``f`` (where its input comes from) and ``i``, run by a loop that keeps the outputs later layers ask for."""
+
+    def __init__(self, width: float = 0.0625, nc: int = 8):
+        super().__init__()
+
+        def w(c):
+            return max(8, int(c * width * 4))
+
+        c16, c32, c64, c128, c256 = w(16), w(32), w(64), w(128), w(256)
+        layers = [  # (from, module)
+            (-1, YoloConv(3, c16, 3, 2)), (-1, YoloConv(c16, c32, 3, 2)), (-1, C2f(c32, c32, 1, True)),
+            (-1, YoloConv(c32, c64, 3, 2)), (-1, C2f(c64, c64, 2, True)),  # 4: P3
+            (-1, YoloConv(c64, c128, 3, 2)), (-1, C2f(c128, c128, 2, True)),  # 6: P4
+            (-1, YoloConv(c128, c256, 3, 2)), (-1, C2f(c256, c256, 1, True)), (-1, SPPF(c256, c256, 5)),  # 9: P5
+            (-1, nn.Upsample(None, 2, "nearest")), ([-1, 6], Concat(1)), (-1, C2f(c256 + c128, c128, 1)),  # 12
+            (-1, nn.Upsample(None, 2, "nearest")), ([-1, 4], Concat(1)), (-1, C2f(c128 + c64, c64, 1)),  # 15: out
+            (-1, YoloConv(c64, c64, 3, 2)), ([-1, 12], Concat(1)), (-1, C2f(c64 + c128, c128, 1)),  # 18: out
+            (-1, YoloConv(c128, c128, 3, 2)), ([-1, 9], Concat(1)), (-1, C2f(c128 + c256, c256, 1)),  # 21: out
+            ([15, 18, 21], Detect(nc, (c64, c128, c256))),
+        ]
+        for i, (f, m) in enumerate(layers):
+            m.f, m.i = f, i
+        self.model = nn.Sequential(*[m for _, m in layers])
+        self.save = sorted({x % len(layers) for f, _ in layers for x in ([f] if isinstance(f, int) else f) if x != -1})
+
+    def forward(self, x):
+        y = []
+        for m in self.model:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            x = m(x)
+            y.append(x if m.i in self.save else None)
+        return x
+
+
+def yolov8_like(width: float = 0.0625, nc: int = 8) -> YoloV8:
+    return _with_shape(YoloV8(width, nc), (1, 3, 64, 64))
 
 
 # ============================================================================ PyTorch-GAN's DCGAN (eriklindernoren)
