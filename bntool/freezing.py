@@ -157,9 +157,10 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
     (``backbone.*``, ``layer1``, ``bn1``); none given selects every BN, and
     exclude wins over include. A pattern that matches no BN layer is an
     :class:`InputError`. ``affine="trainable"`` leaves gamma / beta trainable.
-    Unless ``verify=False``, the frozen model in train mode is compared with
-    the original in eval mode on ``example_inputs`` (default: the shape the
-    model declares), and the frozen statistics must not move; a failure
+    Unless ``verify=False``, the frozen model with its frozen layers in train
+    mode (the rest in eval mode) is compared with the original in eval mode on
+    ``example_inputs`` (default: the shape the model declares), and the frozen
+    statistics must not move; a failure
     raises ``VerificationError`` carrying the report. With ``inplace`` the
     original's outputs are computed first, so no second model is held.
     """
@@ -197,7 +198,7 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
                              atol=atol, rtol=rtol, reference=reference)
         report = dataclasses.replace(report, check=check)
         if not check.passed:
-            raise VerificationError(check.failure_message("the frozen model in train mode"), report)
+            raise VerificationError(check.failure_message(), report)
     return result, report
 
 

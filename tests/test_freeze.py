@@ -354,14 +354,20 @@ def test_input_rank_checks_and_repr():
 # ----------------------------------------------------------------------------- the check
 
 
-def test_check_holds_dropout_in_eval_and_catches_moving_statistics():
+def test_check_runs_only_the_frozen_layers_in_train_mode_and_catches_moving_statistics():
     original = stages(dropout=0.5)
     x = torch.randn(4, 3, 8, 8)
     frozen, _ = freeze(original, exclude="stem", verify=False)
+    seen = {}
+    for name, module in frozen.named_modules():
+        module.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, m.training))
+    flags = [m.training for m in frozen.modules()]
     check = check_frozen(original, frozen, [x], device="cpu")
     assert check.passed, check.failure_message("frozen")
-    assert set(check.held_in_eval) == {"stem.1", "head.5"}
-    assert check.to_dict()["held_in_eval"] == list(check.held_in_eval)
+    assert {n for n, training in seen.items() if training} == set(check.frozen_layers) == {
+        "layer1.1", "layer1.4", "layer2.1", "head.3"}
+    assert [m.training for m in frozen.modules()] == flags  # each module's own flag restored
+    assert check.to_dict()["frozen_layers"] == list(check.frozen_layers)
 
     class LeakyFrozen(FrozenBatchNorm2d):  # normalizes with batch statistics and updates the buffers
         def forward(self, x):
@@ -435,3 +441,37 @@ def test_a_wrong_unfrozen_layer_raises_verification_error(monkeypatch):
     with pytest.raises(VerificationError) as info:
         unfreeze(frozen, example_inputs=x)
     assert not info.value.report.passed
+
+
+def test_a_frozen_layer_that_normalizes_with_batch_statistics_in_train_mode_only_is_caught():
+    """The naive fix_bn: fine in eval mode, batch statistics under model.train(): the check runs the frozen layers
+    in train mode, so it sees it."""
+    original = stages()
+    x = torch.randn(4, 3, 8, 8)
+
+    class TrainModeLeak(FrozenBatchNorm2d):
+        def forward(self, x):
+            if self.training:
+                return nn.functional.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+            return super().forward(x)
+
+    broken, _ = freeze(original, verify=False)
+    broken.layer1[1] = TrainModeLeak.from_batchnorm(original.layer1[1])
+    check = check_frozen(original, broken, [x], device="cpu")
+    assert not check.passed and "does not match" in check.failure_message()
+
+
+def test_a_detection_model_whose_head_returns_other_outputs_in_train_mode_freezes():
+    """YOLOv8's Detect returns its raw maps in train mode and (boxes, maps) in eval mode: the freeze is verified
+    on the frozen layers, and the frozen model under model.train() keeps every BN's statistics."""
+    from examples import archs
+
+    model = randomize_bn_(archs.yolov8_like(), seed=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    frozen, report = freeze(model)
+    assert report.check.passed and len(report.frozen) == 57
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    frozen.train()
+    with torch.no_grad():
+        frozen(x)
+    assert all(torch.equal(v, before[k]) for k, v in frozen.state_dict().items())

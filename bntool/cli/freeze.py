@@ -56,9 +56,9 @@ def freeze(
 ) -> None:
     """Freeze BatchNorm layers for fine-tuning: they use their stored statistics even under model.train().
 
-    The frozen model in train mode is checked against the original in eval
-    mode (dropout held in eval for the check), and the frozen layers'
-    statistics are checked not to move; the written file is reloaded and
+    The frozen model, its frozen layers in train mode, is checked against the
+    original in eval mode, and the frozen layers' statistics are checked not
+    to move; the written file is reloaded and
     checked again. `bntool.load(path, model=MyNet())` rebuilds the frozen layers.
     """
     from .. import console
@@ -120,10 +120,7 @@ def _render(result: dict, report, as_json: bool) -> None:
         console.table(f"Left {len(report.skipped)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
                       [[s.name, s.reason] for s in report.skipped])
     check = report.check
-    render_comparison(check.comparison, "Verification: frozen (train mode) vs original (eval mode)")
-    if check.held_in_eval:
-        shown = ", ".join(check.held_in_eval[:8]) + (", ..." if len(check.held_in_eval) > 8 else "")
-        console.line(f"Held in eval mode for the check (dropout-like or not frozen): {shown}")
+    render_comparison(check.comparison, "Verification: frozen layers in train mode vs original (eval mode)")
     if check.statistics_moved:
         console.failure("Statistics moved in train mode: " + ", ".join(check.statistics_moved))
     if check.passed:
