@@ -96,7 +96,8 @@ def fold(
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BN that can be folded exactly; return the folded model and a report.
 
-    ``example_inputs`` (a tensor or a tuple of tensors) are used to see the
+    ``example_inputs`` (a tensor, or a tuple of the forward's arguments: each
+    a tensor or a list / tuple / dict of tensors) are used to see the
     dataflow where fx cannot trace, to measure shapes where a rule needs them,
     and to verify; when omitted they are drawn from the shape the model
     declares (``input_shape``). Verification runs the original and the folded

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .norms import is_batchnorm, standard_forward
-from .running import inputs_must_fit, model_device, training_flags
+from .running import inputs_must_fit, model_device, move_inputs, training_flags
 
 #: Module types that ``fold`` can fold a BN into (from either side).
 FOLDABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -164,7 +164,6 @@ def tensors_in(obj: Any) -> list[torch.Tensor]:
 
 def run_eval(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
     """One eval-mode forward with no grad, on the model's device (each module's training flag restored)."""
-    device = model_device(model)
-    inputs = [t.to(device) for t in example_inputs]
+    inputs = move_inputs(example_inputs, model_device(model))
     with torch.no_grad(), training_flags(model, False), inputs_must_fit(model, inputs):
         return model(*inputs)

@@ -26,7 +26,7 @@ from .graph_ops import (
     tensors_in,
     transparent_module,
 )
-from .running import inputs_must_fit, model_device, training_flags
+from .running import inputs_must_fit, model_device, move_inputs, training_flags
 
 
 class _Recorder(TorchFunctionMode):
@@ -127,11 +127,10 @@ def recorded_ops(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tu
     for name, m in leaves.items():
         handles.append(m.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(m.register_forward_hook(post_hook(name)))
-    device = model_device(model)
-    inputs = [t.to(device) for t in example_inputs]
+    inputs = move_inputs(example_inputs, model_device(model))
     try:
         with torch.no_grad(), training_flags(model, False), inputs_must_fit(model, inputs), rec:
-            for t in inputs:
+            for t in tensors_in(inputs):
                 rec.add("input", "input", (), [t])
             out = model(*inputs)
             rec.add("output", "output", tuple(rec.source(t) for t in tensors_in(out)), [])

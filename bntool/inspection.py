@@ -26,6 +26,7 @@ from .findings import BNRow, Finding, Summary, by_severity, model_findings, nonf
 from .graph import Dataflow, dataflow
 from .norms import DEFAULT_EPS, has_statistics, is_batchnorm, num_features
 from .plot import plot  # noqa: F401 - documented as ``bntool.inspection.plot``
+from .running import input_shapes
 from .shapes import declared_input_shapes, make_inputs
 
 FROM_KEYS = "BatchNorm (from keys)"
@@ -136,7 +137,7 @@ def _dataflow_and_plan(model: nn.Module, example_inputs, seed: int) -> tuple[Dat
         if example_inputs is None:
             return None, None, (f"torch.fx cannot trace the model ({first}) and its input shape is unknown; "
                                 "pass --input-shape (example_inputs) to see what feeds each BN and whether it folds")
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs)
+        shapes = input_shapes(example_inputs)
         raise InputError(f"the model fails on inputs of shape {shapes} ({type(exc).__name__}: {first}); "
                          "pass the shape it takes with --input-shape") from None
     return flow, plan_from_dataflow(model, flow), flow.note

@@ -281,6 +281,10 @@ def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
 
 
 def _as_model_dtype(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    nested = next((type(t).__name__ for t in inputs if not isinstance(t, torch.Tensor)), None)
+    if nested is not None:
+        raise InputError(f"an example input is a {nested}; an ONNX graph takes tensors: export the part of the model "
+                         "that takes tensors (its backbone, say), or wrap the model so that its forward does")
     dtype = model_dtype(model)
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
 

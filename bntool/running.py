@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .cloning import clone
 from .errors import InputError, out_of_memory, out_of_memory_message, shorten
@@ -156,7 +157,7 @@ def run_model(
     output is handed to it as the call returns instead (nothing is kept).
     """
     device, dtype = device or model_device(model), dtype or model_dtype(model)
-    moved = [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs]
+    moved = move_inputs(inputs, device, dtype)
     seen: list[tuple[str, torch.Tensor]] = []
     calls: dict[str, int] = {}
 
@@ -182,13 +183,27 @@ def run_model(
     return flatten_outputs(out) + seen
 
 
+def move_inputs(inputs: Sequence[Any], device: torch.device, dtype: torch.dtype | None = None) -> list[Any]:
+    """``inputs`` on ``device``, the floating tensors in ``dtype`` when given. An input may be a tensor or a list,
+    tuple or dict of them (a detection model's list of images): every tensor in it moves."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+
+    return [move(x) if isinstance(x, torch.Tensor) else tree_map_only(torch.Tensor, move, x) for x in inputs]
+
+
+def input_shapes(inputs: Sequence[Any]) -> str:
+    """``2x3x224x224, 1x10`` for the tensors of ``inputs``, nested ones included."""
+    return ", ".join("x".join(map(str, t.shape)) for t in tree_leaves(list(inputs)) if isinstance(t, torch.Tensor))
+
+
 @contextlib.contextmanager
-def inputs_must_fit(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Iterator[None]:
+def inputs_must_fit(model: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
     """Turn the model's own complaint about its inputs into one clear input error."""
     try:
         yield
     except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as exc:
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+        shapes = input_shapes(inputs)
         if out_of_memory(exc):
             raise InputError(out_of_memory_message(exc, f"running `{type(model).__name__}` on inputs of shape "
                                                         f"{shapes}")) from exc

@@ -40,9 +40,11 @@ def _inputs(shape, seed=0):
 
 def _oracle(model, inputs):
     """The original model's eval output, computed in float64."""
+    from torch.utils._pytree import tree_map_only
+
     m64 = copy.deepcopy(model).double().eval()
     with torch.no_grad():
-        return m64(*(t.double() for t in inputs))
+        return m64(*tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, tuple(inputs)))
 
 
 def _assert_computes_original(folded, original, inputs):
@@ -859,3 +861,36 @@ def test_a_fold_that_breaks_the_forward_is_rejected_and_the_rest_is_folded(inpla
         bntool.fold(strict, inputs, inplace=inplace, strict=True)
     assert isinstance(strict.bn1, nn.BatchNorm2d) and isinstance(strict.bn2, nn.BatchNorm2d)
     assert all(torch.equal(v, before[k]) for k, v in strict.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- inputs that are lists / dicts of tensors
+
+
+class ListOfImages(nn.Module):
+    """A detection-style forward: a list of images in, a list of dicts out."""
+
+    def __init__(self, untraceable: bool = False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.untraceable = untraceable
+
+    def forward(self, images, extra):
+        x = torch.stack(images) * extra["scale"]
+        if self.untraceable and float(x.sum()) > -1e9:
+            x = x * 1.0
+        return [{"features": self.bn(self.conv(x))}]
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_inputs_nested_in_lists_and_dicts_fold_freeze_and_inspect(untraceable):
+    model = randomize_bn(ListOfImages(untraceable), seed=2).eval()
+    inputs = ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)], {"scale": torch.tensor(1.5)})
+    folded, report = bntool.fold(model, inputs)
+    assert report.plan.method == ("recorded" if untraceable else "fx")
+    assert [p.bn for p in report.plan.pairs] == ["bn"] and report.comparison.passed
+    _assert_computes_original(folded, model, inputs)
+    frozen, freeze_report = bntool.freeze(copy.deepcopy(model), example_inputs=inputs)
+    assert freeze_report.check.passed
+    assert [r.name for r in bntool.inspect(model, inputs).rows] == ["bn"]
+    with pytest.raises(bntool.InputError, match="an example input is a list; an ONNX graph takes tensors"):
+        bntool.export_onnx(model, inputs, "never-written.onnx")
