@@ -102,7 +102,7 @@ def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners,
                     "treats as one layer and does not look into")
         if flow.method == "recorded":
             return "did not run on the verification inputs, so its dataflow is unknown"
-        return "is never called in the model's forward"
+        return "is never called in the model's eval-mode forward (a training-only branch, or unused)"
     outside = next((t for t in read if t.startswith(f"{name}.")), None)
     if outside is not None:  # (DiverseBranchBlock pads with values computed from its BN's statistics)
         return (f"its tensors are also read outside its own call (`{outside}`), and folding would change or remove "

@@ -894,3 +894,30 @@ def test_inputs_nested_in_lists_and_dicts_fold_freeze_and_inspect(untraceable):
     assert [r.name for r in bntool.inspect(model, inputs).rows] == ["bn"]
     with pytest.raises(bntool.InputError, match="an example input is a list; an ONNX graph takes tensors"):
         bntool.export_onnx(model, inputs, "never-written.onnx")
+
+
+class AuxHead(nn.Module):
+    """torchvision Inception3 / GoogLeNet style: an auxiliary classifier that runs in train mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=0.001)
+        self.aux_conv, self.aux_bn = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, eps=0.001)
+        self.fc, self.aux_fc = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        out = self.fc(x.mean((2, 3)))
+        if self.training:
+            return out, self.aux_fc(F.relu(self.aux_bn(self.aux_conv(x))).mean((2, 3)))
+        return out
+
+
+def test_a_bn_only_a_training_branch_calls_is_left_and_says_so():
+    model = randomize_bn(AuxHead(), seed=4).train()
+    inputs = _inputs((2, 3, 6, 6))
+    folded, report = bntool.fold(model, inputs)
+    assert [p.bn for p in report.plan.pairs] == ["bn"]
+    assert report.plan.reason_for("aux_bn") == ("is never called in the model's eval-mode forward (a training-only "
+                                                "branch, or unused)")
+    _assert_computes_original(folded, model, inputs)
