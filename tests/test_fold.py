@@ -920,4 +920,5 @@ def test_a_bn_only_a_training_branch_calls_is_left_and_says_so():
     assert [p.bn for p in report.plan.pairs] == ["bn"]
     assert report.plan.reason_for("aux_bn") == ("is never called in the model's eval-mode forward (a training-only "
                                                 "branch, or unused)")
-    _assert_computes_original(folded, model, inputs)
+    assert folded.training  # the copy keeps the model's mode
+    _assert_computes_original(folded.eval(), model, inputs)
