@@ -43,10 +43,14 @@ def through_before(k: torch.Tensor, c: torch.Tensor, a: float, s: float) -> tupl
 
 
 def through_after(k: torch.Tensor, c: torch.Tensor, a: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The BN as its reader sees it when ``z -> a * z + s`` runs between them: ``a * (k x + c) + s``."""
+    """The reader's ``(k', c')`` when ``z -> a * z + s`` runs between the BN and it and keeps running.
+
+    The reader saw ``a * (k * x + c) + s``; with the BN gone it sees
+    ``z = a * x + s``, and ``a * (k * x + c) + s == k * z + (a * c + s - k * s)``.
+    """
     if a == 1.0 and s == 0.0:
         return k, c
-    return a * k, a * c + s
+    return k, a * c + s - k * s
 
 
 def fold_into_producer(

@@ -922,3 +922,25 @@ def test_a_bn_only_a_training_branch_calls_is_left_and_says_so():
                                                 "branch, or unused)")
     assert folded.training  # the copy keeps the model's mode
     _assert_computes_original(folded.eval(), model, inputs)
+
+
+class BNScalarsConv(nn.Module):
+    """``conv(a * bn(x) + s)`` after an activation: the BN can only fold forward, through the kept scalar steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn, self.conv = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        return self.conv(self.bn(torch.relu(self.stem(x))) * -1.5 + 0.5)
+
+
+def test_a_forward_fold_through_kept_scalar_steps_is_exact():
+    """The reader sees ``a * x + s`` once the BN is gone, not ``x``: the fold must account for the steps that keep
+    running (a wrong account is a fold verification rejects)."""
+    model = randomize_bn(BNScalarsConv(), seed=6).eval()
+    inputs = _inputs((2, 3, 5, 5))
+    folded, report = bntool.fold(model, inputs)
+    assert [(p.bn, p.into, p.direction) for p in report.plan.pairs] == [("bn", "conv", "forward")]
+    assert report.rejected == () and report.comparison.passed
+    _assert_computes_original(folded, model, inputs)

@@ -1,0 +1,100 @@
+"""fold on random networks: the rules never propose a fold that verification rejects, and the result is exact.
+
+Each network is a random chain of the steps fold reasons about (conv + BN,
+depthwise blocks, transposed convs, BN before a conv, scalar steps, in-place
+activations, concatenations, chunks, a reshape into fewer channels, a block
+held and called twice). Verification would catch a wrong plan and reject it,
+so a rejection here is a rule that is too permissive or a fold computed wrong
+(a forward fold through kept scalar steps was one, found this way).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bntool
+from tests.conftest import randomize_bn
+
+STEPS = ("conv", "conv_bn", "bn", "relu", "scalar", "cat", "dw", "convT_bn", "bn_conv", "view_bn", "reuse",
+         "inplace_relu", "chunk")
+
+
+class RandomChain(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        rng = random.Random(seed)
+        self.channels = ch = rng.choice([2, 4, 6])
+        self.steps: list[tuple[str, str, float]] = []
+        self.blocks = nn.ModuleDict()
+        for i in range(rng.randint(3, 10)):
+            kind, name = rng.choice(STEPS), f"s{i}"
+            if kind == "conv":
+                self.blocks[name] = nn.Conv2d(ch, ch, 1, bias=rng.random() < 0.5)
+            elif kind == "conv_bn":
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1, bias=rng.random() < 0.5),
+                                                  nn.BatchNorm2d(ch))
+            elif kind == "bn":
+                self.blocks[name] = nn.BatchNorm2d(ch)
+            elif kind == "dw":
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1, groups=ch), nn.BatchNorm2d(ch),
+                                                  nn.ReLU6())
+            elif kind == "convT_bn":
+                self.blocks[name] = nn.Sequential(nn.ConvTranspose2d(ch, ch, 3, padding=1), nn.BatchNorm2d(ch))
+            elif kind == "bn_conv":
+                self.blocks[name] = nn.Sequential(nn.BatchNorm2d(ch), nn.Conv2d(ch, ch, 1))
+            elif kind == "view_bn":  # conv to 2C channels, viewed as C channels of twice the height, BN
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, 2 * ch, 1), nn.BatchNorm2d(ch))
+            elif kind == "cat":
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, ch // 2, 1), nn.Conv2d(ch, ch - ch // 2, 1),
+                                                  nn.BatchNorm2d(ch))
+            elif kind == "reuse":
+                block = nn.Sequential(nn.Conv2d(ch, ch, 1), nn.BatchNorm2d(ch))
+                self.blocks[name] = nn.Sequential(block, nn.ReLU(), block)
+            elif kind == "inplace_relu":
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, ch, 1), nn.ReLU(inplace=True), nn.BatchNorm2d(ch))
+            elif kind == "chunk":
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, 2 * ch, 1), nn.BatchNorm2d(ch))
+            self.steps.append((kind, name, rng.uniform(-2, 2)))
+
+    def forward(self, x):
+        for kind, name, a in self.steps:
+            block = self.blocks[name] if name in self.blocks else None
+            if kind == "relu":
+                x = F.relu(x)
+            elif kind == "scalar":
+                x = x * a + 0.5
+            elif kind == "view_bn":
+                y = block[0](x)
+                n, c2, h, w = y.shape
+                x = block[1](y.view(n, c2 // 2, 2 * h, w))[:, :, :h, :]
+            elif kind == "cat":
+                x = block[2](torch.cat([block[0](x), block[1](x)], 1))
+            elif kind == "chunk":
+                first, second = block[0](x).chunk(2, 1)
+                x = block[1](first) + second
+            else:
+                x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("seed", range(40))
+def test_random_chains_fold_without_a_rejected_fold(seed, inplace):
+    model = randomize_bn(RandomChain(seed), seed=seed).eval()
+    x = torch.randn(2, model.channels, 6, 6, generator=torch.Generator().manual_seed(seed))
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        expected = m64(x.double())
+    folded, report = bntool.fold(model, (x,), inplace=inplace)
+    assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
+    assert report.comparison.passed
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x).double(), expected, rtol=1e-4, atol=1e-4)
+    left = {s.bn for s in report.plan.skips}
+    assert all(s.reason for s in report.plan.skips) and not left & {p.bn for p in report.plan.pairs}
