@@ -98,3 +98,94 @@ def test_random_chains_fold_without_a_rejected_fold(seed, inplace):
         torch.testing.assert_close(folded(x).double(), expected, rtol=1e-4, atol=1e-4)
     left = {s.bn for s in report.plan.skips}
     assert all(s.reason for s in report.plan.skips) and not left & {p.bn for p in report.plan.pairs}
+
+
+# ----------------------------------------------------------------------------- scalar steps, BN subclasses, heads
+
+HEAD_STEPS = ("conv_bn", "bn", "relu", "mul", "div", "rsub", "sub", "neg", "bnact", "bnact_pre", "frozen", "pool",
+              "imul", "bn_pad_conv", "bn_reflect_conv")
+HEADS = ("gap_linear_bn1d", "flatten_bn1d_linear", "bn_flatten_linear", "linear_view_bn")
+
+
+class RandomWithHead(nn.Module):
+    """Scalar steps of every sign and form, timm's BatchNormAct2d (after or before a conv), torchvision's frozen BN,
+    BNs before padded convs, and a classifier or generator head with a reshape on either side of a BN."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        from examples.archs import BatchNormAct2d, TorchvisionFrozenBatchNorm2d
+
+        rng = random.Random(seed)
+        self.channels = ch = rng.choice([2, 3, 4])
+        self.steps: list[tuple[str, str, float]] = []
+        self.blocks = nn.ModuleDict()
+        for i in range(rng.randint(2, 7)):
+            kind, name = rng.choice(HEAD_STEPS), f"s{i}"
+            if kind == "conv_bn":
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, ch, 1, bias=rng.random() < 0.5), nn.BatchNorm2d(ch))
+            elif kind == "bn":
+                self.blocks[name] = nn.BatchNorm2d(ch)
+            elif kind == "bnact":
+                act = rng.choice([nn.ReLU, nn.SiLU, nn.Identity])
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, ch, 1), BatchNormAct2d(ch, act_layer=act))
+            elif kind == "bnact_pre":
+                self.blocks[name] = nn.Sequential(BatchNormAct2d(ch), nn.Conv2d(ch, ch, 1))
+            elif kind == "frozen":
+                self.blocks[name] = nn.Sequential(nn.Conv2d(ch, ch, 1), TorchvisionFrozenBatchNorm2d(ch))
+            elif kind == "bn_pad_conv":
+                self.blocks[name] = nn.Sequential(nn.BatchNorm2d(ch), nn.Conv2d(ch, ch, 3, padding=1))
+            elif kind == "bn_reflect_conv":
+                self.blocks[name] = nn.Sequential(nn.BatchNorm2d(ch), nn.Conv2d(ch, ch, 3, padding=1,
+                                                                                padding_mode="reflect"))
+            self.steps.append((kind, name, rng.choice([-2.0, -0.5, 0.5, 1.5, 3.0])))
+        self.head = rng.choice(HEADS)
+        if self.head == "gap_linear_bn1d":
+            self.h = nn.Sequential(nn.Linear(ch, 5), nn.BatchNorm1d(5))
+        elif self.head == "flatten_bn1d_linear":  # BN1d over C*H*W features: finer than any conv channel
+            self.h = nn.Sequential(nn.BatchNorm1d(ch * 16), nn.Linear(ch * 16, 3))
+        elif self.head == "bn_flatten_linear":
+            self.h = nn.Sequential(nn.BatchNorm2d(ch), nn.Linear(ch * 16, 3))
+        else:
+            self.h = nn.Sequential(nn.Linear(ch * 16, 2 * 9), nn.BatchNorm2d(2))
+
+    def forward(self, x):
+        for kind, name, a in self.steps:
+            if kind == "relu":
+                x = F.relu(x)
+            elif kind == "mul":
+                x = x * a
+            elif kind == "div":
+                x = x / a
+            elif kind == "rsub":
+                x = a - x
+            elif kind == "sub":
+                x = x - a
+            elif kind == "neg":
+                x = -x
+            elif kind == "imul":
+                x = x.clone()
+                x.mul_(a)
+            elif kind == "pool":
+                x = F.avg_pool2d(x, 1)
+            else:
+                x = self.blocks[name](x)
+        if self.head == "gap_linear_bn1d":
+            return self.h(x.mean((2, 3)))
+        if self.head == "flatten_bn1d_linear":
+            return self.h[1](F.relu(self.h[0](x.flatten(1))))
+        if self.head == "bn_flatten_linear":
+            return self.h[1](self.h[0](F.relu(x)).flatten(1))
+        return F.relu(self.h[1](self.h[0](x.flatten(1)).view(x.shape[0], 2, 3, 3)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_networks_with_heads_fold_without_a_rejected_fold(seed):
+    model = randomize_bn(RandomWithHead(seed), seed=seed).eval()
+    x = torch.randn(3, model.channels, 4, 4, generator=torch.Generator().manual_seed(seed))
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        expected = m64(x.double())
+    folded, report = bntool.fold(model, (x,))
+    assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x).double(), expected, rtol=1e-4, atol=1e-4)
