@@ -138,7 +138,9 @@ def recalibrate(
     selected, skipped = select_bns(model, include, exclude)
     group, world_size = _process_group(process_group)
     device, dtype = model_device(model), model_dtype(model)
-    snapshot = Snapshot(model, bn_buffer_names(name for name, _ in selected))
+    chosen = {id(bn) for _, bn in selected}  # every name of each (a module held at two places has two)
+    snapshot = Snapshot(model, bn_buffer_names(n for n, m in model.named_modules(remove_duplicate=False)
+                                               if id(m) in chosen))
     held = {name: Held.of(bn) for name, bn in selected}
     before = {name: save(bn) for name, bn in selected} if verify_batches is not None else {}
     flags = [(m, m.training) for m in model.modules()]

@@ -655,3 +655,24 @@ def test_a_batch_the_model_rejects_with_a_value_or_index_error_is_an_input_error
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(InputError, match=r"batch 0 \(input shape .*\) does not fit the model"):
         recalibrate(model, [batch])
+
+
+def test_a_bn_held_at_two_places_gets_the_statistics_of_both_calls_and_passes_the_check():
+    """The same block sits twice in a Sequential: its BN's buffers have two names in the state dict, and the
+    bit-for-bit check of everything else must not count the second name as "changed"."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), block, nn.ReLU(), block)
+    batches = [torch.randn(5, 3, 6, 6) for _ in range(3)]
+    seen = []
+    twin = copy.deepcopy(model).eval()  # the pass: the BN normalizes with each batch's statistics (train mode)
+    twin[1][1].train()
+    twin[1][1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    with torch.no_grad():
+        for b in batches:
+            twin(b)
+    assert len(seen) == 2 * len(batches)
+    values = torch.cat([t.transpose(0, 1).reshape(4, -1) for t in seen], 1)
+    recalibrate(model, batches)  # (a check that counted the second name as changed would raise here)
+    torch.testing.assert_close(block[1].running_mean.double(), values.mean(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(block[1].running_var.double(), values.var(1, unbiased=True), rtol=1e-6, atol=1e-6)
