@@ -189,3 +189,32 @@ def test_random_networks_with_heads_fold_without_a_rejected_fold(seed):
     assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
     with torch.no_grad():
         torch.testing.assert_close(folded(x).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+class _Untraceable(nn.Module):
+    """A data-dependent branch first, so fx cannot trace: the dataflow comes from a recorded forward pass."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.channels = inner, inner.channels
+
+    def forward(self, x):
+        if float(x.sum()) > -1e9:
+            x = x * 1.0
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("family", ["chain", "head"])
+@pytest.mark.parametrize("seed", range(20))
+def test_random_networks_fold_the_same_from_a_recorded_forward_pass(seed, family):
+    inner, size = (RandomChain(seed), 6) if family == "chain" else (RandomWithHead(seed), 4)
+    model = randomize_bn(_Untraceable(inner), seed=seed).eval()
+    x = torch.randn(3, model.channels, size, size, generator=torch.Generator().manual_seed(seed))
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        expected = m64(x.double())
+    folded, report = bntool.fold(model, (x,))
+    assert report.plan.method == "recorded"
+    assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x).double(), expected, rtol=1e-4, atol=1e-4)
