@@ -1,4 +1,5 @@
-"""fold on random networks: the rules never propose a fold that verification rejects, and the result is exact.
+"""fold on random networks: the rules never propose a fold that verification rejects, and the result is exact;
+recalibrate on them: every BN gets the exact statistics of everything it saw.
 
 Each network is a random chain of the steps fold reasons about (conv + BN,
 depthwise blocks, transposed convs, BN before a conv, scalar steps, in-place
@@ -218,3 +219,33 @@ def test_random_networks_fold_the_same_from_a_recorded_forward_pass(seed, family
     assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
     with torch.no_grad():
         torch.testing.assert_close(folded(x).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- recalibrate on the same networks
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_networks_recalibrate_to_the_exact_statistics_of_every_call(seed):
+    """Each BN's new statistics are the mean and unbiased variance of everything it saw in the pass (every call of
+    a reused block included), with the BNs normalizing by batch statistics as in the pass."""
+    import collections
+
+    model = randomize_bn(RandomChain(seed), seed=seed).eval()
+    batches = [torch.randn(4, model.channels, 6, 6, generator=torch.Generator().manual_seed(10 * seed + i))
+               for i in range(3)]
+    twin = copy.deepcopy(model)
+    seen: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+    for name, bn in twin.named_modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.train()
+            bn.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach().double()))
+    with torch.no_grad():
+        for batch in batches:
+            twin(batch)
+    assert seen
+    bntool.recalibrate(model, batches)
+    for name, inputs in seen.items():
+        values = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in inputs], 1)
+        bn = model.get_submodule(name)
+        torch.testing.assert_close(bn.running_mean.double(), values.mean(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_var.double(), values.var(1, unbiased=True), rtol=1e-5, atol=1e-5)
