@@ -944,3 +944,25 @@ def test_a_forward_fold_through_kept_scalar_steps_is_exact():
     assert [(p.bn, p.into, p.direction) for p in report.plan.pairs] == [("bn", "conv", "forward")]
     assert report.rejected == () and report.comparison.passed
     _assert_computes_original(folded, model, inputs)
+
+
+@pytest.mark.parametrize("layer", [1, 3])
+def test_a_float64_fold_wrong_by_a_millionth_in_one_channel_is_still_caught(monkeypatch, layer):
+    """The float64 floor (32 units of float64 rounding) is still 10^10 times below a 1e-6 error in one channel."""
+    torch.manual_seed(0)
+    model = randomize_bn(zoo.lenet(), seed=5).double()
+    import bntool.foldapply as foldapply
+
+    real, calls = foldapply.scale_producer, []
+
+    def off_by_a_millionth(*args, **kwargs):
+        weight, bias = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == layer:
+            weight = weight.clone()
+            weight[2] *= 1 + 1e-6
+        return weight, bias
+
+    monkeypatch.setattr(foldapply, "scale_producer", off_by_a_millionth)
+    with pytest.raises(VerificationError, match="does not match"):
+        bntool.fold(model, strict=True)

@@ -459,3 +459,15 @@ def test_detectron2_frozen_bn_folds_with_its_own_eps():
     wrong.bn1.eps = 1e-5
     with pytest.raises(AssertionError):
         _assert_computes_original(f.folded, wrong, f.inputs)
+
+
+@pytest.mark.parametrize("name,seed", [("yolov8", 20), ("repvgg", 13)])
+def test_a_float64_model_folds_without_a_false_rejection(name, seed):
+    """A float64 model's reference is the model itself, so only the floor of the tolerance holds the fold's own
+    rounding; these two were rejected at 1.04x and 1.28x of an 8-unit floor."""
+    torch.manual_seed(seed)
+    model = randomize_bn(ARCHS[name].build(), seed=seed).eval().double()
+    x = torch.randn(*model.input_shape, dtype=torch.float64)
+    folded, report = bntool.fold(model, (x,))
+    assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
+    assert report.comparison.passed
