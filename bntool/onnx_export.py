@@ -149,6 +149,7 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise InputError(f"unknown exporter `{exporter}`; pass dynamo (recommended) or torchscript")
     out = outputs.check_output_path(path, force=force)
+    dtype = model_dtype(model)
     inputs = _as_model_dtype(model, (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs)
     target = resolve_device(device)
     batch = _batch_of(inputs, dynamic_batch)
@@ -215,6 +216,10 @@ def export_onnx(
                                        references=references)
             failures += verification.failures()
         except VerificationError as exc:
+            if dtype in UNRUNNABLE_DTYPES and "cannot load the file" in str(exc):
+                raise InputError(f"onnxruntime cannot run this {UNRUNNABLE_DTYPES[dtype]} model on its CPU provider "
+                                 f"({str(exc).split(': ', 1)[-1]}), so the file cannot be verified; export it in "
+                                 "float32 (`model.float()`) or float16") from None
             failures.append(str(exc))
         report = ExportReport(str(out), False, described, facts.opset, spec.optimize, dynamic_batch,
                               facts.input_names, facts.output_names, facts, fold_report, verification, seconds,
@@ -278,6 +283,10 @@ def _first_output(model: nn.Module) -> Iterator[tuple[list[Any], int]]:
 def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
                                     and torch.equal(x, y) for x, y in zip(a, b))
+
+
+#: Model dtypes whose convolutions onnxruntime's CPU provider has no kernel for (ONNX has no bfloat16 Conv at all).
+UNRUNNABLE_DTYPES = {torch.float64: "float64", torch.bfloat16: "bfloat16"}
 
 
 def _as_model_dtype(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

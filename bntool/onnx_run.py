@@ -16,6 +16,7 @@ import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,7 +125,8 @@ def verify_onnx(
     try:
         runner = OrtRunner(path, target, arena=False)
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
-        raise VerificationError(f"onnxruntime cannot load the file: {_first_line(exc)}") from exc
+        text = _first_line(exc).replace(str(path), f"`{Path(path).name}`")  # (not bntool's staging folder)
+        raise VerificationError(f"onnxruntime cannot load the file: {text}") from exc
     expected = len(flatten_outputs(template))
 
     def candidate(batch_inputs: Sequence[torch.Tensor]) -> Any:

@@ -337,3 +337,16 @@ def test_a_bn_the_exporters_optimizer_fuses_itself_is_not_a_false_mismatch(tmp_p
     assert "`0.bias`" in note
     names = {i.name for i in onnx.load(tmp_path / "m.onnx").graph.initializer}
     assert {"3.weight", "3.bias"} <= names and report.initializers_checked == 2
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float64, "float64"), (torch.bfloat16, "bfloat16")])
+def test_a_model_in_a_dtype_onnxruntime_cannot_run_is_an_input_error_with_what_to_do(tmp_path, dtype, name):
+    """onnxruntime's CPU provider has no float64 Conv, and ONNX no bfloat16 Conv: the file cannot be verified, so it
+    is not written, and the message says to export in float32 (not a staging path)."""
+    model = _model(zoo.lenet).to(dtype)
+    x = make_inputs(model)
+    with pytest.raises(InputError) as info:
+        bntool.export_onnx(model, x, tmp_path / "m.onnx")
+    message = str(info.value)
+    assert f"onnxruntime cannot run this {name} model" in message and "`model.float()`" in message
+    assert ".bntool-" not in message and list(tmp_path.iterdir()) == []
