@@ -59,7 +59,7 @@ from .bnform_nodes import (
     static_elementwise,
 )
 from .cloning import clone
-from .errors import shorten
+from .errors import first_line
 from .foldmath import bn_scale_shift
 from .norms import bn_forward_is_standard, num_features
 
@@ -102,7 +102,7 @@ def analyze(module: nn.Module, rank: int | None = None) -> NormForm:
     try:
         root, graph = _trace(module, rank)
     except Exception as exc:  # fx raises many types for untraceable code
-        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        first = first_line(exc, 200)
         if isinstance(module, _BatchNorm):
             return NormForm("identity", at_input=True, note=(
                 f"torch.fx cannot trace the forward of `{type(module).__name__}` ({first}); it keeps running, "

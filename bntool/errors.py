@@ -104,6 +104,13 @@ def shorten(text: str, limit: int = 200) -> str:
     return (cut if len(cut) > limit // 2 else text[:limit]) + " ..."
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of what ``exc`` says (its type's name when it says nothing), cut to ``limit`` if given."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return shorten(line, limit) if limit else line
+
+
 def user_exit(exc: BaseException) -> str:
     """What user code did instead of returning: ``called sys.exit(3)`` or ``raised Boom: why``."""
     if isinstance(exc, SystemExit):
@@ -123,6 +130,6 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def out_of_memory_message(exc: BaseException, doing: str = "") -> str:
     where = "the GPU" if "CUDA" in str(exc) or "cuda" in str(exc) else "the machine"
-    first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 120)
+    first = first_line(exc, 120)
     return (f"ran out of memory{' ' + doing if doing else ''} on {where} ({first}); pass smaller `example_inputs` "
             'or a smaller `batch_size`, or verify on the CPU (`device="cpu"`) for a model too large for the GPU')

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import recipe
 from .cloning import clone
-from .errors import BntoolError, InputError, VerificationError, out_of_memory, require_module, shorten
+from .errors import BntoolError, InputError, VerificationError, first_line, out_of_memory, require_module
 from .foldapply import Journal, Submodules, apply_plan, replay
 from .foldplan import FoldPair, FoldPlan
 from .foldrules import plan_from_dataflow
@@ -202,8 +202,7 @@ def _the_failure(exc: BaseException) -> BaseException:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {shorten(text[0])}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc, 200)}" if str(exc).strip() else type(exc).__name__
 
 
 def _blame_crash(plan: FoldPlan, folded: nn.Module, exc: BaseException) -> dict[str, str]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import shorten
+from .errors import first_line
 from .graph_fx import fx_ops, measure_shapes, trace
 from .graph_ops import Op, Shape
 from .graph_recorded import recorded_ops
@@ -113,7 +113,7 @@ def dataflow(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) ->
     except Exception as exc:  # fx raises many types for untraceable code
         if example_inputs is None:
             raise
-        reason = shorten(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 200)
         ops, shapes = recorded_ops(model, example_inputs)
         return Dataflow(ops, "recorded", f"torch.fx cannot trace the model ({reason}); dataflow was recorded "
                         "from a forward pass on the verification inputs, so only the branches they take are seen",

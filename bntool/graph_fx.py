@@ -26,10 +26,10 @@ from .graph_ops import (
     functional_layer,
     is_leaf,
     is_reshape,
-    run_eval,
     tensors_in,
     transparent_module,
 )
+from .running import run_eval
 
 
 def trace(model: nn.Module) -> torch.fx.Graph:

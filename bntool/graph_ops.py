@@ -19,7 +19,6 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .norms import is_batchnorm, standard_forward
-from .running import inputs_must_fit, model_device, move_inputs, training_flags
 
 #: Module types that ``fold`` can fold a BN into (from either side).
 FOLDABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -160,10 +159,3 @@ def _number(value: Any) -> bool:
 def tensors_in(obj: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) structure of arguments or outputs, in order."""
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
-
-
-def run_eval(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
-    """One eval-mode forward with no grad, on the model's device (each module's training flag restored)."""
-    inputs = move_inputs(example_inputs, model_device(model))
-    with torch.no_grad(), training_flags(model, False), inputs_must_fit(model, inputs):
-        return model(*inputs)

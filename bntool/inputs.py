@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 
 def require_regular_file(path: str | os.PathLike, what: str, *, allow_empty: bool = False) -> os.stat_result:
@@ -54,8 +54,7 @@ def reason(exc: BaseException) -> str:
     """An OS error as words (``strerror``), never an empty string."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def refuse_inputs(out: Path, inputs: Iterable, what: str = "--out") -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, shorten
+from .errors import InputError, first_line
 from .foldplan import FoldPlan
 from .foldrules import plan_from_dataflow
 from .findings import BNRow, Finding, Summary, by_severity, model_findings, nonfinite_weights, statistics_findings
@@ -133,7 +133,7 @@ def _dataflow_and_plan(model: nn.Module, example_inputs, seed: int) -> tuple[Dat
     except InputError:
         raise
     except Exception as exc:  # fx and user models raise many types
-        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)
+        first = first_line(exc, 160)
         if example_inputs is None:
             return None, None, (f"torch.fx cannot trace the model ({first}) and its input shape is unknown; "
                                 "pass --input-shape (example_inputs) to see what feeds each BN and whether it folds")

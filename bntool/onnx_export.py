@@ -38,9 +38,9 @@ from .folding import FoldReport
 from .folding import fold as fold_model
 from .onnx_check import KEY_OPS, OnnxFacts, TrainingBN, compare_initializers, inspect_file, read_structure
 from .onnx_commit import commit
-from .onnx_run import OnnxVerification, inputs_at, output_template, verification_batch_sizes, verify_onnx
+from .onnx_run import OnnxVerification, inputs_at, verification_batch_sizes, verify_onnx
 from .onnx_write import ExportSpec, chosen_names, default_input_names, default_output_names, write_onnx
-from .running import flatten_outputs, model_dtype, resolve_device
+from .running import flatten_outputs, model_dtype, resolve_device, run_eval
 from .verify import Reference
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -180,7 +180,7 @@ def export_onnx(
     del model  # nothing below reads the original
     export_model._forward_hooks.pop(hook, None)  # folding's copy carries the hook too
     cpu_inputs = tuple(t.cpu() for t in inputs)
-    template = structure[0] if structure else output_template(export_model, cpu_inputs)
+    template = structure[0] if structure else run_eval(export_model, cpu_inputs)
     spec = ExportSpec(exporter, opset, dynamic_batch, chosen_names(input_names, input_defaults, "input"),
                       chosen_names(output_names, default_output_names(template), "output"),
                       {True: "full", False: "off", None: "full" if fold else "constants"}[optimize], external_data)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, VerificationError, shorten
-from .running import flatten_outputs, inputs_must_fit, model_device, resolve_device, training_flags
+from .errors import InputError, VerificationError, first_line
+from .running import flatten_outputs, resolve_device, run_eval
 from .verify import Comparison, Reference, compare
 
 
@@ -121,11 +121,11 @@ def verify_onnx(
         raise ValueError("verify_onnx needs the model, or a template and a reference at every batch size")
     target = resolve_device(device)
     if template is None:
-        template = output_template(model, feed[min(feed)])
+        template = run_eval(model, feed[min(feed)])  # the outputs' structure
     try:
         runner = OrtRunner(path, target, arena=False)
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
-        text = _first_line(exc).replace(str(path), f"`{Path(path).name}`")  # (not bntool's staging folder)
+        text = first_line(exc, 300).replace(str(path), f"`{Path(path).name}`")  # (not bntool's staging folder)
         raise VerificationError(f"onnxruntime cannot load the file: {text}") from exc
     expected = len(flatten_outputs(template))
 
@@ -133,7 +133,7 @@ def verify_onnx(
         try:
             outputs = runner(batch_inputs)
         except Exception as exc:
-            raise VerificationError(f"onnxruntime fails on the file: {_first_line(exc)}") from exc
+            raise VerificationError(f"onnxruntime fails on the file: {first_line(exc, 300)}") from exc
         if len(outputs) != expected:
             raise VerificationError(f"the ONNX file has {len(outputs)} outputs but the model returns {expected} "
                                     "tensors")
@@ -143,14 +143,6 @@ def verify_onnx(
                                          reference=references.get(b)))
                    for b in sorted(feed))
     return OnnxVerification(runner.provider, checks)
-
-
-def output_template(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
-    """The model's output structure (eval mode, one forward), to give onnxruntime's flat outputs their names."""
-    device = model_device(model)
-    moved = [t.to(device) for t in inputs]
-    with torch.no_grad(), training_flags(model, False), inputs_must_fit(model, moved):
-        return model(*moved)
 
 
 def _fill(template: Any, leaves: Iterator[torch.Tensor]) -> Any:
@@ -200,8 +192,3 @@ def verification_batch_sizes(batch: int, dynamic: bool, asked: Sequence[int] | N
                          "pass `dynamic_batch=True`, or `verify_batch_sizes` "
                          f"{batch}")
     return sorted(set(asked))
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an error, cut at a word boundary."""
-    return shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 300)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .batches import expected_input, model_input
 from .collect import bn_input
-from .errors import InputError
+from .errors import InputError, first_line
 from .recal_report import NormQuality
 from .recal_state import restore, save
 from .running import tf32
@@ -46,9 +46,8 @@ def guarded(model: nn.Module, selected: list, run: Callable[[Any, int], int], ba
 
 def _does_not_fit(model: nn.Module, batch: Any, index: int, exc: Exception) -> InputError:
     """The model's complaint about a batch, as an error about the data."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return InputError(
-        f"batch {index} (input shape {_shape_of(batch)}) does not fit the model: {first}; "
+        f"batch {index} (input shape {_shape_of(batch)}) does not fit the model: {first_line(exc)}; "
         f"the first layer {expected_input(model)}; pass data of that shape (check `image_size`, `input_key`)")
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .cloning import clone
-from .errors import InputError, out_of_memory, out_of_memory_message, shorten
+from .errors import InputError, first_line, out_of_memory, out_of_memory_message
 
 # ----------------------------------------------------------------------------- devices
 
@@ -197,6 +197,13 @@ def input_shapes(inputs: Sequence[Any]) -> str:
     return ", ".join("x".join(map(str, t.shape)) for t in tree_leaves(list(inputs)) if isinstance(t, torch.Tensor))
 
 
+def run_eval(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
+    """One eval-mode forward with no grad, on the model's device (each module's training flag restored)."""
+    inputs = move_inputs(example_inputs, model_device(model))
+    with torch.no_grad(), training_flags(model, False), inputs_must_fit(model, inputs):
+        return model(*inputs)
+
+
 @contextlib.contextmanager
 def inputs_must_fit(model: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
     """Turn the model's own complaint about its inputs into one clear input error."""
@@ -207,9 +214,8 @@ def inputs_must_fit(model: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
         if out_of_memory(exc):
             raise InputError(out_of_memory_message(exc, f"running `{type(model).__name__}` on inputs of shape "
                                                         f"{shapes}")) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"running `{type(model).__name__}` on inputs of shape {shapes} failed: {shorten(first, 200)}; "
+            f"running `{type(model).__name__}` on inputs of shape {shapes} failed: {first_line(exc, 200)}; "
             "pass `example_inputs` of the shape it expects"
         ) from exc
 

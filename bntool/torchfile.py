@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import shorten
+from .errors import first_line, shorten
 
 
 def torch_load(path: Path, *, weights_only: bool = True) -> Any:
@@ -47,8 +47,8 @@ def torch_reason(exc: BaseException) -> str:
     if not isinstance(exc, (RuntimeError, OSError, ValueError, pickle.UnpicklingError)):
         return f"it is not a valid PyTorch file (its pickle is unreadable: {type(exc).__name__} {shorten(text, 80)})"
     if "invalid load key" in text or "could not find" in text.lower() or "failed finding central directory" in text:
-        return f"it is not a PyTorch file ({shorten(_first_line(exc), 120)})"
-    return shorten(_first_line(exc), 200)
+        return f"it is not a PyTorch file ({first_line(exc, 120)})"
+    return first_line(exc, 200)
 
 
 def _allowed_globals() -> set[str]:
@@ -96,8 +96,3 @@ def unsafe_globals(path: Path) -> list[str]:
         return []
     allowed = _allowed_globals()
     return list(dict.fromkeys(g for g in found if g not in allowed))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
