@@ -275,44 +275,19 @@ def test_a_model_with_a_parametrized_layer_is_written_and_reloads(cli, tmp_path,
             assert torch.equal(reloaded(x), model.eval()(x))
 
 
-BN_ATTRIBUTE_MODEL = '''
-import torch
-from torch import nn
-
-
-class ReadsBNAttribute(nn.Module):
-    input_shape = (2, 3, 5, 5)
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return y * 2.0 if self.bn1.affine else y
-
-
-def net():
-    return ReadsBNAttribute()
-'''
-
-
 def test_a_fold_that_breaks_the_forward_is_left_out_or_under_strict_exits_1_in_one_line(cli, tmp_path):
-    (tmp_path / "attr_net.py").write_text(BN_ATTRIBUTE_MODEL)
-    spec = f"{tmp_path / 'attr_net.py'}:net"
-    from bntool import modelspec
+    from tests.test_fold import ReadsBNAttribute  # (the model of the library's test, from its file)
 
-    model = randomize_bn(modelspec.build(spec), seed=3)
+    spec = f"{ROOT / 'tests' / 'test_fold.py'}:ReadsBNAttribute"
     checkpoint = tmp_path / "attr.pt"
-    torch.save(model.state_dict(), checkpoint)
+    torch.save(randomize_bn(ReadsBNAttribute(), seed=3).state_dict(), checkpoint)
     out = tmp_path / "folded.safetensors"
-    result = cli("fold", checkpoint, "--model", spec, "--out", out)
+    result = cli("fold", checkpoint, "--model", spec, "--input-shape", "2,3,5,5", "--out", out)
     assert result.code == 0, result.err
     assert "`bn1` was not folded: rejected by verification: the folded model failed to run (AttributeError" in result.err
     assert out.exists() and "Traceback" not in result.err
     strict_out = tmp_path / "strict.safetensors"
-    result = cli("fold", checkpoint, "--model", spec, "--out", strict_out, "--strict")
+    result = cli("fold", checkpoint, "--model", spec, "--input-shape", "2,3,5,5", "--out", strict_out, "--strict")
     errors = [line for line in result.err.splitlines() if line.startswith("Error: ")]
     assert result.code == 1 and len(errors) == 1 and "Traceback" not in result.err
     assert "the folded model failed to run on inputs the original runs on (AttributeError" in errors[0]
