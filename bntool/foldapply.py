@@ -79,7 +79,6 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None,
             bn = lookup[pair.bn]
             forms[pair.bn] = bnform.rebound(known, bn) if known is not None else bnform.analyze(bn, pair.rank)
     scales = _scale_shifts(lookup, forms, {p.bn: p.rank for p in plan.pairs})
-    scratch: dict[torch.device, torch.Tensor] = {}
     for pair in plan.pairs:
         k, c = scales[pair.bn]
         target = lookup[pair.into]
@@ -87,11 +86,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None,
         if pair.direction == "backward":
             k, c = through_before(k, c, a, s)
             k, c = _per_channel(k, c, _channels(target, output=True))
-            device = target.weight.device
-            if device not in scratch or scratch[device].numel() < target.weight.numel():
-                scratch[device] = torch.empty(target.weight.numel(), dtype=torch.float64, device=device)
             weight, bias = scale_producer(target.weight, target.bias, k, c, transposed=isinstance(target, TRANSPOSED),
-                                          groups=getattr(target, "groups", 1), scratch=scratch[device])
+                                          groups=getattr(target, "groups", 1))
         else:
             k, c = through_after(k, c, a, s)
             k, c = _per_channel(k, c, _channels(target, output=False))

@@ -170,9 +170,9 @@ def test_half_precision_models_fold_and_verify_on_cuda(dtype):
     folded, report = bntool.fold(model, (x,), device=DEVICE)
     assert report.comparison.passed and report.comparison.device == str(torch.device(DEVICE))
     assert folded[0].weight.dtype == dtype and folded[0].weight.device.type == torch.device(DEVICE).type
-    bn = model[1]  # the fold is float64 arithmetic rounded once to the dtype, on the GPU as on the CPU
+    bn = model[1]  # the weight is multiplied in float32 and rounded once to the dtype, on the GPU as on the CPU
     k = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    assert torch.equal(folded[0].weight, (model[0].weight.double() * k.view(-1, 1, 1, 1)).to(dtype))
+    assert torch.equal(folded[0].weight, (model[0].weight.float() * k.float().view(-1, 1, 1, 1)).to(dtype))
 
 
 # ----------------------------------------------------------------------------- recalibrate

@@ -92,14 +92,16 @@ def test_transposed_grouped_math_matches_per_channel_oracle():
         for j in range(4):
             out = g * 4 + j
             rows = slice(g * 3, (g + 1) * 3)
-            expected = (conv.weight[rows, j].double() * k[out]).float()
+            expected = conv.weight[rows, j] * k[out].float()  # the float64 scale, rounded once, times the weight
             assert torch.equal(weight[rows, j], expected), (g, j)
     expected_bias = k * (conv.bias.double() - bn.running_mean.double()) + bn.bias.double()
     torch.testing.assert_close(bias.double(), expected_bias, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_half_precision_fold_computes_in_float64_and_rounds_once(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["float16", "bfloat16", "float64"])
+def test_narrow_weights_are_multiplied_in_float32_and_rounded_once_float64_ones_in_float64(dtype):
+    # a product in the weight's own dtype (what fx does) fails for float16 / bfloat16, a float32 product fails
+    # for float64; a scale computed in float32 fails here for float64 and in the transposed-conv test above
     torch.manual_seed(2)
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), seed=1).to(dtype)
     inputs = (torch.randn(2, 3, 8, 8).to(dtype),)
@@ -108,7 +110,11 @@ def test_half_precision_fold_computes_in_float64_and_rounds_once(dtype):
     assert report.comparison.passed and folded[0].weight.dtype == dtype
     bn = original[1]
     k = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    assert torch.equal(folded[0].weight, (original[0].weight.double() * k.view(-1, 1, 1, 1)).to(dtype))
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = (original[0].weight.to(compute) * k.to(compute).view(-1, 1, 1, 1)).to(dtype)
+    assert torch.equal(folded[0].weight, expected)
+    expected_bias = (k * original[0].bias.double() + (bn.bias.double() - k * bn.running_mean.double())).to(dtype)
+    assert torch.equal(folded[0].bias, expected_bias)  # the bias: float64, rounded once
 
 
 # ----------------------------------------------------------------------------- forward folding
