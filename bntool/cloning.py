@@ -60,6 +60,8 @@ def _plain(cls: type) -> bool:
     (A ``__setstate__`` that only fills in attributes missing from old pickles,
     as convolutions have, does not matter: the copy has every attribute.)
     """
+    if getattr(cls, "pins_eval", False):  # a frozen BN class of bntool's (its own pickling aside): as its base
+        return _plain(cls._base)
     return (
         getattr(cls, "__deepcopy__", None) is None
         and cls.__reduce_ex__ is object.__reduce_ex__

@@ -218,10 +218,14 @@ def _retire_bn(lookup: Submodules, name: str, bn: nn.Module, becomes: str, form:
         mean, var = identity_statistics(bn.running_var, bn.eps)
         bn.running_mean = mean
         bn.running_var = var
-        if bn.weight is not None:
-            bn.weight = nn.Parameter(torch.ones_like(bn.weight), requires_grad=bn.weight.requires_grad)
-        if bn.bias is not None:
-            bn.bias = nn.Parameter(torch.zeros_like(bn.bias), requires_grad=bn.bias.requires_grad)
+        for key, fill in (("weight", torch.ones_like), ("bias", torch.zeros_like)):
+            old = getattr(bn, key)
+            if old is None:
+                continue
+            if key in bn._buffers:  # (a frozen BN's affine values are buffers: they stay buffers)
+                bn._buffers[key] = fill(old)
+            else:
+                setattr(bn, key, nn.Parameter(fill(old), requires_grad=old.requires_grad))
         return
     replacement = bnform.remainder(bn, form) if becomes == "rewritten" else None
     replacement = replacement if replacement is not None else nn.Identity()

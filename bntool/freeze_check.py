@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .cloning import clone
-from .frozen import _FrozenBatchNorm
+from .norms import is_bntool_frozen
 from .running import model_device, resolve_device
 from .statediff import Snapshot
 from .verify import Comparison, Reference, compare
@@ -51,7 +51,7 @@ class FreezeCheck:
 
 
 class _TrainOnly(nn.Module):
-    """Runs ``model``; ``train(True)`` puts the ``layers`` (and what they hold) in train mode, the rest in eval."""
+    """Runs ``model``; ``train(True)`` puts the ``layers`` (not their submodules) in train mode, the rest in eval."""
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -60,8 +60,8 @@ class _TrainOnly(nn.Module):
 
     def train(self, mode: bool = True) -> _TrainOnly:
         super().train(False)
-        for module in self._layers:
-            module.train(mode)
+        for module in self._layers:  # the layer alone: a frozen BN's activation or dropout is the rest of the model
+            module.training = mode
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -78,7 +78,7 @@ def check_frozen(original: nn.Module | None, frozen: nn.Module, inputs: Sequence
     """
     device = resolve_device(device)
     candidate = frozen if model_device(frozen) == device else clone(frozen).to(device)
-    layers = [(n, m) for n, m in candidate.named_modules() if isinstance(m, _FrozenBatchNorm)]
+    layers = [(n, m) for n, m in candidate.named_modules() if is_bntool_frozen(m)]
     before = Snapshot(candidate, only=[n for n, _ in layers])
     comparison = compare(original, _TrainOnly(candidate, [m for _, m in layers]), inputs, device=device,
                          candidate_train=True, atol=atol, rtol=rtol, reference=reference)

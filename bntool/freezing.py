@@ -3,7 +3,8 @@
 Unlike ``m.eval()`` on each BN (undone by the next ``model.train()``),
 :func:`freeze` swaps the selected layers for the frozen BNs of
 ``bntool.frozen``, which never use batch statistics nor update theirs, with
-the original state-dict keys; :func:`unfreeze` turns them back; :func:`replay`
+the original state-dict keys (a BN subclass with a forward of its own keeps
+its class, pinned to eval mode); :func:`unfreeze` turns them back; :func:`replay`
 redoes either as a recipe step. Both verify their result before returning it:
 frozen in train mode == original in eval mode (and the frozen statistics do
 not move: ``freeze_check``), unfrozen == frozen in eval mode; a failure
@@ -26,8 +27,8 @@ from . import recipe
 from .cloning import clone
 from .errors import InputError, VerificationError, require_module
 from .freeze_check import FreezeCheck, check_frozen
-from .frozen import AFFINE_MODES, _FrozenBatchNorm, frozen_type_for, why_not_freezable
-from .norms import has_fixed_statistics
+from .frozen import AFFINE_MODES, frozen_type_for, why_not_freezable
+from .norms import has_fixed_statistics, is_bntool_frozen
 from .report import Skip, with_step
 from .selection import select
 from .shapes import make_inputs
@@ -157,6 +158,9 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
     (``backbone.*``, ``layer1``, ``bn1``); none given selects every BN, and
     exclude wins over include. A pattern that matches no BN layer is an
     :class:`InputError`. ``affine="trainable"`` leaves gamma / beta trainable.
+    A BN subclass with a forward of its own (timm's ``BatchNormAct2d``) keeps
+    its class with its own ``training`` pinned to False: its submodules
+    (activation, dropout) still follow the model's mode.
     Unless ``verify=False``, the frozen model with its frozen layers in train
     mode (the rest in eval mode) is compared with the original in eval mode on
     ``example_inputs`` (default: the shape the model declares), and the frozen
@@ -212,7 +216,7 @@ def unfreeze(model: nn.Module, include: str | Iterable[str] | None = None, exclu
     frozen model in eval mode (``VerificationError`` on a mismatch).
     """
     require_module(model)
-    candidates = [n for n, m in model.named_modules() if isinstance(m, _FrozenBatchNorm)]
+    candidates = [n for n, m in model.named_modules() if is_bntool_frozen(m)]
     selected, _ = select(candidates, include, exclude, what="frozen BatchNorm", owner=type(model).__name__)
     chosen = set(selected)
     checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
@@ -257,18 +261,18 @@ def replay(model: nn.Module, step: dict[str, Any]) -> nn.Module:
         except AttributeError:
             module = None
         if op == "freeze":  # an already frozen layer is rebuilt in the recorded affine mode
-            source = module.to_batchnorm() if isinstance(module, _FrozenBatchNorm) else module
+            source = module.to_batchnorm() if is_bntool_frozen(module) else module
             reason = None if source is None else why_not_freezable(source)
         else:
-            source, reason = module, None if isinstance(module, _FrozenBatchNorm) else "not frozen"
+            source, reason = module, None if is_bntool_frozen(module) else "not frozen"
         if module is None or reason is not None:
             found = "no such module" if module is None else f"a `{type(module).__name__}` ({reason})"
             raise InputError(
                 f"the checkpoint's recipe does not match the model: it {op}s layer `{name}`, but the model has "
                 f"{found}; build the model from the code the checkpoint was made from"
             )
-        frozen_type = frozen_type_for(source)
-        replacements[id(module)] = frozen_type.from_batchnorm(source, affine) if op == "freeze" else source.to_batchnorm()
+        replacements[id(module)] = (frozen_type_for(source).from_batchnorm(source, affine) if op == "freeze"
+                                    else source.to_batchnorm())
     _convert(model, lambda name, module: replacements.get(id(module), module))
     return model
 

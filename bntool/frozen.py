@@ -3,8 +3,13 @@
 ``FrozenBatchNorm1d/2d/3d`` and ``FrozenSyncBatchNorm`` never use batch
 statistics nor update theirs, keep each layer's own eps and the original
 state-dict keys, and convert from and to the ordinary BN types
-(``from_batchnorm`` / ``to_batchnorm``). ``bntool.freezing`` swaps them in
-and out and proves the result.
+(``from_batchnorm`` / ``to_batchnorm``). A BN subclass with a forward of its
+own (timm's ``BatchNormAct2d``: normalization, then drop and activation)
+cannot be replaced by one of those without losing what else it does; its
+frozen form is the same module with its own ``training`` pinned to False
+(``pinned_class_for``): its own code always runs as in eval mode, while its
+submodules (activation, dropout) follow the model's mode. ``bntool.freezing``
+swaps them in and out and proves the result.
 """
 
 from __future__ import annotations
@@ -141,19 +146,120 @@ FROZEN_FOR = ((nn.SyncBatchNorm, FrozenSyncBatchNorm), (nn.BatchNorm1d, FrozenBa
                (nn.BatchNorm2d, FrozenBatchNorm2d), (nn.BatchNorm3d, FrozenBatchNorm3d))
 
 
-def frozen_type_for(module: nn.Module) -> type[_FrozenBatchNorm] | None:
-    return next((f for t, f in FROZEN_FOR if isinstance(module, t)), None)
+class _PinnedEval:
+    """The frozen form of a BN class with a forward of its own: that class, with its ``training`` pinned to False.
+
+    Generated per class by ``pinned_class_for`` (named ``Frozen<Class>``, a
+    subclass of it, so ``isinstance`` still holds). Reading ``training`` gives
+    False, so the class's own forward normalizes with the stored statistics
+    and never updates them; setting it (``model.train()``) records the mode
+    asked for, which ``train()`` still passes on to the submodules. The
+    module keeps its state-dict keys; with ``affine="frozen"`` its weight and
+    bias are buffers. Recalibration lifts the pin for its pass
+    (``_bntool_unpinned``), so the module then trains its statistics as its
+    unfrozen form would.
+    """
+
+    is_frozen_batchnorm = True
+    pins_eval = True  # what bntool.norms looks for: the forward is the class's own, not plain BatchNorm
+    _base: type[_BatchNorm]
+
+    @property
+    def training(self) -> bool:
+        state = self.__dict__
+        return bool(state.get("training", False)) and bool(state.get("_bntool_unpinned", False))
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["training"] = mode
+
+    @property
+    def unfrozen_type(self) -> type[_BatchNorm]:
+        return type(self)._base
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, affine: str = "frozen") -> nn.Module:
+        """A frozen copy of ``bn``: its own tensors cloned, its submodules shared, its mode kept (as asked for)."""
+        mode = "none" if bn.weight is None and bn.bias is None else affine
+        frozen = _module_copy(bn, cls, affine_as_buffers=mode == "frozen")
+        frozen.__dict__["affine_mode"] = mode
+        return frozen
+
+    def to_batchnorm(self) -> _BatchNorm:
+        """The unfrozen class again, with the same values; weight / bias trainable again."""
+        bn = _module_copy(self, type(self)._base, affine_as_buffers=False)
+        for key in ("affine_mode", "_bntool_unpinned"):
+            bn.__dict__.pop(key, None)
+        return bn
+
+    def __reduce_ex__(self, protocol: int):
+        # pickle and deepcopy find the generated class through the class it pins, which they can import
+        return _pinned_instance, (type(self)._base,), self.__dict__.copy()
+
+
+_PINNED: dict[type, type] = {}
+
+
+def pinned_class_for(base: type[_BatchNorm]) -> type:
+    """``Frozen<base>``: ``base`` with its own ``training`` pinned to False (see ``_PinnedEval``)."""
+    if base not in _PINNED:
+        name = f"Frozen{base.__name__}"
+        _PINNED[base] = type(name, (_PinnedEval, base), {
+            "_base": base, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"`{base.__module__}.{base.__qualname__}` frozen by bntool: its own code runs as in eval mode."})
+    return _PINNED[base]
+
+
+def _pinned_instance(base: type[_BatchNorm]) -> nn.Module:
+    return object.__new__(pinned_class_for(base))
+
+
+def _module_copy(module: nn.Module, cls: type, *, affine_as_buffers: bool) -> nn.Module:
+    """``module`` as an instance of ``cls``: attributes and submodules shared, hooks copied, own tensors cloned.
+
+    ``weight`` / ``bias`` become buffers with ``affine_as_buffers`` and
+    trainable parameters otherwise, under the same state-dict keys, in the
+    same order."""
+    copy = object.__new__(cls)
+    state = {key: (type(value)(value) if isinstance(value, (dict, set)) else value)
+             for key, value in module.__dict__.items()}
+    params, buffers = state["_parameters"], state["_buffers"]
+    affine = {key: params.pop(key, None) if key in params else buffers.pop(key, None) for key in ("weight", "bias")}
+    for key in affine:
+        state.get("_non_persistent_buffers_set", set()).discard(key)
+    moved = {key: t.detach().clone() for key, t in affine.items() if t is not None}
+    as_buffers = moved if affine_as_buffers else {}
+    as_parameters = {key: nn.Parameter(moved[key]) if key in moved else None  # (an absent one: a None parameter)
+                     for key in affine if key not in as_buffers}
+    state["_parameters"] = type(params)({**as_parameters, **{
+        k: None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for k, p in params.items()}})
+    state["_buffers"] = type(buffers)({**as_buffers, **{
+        k: None if b is None else b.detach().clone() for k, b in buffers.items()}})
+    copy.__dict__.update(state)  # (``training`` too: set directly, what the module was asked for)
+    return copy
+
+
+def frozen_type_for(module: nn.Module) -> type | None:
+    """The frozen class for ``module``: bntool's own for a plain torch BN, the pinned class for a BN subclass
+    with a forward of its own (or a direct ``_BatchNorm`` subclass), None for anything else."""
+    if getattr(type(module), "pins_eval", False):
+        return type(module)
+    torch_type = next(((t, f) for t, f in FROZEN_FOR if isinstance(module, t)), None)
+    if torch_type is not None and type(module).forward is torch_type[0].forward:
+        return torch_type[1]
+    if isinstance(module, _BatchNorm):
+        return pinned_class_for(type(module))
+    return None
 
 
 def why_not_freezable(module: nn.Module) -> str | None:
     """Why ``module`` cannot be swapped for a frozen BN as it is, or None."""
     if has_fixed_statistics(module):
         return f"already frozen (`{type(module).__name__}`)"
-    torch_type = next((t for t, _ in FROZEN_FOR if isinstance(module, t)), None)
-    if torch_type is None:
-        return f"`{type(module).__name__}` is not a BatchNorm1d/2d/3d or SyncBatchNorm subclass; freeze it by hand"
-    if type(module).forward is not torch_type.forward:
-        return f"`{type(module).__name__}` overrides forward (it may do more than normalize); freeze it by hand"
+    if frozen_type_for(module) is None:
+        return f"`{type(module).__name__}` is not a torch BatchNorm or a subclass of one; freeze it by hand"
     if not module.track_running_stats or module.running_mean is None:
         return NO_STATISTICS
     return None
+

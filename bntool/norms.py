@@ -4,7 +4,8 @@ Three families of module are BatchNorms to bntool:
 
 * ``torch.nn`` BatchNorm1d/2d/3d, SyncBatchNorm and every subclass (timm's
   ``BatchNormAct2d`` among them);
-* bntool's own frozen BNs (``is_bntool_frozen``);
+* bntool's own frozen BNs (``is_bntool_frozen``), among them BN subclasses
+  whose own ``training`` bntool pinned to False (``is_pinned``);
 * BN-like modules from other libraries that are not ``_BatchNorm`` subclasses:
   torchvision's, timm's and detectron2's ``FrozenBatchNorm2d``, timm's
   ``FrozenBatchNormAct2d``. They are recognised by their shape (1-D
@@ -36,8 +37,18 @@ def is_batchnorm(module: object) -> bool:
 
 
 def is_bntool_frozen(module: object) -> bool:
-    """One of bntool's ``FrozenBatchNorm*`` modules (``bntool.frozen``)."""
+    """One of bntool's frozen BNs (``bntool.frozen``): a ``FrozenBatchNorm*``, or a BN subclass pinned to eval."""
     return bool(getattr(type(module), "is_frozen_batchnorm", False))
+
+
+def is_pinned(module: object) -> bool:
+    """A BN subclass that bntool froze by pinning its own ``training`` to False (its forward is its class's)."""
+    return bool(getattr(type(module), "pins_eval", False))
+
+
+def requested_mode(module: nn.Module) -> bool:
+    """The train / eval mode ``module`` was last put in (for a pinned frozen BN, not the False it reads)."""
+    return bool(module.__dict__["training"]) if is_pinned(module) else module.training
 
 
 def has_fixed_statistics(module: object) -> bool:
@@ -86,6 +97,6 @@ def standard_forward(module: nn.Module, bases: tuple[type, ...]) -> bool:
 
 
 def bn_forward_is_standard(module: nn.Module) -> bool:
-    if is_bntool_frozen(module):
+    if is_bntool_frozen(module) and not is_pinned(module):
         return True
     return standard_forward(module, (nn.SyncBatchNorm, _BatchNorm))

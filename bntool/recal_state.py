@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .collect import BN_BUFFERS
 from .errors import InputError
-from .norms import is_bntool_frozen, is_foreign_batchnorm
+from .norms import is_bntool_frozen, is_foreign_batchnorm, is_pinned
 from .report import Skip
 from .running import model_device, model_dtype
 from .selection import select
@@ -77,6 +77,10 @@ def batch_statistics_forward(bn: nn.Module) -> bool:
     afterwards); a frozen BN normalises like an ordinary BN in training mode,
     so that a frozen model is recalibrated exactly as its unfrozen form would be.
     """
+    if is_pinned(bn):  # its own forward, as unfrozen: the pin is lifted for the pass
+        bn.__dict__["_bntool_unpinned"] = True
+        bn._bntool_patched = True
+        return type(bn).forward is _BatchNorm.forward
     if is_bntool_frozen(bn):
         bn.forward = types.MethodType(_frozen_in_training, bn)
     elif isinstance(bn, nn.SyncBatchNorm) and "forward" not in bn.__dict__:
@@ -95,6 +99,7 @@ def _frozen_in_training(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  
 def unpatch(bn: nn.Module) -> None:
     if bn.__dict__.pop("_bntool_patched", False):
         bn.__dict__.pop("forward", None)
+        bn.__dict__.pop("_bntool_unpinned", None)
 
 
 def save(bn: nn.Module) -> dict[str, Any]:

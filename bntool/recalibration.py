@@ -61,6 +61,7 @@ from .batches import batch_size_of, model_input
 from .collect import Collector, gather, merge_ranks, write_back
 from .collect import collectors as make_collectors
 from .errors import InputError, VerificationError, require_module
+from .norms import requested_mode
 from .recal_batches import guarded, norm_quality
 from .recal_report import NormQuality, RecalibrationReport, results
 from .recal_state import (
@@ -143,7 +144,7 @@ def recalibrate(
                                                if id(m) in chosen))
     held = {name: Held.of(bn) for name, bn in selected}
     before = {name: save(bn) for name, bn in selected} if verify_batches is not None else {}
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, requested_mode(m)) for m in model.modules()]
     collectors: list[Collector] = []
     done = False
 
@@ -237,7 +238,7 @@ def _pass(model: nn.Module, selected: list, collectors: list[Collector], batches
     try:
         model.eval()
         for _, bn in selected:
-            bn.train()
+            bn.training = True  # the layer alone: a BN's own dropout or activation stays in eval mode
         handles = [c.module.register_forward_pre_hook(c, with_kwargs=True) for c in collectors]
         source = batches if num_batches is None else itertools.islice(batches, num_batches)
         with torch.no_grad(), tf32(allow_tf32):

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .cloning import clone
 from .errors import InputError, first_line, out_of_memory, out_of_memory_message
+from .norms import requested_mode
 
 # ----------------------------------------------------------------------------- devices
 
@@ -129,7 +130,7 @@ def flatten_outputs(obj: Any, name: str = "output") -> list[tuple[str, torch.Ten
 @contextlib.contextmanager
 def training_flags(model: nn.Module, train: bool) -> Iterator[nn.Module]:
     """Put every module in train or eval mode; restore each module's own flag afterwards."""
-    saved = [(m, m.training) for m in model.modules()]
+    saved = [(m, requested_mode(m)) for m in model.modules()]
     try:
         model.train(train)
         yield model

@@ -320,15 +320,19 @@ def test_skips_are_reported_with_reasons():
                           TaggedBN(4), nn.BatchNorm2d(4))
     randomize_bn_(model)
     frozen, report = freeze(model, verify=False)
-    assert [layer.name for layer in report.frozen] == ["3", "4"] and report.frozen[0].type == "TaggedBN"
+    assert [layer.name for layer in report.frozen] == ["1", "3", "4"]
+    assert [layer.type for layer in report.frozen] == ["ScaledBN", "TaggedBN", "BatchNorm2d"]
     reasons = {skip.name: skip.reason for skip in report.skipped}
-    assert "overrides forward" in reasons["1"] and "ScaledBN" in reasons["1"]
-    assert reasons["2"] == NO_STATISTICS
-    assert type(frozen[1]) is ScaledBN and type(frozen[2]) is nn.BatchNorm2d
+    assert reasons == {"2": NO_STATISTICS}
+    assert type(frozen[2]) is nn.BatchNorm2d
+    assert isinstance(frozen[1], ScaledBN) and type(frozen[1]).__name__ == "FrozenScaledBN"  # its own forward, pinned
+    assert type(frozen[3]) is FrozenBatchNorm2d  # the base's forward: bntool's frozen BN
     again, second = freeze(frozen, verify=False)  # already frozen layers are reported, not wrapped twice
-    assert not second.frozen and {s.name: s.reason for s in second.skipped}["4"] == "already frozen (`FrozenBatchNorm2d`)"
-    assert type(again[4]) is FrozenBatchNorm2d
-    assert report.to_dict()["recipe_step"] == {"op": "freeze", "layers": ["3", "4"], "affine": "frozen"}
+    again_reasons = {s.name: s.reason for s in second.skipped}
+    assert not second.frozen and again_reasons["4"] == "already frozen (`FrozenBatchNorm2d`)"
+    assert again_reasons["1"] == "already frozen (`FrozenScaledBN`)"
+    assert type(again[4]) is FrozenBatchNorm2d and type(again[1]) is type(frozen[1])
+    assert report.to_dict()["recipe_step"] == {"op": "freeze", "layers": ["1", "3", "4"], "affine": "frozen"}
 
 
 def test_shared_batchnorm_stays_shared():
