@@ -61,7 +61,7 @@ from .bnform_nodes import (
 from .cloning import clone
 from .errors import first_line
 from .foldmath import bn_scale_shift
-from .norms import bn_forward_is_standard, num_features
+from .norms import bn_forward_is_standard, num_features, requested_mode
 
 
 @dataclass
@@ -177,7 +177,7 @@ def remainder(module: nn.Module, form: NormForm) -> nn.Module | None:
     graph.owning_module = form._root  # what dead-code elimination asks whether a child call is pure
     graph.eliminate_dead_code()
     rest = torch.fx.GraphModule(form._root, graph, class_name=f"{type(module).__name__}WithoutNorm")
-    rest.train(module.training)
+    rest.train(requested_mode(module))  # (a frozen BN reads eval mode; what is left follows the model)
     return rest
 
 

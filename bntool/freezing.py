@@ -115,18 +115,19 @@ def _convert(module: nn.Module, decide: Callable[[str, nn.Module], nn.Module], p
     """Replace modules where ``decide(name, module)`` returns a new one; re-register only changed children.
 
     A module reused under several names is decided once (under its first name)
-    and its one replacement is put in every place, so sharing is kept.
+    and its one replacement is put in every place, so sharing is kept. The
+    children of a replacement are decided too: a frozen BN subclass keeps its
+    submodules, and a BN among them is a layer of its own.
     """
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
     replacement = memo[id(module)] = decide(prefix, module)
-    if replacement is module:
-        for child_name, child in list(module._modules.items()):  # named_children() hides repeats
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            new_child = child if child is None else _convert(child, decide, name, memo)
-            if new_child is not child:
-                module.add_module(child_name, new_child)
+    for child_name, child in list(replacement._modules.items()):  # named_children() hides repeats
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        new_child = child if child is None else _convert(child, decide, name, memo)
+        if new_child is not child:
+            replacement.add_module(child_name, new_child)
     return replacement
 
 

@@ -14,6 +14,9 @@ swaps them in and out and proves the result.
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -89,6 +92,7 @@ class _FrozenBatchNorm(nn.Module):
         mode = "none" if bn.weight is None else affine
         frozen = cls(bn.num_features, bn.eps, bn.momentum, mode, bias=bn.bias is not None)
         _copy_tensors(bn, frozen, as_parameters=mode == "trainable")
+        _share_hooks(bn, frozen)
         return frozen.train(bn.training)
 
     def to_batchnorm(self) -> _BatchNorm:
@@ -97,7 +101,13 @@ class _FrozenBatchNorm(nn.Module):
         if self.weight is not None and self.bias is None:
             bn.register_parameter("bias", None)
         _copy_tensors(self, bn, as_parameters=True)
+        _share_hooks(self, bn)
         return bn.train(self.training)
+
+
+def _share_hooks(source: nn.Module, target: nn.Module) -> None:
+    """``target`` runs ``source``'s hooks, from the same tables: a handle taken on ``source`` still removes one."""
+    target.__dict__.update((k, v) for k, v in source.__dict__.items() if "_hooks" in k)
 
 
 def _copy_tensors(source: nn.Module, target: nn.Module, *, as_parameters: bool) -> None:
@@ -192,6 +202,9 @@ class _PinnedEval:
             bn.__dict__.pop(key, None)
         return bn
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, frozen: affine={self.__dict__.get('affine_mode')}"
+
     def __reduce_ex__(self, protocol: int):
         # pickle and deepcopy find the generated class through the class it pins, which they can import
         return _pinned_instance, (type(self)._base,), self.__dict__.copy()
@@ -203,10 +216,10 @@ _PINNED: dict[type, type] = {}
 def pinned_class_for(base: type[_BatchNorm]) -> type:
     """``Frozen<base>``: ``base`` with its own ``training`` pinned to False (see ``_PinnedEval``)."""
     if base not in _PINNED:
-        name = f"Frozen{base.__name__}"
-        _PINNED[base] = type(name, (_PinnedEval, base), {
-            "_base": base, "__module__": __name__, "__qualname__": name,
-            "__doc__": f"`{base.__module__}.{base.__qualname__}` frozen by bntool: its own code runs as in eval mode."})
+        where = f"{base.__module__}.{base.__qualname__}"
+        _PINNED[base] = type(f"Frozen{base.__name__}", (_PinnedEval, base), {
+            "_base": base, "__module__": __name__, "__qualname__": f"Frozen[{where}]",  # (one per class: not importable)
+            "__doc__": f"`{where}` frozen by bntool: its own code runs as in eval mode."})
     return _PINNED[base]
 
 
@@ -215,29 +228,41 @@ def _pinned_instance(base: type[_BatchNorm]) -> nn.Module:
 
 
 def _module_copy(module: nn.Module, cls: type, *, affine_as_buffers: bool) -> nn.Module:
-    """``module`` as an instance of ``cls``: attributes and submodules shared, hooks copied, own tensors cloned.
+    """``module`` as an instance of ``cls``: its own tensors cloned, its submodules and hook tables shared.
 
-    ``weight`` / ``bias`` become buffers with ``affine_as_buffers`` and
-    trainable parameters otherwise, under the same state-dict keys, in the
-    same order."""
-    copy = object.__new__(cls)
-    state = {key: (type(value)(value) if isinstance(value, (dict, set)) else value)
-             for key, value in module.__dict__.items()}
-    params, buffers = state["_parameters"], state["_buffers"]
-    affine = {key: params.pop(key, None) if key in params else buffers.pop(key, None) for key in ("weight", "bias")}
-    for key in affine:
-        state.get("_non_persistent_buffers_set", set()).discard(key)
+    The rest of its state is deep-copied with the module mapped to the copy,
+    as ``copy.deepcopy`` does, so a forward bound to the module (a wrapper's
+    hook) is bound to the copy. Hook tables are shared, so a handle taken
+    before still removes its hook. ``weight`` / ``bias`` become buffers with
+    ``affine_as_buffers`` and trainable parameters otherwise, under the same
+    state-dict keys (in the same order, unless the class has parameters of
+    its own besides them). A ``module.compile()`` is dropped: it compiled the
+    old module's call.
+    """
+    copied = object.__new__(cls)
+    params, buffers, children = module._parameters, module._buffers, module._modules
+    memo: dict[int, Any] = {id(module): copied}
+    memo.update((id(t), t) for t in (*params.values(), *buffers.values()) if t is not None)  # (cloned below)
+    memo.update((id(m), m) for m in children.values() if m is not None)
+    memo.update((id(v), v) for k, v in module.__dict__.items() if "_hooks" in k)
+    state = copy.deepcopy({k: v for k, v in module.__dict__.items()
+                           if k not in ("_parameters", "_buffers", "_modules", "_compiled_call_impl")}, memo)
+    affine = {key: params.get(key, buffers.get(key)) for key in ("weight", "bias")}
+    state.get("_non_persistent_buffers_set", set()).difference_update(affine)
     moved = {key: t.detach().clone() for key, t in affine.items() if t is not None}
     as_buffers = moved if affine_as_buffers else {}
     as_parameters = {key: nn.Parameter(moved[key]) if key in moved else None  # (an absent one: a None parameter)
                      for key in affine if key not in as_buffers}
     state["_parameters"] = type(params)({**as_parameters, **{
         k: None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        for k, p in params.items()}})
+        for k, p in params.items() if k not in affine}})
     state["_buffers"] = type(buffers)({**as_buffers, **{
-        k: None if b is None else b.detach().clone() for k, b in buffers.items()}})
-    copy.__dict__.update(state)  # (``training`` too: set directly, what the module was asked for)
-    return copy
+        k: None if b is None else b.detach().clone() for k, b in buffers.items() if k not in affine}})
+    state["_modules"] = type(children)(children)
+    if "_compiled_call_impl" in module.__dict__:
+        state["_compiled_call_impl"] = None
+    copied.__dict__.update(state)  # (``training`` too: set directly, what the module was asked for)
+    return copied
 
 
 def frozen_type_for(module: nn.Module) -> type | None:

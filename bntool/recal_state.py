@@ -79,7 +79,6 @@ def batch_statistics_forward(bn: nn.Module) -> bool:
     """
     if is_pinned(bn):  # its own forward, as unfrozen: the pin is lifted for the pass
         bn.__dict__["_bntool_unpinned"] = True
-        bn._bntool_patched = True
         return type(bn).forward is _BatchNorm.forward
     if is_bntool_frozen(bn):
         bn.forward = types.MethodType(_frozen_in_training, bn)
@@ -97,9 +96,9 @@ def _frozen_in_training(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  
 
 
 def unpatch(bn: nn.Module) -> None:
+    bn.__dict__.pop("_bntool_unpinned", None)
     if bn.__dict__.pop("_bntool_patched", False):
         bn.__dict__.pop("forward", None)
-        bn.__dict__.pop("_bntool_unpinned", None)
 
 
 def save(bn: nn.Module) -> dict[str, Any]:

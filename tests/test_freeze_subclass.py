@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import types
 
 import pytest
 import torch
@@ -226,6 +227,8 @@ def test_fold_of_a_frozen_bn_act_model_runs_no_normalization_keeps_the_activatio
     folded, report = bntool.fold(frozen, inputs)
     assert report.passed and not report.skipped
     assert requested_mode(frozen.bn1) is True and frozen.bn1.drop.training is True  # flags given back
+    kept = folded.get_submodule("bn1")  # what is left of bn1: its drop and act, in the mode the model was asked for
+    assert not is_bntool_frozen(kept) and kept.training is True and kept.drop.training is True
     model.eval()
     original_ops, folded_ops = _aten_ops(model, inputs), _aten_ops(folded.eval(), inputs)
     assert _normalizations(original_ops) == len(BN_ACT_LAYERS) and _normalizations(folded_ops) == 0
@@ -266,3 +269,66 @@ def test_fold_keeps_a_frozen_layers_affine_values_buffers_when_it_can_only_make_
     bn = folded[1]
     assert is_bntool_frozen(bn) and {"weight", "bias"} <= set(bn._buffers) and not bn._parameters.get("weight")
     _assert_computes_original(folded, model, inputs)
+
+
+class BNThenBN(nn.BatchNorm2d):
+    """A BN subclass with a forward of its own that holds a BN of its own (a post-norm)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.post = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.post(F.relu(super().forward(x)))
+
+
+def test_a_bn_inside_a_frozen_bn_subclass_is_a_layer_of_its_own():
+    # catches: a freeze / unfreeze that stops at the subclass and leaves the BN it holds as it was, unreported
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 3), BNThenBN(4)), 0)
+    inputs = (images(),)
+    frozen, report = freeze(model, example_inputs=inputs)
+    assert [layer.name for layer in report.frozen] == ["1", "1.post"] and report.passed
+    assert is_bntool_frozen(frozen[1]) and is_bntool_frozen(frozen[1].post)
+    before = state(frozen)
+    frozen.train()
+    frozen(*inputs)
+    assert_same_state(frozen, before)
+    thawed, again = unfreeze(frozen, example_inputs=inputs)
+    assert [layer.name for layer in again.unfrozen] == ["1", "1.post"]
+    assert type(thawed[1]) is BNThenBN and type(thawed[1].post) is nn.BatchNorm2d
+
+
+def test_hooks_forwards_bound_to_the_layer_and_handles_carry_over_to_the_frozen_layer():
+    # catches: a frozen layer that runs the discarded module's bound forward (and its old tensors), hooks
+    # dropped on freezing (plain or subclass), a handle taken before freezing that no longer removes its hook
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 3), archs.BatchNormAct2d(4), nn.BatchNorm2d(4)), 0)
+    model[1].forward = types.MethodType(type(model[1]).forward, model[1])  # as a wrapper library sets it
+    calls: list[str] = []
+    handles = [model[i].register_forward_hook(lambda *_, i=i: calls.append(i)) for i in (1, 2)]
+    inputs = (images(),)
+    frozen, report = freeze(model, example_inputs=inputs, inplace=True)  # (a copy's hooks are the copy's own)
+    assert frozen is model and report.passed and frozen[1].forward.__self__ is frozen[1]
+    calls.clear()
+    frozen.eval()(*inputs)
+    assert calls == [1, 2]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    frozen(*inputs)
+    assert calls == []
+    state_now = frozen.state_dict()
+    state_now["1.weight"] = state_now["1.weight"] * 3  # the bound forward reads the frozen layer's own tensors
+    before = frozen(*inputs)
+    frozen.load_state_dict(state_now)
+    assert not torch.equal(frozen(*inputs), before)
+    assert "frozen: affine=frozen" in repr(frozen[1])
+
+
+def test_recalibrate_leaves_a_users_own_forward_on_a_frozen_layer():
+    frozen, _ = freeze(bn_act_net())
+    wrapped = types.MethodType(type(frozen.bn1).forward, frozen.bn1)
+    frozen.bn1.forward = wrapped
+    bntool.recalibrate(frozen, [images()])
+    assert frozen.bn1.__dict__.get("forward") is wrapped and frozen.bn1.training is False
