@@ -39,6 +39,7 @@ from .errors import require_module
 from .foldlayers import channel_reason, has_padding, layer_reason, parameter_owners, read_elsewhere_reason
 from .foldplan import CONVS, TRANSPOSED, FoldPair, FoldPlan
 from .graph import Dataflow, dataflow
+from .graph_ops import is_layer_function
 from .norms import bn_forward_is_standard, has_statistics, is_batchnorm
 from .report import Skip
 
@@ -201,6 +202,10 @@ def _upstream(flow: Dataflow, call: int) -> _Link:
             a, s = a * source.affine[0], a * source.affine[1] + s
         elif source.reshape:
             reshaped = True
+        elif source.kind == "function" and is_layer_function(source.target):
+            return _Link(blocker=f"its input comes from a `{source.target}` whose weight, bias or settings are not "
+                                 "one layer's own (a weight computed in the forward, such as weight standardization), "
+                                 "so folding into it would not be exact")
         else:
             return _Link(blocker=f"an operation (`{source.target}`) stands between its input's producer and the BN")
         if not source.inputs:

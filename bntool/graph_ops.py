@@ -78,6 +78,11 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 _TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
 
+def is_layer_function(name: str) -> bool:
+    """``conv2d``, ``linear``, ...: a call that computes a layer (whose own it is: ``functional_layer``)."""
+    return name in _FUNCTIONAL_LAYERS
+
+
 def functional_layer(name: str, args: Sequence[Any], kwargs: dict[str, Any], module_of: Callable[[Any], str | None],
                      modules: dict[str, nn.Module]) -> str | None:
     """The module whose layer a call ``F.conv2d(x, m.weight, m.bias, m.stride, ...)`` computes, exactly as its

@@ -263,6 +263,25 @@ class InPlaceReluBetween(nn.Module):
         return torch.relu(self.bn(y))
 
 
+class StdConv2d(nn.Conv2d):
+    """timm's weight-standardized conv: it convolves with its weight normalized per output channel at each call."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConvThenBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = StdConv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
 UNSAFE = {
     "conv-module-called-twice": (ConvCalledTwice, (2, 4, 6, 6), "called 2 times"),
     "producer-output-read-elsewhere": (SkipReadsConvOutput, (2, 4, 6, 6), "also read by"),
@@ -270,6 +289,7 @@ UNSAFE = {
     "linear-then-bn1d-on-3d-input": (LinearBN1d3D, (3, 6, 6), "axis 1 of a 3-D input"),
     "tied-weight": (TiedProducer, (4, 6), "shared with `other`"),
     "in-place-relu-between-untraceable": (InPlaceReluBetween, (2, 4, 6, 6), "relu_"),
+    "weight-standardized-conv": (StdConvThenBN, (2, 4, 6, 6), "from a `conv2d` whose weight, bias or settings"),
 }
 
 
@@ -288,7 +308,8 @@ def test_unsafe_patterns_are_left_alone_with_a_reason(name):
 
 
 @pytest.mark.parametrize("name", ["conv-module-called-twice", "producer-output-read-elsewhere",
-                                  "linear-then-bn1d-on-3d-input", "in-place-relu-between-untraceable"])
+                                  "linear-then-bn1d-on-3d-input", "in-place-relu-between-untraceable",
+                                  "weight-standardized-conv"])
 def test_unsafe_patterns_really_are_unsafe(name):
     """Folding the pair anyway changes the output: the refusals above are not overcautious."""
     cls, shape, _ = UNSAFE[name]
