@@ -30,6 +30,8 @@ values, and their float64 values) is ``bnform_nodes``'s.
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,11 +96,20 @@ def guess_rank(module: nn.Module) -> int:
     return 2 if "1d" in name else 5 if "3d" in name else 4
 
 
-def analyze(module: nn.Module, rank: int | None = None) -> NormForm:
-    """How ``module`` (a BN by ``norms.is_batchnorm``) normalizes an input of ``rank`` dimensions."""
+def analyze(module: nn.Module, rank: int | None = None, shared: dict[Any, NormForm] | None = None) -> NormForm:
+    """How ``module`` (a BN by ``norms.is_batchnorm``) normalizes an input of ``rank`` dimensions.
+
+    ``shared``: the forms traced so far in one plan, by structure. A module
+    built exactly like one traced already (``structure``) gets a copy of that
+    form, made its own (``_replica``), instead of a trace of its own: an
+    EfficientNet's 49 BatchNormAct2d layers come in about a dozen structures.
+    """
     if bn_forward_is_standard(module):
         return NormForm("standard", at_input=True, at_output=True, removable=True)
     rank = rank or guess_rank(module)
+    key = structure(module, rank) if shared is not None else None
+    if key is not None and key in shared:
+        return _replica(shared[key], module)
     try:
         root, graph = _trace(module, rank)
     except Exception as exc:  # fx raises many types for untraceable code
@@ -109,7 +120,67 @@ def analyze(module: nn.Module, rank: int | None = None) -> NormForm:
                 "with statistics that make its normalization an exact identity"))
         return NormForm("none", reason=f"torch.fx cannot trace the forward of `{type(module).__name__}` ({first}), "
                                        "so what it computes is unknown")
-    return _form_of_graph(root, graph, rank)
+    form = _form_of_graph(root, graph, rank)
+    if key is not None and form.kind == "traced" and set(root.__dict__) == set(module.__dict__):
+        shared[key] = _replica(form, module)  # (a copy: apply rewrites the graph of the form it is given)
+    return form
+
+
+#: attributes every module has: the machinery, not what its forward reads
+_MODULE_MACHINERY = frozenset(nn.Module().__dict__)
+_VALUES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_BY_IDENTITY = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodWrapperType)
+
+
+def structure(module: nn.Module, rank: int) -> tuple | None:
+    """What the trace of ``module`` can depend on: the classes, plain attributes (values, tuples of them,
+    functions) and tensor layouts of it and everything it holds (and the value of a one-element tensor, such as
+    ``num_batches_tracked``), and the input rank. None when an attribute is anything else (a dict, an object):
+    that module is traced on its own. (A forward that branches on the values of a larger buffer, which fx does
+    not proxy, would be baked with the first module's branch; verification would reject such a fold.)"""
+    parts: list[Any] = [rank]
+    for name, m in module.named_modules(remove_duplicate=False):
+        attrs = []
+        for key, value in m.__dict__.items():
+            if key in _MODULE_MACHINERY:
+                continue
+            plain = _plain_value(value)
+            if plain is None:
+                return None
+            attrs.append((key, plain))
+        tensors = tuple((key, None if t is None else (type(t), tuple(t.shape), t.dtype, t.device.type,
+                                                       t.item() if t.numel() == 1 else None))  # (a count: branched on?)
+                        for key, t in (*m._parameters.items(), *m._buffers.items()))
+        parts.append((name, type(m), tuple(attrs), tuple(m._modules), tensors))
+    return tuple(parts)
+
+
+def _plain_value(value: Any) -> tuple | None:
+    """``value`` as a comparable key when equal keys mean the same behaviour, else None."""
+    if type(value) in _VALUES:
+        return (type(value), value)
+    if isinstance(value, _BY_IDENTITY):
+        return ("is", id(value))
+    if type(value) in (tuple, list):
+        items = tuple(_plain_value(v) for v in value)
+        return None if any(i is None for i in items) else (type(value), items)
+    return None
+
+
+def _replica(form: NormForm, module: nn.Module) -> NormForm:
+    """``form``, found on a module built like ``module``, made ``module``'s: its own copy of the graph, and a root
+    cloned from ``module`` (in eval mode, sharing its tensors).
+
+    Only a trace that made no constants is shared: fx computes with buffers
+    it does not proxy (torchvision's frozen BN computes its scale from them),
+    so a constant can hold one module's values.
+    """
+    nodes: dict[Any, Any] = {}
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(form._graph, nodes))
+    root = clone(module, share_all=True)
+    root.training = False
+    return dataclasses.replace(form, _graph=graph, _root=root, _segment=tuple(nodes[n] for n in form._segment))
 
 
 def rebound(form: NormForm, module: nn.Module) -> NormForm:

@@ -71,13 +71,14 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
     modules = dict(model.named_modules())
     owners = parameter_owners(model)
     read = [op.target for op in flow.tensor_reads]  # model tensors the forward reads directly
+    shared: dict = {}  # BN subclass forms by structure: each structure is traced once
     pairs: list[FoldPair] = []
     skips: list[Skip] = []
     for name in [n for n, m in modules.items() if is_batchnorm(m)]:  # (bn_names, from the modules at hand)
         if rejected and name in rejected:
             skips.append(Skip(name, rejected[name]))
             continue
-        result = _plan_bn(name, modules[name], flow, modules, owners, read)
+        result = _plan_bn(name, modules[name], flow, modules, owners, read, shared)
         if isinstance(result, str):
             skips.append(Skip(name, result))
         else:
@@ -87,8 +88,8 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
     return FoldPlan(tuple(pairs), tuple(skips), flow.method, flow.note)
 
 
-def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners,
-             read: Sequence[str] = ()) -> tuple[list[FoldPair], bnform.NormForm] | str:
+def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners, read: Sequence[str] = (),
+             shared: dict | None = None) -> tuple[list[FoldPair], bnform.NormForm] | str:
     """The BN's pairs and what it computes, or why it does not fold. ``read``: the model tensors the forward reads
     directly, outside the calls of the modules that hold them."""
     calls = flow.calls.get(name, ())
@@ -112,7 +113,7 @@ def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners,
     if bn._forward_pre_hooks:
         return "has a forward pre-hook, which would see its input already normalized after folding"
     rank = _rank(flow, calls, bn)
-    form = bnform.analyze(bn, rank)
+    form = bnform.analyze(bn, rank, shared)
     if not form.foldable:
         return form.reason or "its forward is not a BatchNorm bntool can fold"
     becomes = {"standard": "removed", "identity": "identity"}.get(form.kind, "removed" if form.removable else "rewritten")

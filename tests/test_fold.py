@@ -435,6 +435,54 @@ def test_bn_subclass_is_traced_once_and_what_is_left_is_the_folded_models_own(in
     assert isinstance(model[1], BNPReLU) and model[1].act is original_act
 
 
+class FlaggedBNAct(nn.BatchNorm2d):
+    """A BN subclass whose forward depends on a flag: ReLU after the normalization, or a doubling."""
+
+    def __init__(self, channels, relu: bool, settings=None):
+        super().__init__(channels)
+        self.relu = relu
+        if settings is not None:
+            self.settings = settings  # (an attribute that is no plain value: the module is traced on its own)
+
+    def forward(self, x):
+        y = super().forward(x)
+        return torch.relu(y) if self.relu else y * 2
+
+
+def _counting_traces(monkeypatch) -> list:
+    traced = []
+    real_trace = bntool.bnform._trace
+    monkeypatch.setattr(bntool.bnform, "_trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
+    return traced
+
+
+def test_bn_subclasses_built_alike_share_one_trace_and_each_keeps_its_own_tensors(monkeypatch):
+    # catches: a structure key that misses an attribute the forward branches on (the doubling layer would get
+    # the ReLU's remainder and be rejected), a replica that keeps the first module's PReLU slope, a key that
+    # merges different channel counts, and sharing that never happens
+    traced = _counting_traces(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), BNPReLU(6), nn.Conv2d(6, 6, 1), BNPReLU(6), nn.Conv2d(6, 4, 1),
+                          BNPReLU(4), nn.Conv2d(4, 4, 1), FlaggedBNAct(4, relu=True), nn.Conv2d(4, 4, 1),
+                          FlaggedBNAct(4, relu=False), nn.Conv2d(4, 4, 1), FlaggedBNAct(4, relu=False, settings={}))
+    model = randomize_bn(model, seed=4).eval()
+    with torch.no_grad():
+        for i in (1, 3, 5):
+            model[i].act.weight.uniform_(-0.9, 0.9)
+    inputs = _inputs((2, 3, 8, 8))
+    folded, report = bntool.fold(model, inputs)
+    assert report.passed and report.rejected == () and len(report.plan.pairs) == 6
+    assert [type(m).__name__ for m in traced] == ["BNPReLU", "BNPReLU", "FlaggedBNAct", "FlaggedBNAct", "FlaggedBNAct"]
+    for i in (1, 3, 5):
+        assert torch.equal(folded[i].act.weight, model[i].act.weight)
+        assert folded[i].act.weight.data_ptr() != model[i].act.weight.data_ptr()
+    _assert_computes_original(folded, model, inputs)
+    monkeypatch.setattr(bntool.bnform, "structure", lambda module, rank: None)  # every module traced on its own
+    alone, _ = bntool.fold(model, inputs)
+    for key, value in alone.state_dict().items():
+        assert torch.equal(folded.state_dict()[key], value), key
+
+
 class UntraceableBNReLU(nn.BatchNorm2d):
     """A BN subclass whose forward fx cannot trace: it keeps running with identity statistics."""
 
