@@ -39,6 +39,8 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .bnform_nodes import (
     BN_SIGNATURES,
@@ -111,7 +113,7 @@ def analyze(module: nn.Module, rank: int | None = None, shared: dict[Any, NormFo
     if key is not None and key in shared:
         return _replica(shared[key], module)
     try:
-        root, graph = _trace(module, rank)
+        root, graph, read_values = _trace(module, rank)
     except Exception as exc:  # fx raises many types for untraceable code
         first = first_line(exc, 200)
         if isinstance(module, _BatchNorm):
@@ -121,7 +123,7 @@ def analyze(module: nn.Module, rank: int | None = None, shared: dict[Any, NormFo
         return NormForm("none", reason=f"torch.fx cannot trace the forward of `{type(module).__name__}` ({first}), "
                                        "so what it computes is unknown")
     form = _form_of_graph(root, graph, rank)
-    if key is not None and form.kind == "traced" and set(root.__dict__) == set(module.__dict__):
+    if key is not None and form.kind == "traced" and not read_values:
         shared[key] = _replica(form, module)  # (a copy: apply rewrites the graph of the form it is given)
     return form
 
@@ -133,11 +135,10 @@ _BY_IDENTITY = (type, types.FunctionType, types.BuiltinFunctionType, types.Metho
 
 
 def structure(module: nn.Module, rank: int) -> tuple | None:
-    """What the trace of ``module`` can depend on: the classes, plain attributes (values, tuples of them,
-    functions) and tensor layouts of it and everything it holds (and the value of a one-element tensor, such as
-    ``num_batches_tracked``), and the input rank. None when an attribute is anything else (a dict, an object):
-    that module is traced on its own. (A forward that branches on the values of a larger buffer, which fx does
-    not proxy, would be baked with the first module's branch; verification would reject such a fold.)"""
+    """What the trace of ``module`` can depend on besides its tensors' values: the classes, plain attributes
+    (values, tuples of them, functions) and tensor layouts of it and everything it holds, and the input rank.
+    None when an attribute is anything else (a dict, an object): that module is traced on its own. A trace
+    that used its tensors' values is never shared (``_ReadsValues``)."""
     parts: list[Any] = [rank]
     for name, m in module.named_modules(remove_duplicate=False):
         attrs = []
@@ -148,8 +149,7 @@ def structure(module: nn.Module, rank: int) -> tuple | None:
             if plain is None:
                 return None
             attrs.append((key, plain))
-        tensors = tuple((key, None if t is None else (type(t), tuple(t.shape), t.dtype, t.device.type,
-                                                       t.item() if t.numel() == 1 else None))  # (a count: branched on?)
+        tensors = tuple((key, None if t is None else (type(t), tuple(t.shape), t.dtype, t.device))
                         for key, t in (*m._parameters.items(), *m._buffers.items()))
         parts.append((name, type(m), tuple(attrs), tuple(m._modules), tensors))
     return tuple(parts)
@@ -157,6 +157,8 @@ def structure(module: nn.Module, rank: int) -> tuple | None:
 
 def _plain_value(value: Any) -> tuple | None:
     """``value`` as a comparable key when equal keys mean the same behaviour, else None."""
+    if type(value) is float:
+        return (float, value.hex())  # (0.0 and -0.0 differ; every NaN is one key)
     if type(value) in _VALUES:
         return (type(value), value)
     if isinstance(value, _BY_IDENTITY):
@@ -171,9 +173,8 @@ def _replica(form: NormForm, module: nn.Module) -> NormForm:
     """``form``, found on a module built like ``module``, made ``module``'s: its own copy of the graph, and a root
     cloned from ``module`` (in eval mode, sharing its tensors).
 
-    Only a trace that made no constants is shared: fx computes with buffers
-    it does not proxy (torchvision's frozen BN computes its scale from them),
-    so a constant can hold one module's values.
+    Only a trace that never computed with its tensors' values is shared
+    (``_ReadsValues``).
     """
     nodes: dict[Any, Any] = {}
     graph = torch.fx.Graph()
@@ -300,15 +301,38 @@ class _ModuleTracer(torch.fx.Tracer):
         return _InputProxy(node, self)
 
 
-def _trace(module: nn.Module, rank: int) -> tuple[nn.Module, torch.fx.Graph]:
-    """The module's eval-mode forward (the folded model is an inference model), traced on a clone of it.
+def _trace(module: nn.Module, rank: int) -> tuple[nn.Module, torch.fx.Graph, bool]:
+    """The module's eval-mode forward (the folded model is an inference model), traced on a clone of it, and
+    whether the trace computed with the values of the module's tensors (``_ReadsValues``).
 
     The clone shares the module's tensors; constants the trace creates
     (``_tensor_constant0``) are attached to it, never to the user's module.
     """
     copy = clone(module, share_all=True)
     copy.training = False
-    return copy, _ModuleTracer(rank, num_features(module)).trace(copy)
+    with _ReadsValues(copy) as reads:
+        graph = _ModuleTracer(rank, num_features(module)).trace(copy)
+    return copy, graph, reads.read
+
+
+class _ReadsValues(TorchFunctionMode):
+    """Notes a torch call on the module's own tensors (or its children's) with no tracer value among its
+    arguments. fx proxies parameters but not buffers: such a call computes with what a buffer holds (torchvision's
+    frozen BN computes its scale, a forward may read ``.tolist()`` or branch on a value), and the graph keeps
+    the result, not a reference, so the trace is this module's alone."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.ids = {id(t) for t in (*module.parameters(), *module.buffers())}
+        self.read = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.read:
+            leaves = tree_leaves((args, kwargs))
+            self.read = (not any(isinstance(a, torch.fx.Proxy) for a in leaves)
+                         and any(id(a) in self.ids for a in leaves if isinstance(a, torch.Tensor)))
+        return func(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the segment

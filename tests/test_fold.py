@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -481,6 +482,38 @@ def test_bn_subclasses_built_alike_share_one_trace_and_each_keeps_its_own_tensor
     alone, _ = bntool.fold(model, inputs)
     for key, value in alone.state_dict().items():
         assert torch.equal(folded.state_dict()[key], value), key
+
+
+class BNClip(nn.BatchNorm2d):
+    """A BN + clamp whose range is a buffer read into Python (a quantization-aware activation's calibrated range):
+    fx does not proxy buffers, so the trace holds the values, not a reference to them."""
+
+    def __init__(self, channels, low, high, sign=1.0, from_buffer=True):
+        super().__init__(channels)
+        self.register_buffer("act_range", torch.tensor([low, high]))
+        self.low, self.high = (None, None) if from_buffer else (low, high)  # (from the buffer: the same key)
+        self.sign, self.from_buffer = sign, from_buffer
+
+    def forward(self, x):
+        low, high = self.act_range.tolist() if self.from_buffer else (self.low, self.high)
+        return super().forward(x).clamp(low, high) * math.copysign(1.0, self.sign)
+
+
+def test_a_trace_that_read_its_buffers_values_or_a_signed_zero_is_not_shared(monkeypatch):
+    # catches: a shared trace that carries the first layer's clamp range to the second (exact on inputs that do
+    # not reach the range, wrong beyond it, and always wrong with verify=False), and a key where 0.0 == -0.0
+    traced = _counting_traces(monkeypatch)
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), BNClip(4, -100.0, 100.0), nn.Conv2d(4, 4, 1),
+                                       BNClip(4, -100.0, 20.0), nn.Conv2d(4, 4, 1),
+                                       BNClip(4, -100.0, 20.0, sign=0.0, from_buffer=False), nn.Conv2d(4, 4, 1),
+                                       BNClip(4, -100.0, 20.0, sign=-0.0, from_buffer=False)), seed=2).eval()
+    inputs = _inputs((2, 3, 8, 8))
+    folded, report = bntool.fold(model, inputs, verify=False)
+    assert len(report.plan.pairs) == 4 and len(traced) == 4
+    wide = (inputs[0] * 200,)  # beyond every clamp
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*wide), model(*wide), rtol=1e-5, atol=1e-3)
 
 
 class UntraceableBNReLU(nn.BatchNorm2d):
