@@ -123,9 +123,58 @@ def analyze(module: nn.Module, rank: int | None = None, shared: dict[Any, NormFo
         return NormForm("none", reason=f"torch.fx cannot trace the forward of `{type(module).__name__}` ({first}), "
                                        "so what it computes is unknown")
     form = _form_of_graph(root, graph, rank)
+    if read_values and form.kind == "traced" and not form.removable and _keeps_values(module, rank, form):
+        what = (f"what is left of `{type(module).__name__}` after its normalization holds values read from its "
+                "tensors (a `.tolist()`, a branch on a value), which the model rebuilt from its code would not have")
+        if isinstance(module, _BatchNorm):
+            return NormForm("identity", at_input=True, note=f"{what}; it keeps running, with statistics that make "
+                                                            "its normalization an exact identity")
+        return NormForm("none", reason=what)
     if key is not None and form.kind == "traced" and not read_values:
         shared[key] = _replica(form, module)  # (a copy: apply rewrites the graph of the form it is given)
     return form
+
+
+def _keeps_values(module: nn.Module, rank: int, form: NormForm) -> bool:
+    """Whether what is left after folding holds values read from the module's tensors: the module is traced again
+    with other values in its tensors (same layout), and what is left must come out the same, holding nothing the
+    trace made (a ``_tensor_constant``)."""
+    other = clone(module)
+    with torch.no_grad():
+        for t in (*other.parameters(), *other.buffers()):
+            t.mul_(2).add_(1) if t.is_floating_point() else t.add_(1)
+    try:
+        root, graph, _ = _trace(other, rank)
+        again = _form_of_graph(root, graph, rank)
+    except Exception:  # noqa: BLE001 - other values, another path: the module's values matter
+        return True
+    if again.kind != "traced" or again.removable:
+        return True
+    first, second = _rest_code(form), _rest_code(again)
+    return first is None or first != second
+
+
+def _rest_code(form: NormForm) -> str | None:
+    """The code of what ``remainder`` would build (on a copy of the graph), or None when it reads something the
+    trace made rather than one of the module's own tensors or submodules."""
+    nodes: dict[Any, Any] = {}
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(form._graph, nodes))
+    _take_out(graph, [nodes[n] for n in form._segment], form._root)
+    own = {*form._root._parameters, *form._root._buffers, *form._root._modules}
+    if any(n.op in ("get_attr", "call_module") and str(n.target).split(".")[0] not in own for n in graph.nodes):
+        return None
+    return graph.python_code("self").src
+
+
+def _take_out(graph: torch.fx.Graph, segment: list[torch.fx.Node], root: nn.Module) -> None:
+    """The normalization ``segment`` out of ``graph``: its users read its input instead."""
+    source = data_inputs(segment[0])[0]
+    segment[-1].replace_all_uses_with(source)
+    for node in reversed(segment):
+        graph.erase_node(node)
+    graph.owning_module = root  # what dead-code elimination asks whether a child call is pure
+    graph.eliminate_dead_code()
 
 
 #: attributes every module has: the machinery, not what its forward reads
@@ -240,15 +289,8 @@ def remainder(module: nn.Module, form: NormForm) -> nn.Module | None:
     """The module to put in the BN's place: its forward with the normalization taken out (None: nothing left)."""
     if form.removable:
         return None
-    graph, segment = form._graph, form._segment
-    first, last = segment[0], segment[-1]
-    source = data_inputs(first)[0]
-    last.replace_all_uses_with(source)
-    for node in reversed(segment):
-        graph.erase_node(node)
-    graph.owning_module = form._root  # what dead-code elimination asks whether a child call is pure
-    graph.eliminate_dead_code()
-    rest = torch.fx.GraphModule(form._root, graph, class_name=f"{type(module).__name__}WithoutNorm")
+    _take_out(form._graph, list(form._segment), form._root)
+    rest = torch.fx.GraphModule(form._root, form._graph, class_name=f"{type(module).__name__}WithoutNorm")
     rest.train(requested_mode(module))  # (a frozen BN reads eval mode; what is left follows the model)
     return rest
 

@@ -501,7 +501,8 @@ class BNClip(nn.BatchNorm2d):
 
 def test_a_trace_that_read_its_buffers_values_or_a_signed_zero_is_not_shared(monkeypatch):
     # catches: a shared trace that carries the first layer's clamp range to the second (exact on inputs that do
-    # not reach the range, wrong beyond it, and always wrong with verify=False), and a key where 0.0 == -0.0
+    # not reach the range, wrong beyond it, and always wrong with verify=False), and a key where 0.0 == -0.0.
+    # The layers that read their range from a buffer keep running with identity statistics (next test).
     traced = _counting_traces(monkeypatch)
     torch.manual_seed(0)
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), BNClip(4, -100.0, 100.0), nn.Conv2d(4, 4, 1),
@@ -510,10 +511,31 @@ def test_a_trace_that_read_its_buffers_values_or_a_signed_zero_is_not_shared(mon
                                        BNClip(4, -100.0, 20.0, sign=-0.0, from_buffer=False)), seed=2).eval()
     inputs = _inputs((2, 3, 8, 8))
     folded, report = bntool.fold(model, inputs, verify=False)
-    assert len(report.plan.pairs) == 4 and len(traced) == 4
+    assert [p.bn_becomes for p in report.plan.pairs] == ["identity", "identity", "rewritten", "rewritten"]
+    assert len(traced) == 6  # 5 and 7 apart; 1 and 3 each traced, then traced again with other values
     wide = (inputs[0] * 200,)  # beyond every clamp
     with torch.no_grad():
         torch.testing.assert_close(folded(*wide), model(*wide), rtol=1e-5, atol=1e-3)
+
+
+def test_what_is_left_never_holds_values_a_rebuilt_model_would_not_have(tmp_path):
+    # catches: a remainder with the calibrated clamp range baked in as numbers: the written file would drop the
+    # range buffer, and bntool.load, replaying the fold on a freshly built model, would bake that model's
+    # default range instead (exact on inputs inside both ranges, wrong beyond)
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), BNClip(4, -100.0, 100.0), nn.Conv2d(4, 4, 1))
+
+    model = randomize_bn(build(), seed=5).eval()
+    model[1].act_range.copy_(torch.tensor([-100.0, 0.5]))  # calibrated after construction
+    inputs = _inputs((2, 3, 8, 8))
+    folded, report = bntool.fold(model, inputs)
+    assert [p.bn_becomes for p in report.plan.pairs] == ["identity"] and report.passed
+    out = bntool.save(folded, tmp_path / "folded.safetensors", build=build)
+    loaded = bntool.load(out, build()).eval()
+    wide = (inputs[0] * 50,)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*wide), model(*wide), rtol=1e-5, atol=1e-4)
 
 
 class UntraceableBNReLU(nn.BatchNorm2d):
