@@ -32,7 +32,7 @@ def guarded(model: nn.Module, selected: list, run: Callable[[Any, int], int], ba
         raise
     except ValueError as exc:
         if "Expected more than 1 value per channel" not in str(exc):
-            raise _does_not_fit(model, batch, index, exc) from None  # (a BN's "expected 4D input", say)
+            raise _does_not_fit(model, selected, run, batch, index, exc) from None  # (a BN's "expected 4D input")
         name, shape = _single_value_bn(model, selected, run, batch, index)
         raise InputError(
             f"batch {index}: `{name}` got 1 value per channel (input shape {shape}) and training-mode statistics "
@@ -41,14 +41,36 @@ def guarded(model: nn.Module, selected: list, run: Callable[[Any, int], int], ba
     except (RuntimeError, TypeError, IndexError) as exc:
         if isinstance(exc, torch.OutOfMemoryError):
             raise
-        raise _does_not_fit(model, batch, index, exc) from None
+        raise _does_not_fit(model, selected, run, batch, index, exc) from None
 
 
-def _does_not_fit(model: nn.Module, batch: Any, index: int, exc: Exception) -> InputError:
-    """The model's complaint about a batch, as an error about the data."""
+def _does_not_fit(model: nn.Module, selected: list, run: Callable, batch: Any, index: int,
+                  exc: Exception) -> InputError:
+    """The model's complaint about a batch, as an error about the data, unless the batch runs with every BN in
+    eval mode: then it is a BN whose training-mode forward cannot run here (one that needs a process group)."""
+    if _runs_in_eval_mode(selected, run, batch, index):
+        return InputError(
+            f"batch {index}: the model runs it with its BatchNorm layers in eval mode, but not in train mode, which "
+            f"recalibration needs ({first_line(exc)}); a BN that needs a process group in train mode (apex's or "
+            "a custom SyncBatchNorm) needs the pass under torchrun, or leave such layers out with `exclude`")
     return InputError(
         f"batch {index} (input shape {_shape_of(batch)}) does not fit the model: {first_line(exc)}; "
         f"the first layer {expected_input(model)}; pass data of that shape (check `image_size`, `input_key`)")
+
+
+def _runs_in_eval_mode(selected: list, run: Callable, batch: Any, index: int) -> bool:
+    """Whether ``batch`` runs with the selected BNs in eval mode (diagnosing only: the pass has failed, nothing it
+    collected is kept)."""
+    for _, bn in selected:
+        bn.training = False
+    try:
+        run(batch, index)
+    except Exception:  # noqa: BLE001 - the original error is the one reported
+        return False
+    finally:
+        for _, bn in selected:
+            bn.training = True
+    return True
 
 
 def _single_value_bn(model: nn.Module, selected: list, run: Callable, batch: Any, index: int) -> tuple[str, tuple]:

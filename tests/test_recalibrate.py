@@ -657,6 +657,28 @@ def test_a_batch_the_model_rejects_with_a_value_or_index_error_is_an_input_error
         recalibrate(model, [batch])
 
 
+class NeedsProcessGroupBN(nn.BatchNorm2d):
+    """A synchronised BN (apex's, or a custom one) that cannot run its training-mode forward on one process."""
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("Default process group has not been initialized, please make sure to call "
+                               "init_process_group.")
+        return super().forward(x)
+
+
+def test_a_bn_that_cannot_train_here_is_named_as_the_cause_not_the_data():
+    # catches: the data blamed ("does not fit the model ... pass data of that shape") for a batch that fits
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 3), NeedsProcessGroupBN(4), nn.ReLU()), 0)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InputError, match=r"batch 0: the model runs it with its BatchNorm layers in eval mode, but "
+                                         r"not in train mode.*Default process group.*torchrun.*`exclude`"):
+        recalibrate(model, [torch.randn(4, 3, 6, 6)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model[1].training
+
+
 def test_a_bn_held_at_two_places_gets_the_statistics_of_both_calls_and_passes_the_check():
     """The same block sits twice in a Sequential: its BN's buffers have two names in the state dict, and the
     bit-for-bit check of everything else must not count the second name as "changed"."""
