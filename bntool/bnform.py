@@ -139,14 +139,19 @@ def _keeps_values(module: nn.Module, rank: int, form: NormForm) -> bool:
     """Whether what is left after folding holds values read from the module's tensors: the module is traced again
     with other values in its tensors (same layout), and what is left must come out the same, holding nothing the
     trace made (a ``_tensor_constant``)."""
-    other = clone(module)
-    with torch.no_grad():
-        for t in (*other.parameters(), *other.buffers()):
-            t.mul_(2).add_(1) if t.is_floating_point() else t.add_(1)
     try:
+        other = clone(module)
+        with torch.no_grad():
+            for t in (*other.parameters(), *other.buffers()):
+                if t.dtype == torch.bool:
+                    t.logical_not_()
+                elif t.is_floating_point() or t.is_complex():
+                    t.mul_(2).add_(1)
+                else:
+                    t.add_(1)
         root, graph, _ = _trace(other, rank)
         again = _form_of_graph(root, graph, rank)
-    except Exception:  # noqa: BLE001 - other values, another path: the module's values matter
+    except Exception:  # noqa: BLE001 - other values, another path (or none could be made): the values matter
         return True
     if again.kind != "traced" or again.removable:
         return True

@@ -538,6 +538,29 @@ def test_what_is_left_never_holds_values_a_rebuilt_model_would_not_have(tmp_path
         torch.testing.assert_close(loaded(*wide), model(*wide), rtol=1e-5, atol=1e-4)
 
 
+class MaskedBN(nn.BatchNorm2d):
+    """A BN + ReLU whose channel mask is a bool buffer read into Python."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.register_buffer("mask", torch.ones(channels, dtype=torch.bool))
+
+    def forward(self, x):
+        y = torch.relu(super().forward(x))
+        return y * torch.tensor(self.mask.tolist(), dtype=y.dtype).view(1, -1, 1, 1)
+
+
+def test_a_bool_buffer_read_into_python_keeps_the_layer_running_exactly():
+    # catches: the check that traces again with other values crashing on a bool buffer (add_ on bool)
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), MaskedBN(4)), seed=1).eval()
+    model[1].mask[1] = False
+    inputs = _inputs((2, 3, 8, 8))
+    folded, report = bntool.fold(model, inputs)
+    assert [p.bn_becomes for p in report.plan.pairs] == ["identity"] and report.passed
+    _assert_computes_original(folded, model, inputs)
+
+
 class UntraceableBNReLU(nn.BatchNorm2d):
     """A BN subclass whose forward fx cannot trace: it keeps running with identity statistics."""
 
