@@ -162,10 +162,8 @@ def _keeps_values(module: nn.Module, rank: int, form: NormForm) -> bool:
 def _rest_code(form: NormForm) -> str | None:
     """The code of what ``remainder`` would build (on a copy of the graph), or None when it reads something the
     trace made rather than one of the module's own tensors or submodules."""
-    nodes: dict[Any, Any] = {}
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(form._graph, nodes))
-    _take_out(graph, [nodes[n] for n in form._segment], form._root)
+    graph, segment = _graph_copy(form)
+    _take_out(graph, list(segment), form._root)
     own = {*form._root._parameters, *form._root._buffers, *form._root._modules}
     if any(n.op in ("get_attr", "call_module") and str(n.target).split(".")[0] not in own for n in graph.nodes):
         return None
@@ -230,12 +228,16 @@ def _replica(form: NormForm, module: nn.Module) -> NormForm:
     Only a trace that never computed with its tensors' values is shared
     (``_ReadsValues``).
     """
+    graph, segment = _graph_copy(form)
+    return dataclasses.replace(form, _graph=graph, _root=_eval_clone(module), _segment=segment)
+
+
+def _graph_copy(form: NormForm) -> tuple[torch.fx.Graph, tuple[torch.fx.Node, ...]]:
+    """A copy of the form's graph, and its normalization segment in the copy."""
     nodes: dict[Any, Any] = {}
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(form._graph, nodes))
-    root = clone(module, share_all=True)
-    root.training = False
-    return dataclasses.replace(form, _graph=graph, _root=root, _segment=tuple(nodes[n] for n in form._segment))
+    return graph, tuple(nodes[n] for n in form._segment)
 
 
 def rebound(form: NormForm, module: nn.Module) -> NormForm:
@@ -355,11 +357,17 @@ def _trace(module: nn.Module, rank: int) -> tuple[nn.Module, torch.fx.Graph, boo
     The clone shares the module's tensors; constants the trace creates
     (``_tensor_constant0``) are attached to it, never to the user's module.
     """
-    copy = clone(module, share_all=True)
-    copy.training = False
+    copy = _eval_clone(module)
     with _ReadsValues(copy) as reads:
         graph = _ModuleTracer(rank, num_features(module)).trace(copy)
     return copy, graph, reads.read
+
+
+def _eval_clone(module: nn.Module) -> nn.Module:
+    """What a trace runs on: a clone of ``module`` sharing its tensors, the module itself in eval mode."""
+    copy = clone(module, share_all=True)
+    copy.training = False
+    return copy
 
 
 class _ReadsValues(TorchFunctionMode):

@@ -162,7 +162,6 @@ def _scale_shifts(lookup: Submodules, forms: dict[str, bnform.NormForm],
     for group in plain.values():
         bns = [bn for _, bn in group]
         sizes = [bn.running_mean.numel() for bn in bns]
-
         device = bns[0].running_mean.device
 
         def joined(tensors: list[torch.Tensor | None], fill: float) -> torch.Tensor:

@@ -107,7 +107,12 @@ class _FrozenBatchNorm(nn.Module):
 
 def _share_hooks(source: nn.Module, target: nn.Module) -> None:
     """``target`` runs ``source``'s hooks, from the same tables: a handle taken on ``source`` still removes one."""
-    target.__dict__.update((k, v) for k, v in source.__dict__.items() if "_hooks" in k)
+    target.__dict__.update(_hook_tables(source))
+
+
+def _hook_tables(module: nn.Module) -> dict[str, Any]:
+    """The module's hook tables (``_forward_hooks``, ``_forward_pre_hooks_with_kwargs``, ...), by attribute."""
+    return {k: v for k, v in module.__dict__.items() if "_hooks" in k}
 
 
 def _copy_tensors(source: nn.Module, target: nn.Module, *, as_parameters: bool) -> None:
@@ -244,7 +249,7 @@ def _module_copy(module: nn.Module, cls: type, *, affine_as_buffers: bool) -> nn
     memo: dict[int, Any] = {id(module): copied}
     memo.update((id(t), t) for t in (*params.values(), *buffers.values()) if t is not None)  # (cloned below)
     memo.update((id(m), m) for m in children.values() if m is not None)
-    memo.update((id(v), v) for k, v in module.__dict__.items() if "_hooks" in k)
+    memo.update((id(v), v) for v in _hook_tables(module).values())
     state = copy.deepcopy({k: v for k, v in module.__dict__.items()
                            if k not in ("_parameters", "_buffers", "_modules", "_compiled_call_impl")}, memo)
     affine = {key: params.get(key, buffers.get(key)) for key in ("weight", "bias")}

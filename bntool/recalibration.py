@@ -61,7 +61,6 @@ from .batches import batch_size_of, model_input
 from .collect import Collector, gather, merge_ranks, write_back
 from .collect import collectors as make_collectors
 from .errors import InputError, VerificationError, require_module
-from .norms import requested_mode
 from .recal_batches import guarded, norm_quality
 from .recal_report import NormQuality, RecalibrationReport, results
 from .recal_state import (
@@ -75,7 +74,7 @@ from .recal_state import (
     unpatch,
 )
 from .report import Skip, with_step
-from .running import model_device, model_dtype, tf32
+from .running import model_device, model_dtype, restore_modes, saved_modes, tf32
 from .stats import merge_across_ranks
 from .statediff import Snapshot
 
@@ -144,7 +143,7 @@ def recalibrate(
                                                if id(m) in chosen))
     held = {name: Held.of(bn) for name, bn in selected}
     before = {name: save(bn) for name, bn in selected} if verify_batches is not None else {}
-    flags = [(m, requested_mode(m)) for m in model.modules()]
+    flags = saved_modes(model)
     collectors: list[Collector] = []
     done = False
 
@@ -199,8 +198,7 @@ def recalibrate(
     finally:
         for c in collectors:
             c.put_back()
-        for module, flag in flags:
-            module.training = flag
+        restore_modes(flags)
         for name, bn in selected:
             held[name].restore(bn, failed=not done)
     if quality:

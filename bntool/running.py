@@ -127,16 +127,26 @@ def flatten_outputs(obj: Any, name: str = "output") -> list[tuple[str, torch.Ten
     return []
 
 
+def saved_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every module with the train / eval mode it was put in (a frozen BN's too, not the eval mode it reads)."""
+    return [(m, requested_mode(m)) for m in model.modules()]
+
+
+def restore_modes(saved: list[tuple[nn.Module, bool]]) -> None:
+    """Put back what ``saved_modes`` saw."""
+    for module, flag in saved:
+        module.training = flag
+
+
 @contextlib.contextmanager
 def training_flags(model: nn.Module, train: bool) -> Iterator[nn.Module]:
     """Put every module in train or eval mode; restore each module's own flag afterwards."""
-    saved = [(m, requested_mode(m)) for m in model.modules()]
+    saved = saved_modes(model)
     try:
         model.train(train)
         yield model
     finally:
-        for module, flag in saved:
-            module.training = flag
+        restore_modes(saved)
 
 
 def run_model(
