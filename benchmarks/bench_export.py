@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bntool import export_onnx, fold  # noqa: E402
-from bntool.onnx_run import OrtRunner  # noqa: E402
-from examples.models import mlp_bn, randomize_bn_, resnet50  # noqa: E402
-
 from _progress import start, step  # noqa: E402
+
+from bntool import export_onnx, fold  # noqa: E402
+from bntool.onnxio.ort import OrtRunner  # noqa: E402
+from examples.models import mlp_bn, randomize_bn_, resnet50  # noqa: E402
 
 
 def timed_ms(fn) -> float:

@@ -41,12 +41,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _progress import start, step  # noqa: E402
+
 import bntool  # noqa: E402
 from bntool.norms import is_batchnorm  # noqa: E402
 from examples import archs  # noqa: E402
 from examples import models as zoo  # noqa: E402
-
-from _progress import start, step  # noqa: E402
 
 #: aten kernels that normalize with running statistics (one per BN call); frozen BNs that compute
 #: ``x * w * rsqrt(var + eps) + ...`` themselves (torchvision's, timm's) run one ``rsqrt`` per call

@@ -50,9 +50,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _progress import start, step  # noqa: E402
-from bntool import statediff  # noqa: E402
-from bntool.recalibration import recalibrate  # noqa: E402
-from bntool.running import resolve_device, tf32  # noqa: E402
+
+from bntool.recalibration.recalibrate import recalibrate  # noqa: E402
+from bntool.runtime.running import resolve_device, tf32  # noqa: E402
+from bntool.verify import bits as statediff  # noqa: E402
 from examples.models import mobilenet_v2, randomize_bn_, resnet50  # noqa: E402
 
 FACTORIES = {"resnet50": resnet50, "mobilenet_v2": mobilenet_v2}

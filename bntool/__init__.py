@@ -22,29 +22,30 @@ from ._version import __version__
 _EXPORTS = {
     "load": "bntool.persist",
     "save": "bntool.persist",
-    "fold": "bntool.folding",
-    "plan_fold": "bntool.foldrules",
-    "FoldPlan": "bntool.foldplan",
-    "FoldReport": "bntool.folding",
+    "fold": "bntool.folding.fold",
+    "plan_fold": "bntool.folding.rules",
+    "FoldPlan": "bntool.folding.plan",
+    "FoldReport": "bntool.folding.fold",
     "Skip": "bntool.report",
-    "compare": "bntool.verify",
-    "Comparison": "bntool.verify",
+    "compare": "bntool.verify.compare",
+    "Comparison": "bntool.verify.compare",
     "BntoolError": "bntool.errors",
     "InputError": "bntool.errors",
     "VerificationError": "bntool.errors",
-    "recalibrate": "bntool.recalibration",
-    "RecalibrationReport": "bntool.recal_report",
-    "inspect": "bntool.inspection",
-    "InspectReport": "bntool.inspection",
-    "Finding": "bntool.findings",
-    "freeze": "bntool.freezing",
-    "unfreeze": "bntool.freezing",
+    "recalibrate": "bntool.recalibration.recalibrate",
+    "RecalibrationReport": "bntool.recalibration.report",
+    "inspect": "bntool.inspection.inspect",
+    "InspectReport": "bntool.inspection.inspect",
+    "plot": "bntool.inspection.picture",
+    "Finding": "bntool.inspection.findings",
+    "freeze": "bntool.freezing.freeze",
+    "unfreeze": "bntool.freezing.freeze",
     "FrozenBatchNorm1d": "bntool.frozen",
     "FrozenBatchNorm2d": "bntool.frozen",
     "FrozenBatchNorm3d": "bntool.frozen",
-    "export_onnx": "bntool.onnx_export",
-    "ExportReport": "bntool.onnx_export",
-    "verify_onnx": "bntool.onnx_run",
+    "export_onnx": "bntool.export.export_onnx",
+    "ExportReport": "bntool.export.export_onnx",
+    "verify_onnx": "bntool.onnxio.ort",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -66,18 +67,19 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .persist import load, save
     from .errors import BntoolError, InputError, VerificationError
-    from .recal_report import RecalibrationReport
-    from .recalibration import recalibrate
-    from .folding import FoldReport, fold
-    from .foldplan import FoldPlan
-    from .foldrules import plan_fold
-    from .report import Skip
-    from .verify import Comparison, compare
-    from .findings import Finding
-    from .inspection import InspectReport, inspect
-    from .freezing import freeze, unfreeze
+    from .export.export_onnx import ExportReport, export_onnx
+    from .folding.fold import FoldReport, fold
+    from .folding.plan import FoldPlan
+    from .folding.rules import plan_fold
+    from .freezing.freeze import freeze, unfreeze
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-    from .onnx_run import verify_onnx
-    from .onnx_export import ExportReport, export_onnx
+    from .inspection.findings import Finding
+    from .inspection.inspect import InspectReport, inspect
+    from .inspection.picture import plot
+    from .onnxio.ort import verify_onnx
+    from .persist import load, save
+    from .recalibration.recalibrate import recalibrate
+    from .recalibration.report import RecalibrationReport
+    from .report import Skip
+    from .verify.compare import Comparison, compare

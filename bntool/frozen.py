@@ -8,7 +8,7 @@ own (timm's ``BatchNormAct2d``: normalization, then drop and activation)
 cannot be replaced by one of those without losing what else it does; its
 frozen form is the same module with its own ``training`` pinned to False
 (``pinned_class_for``): its own code always runs as in eval mode, while its
-submodules (activation, dropout) follow the model's mode. ``bntool.freezing``
+submodules (activation, dropout) follow the model's mode. ``bntool.freezing.freeze``
 swaps them in and out and proves the result.
 """
 

@@ -1,6 +1,6 @@
 """``bntool.load`` and ``bntool.save``: models in and out of files, with their recipe, and the write verified.
 
-``load`` reads any checkpoint safely (``bntool.checkpoint``), replays the
+``load`` reads any checkpoint safely (``bntool.io.checkpoint``), replays the
 recipe stored in a bntool file on the model it is given, loads the weights
 strictly, and leaves the recipe on the model (``report.recipe_of``); every
 operation adds its step to the recipe of the model it returns.
@@ -15,8 +15,9 @@ hyper-parameters and the same tensor names, shapes and dtypes. Nothing that
 fails the check is left behind, and nothing existing is replaced unless
 ``force``.
 
-This module imports the operations so that their recipe steps can be
-replayed (``recipe.register``), and nothing below it names them.
+This module imports the operations and builds the table of their recipe
+replays (``REPLAYERS``), which it passes to whatever replays a recipe;
+nothing below it names the operations.
 """
 
 from __future__ import annotations
@@ -30,11 +31,23 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import checkpoint, folding, freezing, matching, recalibration, recipe, tensorfile, torchfile, writing  # noqa: F401 - ops register replays
+from . import recipe
 from .errors import VerificationError, require_module
+from .folding import apply as fold_apply
+from .freezing import freeze as freezing
+from .io import checkpoint, matching, tensorfile, torchfile, writing
+from .recalibration import state as recalibration_state
 from .report import recipe_of, set_recipe
-from .statediff import same_bits
+from .verify.bits import same_bits
 
+
+#: op name -> ``replay(model, step)``: the structural change of each operation's recipe step
+REPLAYERS: dict[str, recipe.Replayer] = {
+    "fold": fold_apply.replay,
+    "freeze": freezing.replay,
+    "unfreeze": freezing.replay,
+    "recalibrate": recalibration_state.replay,
+}
 
 def load(
     path: str | os.PathLike,
@@ -53,7 +66,7 @@ def load(
     """
     require_module(model)
     loaded = checkpoint.read(path, key=key, allow_pickle=allow_pickle)
-    matching.load_state(model, loaded, strip_prefix=strip_prefix)
+    matching.load_state(model, loaded, replayers=REPLAYERS, strip_prefix=strip_prefix)
     set_recipe(model, loaded.recipe)
     return model
 
@@ -122,7 +135,7 @@ def _differences(path: Path, state: dict[str, torch.Tensor]) -> tuple[list[dict[
 def _check_structure(model: nn.Module, state: dict[str, torch.Tensor], steps: list[dict[str, Any]],
                      build: Callable[[], nn.Module], what: str) -> None:
     fresh = build_light(build)
-    recipe.replay(fresh, steps)
+    recipe.replay(fresh, steps, REPLAYERS)
     kinds, fresh_kinds = layer_kinds(model), layer_kinds(fresh)
     if kinds != fresh_kinds:
         names = sorted(n for n in kinds.keys() | fresh_kinds.keys() if kinds.get(n) != fresh_kinds.get(n))

@@ -20,9 +20,8 @@ Every public factory returns an ``nn.Module`` with ``input_shape`` set, as in
 
 from __future__ import annotations
 
-import warnings
-
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial

@@ -1,7 +1,7 @@
 """One rank of the two-process gloo tests: ``python tests/_dist_worker.py RANK WORLD INIT_FILE OUT [fail]``.
 
 Builds the same model and batches as the test, takes its share with
-``bntool.batches.plan_batches`` (rank r: batches i with i % world == r),
+``bntool.data.batches.plan_batches`` (rank r: batches i with i % world == r),
 recalibrates under a gloo process group and saves its state dict and report.
 """
 
@@ -39,8 +39,8 @@ def make_batches() -> list[torch.Tensor]:
 def main() -> None:
     import torch.distributed as dist
 
-    from bntool.batches import plan_batches
-    from bntool.recalibration import recalibrate
+    from bntool.data.batches import plan_batches
+    from bntool.recalibration.recalibrate import recalibrate
 
     rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     fail = sys.argv[5:] == ["fail"]  # rank 1 gets a batch of the wrong shape; rank 0 must not wait forever

@@ -226,7 +226,7 @@ def _full_disk(run, mp):
     import safetensors.torch
     from safetensors import SafetensorError
 
-    import bntool.outputs as outputs
+    import bntool.io.outputs as outputs
 
     real_stage = outputs.staging_folder
 
@@ -250,7 +250,7 @@ def _full_disk_pt(run, mp):
 
 
 def _read_only_folder(run, mp):
-    import bntool.temporaries as temporaries
+    import bntool.io.temporaries as temporaries
 
     real_open, real_mkdir = os.open, os.mkdir
 
@@ -264,7 +264,7 @@ def _read_only_folder(run, mp):
 
 
 def _move_not_permitted(run, mp):
-    import bntool.outputs as outputs
+    import bntool.io.outputs as outputs
 
     def refuse(tmp, dst):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
@@ -275,7 +275,7 @@ def _move_not_permitted(run, mp):
 
 def _appears_meanwhile(run, mp):
     """Another writer creates the output between bntool's checks and its final move."""
-    import bntool.outputs as outputs
+    import bntool.io.outputs as outputs
 
     real = outputs.commit_all
 

@@ -27,7 +27,7 @@ def _load(name: str):
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32-off", "tf32-on"])
 def test_every_contender_of_a_row_runs_at_the_rows_precision_and_the_oracle_at_tf32_off(allow_tf32):
     # catches the unfair benchmark: a floor and an oracle under PyTorch's default TF32 while bntool turns it off
-    from bntool.running import tf32_state
+    from bntool.runtime.running import tf32_state
 
     bench = _load("bench_recalibrate")
     model = randomize_bn_(resnet_small(), seed=0)

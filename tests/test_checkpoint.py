@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import bntool
-from bntool import checkpoint, writing
 from bntool.errors import CheckpointMismatchError, InputError, UnsafeFileError
+from bntool.io import checkpoint, writing
 from examples import models as zoo
 from tests.conftest import randomize_bn
 

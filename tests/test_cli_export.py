@@ -109,7 +109,7 @@ def test_inputs_from_data(cli, checkpoints, tmp_path):
 
 
 def test_a_broken_export_exits_1_and_writes_nothing(cli, checkpoints, tmp_path, monkeypatch):
-    import bntool.onnx_export as onnx_export
+    import bntool.export.export_onnx as onnx_export
 
     real = onnx_export.write_onnx
 

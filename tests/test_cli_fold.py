@@ -46,7 +46,7 @@ def test_fold_writes_a_verified_checkpoint_the_users_code_can_load(cli, ddp_chec
     x = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-5)
-    meta = bntool.checkpoint.read(out).metadata
+    meta = bntool.io.checkpoint.read(out).metadata
     assert meta["source"] == {"file": "best.pth", "sha256": before}
 
 
@@ -74,7 +74,7 @@ def test_default_out_is_beside_the_input(cli, ddp_checkpoint):
 
 
 def _wrong_in_one_channel(monkeypatch, first_only: bool = False) -> None:
-    import bntool.foldapply as foldapply
+    import bntool.folding.apply as foldapply
 
     real = foldapply.scale_producer
     calls = []

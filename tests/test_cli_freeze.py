@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-import bntool.checkpoint
+import bntool.io.checkpoint
 from bntool.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
 from examples.models import randomize_bn_
 
@@ -47,7 +47,7 @@ def setup(tmp_path):
     models = tmp_path / "models.py"
     models.write_text(MODELS)
     spec = f"{models}:net"
-    from bntool import modelspec
+    from bntool.io import modelspec
 
     model = randomize_bn_(modelspec.build(spec), seed=0)
     ckpt = tmp_path / "best.pt"
@@ -69,7 +69,7 @@ def test_freeze_writes_a_verified_checkpoint_that_loads_frozen(setup, cli):
         assert name in result.out
     assert "Verified" in result.out and "frozen layers in train mode vs original (eval mode)" in result.out
     assert sha(ckpt) == before and out.exists()
-    from bntool import modelspec
+    from bntool.io import modelspec
 
     loaded = bntool.load(out, modelspec.build(f"{models}:net"))
     assert type(loaded.stem[1]) is FrozenBatchNorm2d and type(loaded.head[3]) is FrozenBatchNorm1d
@@ -88,7 +88,7 @@ def test_json_report_with_include_and_trainable_affine(setup, cli):
     assert [layer["name"] for layer in report["frozen"]] == ["stem.1", "layer1.1"]
     assert report["recipe_step"] == {"op": "freeze", "layers": ["stem.1", "layer1.1"], "affine": "trainable"}
     assert report["verification"]["passed"] and report["verification"]["statistics_moved"] == []
-    assert bntool.checkpoint.read(out).recipe == [report["recipe_step"]]
+    assert bntool.io.checkpoint.read(out).recipe == [report["recipe_step"]]
 
 
 def test_bad_pattern_exits_2_with_one_line(setup, cli):
@@ -128,7 +128,7 @@ def test_train_mode_behaviour_outside_batchnorm_is_the_models_own_and_does_not_s
 
 def test_freeze_then_unfreeze_round_trips_through_files_and_bntool_load(setup, cli):
     # catches: unfreeze that changes a value, loses a layer, or writes a recipe bntool.load cannot replay
-    from bntool import modelspec
+    from bntool.io import modelspec
 
     tmp_path, models, ckpt, original = setup
     frozen, unfrozen = tmp_path / "frozen.safetensors", tmp_path / "unfrozen.safetensors"
@@ -145,7 +145,7 @@ def test_freeze_then_unfreeze_round_trips_through_files_and_bntool_load(setup, c
     assert state.keys() == original.state_dict().keys()
     for key, value in original.state_dict().items():
         assert torch.equal(state[key], value), key
-    recipe = bntool.checkpoint.read(unfrozen).recipe
+    recipe = bntool.io.checkpoint.read(unfrozen).recipe
     assert [step["op"] for step in recipe] == ["freeze", "unfreeze"]
 
 
@@ -160,7 +160,7 @@ def test_unfreeze_include_exclude_and_json(setup, cli):
     report = json.loads(result.out)
     assert report["command"] == "unfreeze" and report["written"] and report["verification"]["passed"]
     assert report["recipe_step"] == {"op": "unfreeze", "layers": ["stem.1"]}
-    from bntool import modelspec
+    from bntool.io import modelspec
 
     loaded = bntool.load(out, model=modelspec.build(f"{models}:net"))
     assert type(loaded.stem[1]) is torch.nn.BatchNorm2d

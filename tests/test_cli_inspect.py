@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+
 from examples.models import lenet, randomize_bn_
 
 MODEL = f"{Path(__file__).resolve().parent.parent / 'examples' / 'models.py'}:lenet"

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import bntool.checkpoint
-from bntool import modelspec
+import bntool.io.checkpoint
+from bntool.data.batches import plan_batches
+from bntool.io import modelspec
+from bntool.recalibration.recalibrate import recalibrate
 from examples.models import randomize_bn_
 from tests.conftest import torchrun
-from bntool.batches import plan_batches
-from bntool.recalibration import recalibrate
-
 
 MODELS = textwrap.dedent(
     """
@@ -79,7 +78,7 @@ def sha(path) -> str:
 
 def expected_state(model, data: Path, **plan):
     """What the Python API gives on the same batches."""
-    batches = plan_batches(bntool.data.load_batches(data, batch_size=8), **plan)
+    batches = plan_batches(bntool.data.sources.load_batches(data, batch_size=8), **plan)
     expected = modelspec.build(f"{data.parent / 'models.py'}:net")
     expected.load_state_dict(model.state_dict())
     recalibrate(expected, batches.calibration)
@@ -116,7 +115,7 @@ def test_json_report_and_recipe(setup, cli):
     assert report["num_batches"] == 3 and report["num_samples"] == 24 and report["passed"]
     assert report["recipe_step"] == {"op": "recalibrate", "layers": ["stem.1", "layer1.1"], "tracking_enabled": [],
                                      "num_batches": 3, "num_samples": 24}
-    assert bntool.checkpoint.read(out).recipe == [report["recipe_step"]]
+    assert bntool.io.checkpoint.read(out).recipe == [report["recipe_step"]]
 
 
 def test_untracked_bn_becomes_tracking_and_the_file_loads(setup, cli):
@@ -199,7 +198,7 @@ def test_a_frozen_checkpoint_is_recalibrated_stays_frozen_and_loads(setup, cli):
     assert report["passed"] and report["skipped"] == []
     loaded = bntool.load(out, model=modelspec.build(f"{models}:net"))
     assert type(loaded.stem[1]) is FrozenBatchNorm2d and type(loaded.head[3]) is FrozenBatchNorm1d
-    assert [step["op"] for step in bntool.checkpoint.read(out).recipe] == ["freeze", "recalibrate"]
+    assert [step["op"] for step in bntool.io.checkpoint.read(out).recipe] == ["freeze", "recalibrate"]
     state = loaded.state_dict()
     for key, value in expected_state(model, data).items():  # what the unfrozen model gets on the same data
         if value.is_floating_point():

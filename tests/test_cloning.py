@@ -1,11 +1,11 @@
-"""``bntool.cloning.clone``: a deep copy of a module tree that shares exactly the tensors it is told to."""
+"""``bntool.runtime.cloning.clone``: a deep copy of a module tree that shares exactly the tensors it is told to."""
 
 import copy
 
 import torch
 from torch import nn
 
-from bntool.cloning import clone
+from bntool.runtime.cloning import clone
 
 
 class Custom(nn.Module):

@@ -28,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bntool
 from bntool.errors import VerificationError
-from bntool.freeze_check import check_frozen
+from bntool.freezing.check import check_frozen
 from bntool.frozen import FrozenBatchNorm2d
-from bntool.recalibration import recalibrate
-from bntool.running import tf32, tf32_state
+from bntool.recalibration.recalibrate import recalibrate
+from bntool.runtime.running import tf32, tf32_state
 from examples import models as zoo
 from tests.conftest import randomize_bn, torchrun
 from tests.test_recalibrate import Capture, assert_stats, uneven_batches
@@ -212,7 +212,7 @@ def test_recalibrate_bfloat16_activations_on_cuda_use_float64_and_are_exact():
 def test_the_recalibration_pass_never_waits_for_the_gpu(monkeypatch):
     # catches .item() / bool(tensor) / torch.tensor(list, device=cuda) / blocking copies in the per-call hook
     # or in the merges (merge_every=2: merges happen during the pass)
-    from bntool import recalibration
+    from bntool.recalibration import recalibrate as recalibration
 
     real = recalibration._pass
 

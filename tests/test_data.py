@@ -1,4 +1,4 @@
-"""bntool.data: every --data source kind, every batch form, sharding, and the data mistakes as InputErrors."""
+"""bntool.data.sources: every --data source kind, every batch form, sharding, and the data mistakes as InputErrors."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from bntool.batches import batch_size_of, model_input, plan_batches, shard
-from bntool.data import ImageFolderBatches, TensorBatches, load_batches
+from bntool.data.batches import batch_size_of, model_input, plan_batches, shard
+from bntool.data.sources import ImageFolderBatches, TensorBatches, load_batches
 from bntool.errors import InputError
-from bntool.recalibration import recalibrate
+from bntool.recalibration.recalibrate import recalibrate
 
 
 @pytest.fixture

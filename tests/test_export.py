@@ -13,11 +13,11 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import bntool
-from bntool import onnx_export
 from bntool.errors import InputError, VerificationError
-from bntool.onnx_check import training_mode_bns
-from bntool.onnx_run import verify_onnx
-from bntool.shapes import make_inputs
+from bntool.export import export_onnx as onnx_export
+from bntool.onnxio.check import training_mode_bns
+from bntool.onnxio.ort import verify_onnx
+from bntool.runtime.shapes import make_inputs
 from examples import models as zoo
 from tests.conftest import randomize_bn, run_python
 
@@ -143,7 +143,7 @@ def test_no_fold_keeps_batchnorm_nodes_that_onnxruntime_still_matches(tmp_path):
 
 
 def test_frozen_model_exports_folded_and_unfolded(tmp_path):
-    from bntool.freezing import freeze
+    from bntool.freezing.freeze import freeze
     from bntool.frozen import FrozenBatchNorm2d
 
     frozen, _ = freeze(_model(zoo.lenet))

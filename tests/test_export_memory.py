@@ -1,5 +1,5 @@
 """``bntool export`` without holding the model twice: the original run once per batch size, no deep copy, the file
-written and read one tensor at a time (``bntool.onnx_stream``), and the checks as strong as on the whole file."""
+written and read one tensor at a time (``bntool.onnxio.stream``), and the checks as strong as on the whole file."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bntool
-from bntool import onnx_stream, onnx_write
 from bntool.errors import VerificationError
-from bntool.onnx_check import compare_initializers, inspect_file, read_structure
+from bntool.export import write as onnx_write
+from bntool.onnxio import stream as onnx_stream
+from bntool.onnxio.check import compare_initializers, inspect_file, read_structure
 from examples import models as zoo
 from tests.conftest import randomize_bn
 

@@ -12,9 +12,9 @@ from torch.nn import functional as F
 
 import bntool
 from bntool.errors import VerificationError
-from bntool.foldapply import apply_plan
-from bntool.foldrules import plan_fold
-from bntool.foldmath import fold_into_consumer, fold_into_producer, identity_statistics
+from bntool.folding.apply import apply_plan
+from bntool.folding.arithmetic import fold_into_consumer, fold_into_producer, identity_statistics
+from bntool.folding.rules import plan_fold
 from examples import models as zoo
 from tests.conftest import randomize_bn
 
@@ -318,7 +318,7 @@ def test_unsafe_patterns_really_are_unsafe(name):
     model = randomize_bn(cls(), seed=7)
     inputs = _inputs(shape)
     producer = "fc" if name.startswith("linear") else "conv"
-    forced = bntool.FoldPlan((bntool.foldplan.FoldPair("bn", producer, "backward", "removed", ""),), (), "forced")
+    forced = bntool.FoldPlan((bntool.folding.plan.FoldPair("bn", producer, "backward", "removed", ""),), (), "forced")
     broken = apply_plan(copy.deepcopy(model), forced)
     comparison = bntool.compare(model, broken, inputs)
     assert not comparison.passed
@@ -410,8 +410,8 @@ def test_bn_subclass_is_traced_once_and_what_is_left_is_the_folded_models_own(in
     """The plan's trace of a BN subclass also serves the surgery; the activation left in the folded copy holds
     its own parameter (a copy), never the original model's, and in place it is the model's own module."""
     traced = []
-    real_trace = bntool.bnform._trace
-    monkeypatch.setattr(bntool.bnform, "_trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
+    real_trace = bntool.folding.bnform._trace
+    monkeypatch.setattr(bntool.folding.bnform, "_trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), BNPReLU(6), nn.Conv2d(6, 2, 1)), seed=9).eval()
     with torch.no_grad():
         model[1].act.weight.uniform_(-0.5, 0.5)
@@ -452,8 +452,8 @@ class FlaggedBNAct(nn.BatchNorm2d):
 
 def _counting_traces(monkeypatch) -> list:
     traced = []
-    real_trace = bntool.bnform._trace
-    monkeypatch.setattr(bntool.bnform, "_trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
+    real_trace = bntool.folding.bnform._trace
+    monkeypatch.setattr(bntool.folding.bnform, "_trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
     return traced
 
 
@@ -478,7 +478,7 @@ def test_bn_subclasses_built_alike_share_one_trace_and_each_keeps_its_own_tensor
         assert torch.equal(folded[i].act.weight, model[i].act.weight)
         assert folded[i].act.weight.data_ptr() != model[i].act.weight.data_ptr()
     _assert_computes_original(folded, model, inputs)
-    monkeypatch.setattr(bntool.bnform, "structure", lambda module, rank: None)  # every module traced on its own
+    monkeypatch.setattr(bntool.folding.bnform, "structure", lambda module, rank: None)  # every module traced on its own
     alone, _ = bntool.fold(model, inputs)
     for key, value in alone.state_dict().items():
         assert torch.equal(folded.state_dict()[key], value), key
@@ -624,7 +624,7 @@ def test_inplace_fold_changes_the_given_model():
 
 def _corrupt_nth_fold(monkeypatch, n: int) -> list:
     """Make the n-th backward fold 0.1% wrong in one output channel; returns the calls seen."""
-    import bntool.foldapply as foldapply
+    import bntool.folding.apply as foldapply
 
     real = foldapply.scale_producer
     calls = []
@@ -673,7 +673,7 @@ def test_a_wrong_fold_is_rejected_and_the_rest_is_folded_and_verified(monkeypatc
 
 
 def zoo_inputs(model):
-    from bntool.shapes import make_inputs
+    from bntool.runtime.shapes import make_inputs
 
     return make_inputs(model)
 
@@ -696,7 +696,7 @@ def test_plan_is_data_and_recipe_step_is_json():
 @pytest.mark.parametrize("affine", ["frozen", "trainable"])
 def test_a_frozen_model_folds_like_an_ordinary_one(affine):
     """Frozen BNs (bntool freeze) fold into their producers; the result matches the original in eval mode."""
-    from bntool.freezing import freeze
+    from bntool.freezing.freeze import freeze
     from bntool.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
 
     torch.manual_seed(0)
@@ -945,7 +945,7 @@ def test_forcing_the_refused_split_fold_really_breaks_it():
     a conv channel spans) changes the output."""
     model = randomize_bn(ConvToMoreChannels(), seed=8).eval()
     inputs = _inputs((2, 3, 6, 6))
-    k, c = bntool.foldmath.bn_scale_shift(model.bn.running_mean, model.bn.running_var, model.bn.eps, model.bn.weight,
+    k, c = bntool.folding.arithmetic.bn_scale_shift(model.bn.running_mean, model.bn.running_var, model.bn.eps, model.bn.weight,
                                           model.bn.bias)
     broken = copy.deepcopy(model)
     weight, bias = fold_into_producer(model.conv.weight, model.conv.bias, torch.zeros(4), torch.ones(4) - model.bn.eps,
@@ -1104,7 +1104,7 @@ def test_a_float64_fold_wrong_by_a_millionth_in_one_channel_is_still_caught(monk
     """The float64 floor (32 units of float64 rounding) is still 10^10 times below a 1e-6 error in one channel."""
     torch.manual_seed(0)
     model = randomize_bn(zoo.lenet(), seed=5).double()
-    import bntool.foldapply as foldapply
+    import bntool.folding.apply as foldapply
 
     real, calls = foldapply.scale_producer, []
 

@@ -27,8 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import bntool
-from bntool.foldapply import apply_plan
-from bntool.foldplan import FoldPair, FoldPlan
+from bntool.folding.apply import apply_plan
+from bntool.folding.plan import FoldPair, FoldPlan
 from bntool.norms import is_batchnorm
 from examples import archs
 from tests.conftest import randomize_bn

@@ -12,12 +12,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import bntool.report
 from bntool import recipe
 from bntool.errors import InputError, VerificationError
-from bntool.freeze_check import check_frozen
-from bntool.freezing import FreezeReport, freeze, replay, unfreeze
+from bntool.freezing.check import check_frozen
+from bntool.freezing.freeze import FreezeReport, freeze, replay, unfreeze
 from bntool.frozen import NO_STATISTICS, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSyncBatchNorm
+from bntool.persist import REPLAYERS
 from examples.models import randomize_bn_
 from tests.conftest import run_python
-
 
 # ----------------------------------------------------------------------------- models
 
@@ -274,7 +274,7 @@ def test_recipe_replay_on_fresh_model_then_unfreeze_round_trips():
     assert step == {"op": "freeze", "layers": ["layer1.1", "head.3"], "affine": "frozen"}
     weights = frozen.state_dict()
 
-    fresh = recipe.replay(Stages(), [step])
+    fresh = recipe.replay(Stages(), [step], REPLAYERS)
     assert sorted(frozen_layers(fresh)) == sorted(step["layers"])
     fresh.load_state_dict(weights, strict=True)
     with torch.no_grad():
@@ -386,7 +386,7 @@ def test_check_runs_only_the_frozen_layers_in_train_mode_and_catches_moving_stat
 
 
 def test_import_pulls_in_no_cli_dependencies():
-    code = "import sys, bntool.freezing; print(sorted({'rich', 'typer', 'onnx'} & set(sys.modules)))"
+    code = "import sys, bntool.freezing.freeze; print(sorted({'rich', 'typer', 'onnx'} & set(sys.modules)))"
     assert run_python(code).strip() == "[]"
 
 

@@ -18,9 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import bntool
-import bntool.checkpoint
+import bntool.io.checkpoint
 from bntool.errors import VerificationError
-from bntool.freezing import freeze, unfreeze
+from bntool.freezing.freeze import freeze, unfreeze
 from bntool.norms import is_bntool_frozen, requested_mode
 from examples import archs
 from examples.models import randomize_bn_
@@ -163,7 +163,7 @@ def test_pickle_deepcopy_and_clone_keep_the_pin():
     buffer = io.BytesIO()
     torch.save(frozen, buffer)
     buffer.seek(0)
-    copies = [torch.load(buffer, weights_only=False), copy.deepcopy(frozen), bntool.cloning.clone(frozen)]
+    copies = [torch.load(buffer, weights_only=False), copy.deepcopy(frozen), bntool.runtime.cloning.clone(frozen)]
     for copied in copies:
         assert type(copied.bn1) is type(frozen.bn1)
         only_frozen_in_train_mode(copied)
@@ -194,7 +194,7 @@ def test_freeze_and_unfreeze_through_the_cli_and_bntool_load(tmp_path, cli):
     assert result.code == 0, result.out + result.err
     thawed = bntool.load(thawed_file, archs.bn_act_net())
     assert all(type(thawed.get_submodule(n)) is archs.BatchNormAct2d for n in BN_ACT_LAYERS)
-    assert [step["op"] for step in bntool.checkpoint.read(thawed_file).recipe] == ["freeze", "unfreeze"]
+    assert [step["op"] for step in bntool.io.checkpoint.read(thawed_file).recipe] == ["freeze", "unfreeze"]
 
 
 def test_recalibrating_a_frozen_bn_act_model_equals_recalibrating_its_unfrozen_form():

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bntool.foldrules import plan_fold
-from bntool.freezing import freeze
-from bntool.findings import Summary
-from bntool.inspection import FROM_KEYS, inspect
+from bntool.folding.rules import plan_fold
+from bntool.freezing.freeze import freeze
+from bntool.inspection.findings import Summary
+from bntool.inspection.inspect import FROM_KEYS, inspect
 from bntool.norms import DEFAULT_EPS
-from bntool.shapes import make_inputs
+from bntool.runtime.shapes import make_inputs
 from examples.models import UntraceableNet, mlp_bn, randomize_bn_
 
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import bntool
 from bntool.errors import InputError, VerificationError
-from bntool.validity import problems, require_valid
-from bntool.verify import _compare_one, compare
+from bntool.verify.compare import _compare_one, compare
+from bntool.verify.validity import problems, require_valid
 from examples import models as zoo
 from tests.conftest import assert_one_line_error, bntool_temporaries, folder_state, randomize_bn
 
@@ -156,7 +156,7 @@ def test_an_allocation_failure_in_the_model_is_one_line(cli, tmp_path):
 
 
 def test_an_out_of_memory_error_anywhere_is_one_line(cli, tmp_path, monkeypatch):
-    import bntool.folding as folding
+    import bntool.folding.fold as folding
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

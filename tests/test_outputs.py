@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import bntool
-from bntool import noreplace, outputs, temporaries
 from bntool.errors import InputError
+from bntool.io import noreplace, outputs, temporaries
 from examples import models as zoo
 from tests.conftest import (
     assert_one_line_error,
@@ -133,7 +133,7 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_nothing_else(tmp_pa
 
 SLOW_WRITE = """
 import os, time
-import bntool.writing as writing
+import bntool.io.writing as writing
 from examples.models import lenet
 
 _write = writing.write_state
@@ -212,7 +212,7 @@ def test_ctrl_c_after_the_write_says_what_was_written(cli, checkpoint, tmp_path,
 
 
 def test_ctrl_c_inside_a_write_removes_the_temporary(cli, checkpoint, tmp_path, monkeypatch):
-    import bntool.writing as writing
+    import bntool.io.writing as writing
 
     def interrupted(path, *args, **kwargs):
         path.write_bytes(b"half")
@@ -370,7 +370,7 @@ def test_an_onnx_output_that_appears_meanwhile_is_kept_with_its_weights(cli, che
 
 
 def test_stdin_like_inputs_are_refused_before_they_are_opened(tmp_path):
-    from bntool.inputs import require_regular_file
+    from bntool.io.inputs import require_regular_file
 
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(InputError, match="FIFO"):

@@ -24,12 +24,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bntool.errors import InputError, VerificationError
 from bntool.norms import is_batchnorm
-from bntool.recal_report import RecalibrationReport
-from bntool.recal_state import replay
-from bntool.recalibration import recalibrate
-from bntool.recipe import REPLAYERS
+from bntool.recalibration.recalibrate import recalibrate
+from bntool.recalibration.report import RecalibrationReport
+from bntool.recalibration.state import replay
+from bntool.recalibration.stats import ChannelStats, reduce_calls
+from bntool.persist import REPLAYERS
 from bntool.recipe import replay as replay_recipe
-from bntool.stats import ChannelStats, reduce_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -269,8 +269,8 @@ def test_track_running_stats_false_is_converted_and_replayed():
     fresh = build()
     replay(fresh, step)  # the module function
     fresh2 = build()
-    assert REPLAYERS["recalibrate"] is replay, "bntool.recalibration registers its replay"
-    replay_recipe(fresh2, [json.loads(json.dumps(step))])  # through the recipe registry
+    assert REPLAYERS["recalibrate"] is replay, "bntool.persist's replay table holds recalibrate's replay"
+    replay_recipe(fresh2, [json.loads(json.dumps(step))], REPLAYERS)  # through the replay table
     for target in (fresh, fresh2):
         target.load_state_dict(model.state_dict(), strict=True)
         x = batches[0]
@@ -455,7 +455,7 @@ def test_a_frozen_model_is_recalibrated_exactly_and_stays_frozen():
     # catches: frozen BNs skipped (statistics unchanged), normalising with their stored statistics during the
     # pass (every later BN then sees other inputs than in the unfrozen recalibration), or swapped back to BN
     import bntool
-    from bntool.freeze_check import check_frozen
+    from bntool.freezing.check import check_frozen
     from bntool.frozen import FrozenBatchNorm2d
 
     torch.manual_seed(0)
@@ -514,7 +514,7 @@ def _set_tf32_flags(values: dict[str, str]) -> None:
 
 def test_tf32_is_off_during_the_pass_unless_allowed_and_the_callers_setting_comes_back():
     # catches: a pass under the caller's TF32 setting (inexact convolutions on a GPU), a setting not restored
-    from bntool.running import tf32_state
+    from bntool.runtime.running import tf32_state
 
     if not hasattr(torch.backends.cudnn, "conv"):
         pytest.skip("this torch has only the legacy allow_tf32 switches")
@@ -541,7 +541,7 @@ def test_the_hot_path_issues_no_tensor_work_per_bn_call(monkeypatch):
     # and a state check that compares tensor by tensor (one synchronisation each)
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from bntool import collect
+    from bntool.recalibration import collect
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -577,7 +577,7 @@ def test_the_gpu_state_check_compares_once_and_still_names_what_changed(monkeypa
     # compares tensor by tensor on a GPU, and a batched check that cannot say which tensor changed
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from bntool import statediff
+    from bntool.verify import bits as statediff
 
     class Equals(TorchDispatchMode):
         count = 0

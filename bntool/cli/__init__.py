@@ -14,7 +14,7 @@ import sys
 import typer
 from typer import TyperException
 
-from .. import outputs
+from ..io import outputs
 from ..errors import BntoolError, for_cli, out_of_memory, out_of_memory_message, user_exit
 from .app import app, state
 
@@ -103,6 +103,6 @@ def _interrupted(written: list) -> None:
 
 
 def _error(message: str) -> None:
-    from .. import console  # rich, imported only to say something: ``bntool --help`` stays fast
+    from . import console  # rich, imported only to say something: ``bntool --help`` stays fast
 
     console.error(for_cli(message))

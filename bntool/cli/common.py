@@ -19,12 +19,20 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import checkpoint, console, matching, modelspec, outputs, persist, writing  # persist: the ops' recipe replays
+from .. import persist
 from ..errors import InputError
+from ..io import (
+    checkpoint,  # persist: the ops' recipe replays
+    matching,
+    modelspec,
+    outputs,
+    writing,
+)
 from ..report import set_recipe
-from ..validity import require_valid
-from ..shapes import make_inputs, parse_shape
-from ..verify import Comparison, OutputComparison
+from ..runtime.shapes import make_inputs, parse_shape
+from ..verify.compare import Comparison, OutputComparison
+from ..verify.validity import require_valid
+from . import console
 
 
 @dataclass
@@ -79,7 +87,7 @@ def load_source(
             "e.g. --model mypkg.models:resnet50 or --model path/to/models.py:resnet50"
         )
     model = build_fresh()
-    resolved = matching.load_state(model, loaded, strip_prefix=strip_prefix)
+    resolved = matching.load_state(model, loaded, replayers=persist.REPLAYERS, strip_prefix=strip_prefix)
     set_recipe(model, loaded.recipe)
     loaded, resolved = loaded.without_tensors(), dataclasses.replace(resolved, state_dict={})  # freed once loaded
     model.eval()
@@ -212,7 +220,7 @@ def parse_numbers(text: str | None, flag: str, kind: type) -> list | None:
 
 
 def image_options(image_size: str | None, mean: str | None, std: str | None) -> dict[str, Any]:
-    """``--image-size`` / ``--mean`` / ``--std`` as the keyword arguments of ``bntool.data.load_batches``."""
+    """``--image-size`` / ``--mean`` / ``--std`` as the keyword arguments of ``bntool.data.sources.load_batches``."""
     size = parse_numbers(image_size, "--image-size", float)
     if size is not None and (not size or len(size) > 2 or any(v != int(v) or v < 1 for v in size)):
         raise InputError(f"--image-size `{image_size}`: pass one positive size (224) or height,width (224,320)")

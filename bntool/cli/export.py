@@ -10,22 +10,22 @@ import typer
 from .app import app
 from .options import (
     AllowPickleOpt,
-    DataArgsOpt,
-    ImageSizeOpt,
-    InputKeyOpt,
-    MeanOpt,
-    StdOpt,
     AtolOpt,
     CheckpointArg,
+    DataArgsOpt,
     DeviceOpt,
     ForceOpt,
+    ImageSizeOpt,
+    InputKeyOpt,
     InputShapeOpt,
     JsonOpt,
     KeyOpt,
+    MeanOpt,
     ModelArgsOpt,
     ModelOpt,
     RtolOpt,
     SeedOpt,
+    StdOpt,
     StripPrefixOpt,
 )
 
@@ -110,11 +110,11 @@ def export(
     the PyTorch model (eval mode, TF32 off) at every verification batch size.
     Nothing is written unless all of it passes.
     """
-    from .. import console
-    from ..outputs import check_output_path
     from ..errors import InputError, VerificationError
-    from ..onnx_export import EXPORTERS, export_onnx
-    from ..running import resolve_device
+    from ..export.export_onnx import EXPORTERS, export_onnx
+    from ..io.outputs import check_output_path
+    from ..runtime.running import resolve_device
+    from . import console
     from .common import image_options, input_files, load_source, parse_numbers, verification_inputs
 
     console.use_stderr_for_humans(json)
@@ -163,11 +163,11 @@ def _data_inputs(model, data, data_args, input_key, batch_size, images, dynamic_
     """Example inputs (``batch_size`` samples) and one real batch per verification size, from ``--data``."""
     import torch
 
-    from ..batches import model_input
-    from ..data import load_batches
+    from ..data.batches import model_input
+    from ..data.sources import load_batches
     from ..errors import InputError
-    from ..onnx_run import verification_batch_sizes
-    from ..shapes import declared_input_shapes
+    from ..onnxio.ort import verification_batch_sizes
+    from ..runtime.shapes import declared_input_shapes
 
     declared = declared_input_shapes(model)
     if declared and len(declared) > 1:
@@ -195,8 +195,8 @@ def _data_inputs(model, data, data_args, input_key, batch_size, images, dynamic_
 
 
 def _render(result: dict, report, as_json: bool) -> None:
-    from .. import console
-    from ..folding import FoldReport
+    from ..folding.fold import FoldReport
+    from . import console
     from .common import comparison_rows, render_comparison
 
     if as_json:

@@ -25,7 +25,6 @@ from .options import (
     StripPrefixOpt,
 )
 
-
 StrictOpt = Annotated[
     bool,
     typer.Option("--strict", help="Fail (exit 1, nothing written) if verification rejects any fold, instead of "
@@ -61,12 +60,11 @@ def fold(
     verification blames is left too (exit 0, with a warning; exit 1 with
     --strict) and the rest is verified again without it.
     """
-    from ..folding import fold as fold_model
     from ..errors import VerificationError
-    from ..running import resolve_device
+    from ..folding.fold import fold as fold_model
+    from ..runtime.running import resolve_device
+    from . import console
     from .common import load_source, output_path, verification_inputs, write_verified
-
-    from .. import console
 
     console.use_stderr_for_humans(json)
     out = output_path(checkpoint, out, "folded", force=force, dry_run=dry_run, model=model)
@@ -97,7 +95,7 @@ def fold(
 
 
 def _render(result: dict, report, as_json: bool) -> None:
-    from .. import console
+    from . import console
     from .common import render_comparison, worst_summary
 
     for skip in report.rejected:  # on stderr, also with --json

@@ -61,10 +61,10 @@ def freeze(
     to move; the written file is reloaded and
     checked again. `bntool.load(path, model=MyNet())` rebuilds the frozen layers.
     """
-    from .. import console
     from ..errors import InputError, VerificationError
-    from ..freezing import freeze as freeze_model
-    from ..running import resolve_device
+    from ..freezing.freeze import freeze as freeze_model
+    from ..runtime.running import resolve_device
+    from . import console
     from .common import load_source, output_path, verification_inputs
 
     console.use_stderr_for_humans(json)
@@ -108,7 +108,7 @@ def finish_verified(result: dict, source, model, out, report, render, *, force: 
 
 
 def _render(result: dict, report, as_json: bool) -> None:
-    from .. import console
+    from . import console
     from .common import render_comparison, worst_summary
 
     if as_json:

@@ -57,12 +57,12 @@ def inspect_command(
     (found from its key names) and the findings that need no architecture.
     Nothing is written except the --plot image (an existing one only with --force).
     """
-    from .. import checkpoint as ckpt
-    from ..matching import resolve
-    from .. import console
-    from ..inspection import inspect
-    from ..plot import plot as draw
-    from ..shapes import make_inputs, parse_shape
+    from ..inspection.inspect import inspect
+    from ..inspection.picture import plot as draw
+    from ..io import checkpoint as ckpt
+    from ..io.matching import resolve
+    from ..runtime.shapes import make_inputs, parse_shape
+    from . import console
     from .common import load_source
 
     console.use_stderr_for_humans(json)
@@ -95,7 +95,7 @@ def inspect_command(
 
 def _check_plot_path(plot: Path, checkpoint: Path, model: str | None, force: bool) -> None:
     from ..errors import InputError as error
-    from ..outputs import check_output_path
+    from ..io.outputs import check_output_path
     from .common import input_files
 
     if plot.suffix.lower() not in PLOT_SUFFIXES:
@@ -112,7 +112,7 @@ def _fmt(value, digits: str = ".3g") -> str:
 
 
 def _render(result: dict, report, as_json: bool) -> None:
-    from .. import console
+    from . import console
 
     if as_json:
         console.print_json(result)

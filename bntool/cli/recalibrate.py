@@ -9,23 +9,23 @@ import typer
 
 from .app import app
 from .options import (
-    ExcludeOpt,
-    IncludeOpt,
     AllowPickleOpt,
-    DataArgsOpt,
-    ImageSizeOpt,
-    InputKeyOpt,
-    MeanOpt,
-    StdOpt,
     CheckpointArg,
+    DataArgsOpt,
     DeviceOpt,
     DryRunOpt,
+    ExcludeOpt,
     ForceOpt,
+    ImageSizeOpt,
+    IncludeOpt,
+    InputKeyOpt,
     JsonOpt,
     KeyOpt,
+    MeanOpt,
     ModelArgsOpt,
     ModelOpt,
     OutOpt,
+    StdOpt,
     StripPrefixOpt,
 )
 
@@ -94,12 +94,12 @@ def recalibrate(
     """
     import torch
 
-    from .. import console
-    from ..batches import plan_batches
-    from ..data import load_batches
+    from ..data.batches import plan_batches
+    from ..data.sources import load_batches
     from ..errors import VerificationError
-    from ..recalibration import recalibrate as recalibrate_model
-    from ..running import resolve_device
+    from ..recalibration.recalibrate import recalibrate as recalibrate_model
+    from ..runtime.running import resolve_device
+    from . import console
     from .common import image_options, load_source, output_path, write_verified
 
     console.use_stderr_for_humans(json)
@@ -161,7 +161,7 @@ class _Counted:
         self.batches, self.samples, self.first = batches, 0, None
 
     def __iter__(self):
-        from ..batches import batch_size_of
+        from ..data.batches import batch_size_of
 
         for batch in self.batches:
             self.samples += batch_size_of(batch)
@@ -206,7 +206,7 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 
 
 def _render(result: dict, report: Any, as_json: bool, quiet: bool) -> None:
-    from .. import console
+    from . import console
 
     if as_json:
         console.print_json(result)

@@ -50,10 +50,10 @@ def unfreeze(
     written file is reloaded and checked again. `bntool.load(path,
     model=MyNet())` rebuilds the model with the recorded steps replayed.
     """
-    from .. import console
     from ..errors import InputError, VerificationError
-    from ..freezing import unfreeze as unfreeze_model
-    from ..running import resolve_device
+    from ..freezing.freeze import unfreeze as unfreeze_model
+    from ..runtime.running import resolve_device
+    from . import console
     from .common import load_source, output_path, verification_inputs
     from .freeze import finish_verified
 
@@ -80,7 +80,7 @@ def unfreeze(
 
 
 def _render(result: dict, report, as_json: bool) -> None:
-    from .. import console
+    from . import console
     from .common import render_comparison, worst_summary
 
     if as_json:

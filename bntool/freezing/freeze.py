@@ -1,0 +1,277 @@
+"""Freeze and unfreeze BatchNorm layers, verified.
+
+Unlike ``m.eval()`` on each BN (undone by the next ``model.train()``),
+:func:`freeze` swaps the selected layers for the frozen BNs of
+``bntool.frozen``, which never use batch statistics nor update theirs, with
+the original state-dict keys (a BN subclass with a forward of its own keeps
+its class, pinned to eval mode); :func:`unfreeze` turns them back; :func:`replay`
+redoes either as a recipe step. Both verify their result before returning it:
+frozen in train mode == original in eval mode (and the frozen statistics do
+not move: ``freeze_check``), unfrozen == frozen in eval mode; a failure
+raises ``VerificationError`` carrying the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from ..errors import InputError, VerificationError, require_module
+from ..frozen import AFFINE_MODES, frozen_type_for, why_not_freezable
+from ..norms import has_fixed_statistics, is_bntool_frozen
+from ..report import Skip, with_step
+from ..runtime.cloning import clone
+from ..runtime.shapes import make_inputs
+from ..selection import select
+from ..verify.compare import Comparison, Reference, compare
+from .check import FreezeCheck, check_frozen
+
+# ----------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class FrozenLayer:
+    """One layer frozen (or unfrozen): its qualified name, original BN type, size, eps and affine mode."""
+
+    name: str
+    type: str
+    num_features: int
+    eps: float
+    affine: str
+
+
+@dataclass(frozen=True)
+class FreezeReport:
+    """What :func:`freeze` did, and its verification (``check``; None with ``verify=False``)."""
+
+    frozen: tuple[FrozenLayer, ...]
+    skipped: tuple[Skip, ...]
+    affine: str = "frozen"
+    check: FreezeCheck | None = None
+
+    @property
+    def done(self) -> tuple[FrozenLayer, ...]:
+        return self.frozen
+
+    @property
+    def comparison(self) -> Comparison | None:
+        return self.check.comparison if self.check else None
+
+    @property
+    def passed(self) -> bool:
+        return self.check is None or self.check.passed
+
+    def recipe_step(self) -> dict[str, Any]:
+        return {"op": "freeze", "layers": [layer.name for layer in self.frozen], "affine": self.affine}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"frozen": [dataclasses.asdict(layer) for layer in self.frozen],
+                "skipped": [dataclasses.asdict(skip) for skip in self.skipped],
+                "affine": self.affine, "recipe_step": self.recipe_step()}
+        if self.check is not None:
+            data["verification"] = self.check.to_dict()
+        return data
+
+
+@dataclass(frozen=True)
+class UnfreezeReport:
+    """What :func:`unfreeze` did (each layer's ``type`` is the ordinary BN type it became), and its verification."""
+
+    unfrozen: tuple[FrozenLayer, ...]
+    comparison: Comparison | None = None
+    skipped: tuple[Skip, ...] = ()
+
+    @property
+    def done(self) -> tuple[FrozenLayer, ...]:
+        return self.unfrozen
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison is None or self.comparison.passed
+
+    def recipe_step(self) -> dict[str, Any]:
+        return {"op": "unfreeze", "layers": [layer.name for layer in self.unfrozen]}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"unfrozen": [dataclasses.asdict(layer) for layer in self.unfrozen], "recipe_step": self.recipe_step()}
+        if self.comparison is not None:
+            data["verification"] = self.comparison.to_dict()
+        return data
+
+
+# ----------------------------------------------------------------------------- freeze and unfreeze
+
+
+def _convert(module: nn.Module, decide: Callable[[str, nn.Module], nn.Module], prefix: str = "",
+             memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """Replace modules where ``decide(name, module)`` returns a new one; re-register only changed children.
+
+    A module reused under several names is decided once (under its first name)
+    and its one replacement is put in every place, so sharing is kept. The
+    children of a replacement are decided too: a frozen BN subclass keeps its
+    submodules, and a BN among them is a layer of its own.
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    replacement = memo[id(module)] = decide(prefix, module)
+    for child_name, child in list(replacement._modules.items()):  # named_children() hides repeats
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        new_child = child if child is None else _convert(child, decide, name, memo)
+        if new_child is not child:
+            replacement.add_module(child_name, new_child)
+    return replacement
+
+
+@dataclass(frozen=True)
+class Verify:
+    """How an operation verifies: on which inputs (None: the shape the model declares), where, with what tolerance."""
+
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None
+    device: str | torch.device = "auto"
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+
+    def inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        if isinstance(self.example_inputs, torch.Tensor):
+            return (self.example_inputs,)
+        if self.example_inputs is not None:
+            return tuple(self.example_inputs)
+        return make_inputs(model, seed=self.seed)
+
+
+def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
+           affine: str = "frozen", inplace: bool = False, *, example_inputs: Sequence[torch.Tensor] | None = None,
+           verify: bool = True, device: str | torch.device = "auto", seed: int = 0, atol: float | None = None,
+           rtol: float | None = None) -> tuple[nn.Module, FreezeReport]:
+    """Swap the selected BN layers for frozen ones; return the model (a copy unless ``inplace``) and a report.
+
+    ``include`` / ``exclude`` are fnmatch patterns on qualified module names
+    (``backbone.*``, ``layer1``, ``bn1``); none given selects every BN, and
+    exclude wins over include. A pattern that matches no BN layer is an
+    :class:`InputError`. ``affine="trainable"`` leaves gamma / beta trainable.
+    A BN subclass with a forward of its own (timm's ``BatchNormAct2d``) keeps
+    its class with its own ``training`` pinned to False: its submodules
+    (activation, dropout) still follow the model's mode.
+    Unless ``verify=False``, the frozen model with its frozen layers in train
+    mode (the rest in eval mode) is compared with the original in eval mode on
+    ``example_inputs`` (default: the shape the model declares), and the frozen
+    statistics must not move; a failure
+    raises ``VerificationError`` carrying the report. With ``inplace`` the
+    original's outputs are computed first, so no second model is held.
+    """
+    require_module(model)
+    if affine not in AFFINE_MODES:
+        raise InputError(f"affine must be `frozen` or `trainable`, got {affine!r}")
+    lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise InputError(f"`{lazy[0]}` is an uninitialized lazy module; run one forward pass before freezing")
+    candidates = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) or has_fixed_statistics(m)]
+    selected, _ = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)
+    chosen = set(selected)
+    checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
+    reference = _reference_first(model, checking) if checking and inplace else None
+    frozen: list[FrozenLayer] = []
+    skipped: list[Skip] = []
+
+    def decide(name: str, module: nn.Module) -> nn.Module:
+        if name not in chosen:
+            return module
+        reason = why_not_freezable(module)
+        if reason is not None:
+            skipped.append(Skip(name, reason))
+            return module
+        new = frozen_type_for(module).from_batchnorm(module, affine)
+        frozen.append(FrozenLayer(name, type(module).__name__, module.num_features, module.eps, new.affine_mode))
+        return new
+
+    result = _convert(model if inplace else clone(model), decide)
+    report = FreezeReport(tuple(frozen), tuple(skipped), affine)
+    if frozen:
+        with_step(result, report.recipe_step())
+    if checking and frozen:
+        check = check_frozen(model if not inplace else None, result, checking.inputs(result), device=checking.device,
+                             atol=atol, rtol=rtol, reference=reference)
+        report = dataclasses.replace(report, check=check)
+        if not check.passed:
+            raise VerificationError(check.failure_message(), report)
+    return result, report
+
+
+def unfreeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
+             inplace: bool = False, *, example_inputs: Sequence[torch.Tensor] | None = None, verify: bool = True,
+             device: str | torch.device = "auto", seed: int = 0, atol: float | None = None,
+             rtol: float | None = None) -> tuple[nn.Module, UnfreezeReport]:
+    """Turn the selected frozen layers back into ordinary BN layers with the same values (weight / bias trainable).
+
+    Unless ``verify=False``, the result in eval mode is compared with the
+    frozen model in eval mode (``VerificationError`` on a mismatch).
+    """
+    require_module(model)
+    candidates = [n for n, m in model.named_modules() if is_bntool_frozen(m)]
+    selected, _ = select(candidates, include, exclude, what="frozen BatchNorm", owner=type(model).__name__)
+    chosen = set(selected)
+    checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
+    reference = _reference_first(model, checking) if checking and inplace and candidates else None
+    unfrozen: list[FrozenLayer] = []
+
+    def decide(name: str, module: nn.Module) -> nn.Module:
+        if name not in chosen:
+            return module
+        unfrozen.append(FrozenLayer(name, module.unfrozen_type.__name__, module.num_features, module.eps,
+                                    module.affine_mode))
+        return module.to_batchnorm()
+
+    result = _convert(model if inplace else clone(model), decide)
+    report = UnfreezeReport(tuple(unfrozen))
+    if unfrozen:
+        with_step(result, report.recipe_step())
+    if checking and unfrozen:
+        comparison = compare(None if inplace else model, result, checking.inputs(result), device=checking.device,
+                             atol=atol, rtol=rtol, reference=reference)
+        report = dataclasses.replace(report, comparison=comparison)
+        if not comparison.passed:
+            raise VerificationError(comparison.failure_message("the unfrozen model (eval mode)"), report)
+    return result, report
+
+
+def _reference_first(model: nn.Module, checking: Verify) -> Reference:
+    """The original's outputs, before an in-place change makes it unavailable."""
+    return Reference.of(model, checking.inputs(model), device=checking.device,
+                        float64=checking.atol is None and checking.rtol is None)
+
+
+def replay(model: nn.Module, step: dict[str, Any]) -> nn.Module:
+    """Redo a recorded ``freeze`` / ``unfreeze`` step in place: structure only, values come from the state dict."""
+    op, layers, affine = step.get("op"), step.get("layers"), step.get("affine", "frozen")
+    if op not in ("freeze", "unfreeze") or not isinstance(layers, list) or affine not in AFFINE_MODES:
+        raise InputError(f"malformed recipe step {step!r}; expected {{'op': 'freeze'|'unfreeze', 'layers': [...]}}")
+    replacements: dict[int, nn.Module] = {}
+    for name in layers:
+        try:
+            module = model.get_submodule(name) if isinstance(name, str) and name else None
+        except AttributeError:
+            module = None
+        if op == "freeze":  # an already frozen layer is rebuilt in the recorded affine mode
+            source = module.to_batchnorm() if is_bntool_frozen(module) else module
+            reason = None if source is None else why_not_freezable(source)
+        else:
+            source, reason = module, None if is_bntool_frozen(module) else "not frozen"
+        if module is None or reason is not None:
+            found = "no such module" if module is None else f"a `{type(module).__name__}` ({reason})"
+            raise InputError(
+                f"the checkpoint's recipe does not match the model: it {op}s layer `{name}`, but the model has "
+                f"{found}; build the model from the code the checkpoint was made from"
+            )
+        replacements[id(module)] = (frozen_type_for(source).from_batchnorm(source, affine) if op == "freeze"
+                                    else source.to_batchnorm())
+    _convert(model, lambda name, module: replacements.get(id(module), module))
+    return model

@@ -1,0 +1,90 @@
+"""Tensors no model should hold: NaN or inf values, negative BatchNorm variances.
+
+``problems`` scans a model (or a state dict) and returns one ``BadTensor``
+per tensor at fault; ``require_valid`` turns them into one ``InputError``
+naming the tensor and what to do. Non-finite BatchNorm statistics are
+recomputed by ``bntool recalibrate``; broken weights cannot be repaired.
+An infinite value in a buffer that is neither a parameter nor a BatchNorm
+statistic (an attention mask filled with -inf) is legitimate and allowed;
+NaN never is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+STATISTICS = ("running_mean", "running_var")
+#: Trailing key names taken as parameters in a bare state dict (where parameters and buffers look alike).
+PARAMETER_NAMES = ("weight", "bias")
+
+
+@dataclass(frozen=True)
+class BadTensor:
+    name: str  # qualified tensor name, e.g. ``layer1.0.bn1.running_var``
+    problem: str  # "NaN", "inf" or "negative"
+    count: int
+    numel: int
+    statistic: bool  # a BatchNorm running statistic (recalibration recomputes it)
+
+    def describe(self) -> str:
+        if self.problem == "negative":
+            return f"`{self.name}` is negative in {self.count} of {self.numel} channel(s)"
+        return f"`{self.name}` holds {self.count} {self.problem} value(s) (of {self.numel})"
+
+
+def _kind(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def problems(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[BadTensor]:
+    """Every tensor with NaN, inf (parameters and statistics) or a negative ``running_var``, in state-dict order."""
+    if isinstance(model_or_state, nn.Module):
+        state = model_or_state.state_dict()
+        params = {name for name, _ in model_or_state.named_parameters()}
+    else:
+        state = dict(model_or_state)
+        params = {k for k in state if _kind(k) in PARAMETER_NAMES}
+    found = []
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        statistic = _kind(name) in STATISTICS
+        values = tensor.detach()
+        nan = int(torch.isnan(values).sum())
+        if nan:
+            found.append(BadTensor(name, "NaN", nan, values.numel(), statistic))
+        if statistic or name in params:
+            inf = int(torch.isinf(values).sum())
+            if inf:
+                found.append(BadTensor(name, "inf", inf, values.numel(), statistic))
+        if _kind(name) == "running_var" and not tensor.is_complex():
+            negative = int((values < 0).sum())
+            if negative:
+                found.append(BadTensor(name, "negative", negative, values.numel(), True))
+    return found
+
+
+def require_valid(model: nn.Module, *, statistics: bool = True, what: str = "the checkpoint") -> None:
+    """``InputError`` naming the first bad tensors of ``model`` (BN statistics skipped unless ``statistics``)."""
+    bad = [b for b in problems(model) if statistics or not b.statistic]
+    if not bad:
+        return
+    first = bad[0]
+    more = f" (and {len(bad) - 1} more: {', '.join(f'`{b.name}`' for b in bad[1:4])}{', ...' if len(bad) > 4 else ''})"
+    more = more if len(bad) > 1 else ""
+    if first.statistic:
+        why = ("a variance cannot be negative" if first.problem == "negative"
+               else "every output it reaches would be NaN or inf")
+        todo = ("the BatchNorm statistics are corrupt; recompute them on real data with `bntool recalibrate` "
+                "(or go back to an earlier checkpoint)")
+    else:
+        why = "every output it reaches would be NaN or inf"
+        todo = ("the weights are broken (training diverged or the file is corrupt) and no BatchNorm step can "
+                "repair them; go back to an earlier checkpoint")
+    raise InputError(f"{what}: {first.describe()}{more}; {why}: {todo}")
