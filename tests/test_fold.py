@@ -410,8 +410,8 @@ def test_bn_subclass_is_traced_once_and_what_is_left_is_the_folded_models_own(in
     """The plan's trace of a BN subclass also serves the surgery; the activation left in the folded copy holds
     its own parameter (a copy), never the original model's, and in place it is the model's own module."""
     traced = []
-    real_trace = bntool.folding.bnform._trace
-    monkeypatch.setattr(bntool.folding.bnform, "_trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
+    real_trace = bntool.folding.bnform_trace.trace
+    monkeypatch.setattr(bntool.folding.bnform_trace, "trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), BNPReLU(6), nn.Conv2d(6, 2, 1)), seed=9).eval()
     with torch.no_grad():
         model[1].act.weight.uniform_(-0.5, 0.5)
@@ -452,8 +452,8 @@ class FlaggedBNAct(nn.BatchNorm2d):
 
 def _counting_traces(monkeypatch) -> list:
     traced = []
-    real_trace = bntool.folding.bnform._trace
-    monkeypatch.setattr(bntool.folding.bnform, "_trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
+    real_trace = bntool.folding.bnform_trace.trace
+    monkeypatch.setattr(bntool.folding.bnform_trace, "trace", lambda m, rank: traced.append(m) or real_trace(m, rank))
     return traced
 
 
@@ -478,7 +478,7 @@ def test_bn_subclasses_built_alike_share_one_trace_and_each_keeps_its_own_tensor
         assert torch.equal(folded[i].act.weight, model[i].act.weight)
         assert folded[i].act.weight.data_ptr() != model[i].act.weight.data_ptr()
     _assert_computes_original(folded, model, inputs)
-    monkeypatch.setattr(bntool.folding.bnform, "structure", lambda module, rank: None)  # every module traced on its own
+    monkeypatch.setattr(bntool.folding.bnform_trace, "structure", lambda module, rank: None)  # every module traced on its own
     alone, _ = bntool.fold(model, inputs)
     for key, value in alone.state_dict().items():
         assert torch.equal(folded.state_dict()[key], value), key

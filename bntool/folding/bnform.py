@@ -24,14 +24,15 @@ placement is its own). Around the segment:
 
 A ``_BatchNorm`` subclass whose forward cannot be traced keeps running, with
 statistics that make its normalization an exact identity (``identity``).
-Reading the traced nodes (which carry data, which are static per-channel
-values, and their float64 values) is ``bnform_nodes``'s.
+Tracing the forward, and the structure key that lets modules built alike
+share one trace, are ``bnform_trace``'s; reading the traced nodes (which
+carry data, which are static per-channel values, and their float64 values)
+is ``bnform_nodes``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +40,11 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from ..errors import first_line
 from ..norms import bn_forward_is_standard, num_features, requested_mode
 from ..runtime.cloning import clone
+from . import bnform_trace
 from .arithmetic import bn_scale_shift
 from .bnform_nodes import (
     BN_SIGNATURES,
@@ -102,18 +102,18 @@ def analyze(module: nn.Module, rank: int | None = None, shared: dict[Any, NormFo
     """How ``module`` (a BN by ``norms.is_batchnorm``) normalizes an input of ``rank`` dimensions.
 
     ``shared``: the forms traced so far in one plan, by structure. A module
-    built exactly like one traced already (``structure``) gets a copy of that
+    built exactly like one traced already (``bnform_trace.structure``) gets a copy of that
     form, made its own (``_replica``), instead of a trace of its own: an
     EfficientNet's 49 BatchNormAct2d layers come in about a dozen structures.
     """
     if bn_forward_is_standard(module):
         return NormForm("standard", at_input=True, at_output=True, removable=True)
     rank = rank or guess_rank(module)
-    key = structure(module, rank) if shared is not None else None
+    key = bnform_trace.structure(module, rank) if shared is not None else None
     if key is not None and key in shared:
         return _replica(shared[key], module)
     try:
-        root, graph, read_values = _trace(module, rank)
+        root, graph, read_values = bnform_trace.trace(module, rank)
     except Exception as exc:  # fx raises many types for untraceable code
         first = first_line(exc, 200)
         if isinstance(module, _BatchNorm):
@@ -149,7 +149,7 @@ def _keeps_values(module: nn.Module, rank: int, form: NormForm) -> bool:
                     t.mul_(2).add_(1)
                 else:
                     t.add_(1)
-        root, graph, _ = _trace(other, rank)
+        root, graph, _ = bnform_trace.trace(other, rank)
         again = _form_of_graph(root, graph, rank)
     except Exception:  # noqa: BLE001 - other values, another path (or none could be made): the values matter
         return True
@@ -180,56 +180,15 @@ def _take_out(graph: torch.fx.Graph, segment: list[torch.fx.Node], root: nn.Modu
     graph.eliminate_dead_code()
 
 
-#: attributes every module has: the machinery, not what its forward reads
-_MODULE_MACHINERY = frozenset(nn.Module().__dict__)
-_VALUES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-_BY_IDENTITY = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodWrapperType)
-
-
-def structure(module: nn.Module, rank: int) -> tuple | None:
-    """What the trace of ``module`` can depend on besides its tensors' values: the classes, plain attributes
-    (values, tuples of them, functions) and tensor layouts of it and everything it holds, and the input rank.
-    None when an attribute is anything else (a dict, an object): that module is traced on its own. A trace
-    that used its tensors' values is never shared (``_ReadsValues``)."""
-    parts: list[Any] = [rank]
-    for name, m in module.named_modules(remove_duplicate=False):
-        attrs = []
-        for key, value in m.__dict__.items():
-            if key in _MODULE_MACHINERY:
-                continue
-            plain = _plain_value(value)
-            if plain is None:
-                return None
-            attrs.append((key, plain))
-        tensors = tuple((key, None if t is None else (type(t), tuple(t.shape), t.dtype, t.device))
-                        for key, t in (*m._parameters.items(), *m._buffers.items()))
-        parts.append((name, type(m), tuple(attrs), tuple(m._modules), tensors))
-    return tuple(parts)
-
-
-def _plain_value(value: Any) -> tuple | None:
-    """``value`` as a comparable key when equal keys mean the same behaviour, else None."""
-    if type(value) is float:
-        return (float, value.hex())  # (0.0 and -0.0 differ; every NaN is one key)
-    if type(value) in _VALUES:
-        return (type(value), value)
-    if isinstance(value, _BY_IDENTITY):
-        return ("is", id(value))
-    if type(value) in (tuple, list):
-        items = tuple(_plain_value(v) for v in value)
-        return None if any(i is None for i in items) else (type(value), items)
-    return None
-
-
 def _replica(form: NormForm, module: nn.Module) -> NormForm:
     """``form``, found on a module built like ``module``, made ``module``'s: its own copy of the graph, and a root
     cloned from ``module`` (in eval mode, sharing its tensors).
 
     Only a trace that never computed with its tensors' values is shared
-    (``_ReadsValues``).
+    (``bnform_trace.ReadsValues``).
     """
     graph, segment = _graph_copy(form)
-    return dataclasses.replace(form, _graph=graph, _root=_eval_clone(module), _segment=segment)
+    return dataclasses.replace(form, _graph=graph, _root=bnform_trace.eval_clone(module), _segment=segment)
 
 
 def _graph_copy(form: NormForm) -> tuple[torch.fx.Graph, tuple[torch.fx.Node, ...]]:
@@ -300,94 +259,6 @@ def remainder(module: nn.Module, form: NormForm) -> nn.Module | None:
     rest = torch.fx.GraphModule(form._root, form._graph, class_name=f"{type(module).__name__}WithoutNorm")
     rest.train(requested_mode(module))  # (a frozen BN reads eval mode; what is left follows the model)
     return rest
-
-
-# ----------------------------------------------------------------------------- tracing
-
-
-class _InputProxy(torch.fx.Proxy):
-    """A traced tensor with the input's rank and channel count concrete, so that shape checks run as Python.
-
-    BN-like modules do elementwise work around the normalization (an
-    activation before or after it), so every tensor in their forward has the
-    input's rank and channels; the graph itself is never specialised to them.
-    """
-
-    def dim(self) -> int:
-        return self.tracer.input_rank
-
-    def ndimension(self) -> int:
-        return self.tracer.input_rank
-
-    @property
-    def ndim(self) -> int:
-        return self.tracer.input_rank
-
-    @property
-    def requires_grad(self) -> bool:  # folding is for inference
-        return False
-
-    def size(self, dim: int | None = None) -> Any:
-        if dim is not None and dim % self.tracer.input_rank == 1:
-            return self.tracer.input_channels
-        method = torch.fx.Proxy.__getattr__(self, "size")
-        return method() if dim is None else method(dim)
-
-
-class _ModuleTracer(torch.fx.Tracer):
-    """Traces one module's forward; its children are leaves, so the remainder keeps them as they are."""
-
-    def __init__(self, rank: int, channels: int):
-        super().__init__(autowrap_modules=())  # a BN's forward calls no `math` function on its input: skip the scan
-        self.input_rank, self.input_channels = rank, channels
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
-
-    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
-        if node.op == "get_attr":  # the module's own tensors keep their real shapes
-            return super().proxy(node)
-        return _InputProxy(node, self)
-
-
-def _trace(module: nn.Module, rank: int) -> tuple[nn.Module, torch.fx.Graph, bool]:
-    """The module's eval-mode forward (the folded model is an inference model), traced on a clone of it, and
-    whether the trace computed with the values of the module's tensors (``_ReadsValues``).
-
-    The clone shares the module's tensors; constants the trace creates
-    (``_tensor_constant0``) are attached to it, never to the user's module.
-    """
-    copy = _eval_clone(module)
-    with _ReadsValues(copy) as reads:
-        graph = _ModuleTracer(rank, num_features(module)).trace(copy)
-    return copy, graph, reads.read
-
-
-def _eval_clone(module: nn.Module) -> nn.Module:
-    """What a trace runs on: a clone of ``module`` sharing its tensors, the module itself in eval mode."""
-    copy = clone(module, share_all=True)
-    copy.training = False
-    return copy
-
-
-class _ReadsValues(TorchFunctionMode):
-    """Notes a torch call on the module's own tensors (or its children's) with no tracer value among its
-    arguments. fx proxies parameters but not buffers: such a call computes with what a buffer holds (torchvision's
-    frozen BN computes its scale, a forward may read ``.tolist()`` or branch on a value), and the graph keeps
-    the result, not a reference, so the trace is this module's alone."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.ids = {id(t) for t in (*module.parameters(), *module.buffers())}
-        self.read = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self.read:
-            leaves = tree_leaves((args, kwargs))
-            self.read = (not any(isinstance(a, torch.fx.Proxy) for a in leaves)
-                         and any(id(a) in self.ids for a in leaves if isinstance(a, torch.Tensor)))
-        return func(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the segment
