@@ -21,13 +21,14 @@ The rules, for every call of a BN:
   output (no activation after it), the same conditions mirrored, and the
   consumer is a linear or a conv with no zero padding.
 
-(The backward and forward walks mirror each other and read best side by
-side; what a layer must be to take a fold is ``foldlayers``'.)
+(The backward and forward rules mirror each other and read best side by
+side, as methods of one ``_Planner``; the walks from a BN call to the layer at
+the other end are ``walks``'; what a layer must be to take a fold is
+``layers``'.)
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,23 +37,12 @@ from torch import nn
 
 from ..errors import require_module
 from ..graph.dataflow import Dataflow, dataflow
-from ..graph.ops import is_layer_function
 from ..norms import bn_forward_is_standard, has_statistics, is_batchnorm
 from ..report import Skip
 from . import bnform
 from .layers import channel_reason, has_padding, layer_reason, parameter_owners, read_elsewhere_reason
 from .plan import CONVS, TRANSPOSED, FoldPair, FoldPlan
-
-
-@dataclass(frozen=True)
-class _Link:
-    """The path from one BN call to the module at its other end, through ops that are kept."""
-
-    module: str | None = None
-    op: int = -1
-    through: tuple[float, float] = (1.0, 0.0)
-    reshaped: bool = False
-    blocker: str | None = None
+from .walks import Link, by_module, downstream, functional, upstream
 
 
 def plan_fold(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> FoldPlan:
@@ -68,17 +58,14 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
     ``forms``, when given, receives what each BN of a pair computes (``bnform.analyze``), for ``apply_plan``
     to use instead of tracing each BN again.
     """
-    modules = dict(model.named_modules())
-    owners = parameter_owners(model)
-    read = [op.target for op in flow.tensor_reads]  # model tensors the forward reads directly
-    shared: dict = {}  # BN subclass forms by structure: each structure is traced once
+    planner = _Planner(model, flow)
     pairs: list[FoldPair] = []
     skips: list[Skip] = []
-    for name in [n for n, m in modules.items() if is_batchnorm(m)]:  # (bn_names, from the modules at hand)
+    for name in [n for n, m in planner.modules.items() if is_batchnorm(m)]:  # (bn_names, from the modules at hand)
         if rejected and name in rejected:
             skips.append(Skip(name, rejected[name]))
             continue
-        result = _plan_bn(name, modules[name], flow, modules, owners, read, shared)
+        result = planner.plan_bn(name)
         if isinstance(result, str):
             skips.append(Skip(name, result))
         else:
@@ -88,47 +75,144 @@ def plan_from_dataflow(model: nn.Module, flow: Dataflow, rejected: Mapping[str, 
     return FoldPlan(tuple(pairs), tuple(skips), flow.method, flow.note)
 
 
-def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners, read: Sequence[str] = (),
-             shared: dict | None = None) -> tuple[list[FoldPair], bnform.NormForm] | str:
-    """The BN's pairs and what it computes, or why it does not fold. ``read``: the model tensors the forward reads
-    directly, outside the calls of the modules that hold them."""
-    calls = flow.calls.get(name, ())
-    if name == "":
-        return "the model is a single BatchNorm: there is no layer to fold it into"
-    if not calls:
-        host = _called_ancestor(name, flow)
-        if host is not None:
-            return (f"runs inside `{host}` (a {type(modules[host]).__name__} with its own forward), which bntool "
-                    "treats as one layer and does not look into")
-        if flow.method == "recorded":
-            return "did not run on the verification inputs, so its dataflow is unknown"
-        return "is never called in the model's eval-mode forward (a training-only branch, or unused)"
-    outside = next((t for t in read if t.startswith(f"{name}.")), None)
-    if outside is not None:  # (DiverseBranchBlock pads with values computed from its BN's statistics)
-        return (f"its tensors are also read outside its own call (`{outside}`), and folding would change or remove "
-                "them")
-    if not has_statistics(bn):
-        return ("has no running statistics (track_running_stats=False), so eval mode normalizes with batch "
-                "statistics; run `bntool recalibrate` to give it statistics, then fold")
-    if bn._forward_pre_hooks:
-        return "has a forward pre-hook, which would see its input already normalized after folding"
-    rank = _rank(flow, calls, bn)
-    form = bnform.analyze(bn, rank, shared)
-    if not form.foldable:
-        return form.reason or "its forward is not a BatchNorm bntool can fold"
-    becomes = {"standard": "removed", "identity": "identity"}.get(form.kind, "removed" if form.removable else "rewritten")
+@dataclass(frozen=True)
+class _BN:
+    """One BN being planned: its name, module, what it computes and the ops that call it."""
 
-    def pair(target: str, direction: str, through: tuple[float, float]) -> FoldPair:
-        return FoldPair(name, target, direction, becomes, type(modules[target]).__name__, through,
-                        rank if becomes == "rewritten" else None, form.keeps if becomes == "rewritten" else ())
+    name: str
+    module: nn.Module
+    form: bnform.NormForm
+    calls: tuple[int, ...]
 
-    backward = _backward(name, bn, form, calls, flow, modules, owners)
-    if not isinstance(backward, str):
-        return [pair(target, "backward", through) for target, through in backward], form
-    forward = _forward(name, bn, form, calls, flow, modules, owners)
-    if not isinstance(forward, str):
-        return [pair(target, "forward", through) for target, through in forward], form
-    return f"{backward}; folding forward is not exact either: {forward}"
+
+class _Planner:
+    """What every BN of one model is planned against: the dataflow, the model's modules, which module owns each
+    parameter, the tensors the forward reads directly, and the BN subclass forms traced so far (by structure: each
+    structure is traced once)."""
+
+    def __init__(self, model: nn.Module, flow: Dataflow):
+        self.flow = flow
+        self.modules = dict(model.named_modules())
+        self.owners = parameter_owners(model)
+        self.read = [op.target for op in flow.tensor_reads]  # model tensors the forward reads directly
+        self.shared: dict = {}
+
+    def plan_bn(self, name: str) -> tuple[list[FoldPair], bnform.NormForm] | str:
+        """The BN's pairs and what it computes, or why it does not fold."""
+        flow, modules, module = self.flow, self.modules, self.modules[name]
+        calls = flow.calls.get(name, ())
+        if name == "":
+            return "the model is a single BatchNorm: there is no layer to fold it into"
+        if not calls:
+            host = _called_ancestor(name, flow)
+            if host is not None:
+                return (f"runs inside `{host}` (a {type(modules[host]).__name__} with its own forward), which bntool "
+                        "treats as one layer and does not look into")
+            if flow.method == "recorded":
+                return "did not run on the verification inputs, so its dataflow is unknown"
+            return "is never called in the model's eval-mode forward (a training-only branch, or unused)"
+        # the model tensors the forward reads outside the calls of the modules that hold them
+        outside = next((t for t in self.read if t.startswith(f"{name}.")), None)
+        if outside is not None:  # (DiverseBranchBlock pads with values computed from its BN's statistics)
+            return (f"its tensors are also read outside its own call (`{outside}`), and folding would change or "
+                    "remove them")
+        if not has_statistics(module):
+            return ("has no running statistics (track_running_stats=False), so eval mode normalizes with batch "
+                    "statistics; run `bntool recalibrate` to give it statistics, then fold")
+        if module._forward_pre_hooks:
+            return "has a forward pre-hook, which would see its input already normalized after folding"
+        rank = _rank(flow, calls, module)
+        form = bnform.analyze(module, rank, self.shared)
+        if not form.foldable:
+            return form.reason or "its forward is not a BatchNorm bntool can fold"
+        becomes = {"standard": "removed", "identity": "identity"}.get(form.kind,
+                                                                       "removed" if form.removable else "rewritten")
+
+        def pair(target: str, direction: str, through: tuple[float, float]) -> FoldPair:
+            return FoldPair(name, target, direction, becomes, type(modules[target]).__name__, through,
+                            rank if becomes == "rewritten" else None, form.keeps if becomes == "rewritten" else ())
+
+        bn = _BN(name, module, form, calls)
+        backward = self.backward(bn)
+        if not isinstance(backward, str):
+            return [pair(target, "backward", through) for target, through in backward], form
+        forward = self.forward(bn)
+        if not isinstance(forward, str):
+            return [pair(target, "forward", through) for target, through in forward], form
+        return f"{backward}; folding forward is not exact either: {forward}"
+
+    # ------------------------------------------------------------------------- backward
+
+    def backward(self, bn: _BN) -> list[tuple[str, tuple[float, float]]] | str:
+        if not bn.form.at_input:
+            return f"`{type(bn.module).__name__}` does other work on its input before normalizing it"
+        links = [upstream(self.flow, call) for call in bn.calls]
+        blocked = next((link.blocker for link in links if link.blocker), None)
+        if blocked:
+            return blocked
+        result = []
+        for producer, group in by_module(links).items():
+            module = self.modules[producer]
+            reason = self.refusal(bn, producer, group)
+            if reason:
+                return reason
+            if group[0].through[0] == 0.0:
+                return f"the output of `{producer}` is multiplied by 0 before the BN"
+            if module._forward_hooks:
+                return f"`{producer}` has forward hooks, which would see its output already normalized after folding"
+            reason = self.channels_refusal(bn, producer, links, backward=True)
+            if reason:
+                return reason
+            result.append((producer, group[0].through))
+        return result
+
+    # ------------------------------------------------------------------------- forward
+
+    def forward(self, bn: _BN) -> list[tuple[str, tuple[float, float]]] | str:
+        if not bn.form.at_output:
+            what = ", ".join(f"`{k}`" for k in bn.form.keeps) or "other work"
+            return f"`{type(bn.module).__name__}` runs {what} after normalizing, so no layer after it can absorb it"
+        links = [downstream(self.flow, call) for call in bn.calls]
+        blocked = next((link.blocker for link in links if link.blocker), None)
+        if blocked:
+            return blocked
+        result = []
+        for consumer, group in by_module(links).items():
+            module = self.modules[consumer]
+            if isinstance(module, TRANSPOSED):
+                return f"`{consumer}` is a transposed conv, into which bntool folds only from the output side"
+            reason = self.refusal(bn, consumer, group)
+            if reason:
+                return reason
+            if module._forward_pre_hooks:
+                return f"`{consumer}` has a forward pre-hook, which would see the BN's input after folding"
+            reason = self.channels_refusal(bn, consumer, links, backward=False)
+            if reason:
+                return reason
+            if isinstance(module, CONVS) and module.padding_mode == "zeros" and has_padding(module):
+                return f"`{consumer}` zero-pads its input, and the padding would not see the BN's shift"
+            result.append((consumer, group[0].through))
+        return result
+
+    # ------------------------------------------------------------------------- refusals both ways share
+
+    def refusal(self, bn: _BN, layer: str, group: list[Link]) -> str | None:
+        """Why ``layer`` (the producer or the consumer, reached by the links in ``group``) cannot take ``bn``'s
+        fold: what the layer is, who else reads it, its other calls, and what stands between the two."""
+        return (layer_reason(self.modules[layer], layer, self.owners, functional(self.flow, group))
+                or read_elsewhere_reason(self.flow, layer)
+                or _all_calls_reason(self.flow, layer, group, bn.name)
+                or _through_reason(group, layer, bn.name))
+
+    def channels_refusal(self, bn: _BN, layer: str, links: list[Link], *, backward: bool) -> str | None:
+        """Why the channels of ``layer`` do not line up with ``bn``'s, at any call that reaches it."""
+        for link, call in zip(links, bn.calls):
+            if link.module == layer:
+                reason = channel_reason(bn.module, self.modules[layer], layer, link.reshaped, link.op, self.flow,
+                                        call, backward=backward)
+                if reason:
+                    return reason
+        return None
 
 
 def _called_ancestor(name: str, flow: Dataflow) -> str | None:
@@ -151,144 +235,10 @@ def _rank(flow: Dataflow, calls: tuple[int, ...], bn: nn.Module) -> int | None:
     return len(shape) if shape is not None else None
 
 
-# ----------------------------------------------------------------------------- backward
+# ----------------------------------------------------------------------------- refusals of a layer
 
 
-def _backward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tuple[str, tuple[float, float]]] | str:
-    if not form.at_input:
-        return f"`{type(bn).__name__}` does other work on its input before normalizing it"
-    links = [_upstream(flow, call) for call in calls]
-    blocked = next((link.blocker for link in links if link.blocker), None)
-    if blocked:
-        return blocked
-    result = []
-    for producer, group in _by_module(links).items():
-        module = modules[producer]
-        reason = (layer_reason(module, producer, owners, _functional(flow, group))
-                  or read_elsewhere_reason(flow, producer)
-                  or _all_calls_reason(flow, producer, group, name)
-                  or _through_reason(group, producer, name))
-        if reason:
-            return reason
-        if group[0].through[0] == 0.0:
-            return f"the output of `{producer}` is multiplied by 0 before the BN"
-        if module._forward_hooks:
-            return f"`{producer}` has forward hooks, which would see its output already normalized after folding"
-        for link, call in zip(links, calls):
-            if link.module == producer:
-                reason = channel_reason(bn, module, producer, link.reshaped, link.op, flow, call, backward=True)
-                if reason:
-                    return reason
-        result.append((producer, group[0].through))
-    return result
-
-
-def _upstream(flow: Dataflow, call: int) -> _Link:
-    op = flow.ops[call]
-    if not op.inputs:
-        return _Link(blocker="it is called without a tensor input")
-    current, index = call, op.inputs[0]
-    a, s, reshaped = 1.0, 0.0, False
-    while True:
-        source = flow.ops[index]
-        others = [r for r in flow.readers_of(index) if r != current]
-        if others:
-            shown = ", ".join(f"`{flow.ops[r].target}`" for r in others[:3])
-            return _Link(blocker=f"the output of `{source.target}` is also read by {shown}")
-        if source.kind == "input":
-            return _Link(blocker="is applied to a model input, so no layer produces what it normalizes")
-        if source.kind == "module" and source.affine is None and not source.reshape:
-            return _Link(source.target, index, (a, s), reshaped)
-        if source.affine is not None:
-            a, s = a * source.affine[0], a * source.affine[1] + s
-        elif source.reshape:
-            reshaped = True
-        elif source.kind == "function" and is_layer_function(source.target):
-            return _Link(blocker=f"its input comes from a `{source.target}` whose weight, bias or settings are not "
-                                 "one layer's own (a weight computed in the forward, such as weight standardization), "
-                                 "so folding into it would not be exact")
-        else:
-            return _Link(blocker=f"an operation (`{source.target}`) stands between its input's producer and the BN")
-        if not source.inputs:
-            return _Link(blocker=f"`{source.target}` makes its input from nothing bntool can fold into")
-        current, index = index, source.inputs[0]
-
-
-# ----------------------------------------------------------------------------- forward
-
-
-def _forward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tuple[str, tuple[float, float]]] | str:
-    if not form.at_output:
-        what = ", ".join(f"`{k}`" for k in form.keeps) or "other work"
-        return f"`{type(bn).__name__}` runs {what} after normalizing, so no layer after it can absorb it"
-    links = [_downstream(flow, call) for call in calls]
-    blocked = next((link.blocker for link in links if link.blocker), None)
-    if blocked:
-        return blocked
-    result = []
-    for consumer, group in _by_module(links).items():
-        module = modules[consumer]
-        if isinstance(module, TRANSPOSED):
-            return f"`{consumer}` is a transposed conv, into which bntool folds only from the output side"
-        reason = (layer_reason(module, consumer, owners, _functional(flow, group))
-                  or read_elsewhere_reason(flow, consumer)
-                  or _all_calls_reason(flow, consumer, group, name)
-                  or _through_reason(group, consumer, name))
-        if reason:
-            return reason
-        if module._forward_pre_hooks:
-            return f"`{consumer}` has a forward pre-hook, which would see the BN's input after folding"
-        for link, call in zip(links, calls):
-            if link.module == consumer:
-                reason = channel_reason(bn, module, consumer, link.reshaped, link.op, flow, call, backward=False)
-                if reason:
-                    return reason
-        if isinstance(module, CONVS) and module.padding_mode == "zeros" and has_padding(module):
-            return f"`{consumer}` zero-pads its input, and the padding would not see the BN's shift"
-        result.append((consumer, group[0].through))
-    return result
-
-
-def _downstream(flow: Dataflow, call: int) -> _Link:
-    current = call
-    a, s, reshaped = 1.0, 0.0, False
-    while True:
-        readers = flow.readers_of(current)
-        if len(readers) != 1:
-            shown = ", ".join(f"`{flow.ops[r].target}`" for r in readers[:3]) or "nothing"
-            return _Link(blocker=f"its output is read by {shown}, not by one layer it could fold into")
-        reader = flow.ops[readers[0]]
-        if reader.kind == "output":
-            return _Link(blocker="its output is a model output, with no layer after it")
-        if reader.kind == "module" and reader.affine is None and not reader.reshape:
-            if reader.inputs != (current,):
-                return _Link(blocker=f"`{reader.target}` reads other tensors besides the BN's output")
-            return _Link(reader.target, reader.index, (a, s), reshaped)
-        if reader.affine is not None and reader.inputs == (current,):
-            a, s = reader.affine[0] * a, reader.affine[0] * s + reader.affine[1]
-        elif reader.reshape:
-            reshaped = True
-        else:
-            return _Link(blocker=f"its output goes through `{reader.target}` before reaching a layer")
-        current = reader.index
-
-
-# ----------------------------------------------------------------------------- shared rules
-
-
-def _by_module(links: list[_Link]) -> dict[str, list[_Link]]:
-    groups: defaultdict[str, list[_Link]] = defaultdict(list)
-    for link in links:
-        groups[link.module].append(link)
-    return dict(groups)
-
-
-def _functional(flow: Dataflow, group: list[_Link]) -> bool:
-    """Every call is the layer's own ``F.conv*`` / ``F.linear`` inside a forward of its own."""
-    return all(flow.ops[link.op].functional for link in group)
-
-
-def _all_calls_reason(flow: Dataflow, layer: str, group: list[_Link], bn: str) -> str | None:
+def _all_calls_reason(flow: Dataflow, layer: str, group: list[Link], bn: str) -> str | None:
     calls = flow.calls.get(layer, ())
     if set(calls) - {link.op for link in group}:
         return (f"`{layer}` is called {len(calls)} times in one forward pass, and folding would change every call, "
@@ -296,7 +246,7 @@ def _all_calls_reason(flow: Dataflow, layer: str, group: list[_Link], bn: str) -
     return None
 
 
-def _through_reason(group: list[_Link], layer: str, bn: str) -> str | None:
+def _through_reason(group: list[Link], layer: str, bn: str) -> str | None:
     if len({link.through for link in group}) > 1:
         return f"the operations between `{layer}` and `{bn}` differ from call to call"
     return None
