@@ -1,5 +1,5 @@
 """``bntool export`` without holding the model twice: the original run once per batch size, no deep copy, the file
-written and read one tensor at a time (``bntool.onnxio.stream``), and the checks as strong as on the whole file."""
+written and read one tensor at a time (``bntool.onnxio.stream``, ``bntool.onnxio.scanning``), and the checks as strong as on the whole file."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 import bntool
 from bntool.errors import VerificationError
 from bntool.export import write as onnx_write
+from bntool.onnxio import scanning as onnx_scanning
 from bntool.onnxio import stream as onnx_stream
 from bntool.onnxio.check import compare_initializers, inspect_file, read_structure
 from examples import models as zoo
@@ -172,7 +173,7 @@ def test_write_model_refuses_a_tensor_of_the_wrong_size(tmp_path):
 def test_scan_leaves_large_tensors_in_the_file_and_says_where_they_lie(tmp_path):
     weight = _big("w")
     path = _matmul_file(tmp_path / "m.onnx", weight)
-    found = onnx_stream.scan(path)
+    found = onnx_scanning.scan(path)
     assert set(found.stored) == {"w"} and found.stored["w"].embedded
     stored = found.stored["w"]
     assert path.read_bytes()[stored.offset:stored.offset + stored.length] == weight.raw_data
@@ -198,7 +199,7 @@ def test_one_changed_byte_in_a_large_tensor_is_a_difference(tmp_path):
     path = _matmul_file(tmp_path / "m.onnx", weight)
     assert compare_initializers(path, model) == (1, [])
     data = bytearray(path.read_bytes())
-    at = onnx_stream.scan(path).stored["w"].offset + 40_000  # past the first chunk's start, inside the weights
+    at = onnx_scanning.scan(path).stored["w"].offset + 40_000  # past the first chunk's start, inside the weights
     data[at] ^= 1
     path.write_bytes(bytes(data))
     assert compare_initializers(path, model) == (1, ["w"])
@@ -232,7 +233,7 @@ def test_export_with_external_data_is_checked_on_the_file_itself(tmp_path):
     report = bntool.export_onnx(model, (torch.randn(1, 3, 32, 32),), tmp_path / "e.onnx", external_data=True,
                                 device="cpu")
     assert report.passed and report.facts.external_data == ("e.onnx.data",) and report.initializers_checked > 3
-    found = onnx_stream.scan(tmp_path / "e.onnx")
+    found = onnx_scanning.scan(tmp_path / "e.onnx")
     assert found.stored and not any(s.embedded for s in found.stored.values())
 
 

@@ -2,7 +2,7 @@
 
 ``inspect_file`` runs ``onnx.checker`` (full check, external data included)
 and gathers the facts the export report shows, from one reading of the file's
-structure that leaves the weights in the file (``onnx_stream.scan``);
+structure that leaves the weights in the file (``scanning.scan``);
 ``compare_initializers`` compares those weights with the model's tensors bit
 for bit, a chunk at a time; ``training_mode_bns`` proves
 that no BatchNormalization node is a training op (``training_mode=1``, the
@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import VerificationError
-from .stream import Scan, ScanError, in_place_copy, same_bytes, scan
+from .scanning import Scan, in_place_copy, same_bytes, scan
+from .stream import ScanError
 
 #: Node types the report counts on their own (all types are in ``node_counts``).
 KEY_OPS = ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -98,9 +99,9 @@ def training_mode_bns(model: Any) -> list[TrainingBN]:
 def inspect_file(path: str | os.PathLike, found: Scan | None = None) -> OnnxFacts:
     """Check ``path`` with ``onnx.checker`` (full check) and gather what the report shows, without loading its weights.
 
-    ``found`` is ``onnx_stream.scan(path)`` when the caller has it. The checker
+    ``found`` is ``scanning.scan(path)`` when the caller has it. The checker
     runs on the file itself when its weights are external data, else on
-    ``onnx_stream.in_place_copy`` saved beside it (the same model, each large
+    ``scanning.in_place_copy`` saved beside it (the same model, each large
     tensor referring to its own bytes in the file), so that it never reads the
     weights; ``compare_initializers`` checks those bytes.
     """
@@ -165,7 +166,7 @@ def _raw_size_error(found: Scan) -> str | None:
 
 
 def read_structure(path: str | os.PathLike) -> Scan:
-    """``onnx_stream.scan(path)``, a malformed file reported as a failed verification."""
+    """``scanning.scan(path)``, a malformed file reported as a failed verification."""
     try:
         return scan(path)
     except (ScanError, OSError) as exc:
@@ -189,7 +190,7 @@ def compare_initializers(file: str | os.PathLike | Scan, model: nn.Module,
     wrong value in any channel of any weight, including channels that no
     verification input reaches (a channel a ReLU always zeroes). Type, shape
     and every byte must match; large tensors are read from the file a chunk
-    at a time. ``file`` is a path or its ``onnx_stream.scan``; ``skip``
+    at a time. ``file`` is a path or its ``scanning.scan``; ``skip``
     names initializers that are known to hold other values (``write_onnx``'s
     ``rewritten``). Returns how many initializers were compared and the names
     of those that differ.

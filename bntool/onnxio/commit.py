@@ -2,7 +2,7 @@
 
 Nothing existing is replaced without ``force``; a weights file another .onnx
 file of the folder refers to is never replaced nor removed. Which files an
-.onnx file refers to is read with ``onnx_stream.scan``: its structure, never
+.onnx file refers to is read with ``scanning.scan``: its structure, never
 its weights, whatever its size.
 """
 
@@ -17,7 +17,8 @@ from ..errors import InputError
 from ..io import outputs
 from ..io.inputs import mentions
 from .check import initializers_and_attributes
-from .stream import ScanError, scan
+from .scanning import scan
+from .stream import ScanError
 
 
 def external_data_name(out: Path) -> str:
@@ -84,7 +85,7 @@ def _list(names: Sequence[str]) -> str:
 def _external_data_files(path: Path) -> set[str]:
     """Names of the external-data files an existing .onnx file refers to (in its own folder only).
 
-    Read with ``onnx_stream.scan``: the file's structure, never its weights, whatever its size.
+    Read with ``scanning.scan``: the file's structure, never its weights, whatever its size.
     """
     try:
         found = scan(path)

@@ -1,4 +1,4 @@
-"""ONNX files written and read one tensor at a time, so that no step holds the weights twice.
+"""ONNX files written one tensor at a time, so that no step holds the weights twice; the wire format they share.
 
 An .onnx file is one protobuf ``ModelProto``; its ``graph`` (field 7) holds the
 ``initializer`` tensors (field 5), and each ``TensorProto`` holds its weights
@@ -9,17 +9,9 @@ message in memory (the weights once as a message, once more as its bytes), and
 ``write_model`` writes a ``ModelProto`` whose large initializers are stand-ins
 (external-data entries naming ``PENDING``), streaming each one's bytes into
 the file in its place: the file is byte for byte what ``onnx.save`` writes for
-the model with its tensors in it. ``scan`` walks a file's fields without
-loading the weights: it returns the model with every tensor of at least
-``IN_PLACE_MIN`` bytes replaced by where its bytes lie (in this file or an
-external-data file), and ``same_bytes`` compares those bytes with a tensor's,
-a chunk at a time. ``in_place_copy`` is the scanned model with each large
-tensor referring to its own bytes inside the .onnx file as external data: what
-``onnx.checker`` checks without reading the weights (it checks the structure of
-every tensor, never the values, and the bytes are compared on their own).
-
-(About 320 lines, kept as one room: the writer and the reader are the two
-halves of one hand-rolled protobuf wire format, each the other's test.)
+the model with its tensors in it. Reading a file back the same way, a tensor
+at a time, is ``scanning``'s; both walk the protobuf wire format with
+``fields`` (here), and each is the other's test.
 """
 
 from __future__ import annotations
@@ -28,13 +20,7 @@ import io
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
-
-import numpy as np
-import torch
-
-from ..verify.bits import same_bits_in_file
 
 #: field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
 MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
@@ -42,7 +28,6 @@ MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 IN_PLACE_MIN = 64 << 10
 #: the external-data location that marks a tensor ``write_model`` fills in
 PENDING = "bntool:pending"
-_CHUNK = 4 << 20
 _LEN = 2
 
 
@@ -81,7 +66,7 @@ def _read_varint(f: BinaryIO) -> int:
             raise ScanError("a malformed varint")
 
 
-def _fields(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+def fields(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """``(number, tag_start, value_start, value_end)`` of each field of the message at ``[start, end)``."""
     pos = start
     while pos < end:
@@ -109,7 +94,7 @@ def _fields(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, int, int, 
 def _split(message: bytes, number: int) -> tuple[bytes, bytes]:
     """A serialized message cut before its first field numbered above ``number`` (fields are written in order)."""
     f = io.BytesIO(message)
-    for n, tag_start, _, _ in _fields(f, 0, len(message)):
+    for n, tag_start, _, _ in fields(f, 0, len(message)):
         if n > number:
             return message[:tag_start], message[tag_start:]
     return message, b""
@@ -185,136 +170,3 @@ def write_model(model: Any, tensors: Mapping[str, Pending], path: str | os.PathL
 
 def _is_pending(tensor: Any) -> bool:
     return any(e.key == "location" and e.value == PENDING for e in tensor.external_data)
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class Stored:
-    """Where the bytes of a large tensor lie: ``file`` (the .onnx file or an external-data file), offset, length."""
-
-    file: Path
-    offset: int
-    length: int
-    embedded: bool  # inside the .onnx file (raw_data), not external data
-
-
-@dataclass(frozen=True)
-class Scan:
-    """An ONNX file without its large tensors' bytes: the model, and where each of those tensors' bytes lie."""
-
-    path: Path
-    model: Any  # ModelProto; the tensors in ``stored`` have no raw_data
-    stored: dict[str, Stored]  # initializer name -> its bytes (embedded ones of at least IN_PLACE_MIN bytes, external ones)
-
-    @property
-    def initializers(self) -> list[Any]:
-        return list(self.model.graph.initializer)
-
-
-def scan(path: str | os.PathLike) -> Scan:
-    """Read ``path``'s structure, leaving the bytes of every embedded tensor of ``IN_PLACE_MIN`` bytes or more in the file.
-
-    Raises ``ScanError`` when the file is not a well-formed message.
-    """
-    import onnx
-
-    path = Path(path)
-    model_rest, graph_rest, tensors = bytearray(), bytearray(), []
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for number, tag_start, start, end in _fields(f, 0, size):
-            if number != MODEL_GRAPH:
-                model_rest += _read(f, tag_start, end)
-                continue
-            for n, t_start, s, e in _fields(f, start, end):
-                if n == GRAPH_INITIALIZER:
-                    tensors.append(_scan_tensor(f, s, e))
-                else:
-                    graph_rest += _read(f, t_start, e)
-    try:
-        model = onnx.ModelProto.FromString(bytes(model_rest))
-        model.graph.MergeFromString(bytes(graph_rest))
-    except Exception as exc:  # google.protobuf.message.DecodeError
-        raise ScanError(f"not an ONNX model: {exc}") from exc
-    stored = {}
-    for header, raw in tensors:
-        model.graph.initializer.append(header)
-        if raw is not None:
-            stored[header.name] = Stored(path, raw[0], raw[1], True)
-        elif header.data_location == onnx.TensorProto.EXTERNAL:
-            entries = {e.key: e.value for e in header.external_data}
-            location = entries.get("location", "")
-            offset = int(entries.get("offset", 0) or 0)
-            file = path.parent / location
-            length = int(entries["length"]) if entries.get("length") else max(_size(file) - offset, 0)
-            stored[header.name] = Stored(file, offset, length, False)
-    return Scan(path, model, stored)
-
-
-def _scan_tensor(f: BinaryIO, start: int, end: int) -> tuple[Any, tuple[int, int] | None]:
-    """One TensorProto: its fields but a large raw_data, and where that raw_data lies."""
-    import onnx
-
-    rest, raw = bytearray(), None
-    for number, tag_start, s, e in _fields(f, start, end):
-        if number == TENSOR_RAW_DATA and e - s >= IN_PLACE_MIN:
-            raw = (s, e - s)
-        else:
-            rest += _read(f, tag_start, e)
-    try:
-        return onnx.TensorProto.FromString(bytes(rest)), raw
-    except Exception as exc:
-        raise ScanError(f"an initializer is not a TensorProto: {exc}") from exc
-
-
-def _read(f: BinaryIO, start: int, end: int) -> bytes:
-    f.seek(start)
-    data = f.read(end - start)
-    if len(data) != end - start:
-        raise ScanError("the file ends inside a field")
-    return data
-
-
-def _size(file: Path) -> int:
-    try:
-        return file.stat().st_size
-    except OSError:
-        return 0
-
-
-def same_bytes(stored: Stored, expected: np.ndarray) -> bool:
-    """Whether the bytes at ``stored`` are exactly ``expected``'s (a contiguous array), read a chunk at a time."""
-    flat = torch.from_numpy(expected.reshape(-1).view(np.uint8))
-    if stored.length != flat.numel():
-        return False
-    try:
-        with open(stored.file, "rb") as f:
-            return same_bits_in_file(f, stored.offset, flat, torch.empty(_CHUNK, dtype=torch.uint8))
-    except OSError:
-        return False
-
-
-def in_place_copy(found: Scan) -> Any:
-    """``found.model`` with each embedded large tensor as external data at its own bytes in the .onnx file.
-
-    Saved beside the file, it is what ``onnx.checker`` checks instead of the
-    file: the same graph, nodes, attributes and small tensors, each large
-    tensor's name, type and shape, and a location that must be a file in the
-    folder, without reading any weights.
-    """
-    import onnx
-
-    model = onnx.ModelProto()
-    model.CopyFrom(found.model)
-    for tensor in model.graph.initializer:
-        where = found.stored.get(tensor.name)
-        if where is None or not where.embedded:
-            continue
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", found.path.name), ("offset", str(where.offset)),
-                           ("length", str(where.length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-    return model
