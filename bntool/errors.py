@@ -3,49 +3,42 @@
 A message says what failed, where (file, key, qualified layer name), expected
 versus got where that helps, and what to do. The library names what to pass
 in the caller's terms, its Python parameters in backticks (`` `example_inputs` ``,
-`` `include` ``); ``bntool.cli.main``, the one error boundary, turns a
-``BntoolError`` into ``Error: <message>`` on stderr, with each parameter
-replaced by the flag that sets it (``for_cli``), and its ``exit_code``.
+`` `include` ``). The library knows no command-line flag: ``bntool.cli.main``,
+the one error boundary, turns a ``BntoolError`` into ``Error: <message>`` on
+stderr, with each parameter replaced by the flag that sets it
+(``bntool.cli.flags``), and its ``exit_code``. A parameter whose name could
+also be quoted text (`` `out` ``, `` `model` ``) is spelt through ``named``,
+which the CLI points at its flags (``naming``).
 """
 
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 
-#: Python parameter, as library messages spell it -> the command-line flag that sets it
-FLAGS = {
-    "`example_inputs`": "--input-shape",
-    "`allow_pickle=True`": "--allow-pickle",
-    "`strip_prefix=False`": "--no-strip-prefix",
-    "`model_args`": "--model-args",
-    "`force=True`": "--force",
-    "`include`": "--include",
-    "`exclude`": "--exclude",
-    "`data_args`": "--data-args",
-    "`batch_size`": "--batch-size",
-    "`num_batches`": "--num-batches",
-    "`verify_batches`": "--verify-batches",
-    "`input_key`": "--input-key",
-    "`image_size`": "--image-size",
-    "`mean`": "--mean",
-    "`verify_batch_sizes`": "--verify-batch-sizes",
-    "`dynamic_batch=True`": "--dynamic-batch",
-    "`external_data=False`": "--embed-weights",
-    "`keep_on_fail=True`": "--keep-on-fail",
-    "`opset`": "--opset",
-    "`std`": "--std",
-}
-#: parameters given a value in messages, ``device="cpu"`` -> ``--device cpu``
-VALUED = ("device", "key", "exporter")
-_PARAMETER = re.compile("|".join(re.escape(k) for k in sorted(FLAGS, key=len, reverse=True)))
-_VALUED = re.compile(r'`(%s)="([^"`]*)"`' % "|".join(VALUED))
+_NAMES: ContextVar[Mapping[str, str] | None] = ContextVar("bntool_names", default=None)
 
 
-def for_cli(message: str) -> str:
-    """``message`` as the command line says it: each Python parameter named by the flag that sets it."""
-    message = _VALUED.sub(lambda m: f"--{m.group(1)}" + (f" {m.group(2)}" if m.group(2) != "..." else ""), message)
-    return _PARAMETER.sub(lambda m: FLAGS[m.group(0)], message)
+def named(parameter: str) -> str:
+    """How a message names ``parameter`` (a Python parameter in backticks, `` `out` ``): as itself, or as the caller
+    chose with ``naming`` (the command line: by the flag that sets it)."""
+    return (_NAMES.get() or {}).get(parameter, parameter)
+
+
+@contextmanager
+def naming(names: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, messages made with ``named`` name each parameter in ``names`` by its value instead.
+
+    For names that could also be what a message quotes (`` `out` `` is also a
+    file called ``out``), so that they cannot be replaced in the finished text.
+    """
+    token = _NAMES.set({**(_NAMES.get() or {}), **names})
+    try:
+        yield
+    finally:
+        _NAMES.reset(token)
 
 
 class BntoolError(Exception):

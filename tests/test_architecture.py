@@ -6,6 +6,7 @@
 - root modules other than the public face (``__init__``, ``persist``) and ``__main__`` import no subpackage;
 - nothing outside the CLI imports the CLI, typer or rich;
 - bntool's own modules are imported at the top of a module (lazily only in the CLI, so ``--help`` stays fast);
+- only the CLI spells a command-line flag in a string (the library names Python parameters);
 - the module map lists every module, and no module grows past ~300 lines unless its docstring says why.
 
 Each rule is a function returning its violations, so the tests below can show a rule failing on a
@@ -188,6 +189,46 @@ def test_each_rule_fails_on_a_deliberately_bad_import():
     assert lazy_violations(plus(GRAPH, "bntool.io.writing", "bntool.verify.bits", inner=True)) \
         == [("bntool.io.writing", "bntool.verify.bits")]
     assert cycle(plus(GRAPH, "bntool.errors", "bntool.persist")) is not None
+
+
+#: a command-line flag as a message would spell it
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def flag_spellings(sources: dict[str, str]) -> list[tuple[str, int, str]]:
+    """String literals outside the CLI that spell a command-line flag (docstrings and comments may mention the
+    command line; a message may not: the library names Python parameters, and only the CLI knows flags)."""
+    found = []
+    for name, text in sources.items():
+        if package_of(name) in ("cli", "entry"):
+            continue
+        tree = ast.parse(text)
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        found += [(name, node.lineno, flag) for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  for flag in _FLAG.findall(node.value)]
+    return sorted(found)
+
+
+SOURCES = {name: path.read_text() for name, path in MODULES.items()}
+
+
+def test_only_the_cli_spells_flags():
+    assert flag_spellings(SOURCES) == []
+
+
+def test_a_flag_planted_in_a_library_message_is_found():
+    planted = SOURCES["bntool.io.outputs"] + (
+        '\n\ndef _planted(out):\n    """Docstrings may say --out."""\n    # and comments --force\n'
+        '    raise ValueError(f"`{out}` exists; pass --force or choose another --out")\n')
+    lines = len(SOURCES["bntool.io.outputs"].splitlines())
+    assert flag_spellings({**SOURCES, "bntool.io.outputs": planted}) \
+        == [("bntool.io.outputs", lines + 6, "--force"), ("bntool.io.outputs", lines + 6, "--out")]
+    # the CLI may: the same line in a command module is no finding
+    assert flag_spellings({"bntool.cli.fold": planted}) == []
 
 
 def _map_modules() -> set[str]:

@@ -107,7 +107,7 @@ def test_python_factory_module_and_file_with_data_args(tmp_path, monkeypatch):
     assert [len(b) for b in load_batches("mydata:stacked", batch_size=2, data_args='{"rows": 5}')] == [2, 2, 1]
     with pytest.raises(InputError, match="rejected its arguments.*`data_args`"):
         load_batches("mydata:loader", data_args='{"bogus": 1}')
-    with pytest.raises(InputError, match="--data-args is not valid JSON"):
+    with pytest.raises(InputError, match="`data_args` is not valid JSON"):
         load_batches("mydata:loader", data_args="{n: 1}")
     with pytest.raises(InputError, match="no such file or folder"):
         load_batches(tmp_path / "missing.pt")

@@ -241,9 +241,9 @@ def test_untraceable_model_without_shape_still_reports_statistics():
     model = randomize_bn_(NoShape()).eval()
     report = inspect(model)
     assert report.dataflow_method == "none"
-    assert "--input-shape" in report.note
+    assert "pass `example_inputs` to see" in report.note and "--" not in report.note  # Python terms, no flag
     assert {r.foldable for r in report.rows} == {None}
-    assert all("--input-shape" in r.fold_reason for r in report.rows)
+    assert all(r.fold_reason.endswith("pass `example_inputs`") for r in report.rows)
     with_inputs = inspect(model, torch.randn(2, 3, 16, 16))
     assert with_inputs.dataflow_method == "recorded"
     assert with_inputs.rows[0].foldable is True
@@ -275,8 +275,8 @@ def test_state_dict_rows_from_key_names():
     found = kinds(report)
     assert found == {"nonfinite_statistics": ("1", "7"), "dead_channels": ("4",)}
     dead = next(f for f in report.findings if f.kind == "dead_channels")
-    assert f"assumed {DEFAULT_EPS:g}" in dead.message
-    assert "--model" in report.note
+    assert f"assumed {DEFAULT_EPS:g}" in dead.message and "pass `model`" in dead.message
+    assert report.note.endswith("need `model`") and {r.fold_reason for r in report.rows} == {"needs `model`"}
 
 
 def test_state_dict_never_updated():

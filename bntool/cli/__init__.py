@@ -2,7 +2,7 @@
 
 Subcommands parse options, call the Python API and render its report.
 ``main()`` is the one error boundary: a ``BntoolError`` becomes one line on
-stderr and its exit code (2 for bad input, 1 for failed verification); a
+stderr, each Python parameter it names replaced by its flag (``flags``), and its exit code (2 for bad input, 1 for failed verification); a
 usage error becomes one line and exit 2; ``--debug`` shows tracebacks.
 torch is imported inside the commands, so ``bntool --help`` stays instant.
 """
@@ -15,8 +15,9 @@ import typer
 from typer import TyperException
 
 from ..io import outputs
-from ..errors import BntoolError, for_cli, out_of_memory, out_of_memory_message, user_exit
+from ..errors import BntoolError, naming, out_of_memory, out_of_memory_message, user_exit
 from .app import app, state
+from .flags import NAMED, for_cli
 
 # Each subcommand module registers its command on `app`, in this order (the order `bntool --help` lists them).
 from . import fold  # noqa: E402,F401,I001
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     state["debug"] = "--debug" in argv
     outputs.committed.clear()
     try:
-        code = app(args=argv, prog_name="bntool", standalone_mode=False)
+        with naming(NAMED):  # library messages name parameters by their flags
+            code = app(args=argv, prog_name="bntool", standalone_mode=False)
         if code == 130:  # Typer turns Ctrl-C (KeyboardInterrupt) into a returned 130; no command returns one
             _interrupted(outputs.committed)
     except typer.Exit as exc:

@@ -57,6 +57,7 @@ def inspect_command(
     (found from its key names) and the findings that need no architecture.
     Nothing is written except the --plot image (an existing one only with --force).
     """
+    from ..errors import naming
     from ..inspection.inspect import inspect
     from ..inspection.picture import plot as draw
     from ..io import checkpoint as ckpt
@@ -64,6 +65,7 @@ def inspect_command(
     from ..runtime.shapes import make_inputs, parse_shape
     from . import console
     from .common import load_source
+    from .flags import PLOT_NAMED
 
     console.use_stderr_for_humans(json)
     if plot is not None:
@@ -89,7 +91,8 @@ def inspect_command(
         result = {**source.describe(), "weights_only": False}
     result = {"command": "inspect", **result, **report.to_dict(), "plot": None}
     if plot is not None:
-        result["plot"] = str(draw(report, plot, title=checkpoint.name, force=force))
+        with naming(PLOT_NAMED):  # the image's `path` is --plot here, not --out
+            result["plot"] = str(draw(report, plot, title=checkpoint.name, force=force))
     _render(result, report, json)
 
 

@@ -129,11 +129,11 @@ def load_batches(
             )
         return ImageFolderBatches(paths, batch_size, _image_size(image_size), mean, std)
     if path.exists() or path.is_symlink():
-        require_regular_file(path, "--data")  # not a FIFO or a device, not empty: before opening it
+        require_regular_file(path, "`source`")  # not a FIFO or a device, not empty: before opening it
         return TensorBatches(_read_tensor_file(path, input_key), batch_size, f"data `{source}`")
     if ":" in str(source):
-        factory = resolve_callable(str(source), flag="--data")
-        kwargs = parse_kwargs(data_args, "--data-args") if isinstance(data_args, (str, type(None))) else dict(data_args)
+        factory = resolve_callable(str(source), flag="`source`")
+        kwargs = parse_kwargs(data_args, "`data_args`") if isinstance(data_args, (str, type(None))) else dict(data_args)
         try:
             batches = factory(**kwargs)
         except TypeError as exc:

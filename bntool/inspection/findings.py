@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import named
 from ..graph.dataflow import Dataflow
 from ..norms import DEFAULT_EPS, has_fixed_statistics, has_statistics
 from ..verify.validity import problems
@@ -167,7 +168,7 @@ def statistics_findings(rows: Sequence[BNRow], *, eps_known: bool) -> list[Findi
         ))
     dead, count, parts = _per_channel(rows, "dead_channels")
     if dead:
-        eps_text = "its eps" if eps_known else f"eps (assumed {DEFAULT_EPS:g}: the file does not store it; pass --model)"
+        eps_text = "its eps" if eps_known else f"eps (assumed {DEFAULT_EPS:g}: the file does not store it; pass {named('`model`')})"
         findings.append(Finding(
             "dead_channels", "warning", tuple(r.name for r in dead),
             f"running_var is at or below {eps_text} in {count} channel(s): {parts}",

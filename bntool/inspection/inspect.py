@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError, first_line
+from ..errors import InputError, first_line, named
 from ..folding.plan import FoldPlan
 from ..folding.rules import plan_from_dataflow
 from ..graph.dataflow import Dataflow, dataflow
@@ -29,7 +29,6 @@ from ..runtime.shapes import declared_input_shapes, make_inputs
 from .findings import BNRow, Finding, Summary, by_severity, model_findings, nonfinite_weights, statistics_findings
 
 FROM_KEYS = "BatchNorm (from keys)"
-NEEDS_MODEL = "needs --model"
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def _inspect_model(model: nn.Module, example_inputs, seed: int) -> InspectReport
     bns = {name: m for name, m in model.named_modules() if is_batchnorm(m)}
     flow, plan, note = _dataflow_and_plan(model, example_inputs, seed)
     order = [n for n in (flow.sites if flow else ()) if n in bns] + [n for n in bns if not flow or n not in flow.sites]
-    unknown = "dataflow unknown (torch.fx cannot trace the model): pass --input-shape"
+    unknown = f"dataflow unknown (torch.fx cannot trace the model): pass {named('`example_inputs`')}"
     rows = tuple(_model_row(name, bns[name], flow, plan, unknown) for name in order)
     findings = (statistics_findings(rows, eps_known=True) + nonfinite_weights(model, rows)
                 + model_findings(model, rows, bns, flow))
@@ -95,10 +94,10 @@ def _inspect_state_dict(state: Mapping[str, torch.Tensor]) -> InspectReport:
             prefix.rstrip("."), FROM_KEYS, "keys", tensors, features=state[key].numel(), eps=None, momentum=None,
             affine=tensors["weight"] is not None, track=True,
             tracked=int(tracked.item()) if tracked is not None and tracked.numel() == 1 else None,
-            fed_by=None, feeds=(), foldable=None, fold_into=None, fold_reason=NEEDS_MODEL,
+            fed_by=None, feeds=(), foldable=None, fold_into=None, fold_reason=f"needs {named('`model`')}",
         ))
     note = ("weights only: BatchNorms were found from key names (running_mean / running_var); eps, momentum, "
-            "what feeds each BN and whether it folds need --model")
+            f"what feeds each BN and whether it folds need {named('`model`')}")
     if not _registration_order(list(state), [r.name for r in rows]):  # safetensors reorders keys
         rows.sort(key=lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r.name)])
         note += "; the file's keys are sorted, so layers are listed in name order, not network order"
@@ -135,10 +134,10 @@ def _dataflow_and_plan(model: nn.Module, example_inputs, seed: int) -> tuple[Dat
         first = first_line(exc, 160)
         if example_inputs is None:
             return None, None, (f"torch.fx cannot trace the model ({first}) and its input shape is unknown; "
-                                "pass --input-shape (example_inputs) to see what feeds each BN and whether it folds")
+                                f"pass {named('`example_inputs`')} to see what feeds each BN and whether it folds")
         shapes = input_shapes(example_inputs)
         raise InputError(f"the model fails on inputs of shape {shapes} ({type(exc).__name__}: {first}); "
-                         "pass the shape it takes with --input-shape") from None
+                         "pass the shape it takes with `example_inputs`") from None
     return flow, plan_from_dataflow(model, flow), flow.note
 
 

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, named
 from ..io.outputs import atomic_write, check_output_path
 from ..norms import DEFAULT_EPS
 
@@ -26,9 +26,9 @@ def plot(report: Any, path: str | Path, *, title: str | None = None, force: bool
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise InputError("--plot needs matplotlib; install it with `pip install bntool[plot]`") from None
+        raise InputError(f"{named('`bntool.plot`')} needs matplotlib; install it with `pip install bntool[plot]`") from None
 
-    path = check_output_path(path, force=force, what="--plot")
+    path = check_output_path(path, force=force, what="`path`")
     rows = [r for r in report.rows if r.running_var is not None or r.running_mean is not None]
     if not rows:
         raise InputError("there is nothing to plot: no BatchNorm layer with running statistics")
@@ -68,6 +68,6 @@ def plot(report: Any, path: str | Path, *, title: str | None = None, force: bool
             tick.set_color("#d62728")
     fig.suptitle((f"{title}\n" if title else "") + "BatchNorm running statistics per layer, in network order\n"
                  "(box: quartiles, whiskers: min / max, red: a layer with an error or warning)", fontsize=9)
-    with atomic_write(path, force=force, what="--plot") as tmp:
+    with atomic_write(path, force=force, what="`path`") as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
     return path

@@ -17,11 +17,12 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import InputError, first_line
+from ..errors import InputError, first_line, named
 
 
 def require_regular_file(path: str | os.PathLike, what: str, *, allow_empty: bool = False) -> os.stat_result:
     """``stat`` ``path`` (following links) and refuse anything but a non-empty regular file, before opening it."""
+    what = named(what)
     path = Path(path)
     try:
         st = os.stat(path)
@@ -57,8 +58,9 @@ def reason(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def refuse_inputs(out: Path, inputs: Iterable, what: str = "--out") -> None:
+def refuse_inputs(out: Path, inputs: Iterable, what: str = "`out`") -> None:
     """Refuse ``out`` if it is (the same file as, by link or hard link) one of ``inputs``."""
+    what = named(what)
     if not os.path.exists(out):
         return
     for item in inputs:

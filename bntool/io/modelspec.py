@@ -19,14 +19,15 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import InputError, user_exit
+from ..errors import InputError, named, user_exit
 from .inputs import require_regular_file
 
 EXAMPLE = "mypkg.models:resnet50 or path/to/models.py:resnet50"
 
 
-def parse_kwargs(text: str | None, flag: str = "--model-args") -> dict[str, Any]:
+def parse_kwargs(text: str | None, flag: str = "`model_args`") -> dict[str, Any]:
     """``'{"num_classes": 10}'`` -> ``{"num_classes": 10}``; a clear error for anything else."""
+    flag = named(flag)
     if not text:
         return {}
     try:
@@ -38,8 +39,9 @@ def parse_kwargs(text: str | None, flag: str = "--model-args") -> dict[str, Any]
     return value
 
 
-def resolve_callable(spec: str, flag: str = "--model") -> Any:
+def resolve_callable(spec: str, flag: str = "`model`") -> Any:
     """Import ``module:attr`` or ``file.py:attr`` and return the attribute."""
+    flag = named(flag)
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise InputError(f"{flag} `{spec}` is not of the form module:factory; pass e.g. {EXAMPLE}")
@@ -106,11 +108,11 @@ def build(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     try:
         model = factory(**(kwargs or {}))
     except TypeError as exc:
-        raise InputError(f"--model `{spec}` rejected its arguments: {exc}; check --model-args") from None
+        raise InputError(f"{named('`model`')} `{spec}` rejected its arguments: {exc}; check `model_args`") from None
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        raise InputError(f"--model `{spec}` {user_exit(exc)} instead of returning a model") from None
+        raise InputError(f"{named('`model`')} `{spec}` {user_exit(exc)} instead of returning a model") from None
     if not isinstance(model, nn.Module):
-        raise InputError(f"--model `{spec}` returned a {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"{named('`model`')} `{spec}` returned a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -33,7 +33,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from ..errors import BntoolError, InputError
+from ..errors import BntoolError, InputError, named
 from .inputs import refuse_inputs
 from .noreplace import move_no_replace, sync_folder
 from .temporaries import create_temp, remove_stale_temporaries, temp_name
@@ -64,7 +64,7 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # ----------------------------------------------------------------------------- checking an output path
 
 
-def check_output_path(out: str | os.PathLike, *, force: bool, inputs: Iterable = (), what: str = "--out") -> Path:
+def check_output_path(out: str | os.PathLike, *, force: bool, inputs: Iterable = (), what: str = "`out`") -> Path:
     """Refuse, before any work, an output that exists (without ``force``), is an input, or cannot be written.
 
     ``inputs`` are paths (or ``(path, label)`` pairs) the command reads; a
@@ -73,6 +73,7 @@ def check_output_path(out: str | os.PathLike, *, force: bool, inputs: Iterable =
     missing permission or a path under ``/proc`` is refused now, not after
     the work.
     """
+    what = named(what)
     out = Path(out)
     parent = out.parent
     limit = _name_max(parent)
@@ -88,7 +89,7 @@ def check_output_path(out: str | os.PathLike, *, force: bool, inputs: Iterable =
             raise InputError(f"{what} `{out}`: `{parent}` is a file, not a folder; choose another {what}")
     refuse_inputs(out, inputs, what)
     if os.path.lexists(out) and not force:
-        raise InputError(f"`{out}` already exists; pass --force to replace it or choose another {what}")
+        raise InputError(f"`{out}` already exists; pass `force=True` to replace it or choose another {what}")
     remove_stale_temporaries(parent)
     with _mapped(out, what):
         tmp = create_temp(parent)
@@ -132,7 +133,8 @@ def write_errno(exc: BaseException, folder: Path | None = None) -> int | None:
     return None
 
 
-def unwritable(out: Path, code: int, what: str = "--out") -> InputError:
+def unwritable(out: Path, code: int, what: str = "`out`") -> InputError:
+    what = named(what)
     text = REASONS.get(code) or os.strerror(code)
     todo = f"free some space or choose another {what}" if code in _FULL else f"choose another {what}"
     return InputError(f"cannot write {what} `{out}`: {text} ({errno.errorcode.get(code, code)}); "
@@ -155,7 +157,7 @@ def _mapped(out: Path, what: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_write(out: str | os.PathLike, *, force: bool = False, inputs: Iterable = (),
-                 what: str = "--out") -> Iterator[Path]:
+                 what: str = "`out`") -> Iterator[Path]:
     """Yield a temporary path for ``out``; move it to ``out`` if the block succeeds, else remove it.
 
     The path lies in a bntool staging folder beside ``out`` and has ``out``'s
@@ -173,7 +175,7 @@ def atomic_write(out: str | os.PathLike, *, force: bool = False, inputs: Iterabl
 
 
 @contextlib.contextmanager
-def staging_folder(out: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
+def staging_folder(out: str | os.PathLike, what: str = "`out`") -> Iterator[Path]:
     """A temporary folder beside ``out`` for the files of one output; removed afterwards."""
     out = Path(out)
     remove_stale_temporaries(out.parent)
@@ -200,11 +202,12 @@ def _usual_mode(path: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
-def commit_all(moves: Sequence[tuple[Path, Path]], *, force: bool, inputs: Iterable = (), what: str = "--out") -> None:
+def commit_all(moves: Sequence[tuple[Path, Path]], *, force: bool, inputs: Iterable = (), what: str = "`out`") -> None:
     """Move each written temporary to its destination, in order; undo the new ones if one fails.
 
     Without ``force`` nothing existing is replaced; with it, never an input.
     """
+    what = named(what)
     inputs = list(inputs)
     done: list[Path] = []
     try:
@@ -220,7 +223,7 @@ def commit_all(moves: Sequence[tuple[Path, Path]], *, force: bool, inputs: Itera
                     except FileExistsError:
                         raise InputError(
                             f"`{dst}` appeared while bntool was working (another process wrote it); it was not "
-                            f"replaced and nothing was written; pass --force to replace it or choose another {what}"
+                            f"replaced and nothing was written; pass `force=True` to replace it or choose another {what}"
                         ) from None
             done.append(dst)
     except BaseException:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import InputError
+from ..errors import InputError, named
 from . import tensorfile
 from .checkpoint import META_KEY, TORCH_SUFFIXES, Loaded
 from .outputs import atomic_write, check_output_path
@@ -58,7 +58,7 @@ def output_format(out: Path) -> str:
         return "safetensors"
     if suffix in TORCH_SUFFIXES:
         return "pt"
-    raise InputError(f"--out `{out}` has extension `{out.suffix}`; use .safetensors (recommended) or .pt")
+    raise InputError(f"{named('`out`')} `{out}` has extension `{out.suffix}`; use .safetensors (recommended) or .pt")
 
 
 def save(

@@ -25,7 +25,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise InputError(f"--input-shape `{text}` is not a shape; pass positive integers such as 1,3,224,224")
+        raise InputError(f"`example_inputs` `{text}` is not a shape; pass positive integers such as 1,3,224,224")
     return shape
 
 
@@ -87,7 +87,7 @@ def _inputs_must_fit_in_memory(shapes: Sequence[tuple[int, ...]], dtype: torch.d
     free = available_memory()
     if free is not None and need > free:
         text = ", ".join(",".join(map(str, s)) for s in shapes)
-        raise InputError(f"--input-shape {text} needs {_bytes(need)} for the inputs alone, but only {_bytes(free)} "
+        raise InputError(f"`example_inputs` {text} needs {_bytes(need)} for the inputs alone, but only {_bytes(free)} "
                          "of memory is available (the model needs more still); pass a smaller shape, "
                          "e.g. batch size 1")
 
