@@ -276,9 +276,9 @@ def test_a_model_with_a_parametrized_layer_is_written_and_reloads(cli, tmp_path,
 
 
 def test_a_fold_that_breaks_the_forward_is_left_out_or_under_strict_exits_1_in_one_line(cli, tmp_path):
-    from tests.test_fold import ReadsBNAttribute  # (the model of the library's test, from its file)
+    from tests.fold_models import ReadsBNAttribute  # (the model of the library's tests, from its file)
 
-    spec = f"{ROOT / 'tests' / 'test_fold.py'}:ReadsBNAttribute"
+    spec = f"{ROOT / 'tests' / 'fold_models.py'}:ReadsBNAttribute"
     checkpoint = tmp_path / "attr.pt"
     torch.save(randomize_bn(ReadsBNAttribute(), seed=3).state_dict(), checkpoint)
     out = tmp_path / "folded.safetensors"
