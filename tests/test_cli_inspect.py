@@ -97,8 +97,23 @@ def test_human_output(files, inspect):
 
 
 def test_json_owns_stdout(files, inspect):
+    # stdout is one JSON document and it is the report: what the Python API says of the same weights, every
+    # statistic and finding; the human lines (the table, notes) are not on stdout
+    from safetensors.torch import load_file
+
+    import bntool
+    from bntool.cli.flags import NAMED
+    from bntool.errors import naming
+
     result = inspect(files["lenet"], "--json")
-    json.loads(result.out)  # nothing else on stdout
+    shown = json.loads(result.out)  # nothing else on stdout: one document
+    with naming(NAMED):  # (the report's notes name --model, as the command line does)
+        expected = json.loads(json.dumps(bntool.inspect(load_file(str(files["lenet"]))).to_dict()))
+    assert shown["command"] == "inspect" and shown["input"] == str(files["lenet"]) and shown["weights_only"] is True
+    assert {key: shown[key] for key in expected} == expected
+    assert [r["name"] for r in shown["layers"]] == ["1", "5", "10", "13"]
+    assert {f["kind"] for f in shown["findings"]} == {"statistics_never_updated", "dead_channels"}
+    assert "BatchNorm layer(s)" not in result.out and "Note:" not in result.out
 
 
 def test_plot_writes_png_and_nothing_else(files, tmp_path, inspect_json, inspect, cli):

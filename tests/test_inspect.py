@@ -294,9 +294,36 @@ def test_summary_ignores_nonfinite():
 
 
 def test_public_api():
+    # through the public names, a model gives its dataflow and fold's own decisions, a state dict its statistics,
+    # and neither is changed; catches a public `inspect` bound to something else (or a wrapper that drops the
+    # inputs), and an inspection that writes into the model
     import bntool
 
     assert bntool.inspect is inspect
+    model = conv_net()
+    state = copy.deepcopy(model.state_dict())
+    report = bntool.inspect(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(report, bntool.InspectReport) and report.dataflow_method == "fx"
+    assert [(r.name, r.foldable, r.fold_into) for r in report.rows] == [("1", True, "0"), ("4", True, "3"),
+                                                                        ("7", True, "6")]
+    assert [r.fed_by for r in report.rows] == ["0", "3", "6"]
+    assert report.rows[1].running_var.mean == pytest.approx(float(model[4].running_var.double().mean()))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    weights_only = bntool.inspect(model.state_dict())
+    assert [(r.name, r.source, r.foldable) for r in weights_only.rows] == [("1", "keys", None), ("4", "keys", None),
+                                                                           ("7", "keys", None)]
+    assert [r.running_mean for r in weights_only.rows] == [r.running_mean for r in report.rows]
+
+
+def test_the_old_plot_name_warns_and_is_the_new_one():
+    import bntool
+    import bntool.inspection
+
+    with pytest.warns(FutureWarning, match=r"`bntool.inspection.plot` is now `bntool.plot`"):
+        old = bntool.inspection.plot
+    assert old is bntool.plot
+    with pytest.raises(AttributeError, match="has no attribute 'plots'"):
+        bntool.inspection.plots  # noqa: B018 - only the one deprecated name is looked up
 
 
 def test_state_dict_rows_keep_registration_order_unless_the_file_lost_it():
