@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def build_model() -> nn.Module:

@@ -5,6 +5,7 @@ to run a real process (``run``: a fresh interpreter, the console script, torchru
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import signal
 import subprocess
@@ -53,6 +54,22 @@ class CliResult:
     code: int
     out: str
     err: str
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """``load_benchmark("bench_fold")``: ``benchmarks/bench_fold.py`` as a module, its helper ``_progress``
+    importable by that name as when the benchmark runs as a script (for this test only)."""
+
+    def load(name: str):
+        for file, module in (("_progress", "_progress"), (name, f"bntool_bench_{name}")):
+            spec = importlib.util.spec_from_file_location(module, ROOT / "benchmarks" / f"{file}.py")
+            loaded = importlib.util.module_from_spec(spec)
+            monkeypatch.setitem(sys.modules, module, loaded)  # (dataclasses look their module up)
+            spec.loader.exec_module(loaded)
+        return loaded
+
+    return load
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,21 +13,12 @@ from examples.models import randomize_bn_, resnet_small
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: its helpers (_progress) import
-    spec = importlib.util.spec_from_file_location(f"bntool_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32-off", "tf32-on"])
-def test_every_contender_of_a_row_runs_at_the_rows_precision_and_the_oracle_at_tf32_off(allow_tf32):
+def test_every_contender_of_a_row_runs_at_the_rows_precision_and_the_oracle_at_tf32_off(allow_tf32, load_benchmark):
     # catches the unfair benchmark: a floor and an oracle under PyTorch's default TF32 while bntool turns it off
     from bntool.runtime.running import tf32_state
 
-    bench = _load("bench_recalibrate")
+    bench = load_benchmark("bench_recalibrate")
     model = randomize_bn_(resnet_small(), seed=0)
     seen: list[dict] = []
     model.conv1.register_forward_pre_hook(lambda m, a: seen.append(tf32_state()))
@@ -46,8 +35,8 @@ def test_every_contender_of_a_row_runs_at_the_rows_precision_and_the_oracle_at_t
     assert diffs["bntool"] < 1e-5 < diffs["update_bn"]  # exact vs an average of batch variances
 
 
-def test_gpu_check_runs_its_steps_and_writes_one_summary(tmp_path):
-    check = _load("gpu_check")
+def test_gpu_check_runs_its_steps_and_writes_one_summary(tmp_path, load_benchmark):
+    check = load_benchmark("gpu_check")
     code = check.main(["--out-dir", str(tmp_path), "--device", "cpu", "--steps", "env,bn-precision,fold"])
     assert code == 0
     summary = (tmp_path / "summary.txt").read_text()
@@ -61,8 +50,8 @@ def test_gpu_check_runs_its_steps_and_writes_one_summary(tmp_path):
         check.main(["--out-dir", str(tmp_path), "--device", "cpu", "--steps", "env,warp"])
 
 
-def test_gpu_check_summary_reads_pytest_results_and_a_cut_step(tmp_path):
-    check = _load("gpu_check")
+def test_gpu_check_summary_reads_pytest_results_and_a_cut_step(tmp_path, load_benchmark):
+    check = load_benchmark("gpu_check")
     (tmp_path / "cuda-tests.xml").write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
         '<testcase classname="tests.test_cuda" name="test_a" time="2.5"/>'

@@ -240,15 +240,10 @@ def test_export_with_external_data_is_checked_on_the_file_itself(tmp_path):
 # ----------------------------------------------------------------------------- the benchmark's measure
 
 
-def test_the_memory_benchmark_measures_each_child_alone(tmp_path):
-    import importlib.util
+def test_the_memory_benchmark_measures_each_child_alone(tmp_path, load_benchmark):
     import sys
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: its helpers (_progress) import
-    spec = importlib.util.spec_from_file_location("bntool_bench_memory", ROOT / "benchmarks" / "bench_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_memory")
     bare = bench.measure([sys.executable, "-c", "pass"])
     grown = bench.measure([sys.executable, "-c", "data = b'x' * 100_000_000"])
     failed = bench.measure([sys.executable, "-c", "import sys; sys.exit('bntool said no')"])

@@ -24,17 +24,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bntool.errors import InputError, VerificationError
 from bntool.norms import is_batchnorm
+from bntool.persist import REPLAYERS
 from bntool.recalibration.recalibrate import recalibrate
 from bntool.recalibration.report import RecalibrationReport
 from bntool.recalibration.state import replay
 from bntool.recalibration.stats import ChannelStats, reduce_calls
-from bntool.persist import REPLAYERS
 from bntool.recipe import replay as replay_recipe
+from examples.models import dropout_net, randomize_bn_, resnet_small
+from tests.conftest import finish, python_env, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from examples.models import dropout_net, randomize_bn_, resnet_small  # noqa: E402
-from tests.conftest import finish, python_env, start, stop  # noqa: E402
 
 RTOL = 1e-6
 
