@@ -148,7 +148,7 @@ def test_save_is_atomic_and_leaves_nothing_when_the_check_fails(tmp_path, lenet)
 def test_save_refuses_existing_output_and_the_input_itself(tmp_path, lenet):
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"keep me")
-    with pytest.raises(InputError, match="--force"):
+    with pytest.raises(InputError, match="pass `force=True` to replace it"):
         writing.save(lenet, out, recipe=[])
     assert out.read_bytes() == b"keep me"
     source = checkpoint.Loaded(path=out, candidates=())

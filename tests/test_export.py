@@ -261,7 +261,7 @@ def test_an_existing_file_is_replaced_only_with_force(tmp_path):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"old")
     model = _model(zoo.mlp_bn)
-    with pytest.raises(InputError, match="--force"):
+    with pytest.raises(InputError, match="pass `force=True` to replace it"):
         bntool.export_onnx(model, make_inputs(model), out)
     assert out.read_bytes() == b"old"
     assert bntool.export_onnx(model, make_inputs(model), out, force=True).passed
