@@ -144,18 +144,18 @@ def test_tf32_switched_on_by_the_caller_is_off_during_verification_and_restored(
 @pytest.mark.parametrize("layer", [1, 6])
 def test_a_one_channel_corruption_is_caught_on_cuda(monkeypatch, layer):
     # a fold 0.1% wrong in one output channel: strict, the fold fails on the GPU; otherwise that fold is taken out
-    from tests.test_fold import _corrupt_nth_fold
+    from tests.fold_models import corrupt_nth_fold
 
     model = on_device(zoo.resnet_small(), seed=3)
     x = images(seed=2)
     expected = bntool.plan_fold(model, (x,))
-    _corrupt_nth_fold(monkeypatch, layer)
+    corrupt_nth_fold(monkeypatch, layer)
     with pytest.raises(VerificationError) as info:
         bntool.fold(model, (x,), device=DEVICE, strict=True)
     assert f"does not match the original on {torch.device(DEVICE)}" in str(info.value)
     assert not info.value.report.comparison.passed
     monkeypatch.undo()
-    _corrupt_nth_fold(monkeypatch, layer)  # afresh, for the default fold: the blamed fold is taken out
+    corrupt_nth_fold(monkeypatch, layer)  # afresh, for the default fold: the blamed fold is taken out
     folded, report = bntool.fold(model, (x,), device=DEVICE)
     assert [s.bn for s in report.rejected] == [expected.pairs[layer - 1].bn]
     assert report.comparison.passed and report.comparison.device == str(torch.device(DEVICE))

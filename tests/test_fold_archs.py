@@ -32,7 +32,7 @@ from bntool.folding.plan import FoldPair, FoldPlan
 from bntool.norms import is_batchnorm
 from examples import archs
 from tests.conftest import randomize_bn
-from tests.test_fold import _assert_computes_original
+from tests.fold_models import assert_computes_original
 
 ARCHS_FILE = Path(archs.__file__).resolve()
 
@@ -266,8 +266,8 @@ def test_folded_model_runs_only_the_normalizations_that_must_stay(name):
 def test_folded_model_computes_the_original_without_a_verification_failure(name):
     f = _folded(name)  # strict: any verification failure would have raised
     assert f.report.comparison.passed and f.report.rejected == ()
-    _assert_computes_original(f.folded, f.original, f.inputs)
-    _assert_computes_original(f.folded, f.original, _inputs(f.original, seed=1))  # not only the verification inputs
+    assert_computes_original(f.folded, f.original, f.inputs)
+    assert_computes_original(f.folded, f.original, _inputs(f.original, seed=1))  # not only the verification inputs
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -458,7 +458,7 @@ def test_detectron2_frozen_bn_folds_with_its_own_eps():
     wrong = copy.deepcopy(f.original)
     wrong.bn1.eps = 1e-5
     with pytest.raises(AssertionError):
-        _assert_computes_original(f.folded, wrong, f.inputs)
+        assert_computes_original(f.folded, wrong, f.inputs)
 
 
 @pytest.mark.parametrize("name,seed", [("yolov8", 20), ("repvgg", 13)])

@@ -24,7 +24,7 @@ from bntool.freezing.freeze import freeze, unfreeze
 from bntool.norms import is_bntool_frozen, requested_mode
 from examples import archs
 from examples.models import randomize_bn_
-from tests.test_fold import _assert_computes_original
+from tests.fold_models import assert_computes_original
 from tests.test_fold_archs import _activations, _aten_ops, _normalizations
 
 BN_ACT_LAYERS = ["bn1", "ds.bn1", "ds.bn2", "ir.bn1", "ir.bn2", "ir.bn3", "bn2"]
@@ -233,7 +233,7 @@ def test_fold_of_a_frozen_bn_act_model_runs_no_normalization_keeps_the_activatio
     original_ops, folded_ops = _aten_ops(model, inputs), _aten_ops(folded.eval(), inputs)
     assert _normalizations(original_ops) == len(BN_ACT_LAYERS) and _normalizations(folded_ops) == 0
     assert _activations(folded_ops) == _activations(original_ops)
-    _assert_computes_original(folded, model, inputs)
+    assert_computes_original(folded, model, inputs)
 
 
 class AlwaysBatchStatistics(nn.BatchNorm2d):
@@ -268,7 +268,7 @@ def test_fold_keeps_a_frozen_layers_affine_values_buffers_when_it_can_only_make_
     assert report.passed and [p.bn_becomes for p in report.plan.pairs] == ["identity"]
     bn = folded[1]
     assert is_bntool_frozen(bn) and {"weight", "bias"} <= set(bn._buffers) and not bn._parameters.get("weight")
-    _assert_computes_original(folded, model, inputs)
+    assert_computes_original(folded, model, inputs)
 
 
 class BNThenBN(nn.BatchNorm2d):
