@@ -45,7 +45,8 @@ class Scan:
 
     path: Path
     model: Any  # ModelProto; the tensors in ``stored`` have no raw_data
-    stored: dict[str, Stored]  # initializer name -> its bytes (embedded ones of at least IN_PLACE_MIN bytes, external ones)
+    #: initializer name -> where its bytes lie (embedded ones of at least IN_PLACE_MIN bytes, external ones)
+    stored: dict[str, Stored]
 
     @property
     def initializers(self) -> list[Any]:
@@ -53,7 +54,8 @@ class Scan:
 
 
 def scan(path: str | os.PathLike) -> Scan:
-    """Read ``path``'s structure, leaving the bytes of every embedded tensor of ``IN_PLACE_MIN`` bytes or more in the file.
+    """Read ``path``'s structure, leaving the bytes of every embedded tensor of ``IN_PLACE_MIN`` bytes or more in
+    the file.
 
     Raises ``ScanError`` when the file is not a well-formed message.
     """
