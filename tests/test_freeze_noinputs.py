@@ -49,6 +49,13 @@ class ChannelsLastNet(nn.Module):
         return self.norm(self.proj(x))
 
 
+class BatchNorm2dOnSequences(nn.BatchNorm2d):
+    """A ``BatchNorm2d`` subclass whose forward takes (N, C, L): its class's rank 4 is not what it runs on."""
+
+    def forward(self, x):
+        return super().forward(x.unsqueeze(-1)).squeeze(-1)
+
+
 def _without_shape(model: nn.Module) -> nn.Module:
     model.__dict__.pop("input_shape", None)
     return model
@@ -63,6 +70,7 @@ ZOO = {  # no model here declares an input shape; each comes with an input to ch
     "syncbn": (lambda: nn.Sequential(nn.Conv2d(3, 5, 1), nn.SyncBatchNorm(5)), (2, 3, 4, 4)),
     "bn_act": (lambda: _without_shape(archs.bn_act_net()), (2, 3, 32, 32)),
     "channels_last": (ChannelsLastNet, (2, 5, 7, 4)),
+    "sequence_subclass": (lambda: nn.Sequential(nn.Conv1d(3, 6, 1), BatchNorm2dOnSequences(6)), (2, 3, 9)),
 }
 
 
@@ -111,7 +119,7 @@ def test_the_shapes_come_from_the_class_or_from_what_the_layer_accepts():
     # catches: a rank guessed wrong (BatchNorm1d checked at rank 4 would raise), a channel axis put where the
     # layer does not read it (a channels-last layer checked on (N, C, H, W))
     checked = {}
-    for kind in ("conv2d", "conv1d", "syncbn", "channels_last"):
+    for kind in ("conv2d", "conv1d", "syncbn", "channels_last", "sequence_subclass"):
         model, _ = build(kind)
         _, report = freeze(model, device="cpu")
         for row in report.check.comparison.outputs:
@@ -121,6 +129,7 @@ def test_the_shapes_come_from_the_class_or_from_what_the_layer_accepts():
     assert checked[("conv2d", "5")] == {"1x5", "2x5", "5x5", "1x5x3", "2x5x3", "5x5x3"}  # BatchNorm1d: 2D and 3D
     assert {s for s in checked[("syncbn", "1")] if s.startswith("1x")} == {"1x5", "1x5x3", "1x5x3x4", "1x5x3x4x6"}
     assert {s for s in checked[("channels_last", "norm")] if s.startswith("1x")} == {"1x3x4x6"}
+    assert {s for s in checked[("sequence_subclass", "1")] if s.startswith("1x")} == {"1x6x3"}
 
 
 def test_a_wrong_frozen_layer_fails_the_per_layer_check(monkeypatch):

@@ -8,9 +8,11 @@ sizes (batch 1 included: a layer left normalizing with batch statistics
 fails there), and its statistics and affine values must not move. The
 channels come from the layer; the rank from its class (``BatchNorm2d``: 4),
 or, for a class that implies none (``SyncBatchNorm``, a direct ``_BatchNorm``
-subclass), from the ranks the original layer itself accepts: it is run once
-on each (channels second, or else last) and the shapes it runs on are the
-ones checked.
+subclass) or a subclass whose forward refuses its class's rank, from the
+ranks the original layer itself accepts: it is run once on each (channels
+second, or else last) and the shapes it runs on are the ones checked. (What
+the layer runs on is asked of the layer itself rather than read from its
+traced forward, so freezing needs nothing of folding's analysis.)
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ def layer_shapes(name: str, module: nn.Module) -> list[tuple[int, ...]]:
     channels = num_features(module)
     ranks = next((r for cls, r in _CLASS_RANKS if isinstance(module, cls)), None)
     sizes = [s for s in range(3, 10) if s != channels][:3]  # spatial sizes unlike the channels: a misplaced
-    first = [(1, channels, *sizes[: r - 2]) for r in ranks or _ANY_RANK]  # channel axis cannot pass by chance
-    if ranks is not None:
-        return first
+    first = [(1, channels, *sizes[: r - 2]) for r in _ANY_RANK]  # channel axis cannot pass by chance
     last = [(1, *sizes[: r - 2], channels) for r in _ANY_RANK if r > 2]
+    groups = [first, last]
+    if ranks is not None:  # the class's ranks first; a subclass whose forward takes others is asked like any
+        groups.insert(0, [(1, channels, *sizes[: r - 2]) for r in ranks])
     errors: list[str] = []
-    for candidates in (first, last):
+    for candidates in groups:
         accepted = [shape for shape in candidates if _runs(module, shape, errors)]
         if accepted:
             return accepted
