@@ -263,7 +263,8 @@ def test_cli_freeze_and_unfreeze_a_model_that_declares_no_input_shape(setup, cli
     result = cli("freeze", ckpt, "--model", spec, "--out", frozen, "--device", "cpu")
     assert result.code == 0, result.out + result.err
     assert "Verification per layer (no example inputs)" in result.out
-    assert "Verified per layer: no example inputs" in result.out
+    assert "Verified per layer: no example inputs (on cpu; worst layer `1` at" in result.out
+    assert "1, 2, 5" in result.out  # the batch sizes, in the table's row for each layer
     from bntool.io import modelspec
 
     loaded = bntool.load(frozen, modelspec.build(spec))
@@ -272,6 +273,8 @@ def test_cli_freeze_and_unfreeze_a_model_that_declares_no_input_shape(setup, cli
     assert result.code == 0, result.out + result.err
     report = json.loads(result.out)
     assert report["verification"]["checked"] == PER_LAYER and report["verification"]["passed"]
+    result = cli("unfreeze", frozen, "--model", spec, "--dry-run", "--device", "cpu")
+    assert result.code == 0 and "Verified per layer: no example inputs (on cpu;" in result.out, result.err
     assert [layer["name"] for layer in report["unfrozen"]] == ["1", "6"]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,7 +32,7 @@ TrainableAffineOpt = Annotated[
 ]
 
 FreezeInputShapeOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option(
         "--input-shape",
         metavar="SHAPE",
@@ -142,17 +142,40 @@ def _render(result: dict, report, as_json: bool) -> None:
         console.table(f"Left {len(report.skipped)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
                       [[s.name, s.reason] for s in report.skipped])
     check = report.check
-    title = ("Verification per layer (no example inputs): each frozen layer in train mode vs the original layer "
-             "(eval mode)" if check.kind == PER_LAYER else
-             "Verification: frozen layers in train mode vs original (eval mode)")
-    render_comparison(check.comparison, title)
+    if check.kind == PER_LAYER:
+        render_per_layer(check.comparison, "Verification per layer (no example inputs): each frozen layer in train "
+                                           "mode vs the original layer (eval mode)")
+    else:
+        render_comparison(check.comparison, "Verification: frozen layers in train mode vs original (eval mode)")
     if check.statistics_moved:
         console.failure("Statistics moved in train mode: " + ", ".join(check.statistics_moved))
     if check.passed:
         c = check.comparison
-        console.success(f"Verified {check.kind} on {c.device} ({worst_summary(c)}); frozen statistics unchanged in "
-                        "train mode.")
+        console.success(f"Verified {check.kind} (on {c.device}; {worst_summary(c)}); frozen statistics unchanged "
+                        "in train mode.")
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):
         console.line("Dry run: nothing written.")
+
+
+def render_per_layer(comparison, title: str) -> None:
+    """A per-layer check (``freezing.layers``) as one row per layer: the shapes and batch sizes it was run at, and
+    its worst comparison."""
+    from . import console
+    from .common import worst
+
+    by_layer: dict[str, list] = {}
+    for o in comparison.outputs:
+        name, _, shape = o.name.removeprefix("layer `").partition("` at ")
+        by_layer.setdefault(name, []).append((shape, o))
+    rows = []
+    for name, checks in by_layer.items():
+        shapes = dict.fromkeys("Nx" + shape.split(" ")[0].partition("x")[2] for shape, _ in checks)
+        batches = dict.fromkeys(shape.partition("x")[0] for shape, _ in checks)
+        w = worst(o for _, o in checks)
+        failed = sum(not o.passed for _, o in checks)
+        rows.append([name, ", ".join(shapes), ", ".join(batches), f"{w.max_abs_error:.3g}", f"{w.max_rel_error:.3g}",
+                     f"{w.tolerance:.3g}", "ok" if not failed else f"{failed} FAILED"])
+    console.table(f"{title} ({comparison.device}, tolerance {comparison.rule})",
+                  ["layer", "input shapes", "batch sizes", "max abs err", "max rel err", "tolerance", ""], rows)

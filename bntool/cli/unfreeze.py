@@ -83,6 +83,7 @@ def _render(result: dict, report, as_json: bool) -> None:
     from ..freezing.check import PER_LAYER
     from . import console
     from .common import render_comparison, worst_summary
+    from .freeze import render_per_layer
 
     if as_json:
         console.print_json(result)
@@ -90,11 +91,13 @@ def _render(result: dict, report, as_json: bool) -> None:
     rows = [[f.name, f.type, f.num_features, f"{f.eps:g}"] for f in report.unfrozen]
     console.table(f"Unfroze {len(rows)} BatchNorm layer(s)", ["BatchNorm", "now", "features", "eps"], rows)
     comparison = report.comparison
-    per_layer = report.checked == PER_LAYER
-    render_comparison(comparison, "Verification per layer (no example inputs): each unfrozen layer vs the frozen "
-                                  "layer (eval mode)" if per_layer else "Verification: unfrozen vs frozen (eval mode)")
+    if report.checked == PER_LAYER:
+        render_per_layer(comparison, "Verification per layer (no example inputs): each unfrozen layer vs the frozen "
+                                     "layer (eval mode)")
+    else:
+        render_comparison(comparison, "Verification: unfrozen vs frozen (eval mode)")
     if comparison.passed:
-        console.success(f"Verified {report.checked} on {comparison.device} ({worst_summary(comparison)}).")
+        console.success(f"Verified {report.checked} (on {comparison.device}; {worst_summary(comparison)}).")
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):
