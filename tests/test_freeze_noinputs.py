@@ -288,3 +288,20 @@ def test_cli_json_says_which_check_ran(setup, cli):
     result = cli("freeze", ckpt, "--model", spec, "--dry-run", "--json", "--device", "cpu", "--input-shape", "2,3,8,8")
     assert result.code == 0, result.out + result.err
     assert json.loads(result.out)["verification"]["checked"] == "whole model: example inputs"
+
+
+@pytest.mark.cuda
+def test_the_per_layer_check_runs_where_the_device_says():
+    # a model on the CPU, checked on the GPU (or on the CPU with BNTOOL_TEST_DEVICE=cpu): each layer is moved, not
+    # assumed to be where its inputs are
+    import os
+
+    device = "cpu" if os.environ.get("BNTOOL_TEST_DEVICE", "").startswith("cpu") else "cuda"
+    model, x = build("bn_act")
+    frozen, report = freeze(model, device=device)
+    assert report.passed and report.check.kind == PER_LAYER
+    assert report.check.comparison.device == str(torch.device(device))
+    with torch.no_grad():
+        torch.testing.assert_close(frozen_in_train_mode(frozen)(x), model(x), rtol=1e-5, atol=1e-5)
+    _, report = freeze(model.to(device), device="auto")
+    assert report.passed and report.check.kind == PER_LAYER
