@@ -200,3 +200,41 @@ def test_forcing_a_value_computed_from_the_input_breaks_the_model_on_other_input
     other = (inputs(seed=5)[0] * 3 + 1,)
     with torch.no_grad():
         assert not torch.allclose(folded(*other), model(*other), rtol=1e-3, atol=1e-3)
+
+
+class Spellings(nn.Module):
+    """The same scalar steps spelt every way a forward spells them, with a 0-dim buffer and a (1, 1) attribute."""
+
+    def __init__(self, form: str, traceable: bool = True):
+        super().__init__()
+        self.form, self.traceable = form, traceable
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("scale", torch.tensor(2.2))
+        self.shift = torch.tensor([[0.3]])
+
+    def forward(self, x):
+        if not self.traceable and bool(x.isnan().any()):
+            return x
+        y = self.conv(x)
+        if self.form == "operators":
+            y = self.shift + y * self.scale
+        elif self.form == "divide_subtract":
+            y = (y / self.scale) - self.shift
+        elif self.form == "reversed_subtract":
+            y = self.shift - y
+        elif self.form == "in_place":
+            y = y.mul_(self.scale).add_(self.shift)
+        elif self.form == "alpha":
+            y = torch.add(y, self.shift, alpha=2.0)
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("traceable", [True, False], ids=["fx", "recorded"])
+@pytest.mark.parametrize("form", ["operators", "divide_subtract", "reversed_subtract", "in_place", "alpha"])
+def test_every_spelling_of_a_scalar_step_folds_through_a_tensor_scalar(form, traceable):
+    # catches: a builder that knows the tensor only as the second argument, or only torch.mul / torch.add
+    model = build(lambda: Spellings(form, traceable))
+    args = inputs()
+    folded, report = bntool.fold(model, args)
+    assert [p.bn for p in report.done] == ["bn"] and report.passed and report.rejected == ()
+    assert_computes(folded, model, args)
