@@ -176,8 +176,10 @@ def test_a_layer_with_no_shape_it_runs_on_is_refused_naming_the_remedy():
             raise RuntimeError("needs a mask")
 
     model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 1), Picky(4)))
-    with pytest.raises(InputError, match=r"cannot tell the input shape of layer `1`.*pass `example_inputs`"):
-        freeze(model, device="cpu")
+    for inplace in (False, True):
+        with pytest.raises(InputError, match=r"cannot tell the input shape of layer `1`.*pass `example_inputs`"):
+            freeze(model, device="cpu", inplace=inplace)
+        assert type(model[1]) is Picky  # refused before any change, in place too
     frozen, report = freeze(model, verify=False)  # nothing to verify: nothing run
     assert report.check is None and is_bntool_frozen(frozen[1])
 

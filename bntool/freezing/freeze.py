@@ -31,7 +31,7 @@ from ..runtime.cloning import clone
 from ..selection import select
 from ..verify.compare import Comparison, compare
 from .check import WHOLE_MODEL, FreezeCheck, Verify, check_frozen, reference_first
-from .layers import check_layers
+from .layers import check_layers, shapes_of
 from .legacy import selection_was_positional
 
 # ----------------------------------------------------------------------------- reports
@@ -168,6 +168,8 @@ def freeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
     per_layer = checking is not None and checking.per_layer(model)
     reference = reference_first(model, checking) if checking and inplace and not per_layer else None
+    shapes = shapes_of((n, m) for n, m in model.named_modules() if n in chosen and why_not_freezable(m) is None
+                       ) if per_layer else None
     frozen: list[FrozenLayer] = []
     skipped: list[Skip] = []
     pairs: list[tuple[str, nn.Module, nn.Module]] = []  # (name, original, frozen): what a per-layer check compares
@@ -190,7 +192,8 @@ def freeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         with_step(result, report.recipe_step())
     if checking and frozen:
         if per_layer:
-            check = check_layers(pairs, train=True, device=checking.device, seed=seed, atol=atol, rtol=rtol)
+            check = check_layers(pairs, train=True, device=checking.device, seed=seed, atol=atol, rtol=rtol,
+                                 shapes=shapes)
         else:
             check = check_frozen(model if not inplace else None, result, checking.inputs(result),
                                  device=checking.device, atol=atol, rtol=rtol, reference=reference)
@@ -220,6 +223,7 @@ def unfreeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Te
     checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
     per_layer = checking is not None and checking.per_layer(model)
     reference = reference_first(model, checking) if checking and inplace and candidates and not per_layer else None
+    shapes = shapes_of((n, m) for n, m in model.named_modules() if n in chosen) if per_layer else None
     unfrozen: list[FrozenLayer] = []
     pairs: list[tuple[str, nn.Module, nn.Module]] = []
 
@@ -236,7 +240,8 @@ def unfreeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Te
     if unfrozen:
         with_step(result, report.recipe_step())
     if checking and unfrozen and per_layer:
-        check = check_layers(pairs, train=False, device=checking.device, seed=seed, atol=atol, rtol=rtol)
+        check = check_layers(pairs, train=False, device=checking.device, seed=seed, atol=atol, rtol=rtol,
+                             shapes=shapes)
         report = dataclasses.replace(report, comparison=check.comparison, checked=check.kind)
         if not check.passed:
             raise VerificationError(check.failure_message("the unfrozen layers (eval mode)"), report)

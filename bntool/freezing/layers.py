@@ -18,7 +18,7 @@ traced forward, so freezing needs nothing of folding's analysis.)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -75,15 +75,23 @@ def _runs(module: nn.Module, shape: tuple[int, ...], errors: list[str]) -> bool:
     return isinstance(out, torch.Tensor) and out.shape == x.shape
 
 
+def shapes_of(layers: Iterable[tuple[str, nn.Module]]) -> dict[str, list[tuple[int, ...]]]:
+    """``layer_shapes`` of each ``(name, module)``: asked before any change, so that a layer no input can be made
+    for is refused while the model is as it was."""
+    return {name: layer_shapes(name, module) for name, module in layers}
+
+
 def check_layers(pairs: Sequence[tuple[str, nn.Module, nn.Module]], *, train: bool,
                  device: str | torch.device = "auto", seed: int = 0, atol: float | None = None,
-                 rtol: float | None = None) -> FreezeCheck:
+                 rtol: float | None = None, shapes: dict[str, list[tuple[int, ...]]] | None = None) -> FreezeCheck:
     """Each ``(name, original, changed)`` layer: ``changed`` (in train mode alone with ``train``, else in eval
-    mode) vs ``original`` in eval mode, on standard-normal inputs of the layer's shapes at every batch size in
-    ``BATCH_SIZES``; and which changed layers' tensors moved. Neither layer is changed."""
+    mode) vs ``original`` in eval mode, on standard-normal inputs of the layer's shapes (``shapes``, or asked
+    now) at every batch size in ``BATCH_SIZES``; and which changed layers' tensors moved. Neither layer is
+    changed."""
     device = resolve_device(device)
     generator = torch.Generator().manual_seed(seed)
-    shapes = {name: layer_shapes(name, original) for name, original, _ in pairs}  # every refusal before any work
+    shapes = shapes if shapes is not None else {}
+    shapes = {name: shapes.get(name) or layer_shapes(name, original) for name, original, _ in pairs}
     rows = []
     rule, moved = None, []
     for name, original, changed in pairs:
