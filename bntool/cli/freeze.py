@@ -16,7 +16,6 @@ from .options import (
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
-    InputShapeOpt,
     JsonOpt,
     KeyOpt,
     ModelArgsOpt,
@@ -32,6 +31,18 @@ TrainableAffineOpt = Annotated[
     typer.Option("--trainable-affine", help="Keep gamma / beta (weight / bias) trainable; only the statistics are frozen."),
 ]
 
+FreezeInputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        metavar="SHAPE",
+        help="Shape of a verification input, e.g. 1,3,224,224; repeat for several inputs. Default: the shape the "
+        "model declares (input_shape / example_input_array); without one, each layer is checked alone on inputs "
+        "of its own shape.",
+        show_default=False,
+    ),
+]
+
 
 @app.command()
 def freeze(
@@ -44,7 +55,7 @@ def freeze(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     trainable_affine: TrainableAffineOpt = False,
-    input_shape: InputShapeOpt = None,
+    input_shape: FreezeInputShapeOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     atol: AtolOpt = None,
@@ -65,7 +76,7 @@ def freeze(
     from ..freezing.freeze import freeze as freeze_model
     from ..runtime.running import resolve_device
     from . import console
-    from .common import load_source, output_path, verification_inputs
+    from .common import load_source, output_path
 
     console.use_stderr_for_humans(json)
     out = output_path(checkpoint, out, "frozen", force=force, dry_run=dry_run, model=model)
@@ -74,7 +85,7 @@ def freeze(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
     )
     affine = "trainable" if trainable_affine else "frozen"
-    inputs = verification_inputs(source.model, input_shape, seed)
+    inputs = cli_inputs(source.model, input_shape, seed)
     result: dict = {"command": "freeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
     try:  # in place: the original's outputs are computed first, so one model is held
         frozen, report = freeze_model(source.model, include=include, exclude=exclude, affine=affine, inplace=True,
@@ -88,6 +99,16 @@ def freeze(
         raise InputError(f"nothing to freeze in `{checkpoint}`: {why}")
     finish_verified(result, source, frozen, out, report, lambda: _render(result, report, json), force=force,
                     dry_run=dry_run)
+
+
+def cli_inputs(model, input_shape: list[str] | None, seed: int):
+    """The inputs --input-shape gives or the model declares; None (each layer checked alone) without either."""
+    from ..runtime.shapes import declared_input_shapes
+    from .common import verification_inputs
+
+    if not input_shape and declared_input_shapes(model) is None:
+        return None
+    return verification_inputs(model, input_shape, seed)
 
 
 def finish_verified(result: dict, source, model, out, report, render, *, force: bool, dry_run: bool) -> None:
@@ -108,6 +129,7 @@ def finish_verified(result: dict, source, model, out, report, render, *, force: 
 
 
 def _render(result: dict, report, as_json: bool) -> None:
+    from ..freezing.check import PER_LAYER
     from . import console
     from .common import render_comparison, worst_summary
 
@@ -120,13 +142,40 @@ def _render(result: dict, report, as_json: bool) -> None:
         console.table(f"Left {len(report.skipped)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
                       [[s.name, s.reason] for s in report.skipped])
     check = report.check
-    render_comparison(check.comparison, "Verification: frozen layers in train mode vs original (eval mode)")
+    if check.kind == PER_LAYER:
+        render_per_layer(check.comparison, "Verification per layer (no example inputs): each frozen layer in train "
+                                           "mode vs the original layer (eval mode)")
+    else:
+        render_comparison(check.comparison, "Verification: frozen layers in train mode vs original (eval mode)")
     if check.statistics_moved:
         console.failure("Statistics moved in train mode: " + ", ".join(check.statistics_moved))
     if check.passed:
         c = check.comparison
-        console.success(f"Verified on {c.device} ({worst_summary(c)}); frozen statistics unchanged in train mode.")
+        console.success(f"Verified {check.kind} (on {c.device}; {worst_summary(c)}); frozen statistics unchanged "
+                        "in train mode.")
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):
         console.line("Dry run: nothing written.")
+
+
+def render_per_layer(comparison, title: str) -> None:
+    """A per-layer check (``freezing.layers``) as one row per layer: the shapes and batch sizes it was run at, and
+    its worst comparison."""
+    from . import console
+    from .common import worst
+
+    by_layer: dict[str, list] = {}
+    for o in comparison.outputs:
+        name, _, shape = o.name.removeprefix("layer `").partition("` at ")
+        by_layer.setdefault(name, []).append((shape, o))
+    rows = []
+    for name, checks in by_layer.items():
+        shapes = dict.fromkeys("Nx" + shape.split(" ")[0].partition("x")[2] for shape, _ in checks)
+        batches = dict.fromkeys(shape.partition("x")[0] for shape, _ in checks)
+        w = worst(o for _, o in checks)
+        failed = sum(not o.passed for _, o in checks)
+        rows.append([name, ", ".join(shapes), ", ".join(batches), f"{w.max_abs_error:.3g}", f"{w.max_rel_error:.3g}",
+                     f"{w.tolerance:.3g}", "ok" if not failed else f"{failed} FAILED"])
+    console.table(f"{title} ({comparison.device}, tolerance {comparison.rule})",
+                  ["layer", "input shapes", "batch sizes", "max abs err", "max rel err", "tolerance", ""], rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .app import app
+from .freeze import FreezeInputShapeOpt
 from .options import (
     AllowPickleOpt,
     AtolOpt,
@@ -12,7 +13,6 @@ from .options import (
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
-    InputShapeOpt,
     JsonOpt,
     KeyOpt,
     ModelArgsOpt,
@@ -34,7 +34,7 @@ def unfreeze(
     strip_prefix: StripPrefixOpt = True,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    input_shape: InputShapeOpt = None,
+    input_shape: FreezeInputShapeOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     atol: AtolOpt = None,
@@ -54,8 +54,8 @@ def unfreeze(
     from ..freezing.freeze import unfreeze as unfreeze_model
     from ..runtime.running import resolve_device
     from . import console
-    from .common import load_source, output_path, verification_inputs
-    from .freeze import finish_verified
+    from .common import load_source, output_path
+    from .freeze import cli_inputs, finish_verified
 
     console.use_stderr_for_humans(json)
     out = output_path(checkpoint, out, "unfrozen", force=force, dry_run=dry_run, model=model)
@@ -63,7 +63,7 @@ def unfreeze(
     source = load_source(
         checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
     )
-    inputs = verification_inputs(source.model, input_shape, seed)
+    inputs = cli_inputs(source.model, input_shape, seed)
     result: dict = {"command": "unfreeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
     try:  # in place: the frozen model's outputs are computed first, so one model is held
         unfrozen, report = unfreeze_model(source.model, include=include, exclude=exclude, inplace=True,
@@ -80,8 +80,10 @@ def unfreeze(
 
 
 def _render(result: dict, report, as_json: bool) -> None:
+    from ..freezing.check import PER_LAYER
     from . import console
     from .common import render_comparison, worst_summary
+    from .freeze import render_per_layer
 
     if as_json:
         console.print_json(result)
@@ -89,9 +91,13 @@ def _render(result: dict, report, as_json: bool) -> None:
     rows = [[f.name, f.type, f.num_features, f"{f.eps:g}"] for f in report.unfrozen]
     console.table(f"Unfroze {len(rows)} BatchNorm layer(s)", ["BatchNorm", "now", "features", "eps"], rows)
     comparison = report.comparison
-    render_comparison(comparison, "Verification: unfrozen vs frozen (eval mode)")
+    if report.checked == PER_LAYER:
+        render_per_layer(comparison, "Verification per layer (no example inputs): each unfrozen layer vs the frozen "
+                                     "layer (eval mode)")
+    else:
+        render_comparison(comparison, "Verification: unfrozen vs frozen (eval mode)")
     if comparison.passed:
-        console.success(f"Verified on {comparison.device} ({worst_summary(comparison)}).")
+        console.success(f"Verified {report.checked} (on {comparison.device}; {worst_summary(comparison)}).")
     if result.get("written"):
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):

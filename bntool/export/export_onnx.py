@@ -129,7 +129,10 @@ def export_onnx(
     plus 1 and one more when ``dynamic_batch``) against ``model`` in eval mode
     (TF32 off), with the tolerance ``bntool.fold`` uses. Inputs at another
     batch size come from ``verify_inputs`` or are cut from / grown out of the
-    examples. ``optimize=True`` runs the exporter's graph optimizer, which
+    examples. A dynamic batch is exported from a batch of at least 2 (the
+    examples grown as for verification; a note says so), since torch.export
+    would take a batch of 1 for a constant; it is still verified at the
+    batch sizes asked for, 1 included. ``optimize=True`` runs the exporter's graph optimizer, which
     also fuses BNs into convs on its own; ``False`` keeps the exporter's raw
     graph; the default is the optimizer when folding and constant folding only
     (BatchNormalization nodes kept) with ``fold=False``. On failure
@@ -157,6 +160,11 @@ def export_onnx(
     feed = {b: _as_model_dtype(model, verify_inputs[b]) if verify_inputs and b in verify_inputs
             else inputs_at(inputs, b, seed) for b in sizes}
     notes = []
+    if dynamic_batch and batch < MIN_DYNAMIC_BATCH:  # torch.export makes a batch of 1 a constant (0/1 specialization)
+        inputs = feed.get(MIN_DYNAMIC_BATCH) or inputs_at(inputs, MIN_DYNAMIC_BATCH, seed)
+        notes.append(f"exported from a batch of {MIN_DYNAMIC_BATCH} (a batch of {batch} would be traced as a "
+                     f"constant, not a dynamic batch); verified at batch {', '.join(map(str, sizes))}")
+        batch = MIN_DYNAMIC_BATCH
     if any(m.training for m in model.modules()):
         notes.append("the model was in training mode; it was exported in eval mode "
                      "(BatchNorm uses its running statistics)")
@@ -284,6 +292,10 @@ def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
                                     and torch.equal(x, y) for x, y in zip(a, b))
 
+
+#: The smallest batch a dynamic-batch export is traced at: torch.export specializes a dimension of size 1 (its
+#: guards then read ``batch == 1``, and a dynamic range starting above it fails: "Invalid ranges [2:1]")
+MIN_DYNAMIC_BATCH = 2
 
 #: Model dtypes whose convolutions onnxruntime's CPU provider has no kernel for (ONNX has no bfloat16 Conv at all).
 UNRUNNABLE_DTYPES = {torch.float64: "float64", torch.bfloat16: "bfloat16"}

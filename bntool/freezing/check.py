@@ -21,18 +21,25 @@ from torch import nn
 from ..norms import is_bntool_frozen
 from ..runtime.cloning import clone
 from ..runtime.running import model_device, resolve_device
+from ..runtime.shapes import declared_input_shapes, make_inputs
 from ..verify.bits import Snapshot
 from ..verify.compare import Comparison, Reference, compare
+
+#: which check ran (``FreezeCheck.kind``): the whole model on example inputs, or each layer alone (``layers``)
+WHOLE_MODEL = "whole model: example inputs"
+PER_LAYER = "per layer: no example inputs"
 
 
 @dataclass(frozen=True)
 class FreezeCheck:
     """The frozen model with its frozen layers in train mode (the rest in eval mode) vs the original in eval mode,
-    and whether any frozen layer's state moved."""
+    and whether any frozen layer's state moved. ``kind``: ``WHOLE_MODEL``, or ``PER_LAYER`` (each layer alone on
+    inputs of its own shape: ``freezing.layers``)."""
 
     comparison: Comparison
     frozen_layers: tuple[str, ...]
     statistics_moved: tuple[str, ...]
+    kind: str = WHOLE_MODEL
 
     @property
     def passed(self) -> bool:
@@ -46,11 +53,11 @@ class FreezeCheck:
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.comparison.to_dict(), "passed": self.passed, "frozen_layers": list(self.frozen_layers),
-                "statistics_moved": list(self.statistics_moved)}
+        return {**self.comparison.to_dict(), "passed": self.passed, "checked": self.kind,
+                "frozen_layers": list(self.frozen_layers), "statistics_moved": list(self.statistics_moved)}
 
 
-class _TrainOnly(nn.Module):
+class TrainOnly(nn.Module):
     """Runs ``model``; ``train(True)`` puts the ``layers`` (not their submodules) in train mode, the rest in eval."""
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module]) -> None:
@@ -58,7 +65,7 @@ class _TrainOnly(nn.Module):
         self.model = model
         object.__setattr__(self, "_layers", tuple(layers))  # not registered: no second name for them
 
-    def train(self, mode: bool = True) -> _TrainOnly:
+    def train(self, mode: bool = True) -> TrainOnly:
         super().train(False)
         for module in self._layers:  # the layer alone: a frozen BN's activation or dropout is the rest of the model
             module.training = mode
@@ -80,8 +87,37 @@ def check_frozen(original: nn.Module | None, frozen: nn.Module, inputs: Sequence
     candidate = frozen if model_device(frozen) == device else clone(frozen).to(device)
     layers = [(n, m) for n, m in candidate.named_modules() if is_bntool_frozen(m)]
     before = Snapshot(candidate, only=[n for n, _ in layers])
-    comparison = compare(original, _TrainOnly(candidate, [m for _, m in layers]), inputs, device=device,
+    comparison = compare(original, TrainOnly(candidate, [m for _, m in layers]), inputs, device=device,
                          candidate_train=True, atol=atol, rtol=rtol, reference=reference)
     changed = before.changed(candidate)
     moved = [n for n, _ in layers if any(not n or c.startswith(f"{n}.") for c in changed)]
     return FreezeCheck(comparison, tuple(n for n, _ in layers), tuple(moved))
+
+
+@dataclass(frozen=True)
+class Verify:
+    """How a freeze verifies: on which inputs (None: the shape the model declares, else each layer alone:
+    ``per_layer``), where, with what tolerance."""
+
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None
+    device: str | torch.device = "auto"
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+
+    def per_layer(self, model: nn.Module) -> bool:
+        """Whether there is nothing to run the whole model on: no example inputs, and no shape it declares."""
+        return self.example_inputs is None and declared_input_shapes(model) is None
+
+    def inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        if isinstance(self.example_inputs, torch.Tensor):
+            return (self.example_inputs,)
+        if self.example_inputs is not None:
+            return tuple(self.example_inputs)
+        return make_inputs(model, seed=self.seed)
+
+
+def reference_first(model: nn.Module, checking: Verify) -> Reference:
+    """The original's outputs, before an in-place change makes it unavailable."""
+    return Reference.of(model, checking.inputs(model), device=checking.device,
+                        float64=checking.atol is None and checking.rtol is None)

@@ -28,10 +28,11 @@ from ..frozen import AFFINE_MODES, frozen_type_for, why_not_freezable
 from ..norms import has_fixed_statistics, is_bntool_frozen
 from ..report import Skip, with_step
 from ..runtime.cloning import clone
-from ..runtime.shapes import make_inputs
 from ..selection import select
-from ..verify.compare import Comparison, Reference, compare
-from .check import FreezeCheck, check_frozen
+from ..verify.compare import Comparison, compare
+from .check import WHOLE_MODEL, FreezeCheck, Verify, check_frozen, reference_first
+from .layers import check_layers, shapes_of
+from .legacy import selection_was_positional
 
 # ----------------------------------------------------------------------------- reports
 
@@ -87,6 +88,7 @@ class UnfreezeReport:
     unfrozen: tuple[FrozenLayer, ...]
     comparison: Comparison | None = None
     skipped: tuple[Skip, ...] = ()
+    checked: str | None = None  # which check ran: check.WHOLE_MODEL or check.PER_LAYER (None: not verified)
 
     @property
     def done(self) -> tuple[FrozenLayer, ...]:
@@ -102,7 +104,7 @@ class UnfreezeReport:
     def to_dict(self) -> dict[str, Any]:
         data = {"unfrozen": [dataclasses.asdict(layer) for layer in self.unfrozen], "recipe_step": self.recipe_step()}
         if self.comparison is not None:
-            data["verification"] = self.comparison.to_dict()
+            data["verification"] = {**self.comparison.to_dict(), "checked": self.checked}
         return data
 
 
@@ -130,28 +132,11 @@ def _convert(module: nn.Module, decide: Callable[[str, nn.Module], nn.Module], p
     return replacement
 
 
-@dataclass(frozen=True)
-class Verify:
-    """How an operation verifies: on which inputs (None: the shape the model declares), where, with what tolerance."""
-
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None
-    device: str | torch.device = "auto"
-    seed: int = 0
-    atol: float | None = None
-    rtol: float | None = None
-
-    def inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
-        if isinstance(self.example_inputs, torch.Tensor):
-            return (self.example_inputs,)
-        if self.example_inputs is not None:
-            return tuple(self.example_inputs)
-        return make_inputs(model, seed=self.seed)
-
-
-def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
-           affine: str = "frozen", inplace: bool = False, *, example_inputs: Sequence[torch.Tensor] | None = None,
-           verify: bool = True, device: str | torch.device = "auto", seed: int = 0, atol: float | None = None,
-           rtol: float | None = None) -> tuple[nn.Module, FreezeReport]:
+@selection_was_positional("include", "exclude", "affine", "inplace")
+def freeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
+           include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
+           affine: str = "frozen", inplace: bool = False, verify: bool = True, device: str | torch.device = "auto",
+           seed: int = 0, atol: float | None = None, rtol: float | None = None) -> tuple[nn.Module, FreezeReport]:
     """Swap the selected BN layers for frozen ones; return the model (a copy unless ``inplace``) and a report.
 
     ``include`` / ``exclude`` are fnmatch patterns on qualified module names
@@ -163,9 +148,12 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
     (activation, dropout) still follow the model's mode.
     Unless ``verify=False``, the frozen model with its frozen layers in train
     mode (the rest in eval mode) is compared with the original in eval mode on
-    ``example_inputs`` (default: the shape the model declares), and the frozen
-    statistics must not move; a failure
-    raises ``VerificationError`` carrying the report. With ``inplace`` the
+    ``example_inputs`` (or the shape the model declares: ``input_shape``), and
+    the frozen statistics must not move. Without either, each frozen layer is
+    checked alone, in train mode against the original layer in eval mode, on
+    inputs of its own shape at several batch sizes, batch 1 included
+    (``report.check.kind`` says which check ran). A failure raises
+    ``VerificationError`` carrying the report. With ``inplace`` the
     original's outputs are computed first, so no second model is held.
     """
     require_module(model)
@@ -178,9 +166,13 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
     selected, _ = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)
     chosen = set(selected)
     checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
-    reference = _reference_first(model, checking) if checking and inplace else None
+    per_layer = checking is not None and checking.per_layer(model)
+    reference = reference_first(model, checking) if checking and inplace and not per_layer else None
+    shapes = shapes_of((n, m) for n, m in model.named_modules() if n in chosen and why_not_freezable(m) is None
+                       ) if per_layer else None
     frozen: list[FrozenLayer] = []
     skipped: list[Skip] = []
+    pairs: list[tuple[str, nn.Module, nn.Module]] = []  # (name, original, frozen): what a per-layer check compares
 
     def decide(name: str, module: nn.Module) -> nn.Module:
         if name not in chosen:
@@ -191,6 +183,7 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
             return module
         new = frozen_type_for(module).from_batchnorm(module, affine)
         frozen.append(FrozenLayer(name, type(module).__name__, module.num_features, module.eps, new.affine_mode))
+        pairs.append((name, module, new))
         return new
 
     result = _convert(model if inplace else clone(model), decide)
@@ -198,55 +191,67 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
     if frozen:
         with_step(result, report.recipe_step())
     if checking and frozen:
-        check = check_frozen(model if not inplace else None, result, checking.inputs(result), device=checking.device,
-                             atol=atol, rtol=rtol, reference=reference)
+        if per_layer:
+            check = check_layers(pairs, train=True, device=checking.device, seed=seed, atol=atol, rtol=rtol,
+                                 shapes=shapes)
+        else:
+            check = check_frozen(model if not inplace else None, result, checking.inputs(result),
+                                 device=checking.device, atol=atol, rtol=rtol, reference=reference)
         report = dataclasses.replace(report, check=check)
         if not check.passed:
             raise VerificationError(check.failure_message(), report)
     return result, report
 
 
-def unfreeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
-             inplace: bool = False, *, example_inputs: Sequence[torch.Tensor] | None = None, verify: bool = True,
-             device: str | torch.device = "auto", seed: int = 0, atol: float | None = None,
-             rtol: float | None = None) -> tuple[nn.Module, UnfreezeReport]:
+@selection_was_positional("include", "exclude", "inplace")
+def unfreeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
+             include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
+             inplace: bool = False, verify: bool = True, device: str | torch.device = "auto", seed: int = 0,
+             atol: float | None = None, rtol: float | None = None) -> tuple[nn.Module, UnfreezeReport]:
     """Turn the selected frozen layers back into ordinary BN layers with the same values (weight / bias trainable).
 
     Unless ``verify=False``, the result in eval mode is compared with the
-    frozen model in eval mode (``VerificationError`` on a mismatch).
+    frozen model in eval mode on ``example_inputs`` (or the shape the model
+    declares); without either, each unfrozen layer is compared with its
+    frozen layer alone, as :func:`freeze` does (``report.checked`` says which
+    check ran). A mismatch raises ``VerificationError``.
     """
     require_module(model)
     candidates = [n for n, m in model.named_modules() if is_bntool_frozen(m)]
     selected, _ = select(candidates, include, exclude, what="frozen BatchNorm", owner=type(model).__name__)
     chosen = set(selected)
     checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
-    reference = _reference_first(model, checking) if checking and inplace and candidates else None
+    per_layer = checking is not None and checking.per_layer(model)
+    reference = reference_first(model, checking) if checking and inplace and candidates and not per_layer else None
+    shapes = shapes_of((n, m) for n, m in model.named_modules() if n in chosen) if per_layer else None
     unfrozen: list[FrozenLayer] = []
+    pairs: list[tuple[str, nn.Module, nn.Module]] = []
 
     def decide(name: str, module: nn.Module) -> nn.Module:
         if name not in chosen:
             return module
         unfrozen.append(FrozenLayer(name, module.unfrozen_type.__name__, module.num_features, module.eps,
                                     module.affine_mode))
-        return module.to_batchnorm()
+        pairs.append((name, module, module.to_batchnorm()))
+        return pairs[-1][2]
 
     result = _convert(model if inplace else clone(model), decide)
     report = UnfreezeReport(tuple(unfrozen))
     if unfrozen:
         with_step(result, report.recipe_step())
-    if checking and unfrozen:
+    if checking and unfrozen and per_layer:
+        check = check_layers(pairs, train=False, device=checking.device, seed=seed, atol=atol, rtol=rtol,
+                             shapes=shapes)
+        report = dataclasses.replace(report, comparison=check.comparison, checked=check.kind)
+        if not check.passed:
+            raise VerificationError(check.failure_message("the unfrozen layers (eval mode)"), report)
+    elif checking and unfrozen:
         comparison = compare(None if inplace else model, result, checking.inputs(result), device=checking.device,
                              atol=atol, rtol=rtol, reference=reference)
-        report = dataclasses.replace(report, comparison=comparison)
+        report = dataclasses.replace(report, comparison=comparison, checked=WHOLE_MODEL)
         if not comparison.passed:
             raise VerificationError(comparison.failure_message("the unfrozen model (eval mode)"), report)
     return result, report
-
-
-def _reference_first(model: nn.Module, checking: Verify) -> Reference:
-    """The original's outputs, before an in-place change makes it unavailable."""
-    return Reference.of(model, checking.inputs(model), device=checking.device,
-                        float64=checking.atol is None and checking.rtol is None)
 
 
 def replay(model: nn.Module, step: dict[str, Any]) -> nn.Module:

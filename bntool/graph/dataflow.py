@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import first_line
 from ..norms import is_batchnorm
-from .fx import fx_ops, measure_shapes, trace
+from .fx import fx_ops, measure_shapes, trace_scalars
 from .ops import Op, Shape
 from .recorded import recorded_ops
 
@@ -109,7 +109,7 @@ def dataflow(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) ->
     clone (sharing the tensors, in eval mode), never on the user's modules.
     """
     try:
-        graph = trace(model)
+        graph, scalars = trace_scalars(model)
     except Exception as exc:  # fx raises many types for untraceable code
         if example_inputs is None:
             raise
@@ -118,7 +118,7 @@ def dataflow(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) ->
         return Dataflow(ops, "recorded", f"torch.fx cannot trace the model ({reason}); dataflow was recorded "
                         "from a forward pass on the verification inputs, so only the branches they take are seen",
                         shapes=shapes)
-    ops = fx_ops(model, graph)
+    ops = fx_ops(model, graph, scalars)
     flow = Dataflow(ops, "fx")
     if example_inputs is not None:
         flow.measure = lambda: measure_shapes(model, example_inputs, flow.calls)

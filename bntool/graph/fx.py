@@ -9,12 +9,15 @@ forward pass, only when a fold rule asks for them (``measure_shapes``).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ..runtime.cloning import clone
 from ..runtime.running import run_eval
@@ -27,6 +30,7 @@ from .ops import (
     functional_layer,
     is_leaf,
     is_reshape,
+    scalar_value,
     tensors_in,
     transparent_module,
 )
@@ -34,7 +38,53 @@ from .ops import (
 
 def trace(model: nn.Module) -> torch.fx.Graph:
     """The fx graph of ``model``'s forward, traced on a clone sharing its tensors, in eval mode."""
-    return _Tracer().trace(clone(model, share_all=True, eval_mode=True))
+    return trace_scalars(model)[0]
+
+
+def trace_scalars(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, float]]:
+    """``trace``, and the values of the constant scalar tensors its ``get_attr`` nodes read, by target.
+
+    Constant: a buffer, a plain tensor attribute, or a tensor the forward
+    makes from Python values alone (``torch.tensor(2.2)``, kept by fx as a
+    ``_tensor_constant``); one element, not a parameter (``ops.scalar_value``).
+    A ``_tensor_constant`` the forward computed from other tensors
+    (``self.scale * 2``) is not one: it is the result of a computation, as it is
+    in a recorded forward pass.
+    """
+    root = clone(model, share_all=True, eval_mode=True)
+    with _Computed() as computed:
+        graph = _Tracer().trace(root)
+    scalars = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                value = functools.reduce(getattr, str(node.target).split("."), root)
+            except AttributeError:
+                continue
+            number = None if id(value) in computed.ids else scalar_value(value)
+            if number is not None:
+                scalars[str(node.target)] = number
+    return graph, scalars
+
+
+class _Computed(TorchFunctionMode):
+    """Notes the tensors computed from concrete tensors while tracing (no tracer value among the arguments):
+    what fx keeps as a ``_tensor_constant`` without saying it was computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+        self.keep: list[torch.Tensor] = []  # keeps ids unique for the trace
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves = tree_leaves((args, kwargs))
+        if any(isinstance(a, torch.Tensor) for a in leaves) and not any(isinstance(a, torch.fx.Proxy) for a in leaves):
+            for t in tensors_in(out):
+                self.keep.append(t)
+                self.ids.add(id(t))
+        return out
 
 
 class _Tracer(torch.fx.Tracer):
@@ -74,7 +124,10 @@ def _nodes_in(arg: Any) -> list[torch.fx.Node]:
     return []
 
 
-def fx_ops(model: nn.Module, graph: torch.fx.Graph) -> tuple[Op, ...]:
+def fx_ops(model: nn.Module, graph: torch.fx.Graph, scalars: dict[str, float] | None = None) -> tuple[Op, ...]:
+    """The op list of ``graph``; ``scalars`` (``trace_scalars``): constant scalar tensors, which a scalar step
+    holds as it would a Python number."""
+    scalars = scalars or {}
     modules = dict(model.named_modules())
     index: dict[torch.fx.Node, int] = {}
     meta: set[torch.fx.Node] = set()
@@ -109,8 +162,13 @@ def fx_ops(model: nn.Module, graph: torch.fx.Graph) -> tuple[Op, ...]:
             source = node.args[0] if node.args else node.kwargs.get("input")
             op = Op(i, "module", owner, (index[source],) if source in index else (), functional=True)
         else:
-            is_data = lambda a: isinstance(a, torch.fx.Node) and a in index and a not in meta  # noqa: E731
-            affine = affine_of(name, node.args, dict(node.kwargs), is_data)
+            is_data = lambda a: (isinstance(a, torch.fx.Node) and a in index and a not in meta
+                                 and not (a.op == "get_attr" and str(a.target) in scalars))
+            constant = lambda a: (scalars.get(str(a.target)) if isinstance(a, torch.fx.Node)
+                                  and a.op == "get_attr" else None)
+            affine = affine_of(name, node.args, dict(node.kwargs), is_data, constant)
+            if affine is not None:  # a scalar tensor is no data: the walks go through to the one data input
+                inputs = tuple(index[n] for n in data_nodes if is_data(n))
             op = Op(i, "function", name, inputs, affine, is_reshape(name, node.args, len(inputs)))
         index[node] = i
         ops.append(op)

@@ -125,8 +125,15 @@ def transparent_module(module: nn.Module) -> tuple[tuple[float, float] | None, b
     return None, type(module) in (nn.Flatten, nn.Unflatten)
 
 
-def affine_of(name: str, args: Sequence[Any], kwargs: dict[str, Any], is_data: Callable[[Any], bool]) -> tuple[float, float] | None:
-    """``(a, s)`` when the call ``name(*args, **kwargs)`` is ``a * x + s`` on its one data argument ``x``."""
+def affine_of(name: str, args: Sequence[Any], kwargs: dict[str, Any], is_data: Callable[[Any], bool],
+              constant: Callable[[Any], float | None] = lambda a: None) -> tuple[float, float] | None:
+    """``(a, s)`` when the call ``name(*args, **kwargs)`` is ``a * x + s`` on its one data argument ``x``.
+
+    The other operand is a Python number, or a constant scalar tensor whose
+    value ``constant`` gives (``scalar_value``: a buffer, a plain tensor
+    attribute or a ``torch.tensor(2.2)`` literal; the builders pass such an
+    operand as no data, and leave it out of the op's inputs).
+    """
     op = _AFFINE_NAMES.get(name)
     if op is None:
         return None
@@ -136,7 +143,9 @@ def affine_of(name: str, args: Sequence[Any], kwargs: dict[str, Any], is_data: C
     if len(args) != 2 or len(positions) != 1 or set(kwargs) - {"alpha"}:
         return None
     other, alpha = args[1 - positions[0]], kwargs.get("alpha", 1.0)
-    if not _number(other) or not _number(alpha):
+    if not _number(other):
+        other = constant(other)
+    if other is None or not _number(other) or not _number(alpha):
         return None
     other, alpha = float(other), float(alpha)
     swapped = positions[0] == 1 or op == "rsub"
@@ -158,6 +167,23 @@ def is_reshape(name: str, args: Sequence[Any], data_count: int) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: torch calls that make a tensor from Python values alone (``torch.tensor(2.2)``): a literal, not a computation
+LITERAL_FACTORIES = frozenset({"tensor", "as_tensor", "scalar_tensor"})
+
+
+def scalar_value(tensor: Any) -> float | None:
+    """The value of a tensor a scalar step may hold as a Python number would: one real element, neither a
+    parameter nor a tensor that requires grad (either may be trained, and a fold would not follow it); else None.
+
+    Whether it is constant (a buffer, a plain attribute, a literal) rather
+    than computed in the forward is the builder's to tell.
+    """
+    if (not isinstance(tensor, torch.Tensor) or isinstance(tensor, nn.Parameter) or tensor.requires_grad
+            or tensor.numel() != 1 or tensor.dtype == torch.bool or tensor.is_complex() or tensor.is_meta):
+        return None
+    return float(tensor.detach().reshape(()).item())
 
 
 

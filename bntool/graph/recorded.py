@@ -9,6 +9,7 @@ standing between them. Only the branches the inputs take are seen.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from ..runtime.running import inputs_must_fit, model_device, move_inputs, training_flags
 from .ops import (
     FOLDABLE_TYPES,
+    LITERAL_FACTORIES,
     SHAPE_ONLY_SECOND,
     Op,
     Shape,
@@ -24,6 +26,7 @@ from .ops import (
     functional_layer,
     is_leaf,
     is_reshape,
+    scalar_value,
     tensors_in,
     transparent_module,
 )
@@ -85,10 +88,25 @@ class _Recorder(TorchFunctionMode):
             index = self.add("module", owner, (self.source_of(keys[0]),), outputs, functional=True)
             self.shapes[index] = (tuple(inputs[0].shape), tuple(outputs[0].shape))
             return out
-        affine = affine_of(name, args, kwargs, lambda a: isinstance(a, torch.Tensor))
-        sources = tuple(self.source_of(k) for k in keys)
+        constant = lambda a: self.scalar(a, inputs)
+        affine = affine_of(name, args, kwargs, lambda a: isinstance(a, torch.Tensor) and constant(a) is None,
+                           constant)
+        sources = tuple(self.source_of(k) for k, t in zip(keys, inputs) if affine is None or constant(t) is None)
         self.add("function", name, sources, outputs, affine, is_reshape(name, args, len(inputs)))
         return out
+
+    def scalar(self, t: Any, inputs: list[torch.Tensor]) -> float | None:
+        """The value of ``t`` when it is a constant scalar tensor (``ops.scalar_value``) read directly (a buffer, a
+        plain attribute) or made from Python values alone (``torch.tensor(2.2)``), not computed in the forward,
+        and it broadcasts to no more dims than the data beside it; else None."""
+        if not isinstance(t, torch.Tensor) or any(t.dim() > other.dim() for other in inputs if other is not t):
+            return None
+        producer = self.producer.get((id(t), t._version))
+        if producer is not None:
+            op = self.ops[producer]
+            if op.kind != "attr" and not (op.kind == "function" and op.target in LITERAL_FACTORIES and not op.inputs):
+                return None
+        return scalar_value(t)
 
 
 def recorded_ops(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[tuple[Op, ...], dict]:
