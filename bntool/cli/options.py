@@ -75,6 +75,19 @@ AtolOpt = Annotated[
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", metavar="FLOAT", help="Relative tolerance (see --atol).")]
 
 # Data options shared by the commands that read real inputs (recalibrate, export).
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--data",
+        metavar="SOURCE",
+        help="Real inputs: a tensor file (.pt, .safetensors, .npy, .npz) of inputs stacked along dim 0, a folder of "
+        "images, or package.module:factory / path/file.py:factory returning an iterable of batches.",
+        show_default=False,
+    ),
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", metavar="N", help="Samples per batch read from --data (a tensor file or an image folder).")
+]
 DataArgsOpt = Annotated[
     Optional[str],
     typer.Option("--data-args", metavar="JSON", help='Keyword arguments for a --data factory, as JSON: \'{"split": "val"}\'.'),

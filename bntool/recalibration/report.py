@@ -122,6 +122,7 @@ class RecalibrationReport:
         data = dataclasses.asdict(self)
         data["passed"] = self.passed
         data["mean_of_batch_vars_vs_population"] = self.mean_of_batch_vars_vs_population
+        data["recipe_step"] = self.recipe_step()
         return _finite(data)
 
 
