@@ -32,6 +32,7 @@ import torch.fx
 from torch import nn
 
 from . import recipe
+from .deprecation import warn
 from .errors import VerificationError, require_module
 from .folding import apply as fold_apply
 from .freezing import freeze as freezing
@@ -76,6 +77,35 @@ def save(
     out: str | os.PathLike,
     *,
     recipe: list[dict[str, Any]] | None = None,
+    force: bool = False,
+    build: Callable[[], nn.Module] | None = None,
+    verify: bool = True,
+    protect: Iterable[str | os.PathLike] = (),
+    **internal: Any,
+) -> Path:
+    """Write ``model`` and its recipe (default: the one it carries) atomically, verified.
+
+    ``build`` (a callable returning a freshly built model of the same
+    architecture, e.g. ``MyNet``) lets the check rebuild the structure from
+    the recipe too. With ``verify=False`` the written file is not checked. A
+    failed check raises ``VerificationError`` and nothing is written.
+    ``out`` is never one of ``protect``. (``source`` and ``check``, bntool's
+    own plumbing, are accepted for one release with a ``FutureWarning``.)
+    """
+    unknown = set(internal) - {"source", "check"}
+    if unknown:
+        raise TypeError(f"save() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    if internal:
+        warn(f"{', '.join(f'`{k}`' for k in internal)} of `save` is bntool's internal plumbing and stops working in "
+             "the next release; `bntool.persist.write` takes it", stacklevel=3)
+    return write(model, out, recipe=recipe, force=force, build=build, verify=verify, protect=protect, **internal)
+
+
+def write(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    recipe: list[dict[str, Any]] | None = None,
     source: checkpoint.Loaded | None = None,
     force: bool = False,
     build: Callable[[], nn.Module] | None = None,
@@ -83,15 +113,8 @@ def save(
     check: Callable[[Path], None] | None = None,
     protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Write ``model`` and its recipe (default: the one it carries) atomically, verified.
-
-    ``build`` (a callable returning a freshly built model of the same
-    architecture, e.g. ``MyNet``) lets the check rebuild the structure from
-    the recipe too; ``check(tmp_path)`` adds a check of your own. With
-    ``verify=False`` only ``check`` runs. A failed check raises
-    ``VerificationError`` and nothing is written. ``out`` is never
-    ``source``'s file or one of ``protect``.
-    """
+    """``save``, also recording the file the model was read from (``source``: its name and hash go into the
+    metadata, and it is never the output) and running ``check(tmp_path)`` of the caller's before the rename."""
     require_module(model)
     steps = recipe_of(model) if recipe is None else list(recipe)
 

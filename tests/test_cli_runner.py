@@ -82,14 +82,17 @@ def test_an_existing_output_is_refused_before_the_model_is_built(cli, setup, com
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_json_owns_stdout(cli, setup, command):
-    # catches: a command whose human lines reach stdout under --json
+def test_json_owns_stdout_and_carries_the_contract(cli, setup, command):
+    # catches: a command whose human lines reach stdout under --json, or whose JSON lacks the contract's keys
     tmp_path, spec, _ = setup
     out = tmp_path / ("o.onnx" if command == "export" else "o.safetensors")
     result = cli(*_argv(command, tmp_path, spec, out), "--json")
     assert result.code == 0, result.err
     data = json.loads(result.out)
     assert data["command"] == command and data["written"] and out.exists()
+    op = "export_onnx" if command == "export" else command
+    assert data["op"] == op and data["passed"] is True and data["verification"]
+    assert data["done"] and isinstance(data["skipped"], list) and data["recipe_step"]["op"] == op
     assert data["input"] == str(tmp_path / ("frozen.safetensors" if command == "unfreeze" else "ck.pt"))
 
 

@@ -266,7 +266,7 @@ def write_verified(source: Source, result: nn.Module, out: Path, *, force: bool)
     """
     require_valid(result, what="the result")  # never write NaN / inf (say, statistics a recalibration did not reach)
     protect = [p for p, _ in input_files(source.loaded.path, model=source.spec)]
-    return persist.save(result, out, source=source.loaded, force=force, build=source.build_fresh, protect=protect)
+    return persist.write(result, out, source=source.loaded, force=force, build=source.build_fresh, protect=protect)
 
 
 def parse_numbers(text: str | None, flag: str, kind: type) -> list | None:

@@ -146,11 +146,11 @@ def export(
     def operate(source, feed, target):
         example, verify_inputs = feed
         return None, export_onnx(
-            source.model, example, path, fold=fold, opset=opset, dynamic_batch=dynamic_batch,
+            source.model, path, example_inputs=example, fold=fold, opset=opset, dynamic_batch=dynamic_batch,
             input_names=_names(input_names), output_names=_names(output_names), verify_batch_sizes=sizes,
             verify_inputs=verify_inputs, exporter=exporter, optimize=optimize, external_data=external_data,
             device=device, seed=seed, atol=atol, rtol=rtol, force=force, keep_on_fail=keep_on_fail,
-            consume=True,  # nothing here needs the original afterwards: one model held, not two
+            inplace=True,  # nothing here needs the original afterwards: one model held, not two
         )
 
     run_operation(Operation(

@@ -65,7 +65,8 @@ def fold(
 
     def operate(source, inputs, target):
         # in place: the original's outputs are computed first, so one model is held (undone if it fails)
-        return fold_model(source.model, inputs, device=target, atol=atol, rtol=rtol, strict=strict, inplace=True)
+        return fold_model(source.model, example_inputs=inputs, inplace=True, device=target, atol=atol, rtol=rtol,
+                          strict=strict)
 
     run_operation(Operation(
         "fold", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,

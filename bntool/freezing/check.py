@@ -22,7 +22,7 @@ from ..norms import is_bntool_frozen
 from ..runtime.cloning import clone
 from ..runtime.running import model_device, resolve_device
 from ..verify.bits import Snapshot
-from ..verify.compare import Comparison, Reference, compare
+from ..verify.compare import Comparison, Reference, compare_layers
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def check_frozen(original: nn.Module | None, frozen: nn.Module, inputs: Sequence
     candidate = frozen if model_device(frozen) == device else clone(frozen).to(device)
     layers = [(n, m) for n, m in candidate.named_modules() if is_bntool_frozen(m)]
     before = Snapshot(candidate, only=[n for n, _ in layers])
-    comparison = compare(original, _TrainOnly(candidate, [m for _, m in layers]), inputs, device=device,
+    comparison = compare_layers(original, _TrainOnly(candidate, [m for _, m in layers]), inputs, device=device,
                          candidate_train=True, atol=atol, rtol=rtol, reference=reference)
     changed = before.changed(candidate)
     moved = [n for n, _ in layers if any(not n or c.startswith(f"{n}.") for c in changed)]

@@ -26,11 +26,11 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..errors import InputError, VerificationError, require_module
 from ..frozen import AFFINE_MODES, frozen_type_for, why_not_freezable
 from ..norms import has_fixed_statistics, is_bntool_frozen
-from ..report import Skip, with_step
+from ..report import Skip, contract, with_step
 from ..runtime.cloning import clone
 from ..runtime.shapes import make_inputs
 from ..selection import select
-from ..verify.compare import Comparison, Reference, compare
+from ..verify.compare import Comparison, Reference, compare_layers
 from .check import FreezeCheck, check_frozen
 
 # ----------------------------------------------------------------------------- reports
@@ -55,6 +55,7 @@ class FreezeReport:
     skipped: tuple[Skip, ...]
     affine: str = "frozen"
     check: FreezeCheck | None = None
+    verified: bool = True  # False with ``verify=False``: ``passed`` is None
 
     @property
     def done(self) -> tuple[FrozenLayer, ...]:
@@ -65,19 +66,17 @@ class FreezeReport:
         return self.check.comparison if self.check else None
 
     @property
-    def passed(self) -> bool:
-        return self.check is None or self.check.passed
+    def passed(self) -> bool | None:
+        return None if not self.verified else self.check is None or self.check.passed
 
     def recipe_step(self) -> dict[str, Any]:
         return {"op": "freeze", "layers": [layer.name for layer in self.frozen], "affine": self.affine}
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"frozen": [dataclasses.asdict(layer) for layer in self.frozen],
-                "skipped": [dataclasses.asdict(skip) for skip in self.skipped],
-                "affine": self.affine, "recipe_step": self.recipe_step()}
-        if self.check is not None:
-            data["verification"] = self.check.to_dict()
-        return data
+        # (``name`` beside ``layer`` in the skip entries: the older key, kept for one release)
+        return {**contract("freeze", self, (layer.name for layer in self.frozen),
+                           self.check.to_dict() if self.check is not None else None, old_name="name"),
+                "frozen": [dataclasses.asdict(layer) for layer in self.frozen], "affine": self.affine}
 
 
 @dataclass(frozen=True)
@@ -87,23 +86,23 @@ class UnfreezeReport:
     unfrozen: tuple[FrozenLayer, ...]
     comparison: Comparison | None = None
     skipped: tuple[Skip, ...] = ()
+    verified: bool = True  # False with ``verify=False``: ``passed`` is None
 
     @property
     def done(self) -> tuple[FrozenLayer, ...]:
         return self.unfrozen
 
     @property
-    def passed(self) -> bool:
-        return self.comparison is None or self.comparison.passed
+    def passed(self) -> bool | None:
+        return None if not self.verified else self.comparison is None or self.comparison.passed
 
     def recipe_step(self) -> dict[str, Any]:
         return {"op": "unfreeze", "layers": [layer.name for layer in self.unfrozen]}
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"unfrozen": [dataclasses.asdict(layer) for layer in self.unfrozen], "recipe_step": self.recipe_step()}
-        if self.comparison is not None:
-            data["verification"] = self.comparison.to_dict()
-        return data
+        return {**contract("unfreeze", self, (layer.name for layer in self.unfrozen),
+                           self.comparison.to_dict() if self.comparison is not None else None, old_name="name"),
+                "unfrozen": [dataclasses.asdict(layer) for layer in self.unfrozen]}
 
 
 # ----------------------------------------------------------------------------- freeze and unfreeze
@@ -194,7 +193,7 @@ def freeze(model: nn.Module, include: str | Iterable[str] | None = None, exclude
         return new
 
     result = _convert(model if inplace else clone(model), decide)
-    report = FreezeReport(tuple(frozen), tuple(skipped), affine)
+    report = FreezeReport(tuple(frozen), tuple(skipped), affine, verified=verify)
     if frozen:
         with_step(result, report.recipe_step())
     if checking and frozen:
@@ -231,12 +230,12 @@ def unfreeze(model: nn.Module, include: str | Iterable[str] | None = None, exclu
         return module.to_batchnorm()
 
     result = _convert(model if inplace else clone(model), decide)
-    report = UnfreezeReport(tuple(unfrozen))
+    report = UnfreezeReport(tuple(unfrozen), verified=verify)
     if unfrozen:
         with_step(result, report.recipe_step())
     if checking and unfrozen:
-        comparison = compare(None if inplace else model, result, checking.inputs(result), device=checking.device,
-                             atol=atol, rtol=rtol, reference=reference)
+        comparison = compare_layers(None if inplace else model, result, checking.inputs(result),
+                                    device=checking.device, atol=atol, rtol=rtol, reference=reference)
         report = dataclasses.replace(report, comparison=comparison)
         if not comparison.passed:
             raise VerificationError(comparison.failure_message("the unfrozen model (eval mode)"), report)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import InputError, VerificationError, first_line
 from ..runtime.running import flatten_outputs, resolve_device, run_eval
-from ..verify.compare import Comparison, Reference, compare
+from ..verify.compare import Comparison, Reference, compare_layers
 
 
 def providers_for(device: torch.device) -> list[Any]:
@@ -94,6 +94,14 @@ class OnnxVerification:
                 for c in self.checks if not c.comparison.passed]
 
 
+class OrtLoadError(VerificationError):
+    """onnxruntime cannot load the file (``reason``: its own first line); the report is None."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"onnxruntime cannot load the file: {reason}")
+        self.reason = reason
+
+
 def verify_onnx(
     model: nn.Module | None,
     path: str | os.PathLike,
@@ -126,7 +134,7 @@ def verify_onnx(
         runner = OrtRunner(path, target, arena=False)
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
         text = first_line(exc, 300).replace(str(path), f"`{Path(path).name}`")  # (not bntool's staging folder)
-        raise VerificationError(f"onnxruntime cannot load the file: {text}") from exc
+        raise OrtLoadError(text) from exc
     expected = len(flatten_outputs(template))
 
     def candidate(batch_inputs: Sequence[torch.Tensor]) -> Any:
@@ -139,7 +147,7 @@ def verify_onnx(
                                     "tensors")
         return _fill(template, iter(outputs))
 
-    checks = tuple(BatchCheck(b, compare(model, candidate, feed[b], device=target, atol=atol, rtol=rtol,
+    checks = tuple(BatchCheck(b, compare_layers(model, candidate, feed[b], device=target, atol=atol, rtol=rtol,
                                          reference=references.get(b)))
                    for b in sorted(feed))
     return OnnxVerification(runner.provider, checks)
