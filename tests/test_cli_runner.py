@@ -96,6 +96,21 @@ def test_json_owns_stdout_and_carries_the_contract(cli, setup, command):
     assert data["input"] == str(tmp_path / ("frozen.safetensors" if command == "unfreeze" else "ck.pt"))
 
 
+@pytest.mark.parametrize("command", ["fold", "export"])
+def test_fold_and_export_select_bns_like_every_command(cli, setup, command):
+    # catches: --include / --exclude parsed but not passed on (the BN would be folded), or a BN left without a reason
+    tmp_path, spec, _ = setup
+    out = tmp_path / ("o.onnx" if command == "export" else "o.safetensors")
+    result = cli(*_argv(command, tmp_path, spec, out), "--exclude", "head.*", "--json")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["done"] == ["stem.1"]
+    assert data["skipped"] == [{"layer": "head.3", "bn": "head.3", "reason": "excluded by the exclude pattern `head.*`"}]
+    wrong = cli(*_argv(command, tmp_path, spec, tmp_path / ("p.onnx" if command == "export" else "p.pt")),
+                "--include", "zzz")
+    assert wrong.code == 2 and "include pattern `zzz` matches no BatchNorm layer" in wrong.err, wrong.err
+
+
 def test_a_failed_verification_still_shows_the_report_and_writes_nothing(cli, setup, monkeypatch):
     # catches: a runner that raises before rendering (the user would see the error and no table)
     import bntool.folding.apply as foldapply

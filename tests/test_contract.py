@@ -134,6 +134,9 @@ def test_export_folds_only_the_selected_and_keeps_the_rest_in_the_file(tmp_path)
     assert report.passed and [p.bn for p in report.done] == ["1"]
     assert report.bn_left == 3 and report.facts.node_counts.get("BatchNormalization") == 3  # `5`, `10`, `13`
     assert {s.name for s in report.skipped} == {"5", "10", "13"}
+    with pytest.raises(InputError, match="with `fold=False` nothing is folded"):
+        bntool.export_onnx(_lenet(), tmp_path / "n.onnx", include="1", example_inputs=X, fold=False)
+    assert not (tmp_path / "n.onnx").exists()
 
 
 def test_export_without_verify_runs_no_onnxruntime_and_says_not_verified(tmp_path, monkeypatch):

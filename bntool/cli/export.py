@@ -16,8 +16,10 @@ from .options import (
     DataArgsOpt,
     DataOpt,
     DeviceOpt,
+    ExcludeOpt,
     ForceOpt,
     ImageSizeOpt,
+    IncludeOpt,
     InputKeyOpt,
     InputShapeOpt,
     JsonOpt,
@@ -83,6 +85,8 @@ def export(
     mean: MeanOpt = None,
     std: StdOpt = None,
     fold: FoldOpt = True,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
     opset: OpsetOpt = None,
     dynamic_batch: DynamicBatchOpt = False,
     verify_batch_sizes: VerifyBatchSizesOpt = None,
@@ -146,7 +150,8 @@ def export(
     def operate(source, feed, target):
         example, verify_inputs = feed
         return None, export_onnx(
-            source.model, path, example_inputs=example, fold=fold, opset=opset, dynamic_batch=dynamic_batch,
+            source.model, path, include=include or None, exclude=exclude or None, example_inputs=example,
+            fold=fold, opset=opset, dynamic_batch=dynamic_batch,
             input_names=_names(input_names), output_names=_names(output_names), verify_batch_sizes=sizes,
             verify_inputs=verify_inputs, exporter=exporter, optimize=optimize, external_data=external_data,
             device=device, seed=seed, atol=atol, rtol=rtol, force=force, keep_on_fail=keep_on_fail,

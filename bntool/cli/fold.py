@@ -13,7 +13,9 @@ from .options import (
     CheckpointArg,
     DeviceOpt,
     DryRunOpt,
+    ExcludeOpt,
     ForceOpt,
+    IncludeOpt,
     InputShapeOpt,
     JsonOpt,
     KeyOpt,
@@ -40,6 +42,8 @@ def fold(
     key: KeyOpt = None,
     allow_pickle: AllowPickleOpt = False,
     strip_prefix: StripPrefixOpt = True,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
     input_shape: InputShapeOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -65,8 +69,8 @@ def fold(
 
     def operate(source, inputs, target):
         # in place: the original's outputs are computed first, so one model is held (undone if it fails)
-        return fold_model(source.model, example_inputs=inputs, inplace=True, device=target, atol=atol, rtol=rtol,
-                          strict=strict)
+        return fold_model(source.model, include=include or None, exclude=exclude or None, example_inputs=inputs,
+                          inplace=True, device=target, atol=atol, rtol=rtol, strict=strict)
 
     run_operation(Operation(
         "fold", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,

@@ -109,7 +109,7 @@ StdOpt = Annotated[
     typer.Option("--std", metavar="FLOATS", help="Per-channel std to divide images by, e.g. 0.229,0.224,0.225.", show_default=False),
 ]
 
-# Layer selection shared by freeze, unfreeze and recalibrate (--only is the older name of --include).
+# Layer selection shared by fold, export, freeze, unfreeze and recalibrate (--only is the older name of --include).
 IncludeOpt = Annotated[
     Optional[list[str]],
     typer.Option(

@@ -120,6 +120,9 @@ def export_onnx(
         example_inputs = positional("example_inputs", path, example_inputs, "export_onnx")
         path = _old_path
     inplace = renamed("consume", consume, "inplace", inplace, "export_onnx")
+    if not fold and (include is not None or exclude is not None):
+        raise InputError("`include` / `exclude` choose the BatchNorm layers to fold; with `fold=False` nothing is "
+                         "folded: pass them with `fold=True`, or drop them")
     if exporter not in EXPORTERS:
         raise InputError(f"unknown exporter `{exporter}`; pass dynamo (recommended) or torchscript")
     out = outputs.check_output_path(path, force=force)
