@@ -15,7 +15,6 @@ from .options import (
     DryRunOpt,
     ExcludeOpt,
     ForceOpt,
-    IncludeOpt,
     InputShapeOpt,
     JsonOpt,
     KeyOpt,
@@ -24,6 +23,7 @@ from .options import (
     OutOpt,
     RtolOpt,
     SeedOpt,
+    SelectIncludeOpt,
     StripPrefixOpt,
 )
 
@@ -42,7 +42,7 @@ def fold(
     key: KeyOpt = None,
     allow_pickle: AllowPickleOpt = False,
     strip_prefix: StripPrefixOpt = True,
-    include: IncludeOpt = None,
+    include: SelectIncludeOpt = None,
     exclude: ExcludeOpt = None,
     input_shape: InputShapeOpt = None,
     seed: SeedOpt = 0,

@@ -109,7 +109,7 @@ StdOpt = Annotated[
     typer.Option("--std", metavar="FLOATS", help="Per-channel std to divide images by, e.g. 0.229,0.224,0.225.", show_default=False),
 ]
 
-# Layer selection shared by fold, export, freeze, unfreeze and recalibrate (--only is the older name of --include).
+# Layer selection shared by freeze, unfreeze and recalibrate (--only is the older name of --include).
 IncludeOpt = Annotated[
     Optional[list[str]],
     typer.Option(
@@ -127,4 +127,15 @@ ExcludeOpt = Annotated[
     typer.Option("--exclude", metavar="PATTERN",
                  help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
                  show_default=False),
+]
+# The same selection for the commands that never had --only (fold, export).
+SelectIncludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--include",
+        metavar="PATTERN",
+        help="Only BatchNorm layers whose qualified name (or a parent's) matches this fnmatch pattern, "
+        "e.g. 'layer1.*' or backbone; repeat for several. Default: every one the command applies to.",
+        show_default=False,
+    ),
 ]
