@@ -140,12 +140,12 @@ def test_export_folds_only_the_selected_and_keeps_the_rest_in_the_file(tmp_path)
 
 
 def test_export_without_verify_runs_no_onnxruntime_and_says_not_verified(tmp_path, monkeypatch):
-    import bntool.export.export_onnx as onnx_export
+    import bntool.export.prove as proof
 
     def no_onnxruntime(*args, **kwargs):
         raise AssertionError("onnxruntime ran although verify=False")
 
-    monkeypatch.setattr(onnx_export, "verify_onnx", no_onnxruntime)
+    monkeypatch.setattr(proof, "verify_onnx", no_onnxruntime)
     report = bntool.export_onnx(_lenet(), tmp_path / "m.onnx", example_inputs=X, verify=False)
     assert report.written and (tmp_path / "m.onnx").exists()
     assert report.passed is None and report.verification is None and report.comparison is None

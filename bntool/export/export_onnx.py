@@ -4,9 +4,9 @@
 ``fold=False``, exports in eval mode on the CPU with ``torch.onnx.export``
 (the torch.export-based exporter, ``dynamo=True``, unless
 ``exporter="torchscript"``; ``export.write``) into a temporary folder beside
-``path``, then checks the temporary file (``_check_file``: ``onnx.checker``
-(full check), no BatchNormalization in training mode, every initializer bit
-for bit) and proves it (``_prove``: onnxruntime, graph optimizations off,
+``path``, then checks the temporary file (``prove.check_file``: ``onnx.checker`` (full
+check), no BatchNormalization in training mode, every initializer bit for
+bit) and proves it (``prove.prove``: onnxruntime, graph optimizations off,
 against the original PyTorch model at every verification batch size). Only
 then is the file (and any external-data file) renamed into place
 (``onnxio.commit``).
@@ -26,7 +26,6 @@ import gc
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,13 +35,13 @@ from ..deprecation import UNSET, positional, renamed
 from ..errors import InputError, VerificationError, require_module
 from ..folding.fold import fold as fold_model
 from ..io import outputs
-from ..onnxio.check import OnnxFacts, compare_initializers, inspect_file, read_structure
 from ..onnxio.commit import commit
-from ..onnxio.ort import OnnxVerification, OrtLoadError, inputs_at, verification_batch_sizes, verify_onnx
+from ..onnxio.ort import inputs_at, verification_batch_sizes
 from ..runtime.cloning import on_cpu
 from ..runtime.running import flatten_outputs, model_dtype, resolve_device, run_eval
 from ..runtime.shapes import make_inputs
 from ..verify.compare import Reference
+from .prove import check_file, prove
 from .report import ExportReport
 from .write import ExportSpec, chosen_names, default_input_names, default_output_names, write_onnx
 
@@ -169,12 +168,12 @@ def export_onnx(
         start = time.perf_counter()
         described, rewritten = write_onnx(export_model, cpu_inputs, tmp, spec)
         seconds = time.perf_counter() - start
-        facts, failures, weights_checked = _check_file(tmp, export_model, rewritten, opset, dynamic_batch, notes)
+        facts, failures, weights_checked = check_file(tmp, export_model, rewritten, opset, dynamic_batch, notes)
         if inplace:  # onnxruntime holds the weights next: the model's go first
             export_model.to("meta")
         del export_model  # (folding's copy goes with the name; a caller's model is the caller's)
         _give_back_memory()
-        verification = _prove(tmp, feed, target, atol, rtol, template, references, dtype, failures) if verify else None
+        verification = prove(tmp, feed, target, atol, rtol, template, references, dtype, failures) if verify else None
         report = ExportReport(str(out), False, described, facts.opset, spec.optimize, dynamic_batch,
                               facts.input_names, facts.output_names, facts, fold_report, verification, seconds,
                               tuple(failures), tuple(notes), weights_checked, verified=verify)
@@ -185,66 +184,6 @@ def export_onnx(
         if failures:
             raise VerificationError(f"kept `{out}` (`keep_on_fail=True`) although: " + "; ".join(failures), report)
         return report
-
-
-def _check_file(tmp: Path, model: nn.Module, rewritten: Sequence[str], opset: int | None, dynamic_batch: bool,
-                notes: list[str]) -> tuple[OnnxFacts, list[str], int]:
-    """The file's structure (checker, training-mode BNs, batch dimension, opset) and its initializers bit for bit
-    against ``model``'s tensors: the facts, the failures, and how many initializers were compared."""
-    # one reading of the file's structure serves the checker, the facts and the weights' comparison; the
-    # weights themselves stay in the file and are compared a chunk at a time
-    found = read_structure(tmp)
-    facts = inspect_file(tmp, found)
-    if opset is not None and facts.opset != opset:
-        raise InputError(f"the exporter wrote opset {facts.opset}, not the `opset` {opset} asked for (it cannot "
-                         f"convert this graph); pass `opset` {facts.opset} or newer")
-    failures = _structural_failures(facts, dynamic_batch)
-    weights_checked, differ = compare_initializers(found, model, skip=rewritten)
-    if rewritten:
-        shown = ", ".join(f"`{name}`" for name in rewritten[:3]) + (", ..." if len(rewritten) > 3 else "")
-        notes.append(f"{len(rewritten)} initializer(s) named after the model's tensors hold values the exporter's "
-                     f"optimizer computed (it fused layers itself): {shown}; onnxruntime checks them, the "
-                     "bit-for-bit comparison with the model does not")
-    if differ:
-        shown = ", ".join(f"`{name}`" for name in differ[:3]) + (", ..." if len(differ) > 3 else "")
-        failures.append(f"{len(differ)} initializer(s) differ from the model's tensors: {shown}")
-    return facts, failures, weights_checked
-
-
-def _prove(tmp: Path, feed: Mapping[int, Sequence[torch.Tensor]], target: torch.device, atol: float | None,
-           rtol: float | None, template: Any, references: Mapping[int, Reference], dtype: torch.dtype,
-           failures: list[str]) -> OnnxVerification | None:
-    """onnxruntime runs the file at every batch size against the original's outputs; what fails goes to
-    ``failures``. A model dtype onnxruntime's CPU provider cannot run is the caller's to change (``InputError``)."""
-    try:
-        verification = verify_onnx(None, tmp, feed, device=target, atol=atol, rtol=rtol, template=template,
-                                   references=references)
-    except OrtLoadError as exc:
-        if dtype in UNRUNNABLE_DTYPES:
-            raise InputError(f"onnxruntime cannot run this {UNRUNNABLE_DTYPES[dtype]} model on its CPU provider "
-                             f"({exc.reason}), so the file cannot be verified; export it in float32 "
-                             "(`model.float()`) or float16") from None
-        failures.append(str(exc))
-        return None
-    except VerificationError as exc:
-        failures.append(str(exc))
-        return None
-    failures += verification.failures()
-    return verification
-
-
-def _structural_failures(facts: OnnxFacts, dynamic_batch: bool) -> list[str]:
-    failures = []
-    if facts.checker_error:
-        failures.append(f"onnx.checker rejects the file: {facts.checker_error}")
-    for bn in facts.training_bns:
-        failures.append(f"BatchNormalization `{bn.node}` is in training mode ({bn.reason}); give the layer "
-                        "running statistics (`bntool recalibrate`) and export again")
-    if dynamic_batch:
-        fixed = [f"`{n}` ({d})" for n, d in zip(facts.input_names, facts.batch_dims) if not isinstance(d, str)]
-        if fixed:
-            failures.append(f"input {', '.join(fixed)} has a fixed batch dimension although a dynamic batch was asked")
-    return failures
 
 
 def _give_back_memory() -> None:
@@ -283,10 +222,6 @@ def _first_output(model: nn.Module) -> Iterator[tuple[list[Any], int]]:
 def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
                                     and torch.equal(x, y) for x, y in zip(a, b))
-
-
-#: Model dtypes whose convolutions onnxruntime's CPU provider has no kernel for (ONNX has no bfloat16 Conv at all).
-UNRUNNABLE_DTYPES = {torch.float64: "float64", torch.bfloat16: "bfloat16"}
 
 
 def _as_model_dtype(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
