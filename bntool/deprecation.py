@@ -51,3 +51,14 @@ def renamed(old: str, old_value: Any, new: str, new_value: Any, op: str) -> Any:
         raise InputError(f"pass `{new}` or its older name `{old}`, not both")
     warn(f"`{old}` of `{op}` is deprecated and stops working in the next release; pass `{new}` instead")
     return old_value
+
+
+def plumbing(given: dict[str, Any], names: tuple[str, ...], op: str, instead: str) -> None:
+    """Keyword arguments ``op`` took as bntool's own plumbing (``names``): accepted one release, warned; anything
+    else is the ``TypeError`` Python would raise."""
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise TypeError(f"{op}() got an unexpected keyword argument {unknown[0]!r}")
+    if given:
+        warn(f"{', '.join(f'`{k}`' for k in given)} of `{op}` is bntool's internal plumbing and stops working in the "
+             f"next release; {instead}")

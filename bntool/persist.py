@@ -32,7 +32,7 @@ import torch.fx
 from torch import nn
 
 from . import recipe
-from .deprecation import warn
+from .deprecation import plumbing
 from .errors import VerificationError, require_module
 from .folding import apply as fold_apply
 from .freezing import freeze as freezing
@@ -92,12 +92,7 @@ def save(
     ``out`` is never one of ``protect``. (``source`` and ``check``, bntool's
     own plumbing, are accepted for one release with a ``FutureWarning``.)
     """
-    unknown = set(internal) - {"source", "check"}
-    if unknown:
-        raise TypeError(f"save() got an unexpected keyword argument {sorted(unknown)[0]!r}")
-    if internal:
-        warn(f"{', '.join(f'`{k}`' for k in internal)} of `save` is bntool's internal plumbing and stops working in "
-             "the next release; `bntool.persist.write` takes it", stacklevel=3)
+    plumbing(internal, ("source", "check"), "save", "`bntool.persist.write` takes it")
     return write(model, out, recipe=recipe, force=force, build=build, verify=verify, protect=protect, **internal)
 
 

@@ -145,7 +145,7 @@ def test_export_without_verify_runs_no_onnxruntime_and_says_not_verified(tmp_pat
     def no_onnxruntime(*args, **kwargs):
         raise AssertionError("onnxruntime ran although verify=False")
 
-    monkeypatch.setattr(proof, "verify_onnx", no_onnxruntime)
+    monkeypatch.setattr(proof, "verify_file", no_onnxruntime)
     report = bntool.export_onnx(_lenet(), tmp_path / "m.onnx", example_inputs=X, verify=False)
     assert report.written and (tmp_path / "m.onnx").exists()
     assert report.passed is None and report.verification is None and report.comparison is None
@@ -237,3 +237,9 @@ def test_compare_and_save_plumbing_warn_and_still_work(tmp_path):
         bntool.save(model, tmp_path / "b.safetensors", source=checkpoint.read(tmp_path / "a.safetensors"),
                     check=seen.append)
     assert len(seen) == 1 and checkpoint.read(tmp_path / "b.safetensors").metadata["source"]["file"] == "a.safetensors"
+    path = tmp_path / "m.onnx"
+    bntool.export_onnx(model, path, example_inputs=X, device="cpu")
+    with _future("`references` of `verify_onnx` is bntool's internal plumbing"):
+        verification = bntool.verify_onnx(model, path, (X,), device="cpu",
+                                          references={2: Reference.of(model, (X,), device="cpu")})
+    assert verification.passed

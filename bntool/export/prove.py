@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import InputError, VerificationError
 from ..onnxio.check import OnnxFacts, compare_initializers, inspect_file, read_structure
-from ..onnxio.ort import OnnxVerification, OrtLoadError, verify_onnx
+from ..onnxio.ort import OnnxVerification, OrtLoadError, verify_file
 from ..verify.compare import Reference
 
 #: Model dtypes whose convolutions onnxruntime's CPU provider has no kernel for (ONNX has no bfloat16 Conv at all).
@@ -49,7 +49,7 @@ def prove(tmp: Path, feed: Mapping[int, Sequence[torch.Tensor]], target: torch.d
     """onnxruntime runs the file at every batch size against the original's outputs; what fails goes to
     ``failures``. A model dtype onnxruntime's CPU provider cannot run is the caller's to change (``InputError``)."""
     try:
-        verification = verify_onnx(None, tmp, feed, device=target, atol=atol, rtol=rtol, template=template,
+        verification = verify_file(None, tmp, feed, device=target, atol=atol, rtol=rtol, template=template,
                                    references=references)
     except OrtLoadError as exc:
         if dtype in UNRUNNABLE_DTYPES:

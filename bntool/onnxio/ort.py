@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..deprecation import plumbing
 from ..errors import InputError, VerificationError, first_line
 from ..runtime.running import flatten_outputs, resolve_device, run_eval
 from ..verify.compare import Comparison, Reference, compare_layers
@@ -103,6 +104,30 @@ class OrtLoadError(VerificationError):
 
 
 def verify_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: Mapping[int, Sequence[torch.Tensor]] | Sequence[torch.Tensor],
+    *,
+    device: str | torch.device = "auto",
+    atol: float | None = None,
+    rtol: float | None = None,
+    **internal: Any,
+) -> OnnxVerification:
+    """Run ``path`` in onnxruntime (graph optimizations off) and compare with ``model`` in eval mode.
+
+    ``inputs`` is one list of tensors or ``{batch_size: tensors}``. The CUDA
+    provider (TF32 off) is used on a CUDA ``device`` when onnxruntime has it.
+    Raises ``OrtLoadError`` when onnxruntime cannot load the file, and
+    ``VerificationError`` when it cannot run it or its outputs are not the
+    model's. (``template`` and ``references``, bntool's own plumbing, are
+    accepted for one release with a ``FutureWarning``: ``verify_file``.)
+    """
+    plumbing(internal, ("template", "references"), "verify_onnx",
+             "`bntool.onnxio.ort.verify_file` takes it")
+    return verify_file(model, path, inputs, device=device, atol=atol, rtol=rtol, **internal)
+
+
+def verify_file(
     model: nn.Module | None,
     path: str | os.PathLike,
     inputs: Mapping[int, Sequence[torch.Tensor]] | Sequence[torch.Tensor],
@@ -113,16 +138,9 @@ def verify_onnx(
     template: Any = None,
     references: Mapping[int, Reference] | None = None,
 ) -> OnnxVerification:
-    """Run ``path`` in onnxruntime (graph optimizations off) and compare with ``model`` in eval mode.
-
-    ``inputs`` is one list of tensors or ``{batch_size: tensors}``. The CUDA
-    provider (TF32 off) is used on a CUDA ``device`` when onnxruntime has it.
-    ``references`` (``{batch_size: Reference.of(model, inputs[batch_size])}``)
-    saves running ``model`` again; where every batch size has one and
-    ``template`` is given, ``model`` may be ``None``. Raises
-    ``VerificationError`` when onnxruntime cannot run the file or its outputs
-    are not the model's.
-    """
+    """``verify_onnx`` against the original's outputs computed before: ``references``
+    (``{batch_size: Reference.of(model, inputs[batch_size])}``) saves running ``model`` again; where every batch
+    size has one and ``template`` (the outputs' structure) is given, ``model`` may be ``None``."""
     feed = dict(inputs) if isinstance(inputs, Mapping) else {int(inputs[0].shape[0]): tuple(inputs)}
     references = dict(references or {})
     if model is None and (template is None or set(feed) - set(references)):

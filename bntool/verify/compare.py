@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deprecation import warn
+from ..deprecation import plumbing
 from ..errors import InputError, require_module
 from ..runtime.running import flatten_outputs, resolve_device, run_on, tf32_disabled
 from ..runtime.spill import TensorStore
@@ -141,13 +141,8 @@ def compare(
     (``probes``, ``reference`` and ``fan_in``, bntool's own plumbing, are
     accepted for one release with a ``FutureWarning``: ``compare_layers``.)
     """
-    unknown = set(internal) - {"probes", "reference", "fan_in"}
-    if unknown:
-        raise TypeError(f"compare() got an unexpected keyword argument {sorted(unknown)[0]!r}")
-    if internal:
-        warn(f"{', '.join(f'`{k}`' for k in internal)} of `compare` is bntool's internal plumbing and stops "
-             "working in the next release; call `bntool.verify.compare.compare_layers` for a layer-by-layer check",
-             stacklevel=3)
+    plumbing(internal, ("probes", "reference", "fan_in"), "compare",
+             "call `bntool.verify.compare.compare_layers` for a layer-by-layer check")
     return compare_layers(original, candidate, inputs, device=device, atol=atol, rtol=rtol,
                           candidate_train=candidate_train, **internal)
 
