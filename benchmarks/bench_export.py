@@ -57,10 +57,11 @@ def main() -> None:
     example = torch.randn(1, 3, args.image_size, args.image_size)
     batches = {b: torch.randn(b, 3, args.image_size, args.image_size) for b in (1, 16)}
     step("folding ResNet-50 for the eager baseline")
-    folded_model, _ = fold(model, (example,), device="cpu")
+    folded_model, _ = fold(model, example_inputs=(example,), device="cpu")
     step("warm-up export of a small model")
     with tempfile.TemporaryDirectory() as folder:  # the exporter's one-time start-up is not the export's cost
-        export_onnx(mlp_bn().eval(), (torch.randn(2, 32),), Path(folder) / "warm-up.onnx", device="cpu")
+        export_onnx(mlp_bn().eval(), Path(folder) / "warm-up.onnx", example_inputs=(torch.randn(2, 32),),
+                    device="cpu")
     print(f"ResNet-50 (examples.models.resnet50), input 3x{args.image_size}x{args.image_size}, "
           f"torch {torch.__version__}, {args.threads} CPU threads, best of {args.repeats} interleaved runs\n")
     header = ["variant", "export s", "total s", "size MB", "BN nodes", "batch", "PyTorch eager ms",
@@ -72,7 +73,7 @@ def main() -> None:
             path = Path(folder) / f"{name}.onnx"
             step(f"exporting the {name} ResNet-50 (fold, export, checker, onnxruntime check)")
             began = time.perf_counter()
-            reports[name] = export_onnx(model, (example,), path, fold=do_fold, dynamic_batch=True,
+            reports[name] = export_onnx(model, path, example_inputs=(example,), fold=do_fold, dynamic_batch=True,
                                         verify_batch_sizes=[1], device="cpu")
             totals[name] = time.perf_counter() - began
             runners = {opt: OrtRunner(path, torch.device("cpu"), optimize=opt, threads=args.threads)

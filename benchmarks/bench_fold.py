@@ -104,7 +104,7 @@ def bench(name: str, batch: int, repeats: int) -> dict:
     total_bn = count_bn(model)
 
     def ours():
-        return bntool.fold(model, (x,), verify=False)[0]
+        return bntool.fold(model, example_inputs=(x,), verify=False)[0]
 
     step(f"{name}: bntool fold vs fx fuse, {repeats} interleaved runs")
     folded = ours()
@@ -181,7 +181,7 @@ def coverage() -> list[tuple[str, int, int, str]]:
             fx_text = str(batch_norm_kernels(fx_optimization.fuse(model), x))
         except Exception as exc:  # fx cannot trace it
             fx_text = f"{before} ({type(exc).__name__})"
-        folded, _ = bntool.fold(model, (x,), strict=True)
+        folded, _ = bntool.fold(model, example_inputs=(x,), strict=True)
         rows.append((label, before, batch_norm_kernels(folded, x), fx_text))
     return rows
 

@@ -135,7 +135,7 @@ def step_fold(device: str) -> dict:
         for _ in range(4):
             _sync(dev)
             start = time.perf_counter()
-            _, report = bntool.fold(m, (x,), device=dev)
+            _, report = bntool.fold(m, example_inputs=(x,), device=dev)
             _sync(dev)
             times.append(time.perf_counter() - start)
         c = report.comparison
@@ -158,7 +158,7 @@ def step_export(device: str, out_dir: Path) -> dict:
     if path.exists():
         path.unlink()
     start = time.perf_counter()
-    report = bntool.export_onnx(model, (x,), path, device=device)
+    report = bntool.export_onnx(model, path, example_inputs=(x,), device=device)
     total = time.perf_counter() - start
     data = report.to_dict()
     path.unlink(missing_ok=True)

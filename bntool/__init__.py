@@ -3,7 +3,7 @@
 The public API::
 
     import bntool
-    folded, report = bntool.fold(model, example_inputs)
+    folded, report = bntool.fold(model, example_inputs=example_inputs)
     model = bntool.load("folded.safetensors", model=MyNet())
 
 Names are imported on first use, so ``import bntool`` (and ``bntool --help``)
@@ -27,6 +27,7 @@ _EXPORTS = {
     "FoldPlan": "bntool.folding.plan",
     "FoldReport": "bntool.folding.fold",
     "Skip": "bntool.report",
+    "Report": "bntool.report",
     "compare": "bntool.verify.compare",
     "Comparison": "bntool.verify.compare",
     "BntoolError": "bntool.errors",
@@ -40,11 +41,13 @@ _EXPORTS = {
     "Finding": "bntool.inspection.findings",
     "freeze": "bntool.freezing.freeze",
     "unfreeze": "bntool.freezing.freeze",
+    "FreezeReport": "bntool.freezing.freeze",
+    "UnfreezeReport": "bntool.freezing.freeze",
     "FrozenBatchNorm1d": "bntool.frozen",
     "FrozenBatchNorm2d": "bntool.frozen",
     "FrozenBatchNorm3d": "bntool.frozen",
     "export_onnx": "bntool.export.export_onnx",
-    "ExportReport": "bntool.export.export_onnx",
+    "ExportReport": "bntool.export.report",
     "verify_onnx": "bntool.onnxio.ort",
 }
 
@@ -68,11 +71,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .errors import BntoolError, InputError, VerificationError
-    from .export.export_onnx import ExportReport, export_onnx
+    from .export.export_onnx import export_onnx
+    from .export.report import ExportReport
     from .folding.fold import FoldReport, fold
     from .folding.plan import FoldPlan
     from .folding.rules import plan_fold
-    from .freezing.freeze import freeze, unfreeze
+    from .freezing.freeze import FreezeReport, UnfreezeReport, freeze, unfreeze
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .inspection.findings import Finding
     from .inspection.inspect import InspectReport, inspect
@@ -81,5 +85,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .persist import load, save
     from .recalibration.recalibrate import recalibrate
     from .recalibration.report import RecalibrationReport
-    from .report import Skip
+    from .report import Report, Skip
     from .verify.compare import Comparison, compare

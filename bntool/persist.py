@@ -32,6 +32,7 @@ import torch.fx
 from torch import nn
 
 from . import recipe
+from .deprecation import plumbing
 from .errors import VerificationError, require_module
 from .folding import apply as fold_apply
 from .freezing import freeze as freezing
@@ -39,7 +40,6 @@ from .io import checkpoint, matching, tensorfile, torchfile, writing
 from .recalibration import state as recalibration_state
 from .report import recipe_of, set_recipe
 from .verify.bits import same_bits
-
 
 #: op name -> ``replay(model, step)``: the structural change of each operation's recipe step
 REPLAYERS: dict[str, recipe.Replayer] = {
@@ -76,6 +76,30 @@ def save(
     out: str | os.PathLike,
     *,
     recipe: list[dict[str, Any]] | None = None,
+    force: bool = False,
+    build: Callable[[], nn.Module] | None = None,
+    verify: bool = True,
+    protect: Iterable[str | os.PathLike] = (),
+    **internal: Any,
+) -> Path:
+    """Write ``model`` and its recipe (default: the one it carries) atomically, verified.
+
+    ``build`` (a callable returning a freshly built model of the same
+    architecture, e.g. ``MyNet``) lets the check rebuild the structure from
+    the recipe too. With ``verify=False`` the written file is not checked. A
+    failed check raises ``VerificationError`` and nothing is written.
+    ``out`` is never one of ``protect``. (``source`` and ``check``, bntool's
+    own plumbing, are accepted for one release with a ``FutureWarning``.)
+    """
+    plumbing(internal, ("source", "check"), "save", "`bntool.persist.write` takes it")
+    return write(model, out, recipe=recipe, force=force, build=build, verify=verify, protect=protect, **internal)
+
+
+def write(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    recipe: list[dict[str, Any]] | None = None,
     source: checkpoint.Loaded | None = None,
     force: bool = False,
     build: Callable[[], nn.Module] | None = None,
@@ -83,15 +107,8 @@ def save(
     check: Callable[[Path], None] | None = None,
     protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Write ``model`` and its recipe (default: the one it carries) atomically, verified.
-
-    ``build`` (a callable returning a freshly built model of the same
-    architecture, e.g. ``MyNet``) lets the check rebuild the structure from
-    the recipe too; ``check(tmp_path)`` adds a check of your own. With
-    ``verify=False`` only ``check`` runs. A failed check raises
-    ``VerificationError`` and nothing is written. ``out`` is never
-    ``source``'s file or one of ``protect``.
-    """
+    """``save``, also recording the file the model was read from (``source``: its name and hash go into the
+    metadata, and it is never the output) and running ``check(tmp_path)`` of the caller's before the rename."""
     require_module(model)
     steps = recipe_of(model) if recipe is None else list(recipe)
 

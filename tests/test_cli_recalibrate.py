@@ -111,7 +111,8 @@ def test_json_report_and_recipe(setup, cli):
     report = json.loads(result.out)
     assert report["command"] == "recalibrate" and report["written"] and report["output"] == str(out)
     assert [layer["name"] for layer in report["layers"]] == ["stem.1", "layer1.1"]
-    assert report["skipped"] == [{"name": "head.3", "reason": "excluded by the exclude pattern `head.*`; statistics unchanged"}]
+    assert report["skipped"] == [{"layer": "head.3", "name": "head.3",  # (`name`: the older key, one release)
+                                 "reason": "excluded by the exclude pattern `head.*`; statistics unchanged"}]
     assert report["num_batches"] == 3 and report["num_samples"] == 24 and report["passed"]
     assert report["recipe_step"] == {"op": "recalibrate", "layers": ["stem.1", "layer1.1"], "tracking_enabled": [],
                                      "num_batches": 3, "num_samples": 24}

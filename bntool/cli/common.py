@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 
 from .. import persist
-from ..errors import InputError
+from ..errors import InputError, VerificationError
 from ..io import (
     checkpoint,  # persist: the ops' recipe replays
     matching,
@@ -29,10 +29,11 @@ from ..io import (
     writing,
 )
 from ..report import set_recipe
+from ..runtime.running import resolve_device
 from ..runtime.shapes import make_inputs, parse_shape
-from ..verify.compare import Comparison, OutputComparison
 from ..verify.validity import require_valid
 from . import console
+from .tables import comparison_rows, render_comparison, worst, worst_summary  # noqa: F401 (their old home)
 
 
 @dataclass
@@ -94,6 +95,111 @@ def load_source(
     if valid != "none":
         require_valid(model, statistics=valid == "all", what=f"`{path}`")
     return Source(model, loaded, resolved, model_spec, build_fresh)
+
+
+@dataclass(frozen=True)
+class Loading:
+    """The flags that say how to read the checkpoint into a model (every command has them)."""
+
+    checkpoint: Path
+    model: str | None
+    model_args: str | None
+    key: str | None
+    allow_pickle: bool
+    strip_prefix: bool
+
+    def load(self, valid: str = "all") -> Source:
+        return load_source(self.checkpoint, model_spec=self.model, model_args=self.model_args, key=self.key,
+                           allow_pickle=self.allow_pickle, strip_prefix=self.strip_prefix, valid=valid)
+
+
+@dataclass
+class Operation:
+    """One command's operation for ``run_operation``: its flags, its call of the API, its rendering.
+
+    ``operate(source, inputs, target)`` returns ``(model to write or None, report)``; ``render(result, report)``
+    shows the result. The hooks default to what fold, freeze and unfreeze need: ``inputs(source, target)`` (the
+    verification inputs from --input-shape / the model's declared shape), ``output()`` (the output path beside
+    the input, checked before any work), ``prepare(target)`` (a device of this process, e.g. under torchrun),
+    ``lead`` and ``fields(source, target)`` (more JSON fields, before and after the output's), ``check(report)``
+    (raise if there is nothing to write). ``writes``: False when the operation writes its own file (export);
+    ``rank``: only rank 0 renders and writes; ``failed``: the message of a failed verification, given the error.
+    """
+
+    command: str
+    loading: Loading
+    operate: Callable[[Source, Any, torch.device], tuple[nn.Module | None, Any]]
+    render: Callable[[dict, Any], None]
+    as_json: bool = False
+    device: str = "auto"
+    out: Path | None = None
+    suffix: str = ""
+    force: bool = False
+    dry_run: bool = False
+    input_shape: list[str] | None = None
+    seed: int = 0
+    data: str | None = None
+    valid: str = "all"
+    writes: bool = True
+    inputs: Callable[[Source, torch.device], Any] | None = None
+    output: Callable[[], Path] | None = None
+    prepare: Callable[[torch.device], torch.device] | None = None
+    lead: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fields: Callable[[Source, torch.device], dict[str, Any]] | None = None
+    check: Callable[[Any], None] | None = None
+    failed: Callable[[VerificationError], VerificationError] | None = None
+    rank: int = 0
+
+
+def run_operation(op: Operation) -> dict[str, Any]:
+    """The body every writing command shares; returns the JSON result it rendered.
+
+    Humans read stderr when --json owns stdout; the output path is checked
+    before any work; then the device, the model, the inputs and the
+    operation. A failed verification renders the report (with --json too)
+    and raises; otherwise the result is written verified (unless a dry run or
+    the operation wrote its own file) and rendered.
+    """
+    console.use_stderr_for_humans(op.as_json)
+    out = op.output() if op.output is not None else output_path(
+        op.loading.checkpoint, op.out, op.suffix, force=op.force, dry_run=op.dry_run, model=op.loading.model,
+        data=op.data)
+    target = resolve_device(op.device)
+    if op.prepare is not None:
+        target = op.prepare(target)
+    source = op.loading.load(op.valid)
+    inputs = op.inputs(source, target) if op.inputs is not None else verification_inputs(
+        source.model, op.input_shape, op.seed)
+    result: dict[str, Any] = {"command": op.command, **source.describe(), **op.lead}
+    if op.writes:
+        result.update(output=None, written=False, dry_run=op.dry_run)
+    if op.fields is not None:
+        result.update(op.fields(source, target))
+    lead = op.rank == 0
+    try:
+        model, report = op.operate(source, inputs, target)
+    except VerificationError as exc:
+        if exc.report is not None:
+            result.update(exc.report.to_dict())
+            if lead:
+                op.render(result, exc.report)
+        if op.failed is not None:
+            raise op.failed(exc) from None
+        raise
+    if op.check is not None:
+        op.check(report)
+    result.update(report.to_dict())
+    source.model = None  # the original is not needed any more: its memory goes before the write
+    if op.writes and lead and not op.dry_run:
+        try:
+            written = write_verified(source, model, out, force=op.force)
+        except VerificationError:
+            op.render(result, report)
+            raise
+        result.update(output=str(written), written=True)
+    if lead:
+        op.render(result, report)
+    return result
 
 
 def verification_inputs(model: nn.Module, shapes: list[str] | None, seed: int) -> tuple[torch.Tensor, ...]:
@@ -160,52 +266,7 @@ def write_verified(source: Source, result: nn.Module, out: Path, *, force: bool)
     """
     require_valid(result, what="the result")  # never write NaN / inf (say, statistics a recalibration did not reach)
     protect = [p for p, _ in input_files(source.loaded.path, model=source.spec)]
-    return persist.save(result, out, source=source.loaded, force=force, build=source.build_fresh, protect=protect)
-
-
-def worst(outputs) -> OutputComparison | None:
-    """The output closest to (or furthest past) its tolerance: the one a summary line names."""
-    outputs = list(outputs)
-    if not outputs:
-        return None
-    return max(outputs, key=lambda o: (not o.passed, o.max_abs_error / max(o.tolerance, 1e-300)))
-
-
-def comparison_rows(comparison: Comparison) -> list[list[Any]]:
-    """One row per model output; the layer-by-layer probes summarised in one row (the worst layer's)."""
-    rows = []
-    outputs = [o for o in comparison.outputs if not o.name.startswith("layer `")]
-    layers = [o for o in comparison.outputs if o.name.startswith("layer `")]
-    if layers:
-        w = worst(layers)
-        failed = sum(not o.passed for o in layers)
-        status = "ok" if not failed else f"{failed} FAILED"
-        rows.append([f"{len(layers)} layers (worst {w.name[6:]})", "", f"{w.max_abs_error:.3g}",
-                     f"{w.max_rel_error:.3g}", f"{w.tolerance:.3g}", "", status])
-    for o in outputs:
-        agree = f"{o.argmax_agreement:.1%}" if o.argmax_agreement is not None else ""
-        status = "ok" if o.passed else "FAILED (NaN/inf)" if o.nonfinite else "FAILED"
-        rows.append([o.name, "x".join(map(str, o.shape)), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}",
-                     f"{o.tolerance:.3g}", agree, status])
-    return rows
-
-
-def worst_summary(comparison: Comparison) -> str:
-    """The worst row of the table, in the table's own numbers: ``worst `output`: max abs error ... of tolerance ...``."""
-    w = worst(comparison.outputs)
-    if w is None:
-        return "no outputs compared"
-    share = w.max_abs_error / w.tolerance if w.tolerance > 0 else 0.0
-    return (f"worst {w.name}: max abs error {w.max_abs_error:.3g}, {share:.0%} of its tolerance "
-            f"{w.tolerance:.3g}; max rel error {w.max_rel_error:.3g}")
-
-
-def render_comparison(comparison: Comparison, title: str) -> None:
-    console.table(
-        f"{title} ({comparison.device}, tolerance {comparison.rule})",
-        ["output", "shape", "max abs err", "max rel err", "tolerance", "argmax agree", ""],
-        comparison_rows(comparison),
-    )
+    return persist.write(result, out, source=source.loaded, force=force, build=source.build_fresh, protect=protect)
 
 
 def parse_numbers(text: str | None, flag: str, kind: type) -> list | None:

@@ -11,9 +11,12 @@ from .app import app
 from .options import (
     AllowPickleOpt,
     AtolOpt,
+    BatchSizeOpt,
     CheckpointArg,
     DataArgsOpt,
+    DataOpt,
     DeviceOpt,
+    ExcludeOpt,
     ForceOpt,
     ImageSizeOpt,
     InputKeyOpt,
@@ -25,6 +28,7 @@ from .options import (
     ModelOpt,
     RtolOpt,
     SeedOpt,
+    SelectIncludeOpt,
     StdOpt,
     StripPrefixOpt,
 )
@@ -63,11 +67,6 @@ ExternalDataOpt = Annotated[Optional[bool], typer.Option(
     "Default: embedded below 2 GB.", show_default=False)]
 OPTIMIZER_TEXT = {"full": "on (it fuses BN into convs too)", "constants": "constant folding only", "off": "off"}
 KeepOnFailOpt = Annotated[bool, typer.Option("--keep-on-fail", help="Write the file even if verification fails.")]
-DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", metavar="SOURCE", help="Real inputs instead of --input-shape: a tensor file (.pt/.safetensors/.npy/.npz), a folder of "
-    "images, or package.module:factory.", show_default=False)]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="With --data: samples per export batch.")]
-
 
 @app.command()
 def export(
@@ -86,6 +85,8 @@ def export(
     mean: MeanOpt = None,
     std: StdOpt = None,
     fold: FoldOpt = True,
+    include: SelectIncludeOpt = None,
+    exclude: ExcludeOpt = None,
     opset: OpsetOpt = None,
     dynamic_batch: DynamicBatchOpt = False,
     verify_batch_sizes: VerifyBatchSizesOpt = None,
@@ -110,49 +111,57 @@ def export(
     the PyTorch model (eval mode, TF32 off) at every verification batch size.
     Nothing is written unless all of it passes.
     """
-    from ..errors import InputError, VerificationError
+    from ..errors import InputError
     from ..export.export_onnx import EXPORTERS, export_onnx
     from ..io.outputs import check_output_path
     from ..runtime.running import resolve_device
-    from . import console
-    from .common import image_options, input_files, load_source, parse_numbers, verification_inputs
+    from .common import (
+        Loading,
+        Operation,
+        image_options,
+        input_files,
+        parse_numbers,
+        run_operation,
+        verification_inputs,
+    )
 
-    console.use_stderr_for_humans(json)
-    if exporter not in EXPORTERS:
-        raise InputError(f"--exporter `{exporter}`: pass dynamo (recommended) or torchscript")
-    resolve_device(device)
-    out = out or checkpoint.with_suffix(".onnx")
-    if out.suffix.lower() != ".onnx":
-        raise InputError(f"--out `{out}` has extension `{out.suffix}`; an ONNX file ends in .onnx")
-    check_output_path(out, force=force, inputs=input_files(checkpoint, model=model, data=data))
-    if input_shape and data:
-        raise InputError("pass --input-shape or --data, not both")
-    sizes = parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int)
-    source = load_source(checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle,
-                         strip_prefix=strip_prefix)
-    verify_inputs = None
-    if data:
-        images = image_options(image_size, mean, std)
-        inputs, verify_inputs = _data_inputs(source.model, data, data_args, input_key, batch_size, images,
-                                             dynamic_batch, sizes)
-    else:
-        inputs = verification_inputs(source.model, input_shape, seed)
-    result: dict = {"command": "export", **source.describe()}
-    try:
-        report = export_onnx(
-            source.model, inputs, out, fold=fold, opset=opset, dynamic_batch=dynamic_batch,
+    path = out or checkpoint.with_suffix(".onnx")
+    sizes = None
+
+    def output():
+        nonlocal sizes
+        if exporter not in EXPORTERS:
+            raise InputError(f"--exporter `{exporter}`: pass dynamo (recommended) or torchscript")
+        resolve_device(device)
+        if path.suffix.lower() != ".onnx":
+            raise InputError(f"--out `{path}` has extension `{path.suffix}`; an ONNX file ends in .onnx")
+        check_output_path(path, force=force, inputs=input_files(checkpoint, model=model, data=data))
+        if input_shape and data:
+            raise InputError("pass --input-shape or --data, not both")
+        sizes = parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int)
+        return path
+
+    def inputs(source, target):
+        if not data:
+            return verification_inputs(source.model, input_shape, seed), None
+        return _data_inputs(source.model, data, data_args, input_key, batch_size, image_options(image_size, mean, std),
+                            dynamic_batch, sizes)
+
+    def operate(source, feed, target):
+        example, verify_inputs = feed
+        return None, export_onnx(
+            source.model, path, include=include or None, exclude=exclude or None, example_inputs=example,
+            fold=fold, opset=opset, dynamic_batch=dynamic_batch,
             input_names=_names(input_names), output_names=_names(output_names), verify_batch_sizes=sizes,
             verify_inputs=verify_inputs, exporter=exporter, optimize=optimize, external_data=external_data,
             device=device, seed=seed, atol=atol, rtol=rtol, force=force, keep_on_fail=keep_on_fail,
-            consume=True,  # nothing here needs the original afterwards: one model held, not two
+            inplace=True,  # nothing here needs the original afterwards: one model held, not two
         )
-    except VerificationError as exc:
-        if exc.report is not None:
-            result.update(exc.report.to_dict())
-            _render(result, exc.report, json)
-        raise
-    result.update(report.to_dict())
-    _render(result, report, json)
+
+    run_operation(Operation(
+        "export", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,
+        lambda result, report: _render(result, report, json), as_json=json, device=device, force=force,
+        writes=False, output=output, inputs=inputs))
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -197,7 +206,7 @@ def _data_inputs(model, data, data_args, input_key, batch_size, images, dynamic_
 def _render(result: dict, report, as_json: bool) -> None:
     from ..folding.fold import FoldReport
     from . import console
-    from .common import comparison_rows, render_comparison
+    from .tables import comparison_rows, render_comparison
 
     if as_json:
         console.print_json(result)

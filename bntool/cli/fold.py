@@ -13,6 +13,7 @@ from .options import (
     CheckpointArg,
     DeviceOpt,
     DryRunOpt,
+    ExcludeOpt,
     ForceOpt,
     InputShapeOpt,
     JsonOpt,
@@ -22,6 +23,7 @@ from .options import (
     OutOpt,
     RtolOpt,
     SeedOpt,
+    SelectIncludeOpt,
     StripPrefixOpt,
 )
 
@@ -40,6 +42,8 @@ def fold(
     key: KeyOpt = None,
     allow_pickle: AllowPickleOpt = False,
     strip_prefix: StripPrefixOpt = True,
+    include: SelectIncludeOpt = None,
+    exclude: ExcludeOpt = None,
     input_shape: InputShapeOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -60,43 +64,23 @@ def fold(
     verification blames is left too (exit 0, with a warning; exit 1 with
     --strict) and the rest is verified again without it.
     """
-    from ..errors import VerificationError
     from ..folding.fold import fold as fold_model
-    from ..runtime.running import resolve_device
-    from . import console
-    from .common import load_source, output_path, verification_inputs, write_verified
+    from .common import Loading, Operation, run_operation
 
-    console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "folded", force=force, dry_run=dry_run, model=model)
-    target = resolve_device(device)
-    source = load_source(
-        checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
-    )
-    inputs = verification_inputs(source.model, input_shape, seed)
-    result: dict = {"command": "fold", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
-    try:
+    def operate(source, inputs, target):
         # in place: the original's outputs are computed first, so one model is held (undone if it fails)
-        folded, report = fold_model(source.model, inputs, device=target, atol=atol, rtol=rtol, strict=strict,
-                                    inplace=True)
-    except VerificationError as exc:
-        result.update(exc.report.to_dict())
-        _render(result, exc.report, json)
-        raise
-    result.update(report.to_dict())
-    source.model = None  # the original is not needed any more: its memory goes before the write
-    if not dry_run:
-        try:
-            written = write_verified(source, folded, out, force=force)
-        except VerificationError:
-            _render(result, report, json)
-            raise
-        result.update(output=str(written), written=True)
-    _render(result, report, json)
+        return fold_model(source.model, include=include or None, exclude=exclude or None, example_inputs=inputs,
+                          inplace=True, device=target, atol=atol, rtol=rtol, strict=strict)
+
+    run_operation(Operation(
+        "fold", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,
+        lambda result, report: _render(result, report, json), as_json=json, device=device, out=out, suffix="folded",
+        force=force, dry_run=dry_run, input_shape=input_shape, seed=seed))
 
 
 def _render(result: dict, report, as_json: bool) -> None:
     from . import console
-    from .common import render_comparison, worst_summary
+    from .tables import render_comparison, worst_summary
 
     for skip in report.rejected:  # on stderr, also with --json
         console.warning(f"`{skip.bn}` was not folded: {skip.reason}; the rest was verified without it "

@@ -72,33 +72,26 @@ def freeze(
     to move; the written file is reloaded and
     checked again. `bntool.load(path, model=MyNet())` rebuilds the frozen layers.
     """
-    from ..errors import InputError, VerificationError
+    from ..errors import InputError
     from ..freezing.freeze import freeze as freeze_model
-    from ..runtime.running import resolve_device
-    from . import console
-    from .common import load_source, output_path
+    from .common import Loading, Operation, run_operation
 
-    console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "frozen", force=force, dry_run=dry_run, model=model)
-    target = resolve_device(device)
-    source = load_source(
-        checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
-    )
     affine = "trainable" if trainable_affine else "frozen"
-    inputs = cli_inputs(source.model, input_shape, seed)
-    result: dict = {"command": "freeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
-    try:  # in place: the original's outputs are computed first, so one model is held
-        frozen, report = freeze_model(source.model, include=include, exclude=exclude, affine=affine, inplace=True,
-                                      example_inputs=inputs, device=target, atol=atol, rtol=rtol)
-    except VerificationError as exc:
-        result.update(exc.report.to_dict())
-        _render(result, exc.report, json)
-        raise
-    if not report.frozen:
-        why = "; ".join(f"`{s.name}`: {s.reason}" for s in report.skipped) or "it has no BatchNorm layers"
-        raise InputError(f"nothing to freeze in `{checkpoint}`: {why}")
-    finish_verified(result, source, frozen, out, report, lambda: _render(result, report, json), force=force,
-                    dry_run=dry_run)
+
+    def operate(source, inputs, target):  # in place: the original's outputs are computed first, so one model is held
+        return freeze_model(source.model, include=include, exclude=exclude, affine=affine, inplace=True,
+                            example_inputs=inputs, device=target, atol=atol, rtol=rtol)
+
+    def check(report):
+        if not report.frozen:
+            why = "; ".join(f"`{s.name}`: {s.reason}" for s in report.skipped) or "it has no BatchNorm layers"
+            raise InputError(f"nothing to freeze in `{checkpoint}`: {why}")
+
+    run_operation(Operation(
+        "freeze", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,
+        lambda result, report: _render(result, report, json), as_json=json, device=device, out=out, suffix="frozen",
+        force=force, dry_run=dry_run, inputs=lambda source, target: cli_inputs(source.model, input_shape, seed),
+        check=check))
 
 
 def cli_inputs(model, input_shape: list[str] | None, seed: int):
@@ -111,27 +104,10 @@ def cli_inputs(model, input_shape: list[str] | None, seed: int):
     return verification_inputs(model, input_shape, seed)
 
 
-def finish_verified(result: dict, source, model, out, report, render, *, force: bool, dry_run: bool) -> None:
-    """Write ``model`` verified (unless a dry run), then render."""
-    from ..errors import VerificationError
-    from .common import write_verified
-
-    result.update(report.to_dict())
-    source.model = None
-    if not dry_run:
-        try:
-            written = write_verified(source, model, out, force=force)
-        except VerificationError:
-            render()
-            raise
-        result.update(output=str(written), written=True)
-    render()
-
-
 def _render(result: dict, report, as_json: bool) -> None:
     from ..freezing.check import PER_LAYER
     from . import console
-    from .common import render_comparison, worst_summary
+    from .tables import render_comparison, worst_summary
 
     if as_json:
         console.print_json(result)
@@ -163,7 +139,7 @@ def render_per_layer(comparison, title: str) -> None:
     """A per-layer check (``freezing.layers``) as one row per layer: the shapes and batch sizes it was run at, and
     its worst comparison."""
     from . import console
-    from .common import worst
+    from .tables import worst
 
     by_layer: dict[str, list] = {}
     for o in comparison.outputs:

@@ -75,6 +75,19 @@ AtolOpt = Annotated[
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", metavar="FLOAT", help="Relative tolerance (see --atol).")]
 
 # Data options shared by the commands that read real inputs (recalibrate, export).
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--data",
+        metavar="SOURCE",
+        help="Real inputs: a tensor file (.pt, .safetensors, .npy, .npz) of inputs stacked along dim 0, a folder of "
+        "images, or package.module:factory / path/file.py:factory returning an iterable of batches.",
+        show_default=False,
+    ),
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", metavar="N", help="Samples per batch read from --data (a tensor file or an image folder).")
+]
 DataArgsOpt = Annotated[
     Optional[str],
     typer.Option("--data-args", metavar="JSON", help='Keyword arguments for a --data factory, as JSON: \'{"split": "val"}\'.'),
@@ -114,4 +127,15 @@ ExcludeOpt = Annotated[
     typer.Option("--exclude", metavar="PATTERN",
                  help="Leave layers matching this pattern as they are (wins over --include); repeatable.",
                  show_default=False),
+]
+# The same selection for the commands that never had --only (fold, export).
+SelectIncludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--include",
+        metavar="PATTERN",
+        help="Only BatchNorm layers whose qualified name (or a parent's) matches this fnmatch pattern, "
+        "e.g. 'layer1.*' or backbone; repeat for several. Default: every one the command applies to.",
+        show_default=False,
+    ),
 ]

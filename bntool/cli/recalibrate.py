@@ -10,8 +10,10 @@ import typer
 from .app import app
 from .options import (
     AllowPickleOpt,
+    BatchSizeOpt,
     CheckpointArg,
     DataArgsOpt,
+    DataOpt,
     DeviceOpt,
     DryRunOpt,
     ExcludeOpt,
@@ -29,17 +31,6 @@ from .options import (
     StripPrefixOpt,
 )
 
-DataOpt = Annotated[
-    str,
-    typer.Option(
-        "--data",
-        metavar="SOURCE",
-        help="Calibration data: a tensor file (.pt, .safetensors, .npy, .npz) of inputs stacked along dim 0, "
-        "a folder of images, or package.module:factory / path/file.py:factory returning an iterable of batches.",
-        show_default=False,
-    ),
-]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="Samples per batch for a tensor file or an image folder.")]
 NumBatchesOpt = Annotated[
     Optional[int], typer.Option("--num-batches", metavar="N", help="Use only the first N batches. Default: all of them.")
 ]
@@ -98,47 +89,47 @@ def recalibrate(
     from ..data.sources import load_batches
     from ..errors import VerificationError
     from ..recalibration.recalibrate import recalibrate as recalibrate_model
-    from ..runtime.running import resolve_device
     from . import console
-    from .common import image_options, load_source, output_path, write_verified
+    from .common import Loading, Operation, image_options, run_operation
 
-    console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "recalibrated", force=force, dry_run=dry_run, model=model, data=data)
-    target = resolve_device(device)
-    group = _init_distributed(target)
-    rank, world_size = (group["rank"], group["world_size"]) if group else (0, 1)
-    if group and target.type == "cuda":
-        target = torch.device("cuda", group["local_rank"])
-    try:
-        source = load_source(checkpoint, model_spec=model, model_args=model_args, key=key,
-                             allow_pickle=allow_pickle, strip_prefix=strip_prefix, valid="weights")
+    group: dict[str, Any] | None = None
+    rank, world_size = 0, 1
+
+    def prepare(target):
+        nonlocal group, rank, world_size
+        group = _init_distributed(target)
+        rank, world_size = (group["rank"], group["world_size"]) if group else (0, 1)
+        operation.rank = rank
+        return torch.device("cuda", group["local_rank"]) if group and target.type == "cuda" else target
+
+    def inputs(source, target):
         batches = load_batches(data, batch_size=batch_size, data_args=data_args, input_key=input_key,
                                **image_options(image_size, mean, std))
         plan = plan_batches(batches, num_batches=num_batches, verify_batches=verify_batches, rank=rank,
                             world_size=world_size)
-        work = source.model.to(target)
         counted = _Counted(plan.calibration)
         shown = console.progress(counted, total=plan.total, description="Recalibrating",
                                  enabled=not quiet and rank == 0, samples=lambda: counted.samples)
-        result: dict[str, Any] = {"command": "recalibrate", **source.describe(), "data": str(data), "output": None,
-                                  "written": False, "dry_run": dry_run, "device": str(target),
-                                  "tf32": allow_tf32 and target.type == "cuda",
-                                  "backend": group["backend"] if group else None}
-        try:
-            report = recalibrate_model(work, shown, input_key=input_key, include=include or None,
-                                       exclude=exclude or None, verify_batches=plan.verification,
-                                       allow_tf32=allow_tf32)
-        except VerificationError as exc:
-            result.update(exc.report.to_dict(), recipe_step=exc.report.recipe_step())
-            if rank == 0:
-                _render(result, exc.report, json, quiet)
-            raise VerificationError(f"{exc}; nothing was written", exc.report) from None
-        result.update(report.to_dict(), recipe_step=report.recipe_step())
-        if rank == 0 and not dry_run:
-            written = write_verified(source, work, out, force=force)
-            result.update(output=str(written), written=True)
-        if rank == 0:
-            _render(result, report, json, quiet)
+        return shown, plan.verification
+
+    def fields(source, target):
+        return {"device": str(target), "tf32": allow_tf32 and target.type == "cuda",
+                "backend": group["backend"] if group else None}
+
+    def operate(source, batches, target):
+        shown, verification = batches
+        work = source.model.to(target)
+        return work, recalibrate_model(work, shown, input_key=input_key, include=include or None,
+                                       exclude=exclude or None, verify_batches=verification, allow_tf32=allow_tf32)
+
+    operation = Operation(
+        "recalibrate", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,
+        lambda result, report: _render(result, report, json, quiet), as_json=json, device=device, out=out,
+        suffix="recalibrated", force=force, dry_run=dry_run, data=data, valid="weights", prepare=prepare,
+        inputs=inputs, lead={"data": str(data)}, fields=fields,
+        failed=lambda exc: VerificationError(f"{exc}; nothing was written", exc.report))
+    try:
+        run_operation(operation)
         if group:
             import torch.distributed as dist
 

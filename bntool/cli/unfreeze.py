@@ -50,40 +50,32 @@ def unfreeze(
     written file is reloaded and checked again. `bntool.load(path,
     model=MyNet())` rebuilds the model with the recorded steps replayed.
     """
-    from ..errors import InputError, VerificationError
+    from ..errors import InputError
     from ..freezing.freeze import unfreeze as unfreeze_model
-    from ..runtime.running import resolve_device
-    from . import console
-    from .common import load_source, output_path
-    from .freeze import cli_inputs, finish_verified
+    from .common import Loading, Operation, run_operation
+    from .freeze import cli_inputs
 
-    console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, "unfrozen", force=force, dry_run=dry_run, model=model)
-    target = resolve_device(device)
-    source = load_source(
-        checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
-    )
-    inputs = cli_inputs(source.model, input_shape, seed)
-    result: dict = {"command": "unfreeze", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
-    try:  # in place: the frozen model's outputs are computed first, so one model is held
-        unfrozen, report = unfreeze_model(source.model, include=include, exclude=exclude, inplace=True,
-                                          example_inputs=inputs, device=target, atol=atol, rtol=rtol)
-    except VerificationError as exc:
-        result.update(exc.report.to_dict())
-        _render(result, exc.report, json)
-        raise
-    if not report.unfrozen:
-        raise InputError(f"nothing to unfreeze in `{checkpoint}`: it has no frozen BatchNorm layers "
-                         "(bntool freeze writes them)")
-    finish_verified(result, source, unfrozen, out, report, lambda: _render(result, report, json), force=force,
-                    dry_run=dry_run)
+    def operate(source, inputs, target):  # in place: the frozen model's outputs are computed first: one model held
+        return unfreeze_model(source.model, include=include, exclude=exclude, inplace=True, example_inputs=inputs,
+                              device=target, atol=atol, rtol=rtol)
+
+    def check(report):
+        if not report.unfrozen:
+            raise InputError(f"nothing to unfreeze in `{checkpoint}`: it has no frozen BatchNorm layers "
+                             "(bntool freeze writes them)")
+
+    run_operation(Operation(
+        "unfreeze", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,
+        lambda result, report: _render(result, report, json), as_json=json, device=device, out=out,
+        suffix="unfrozen", force=force, dry_run=dry_run,
+        inputs=lambda source, target: cli_inputs(source.model, input_shape, seed), check=check))
 
 
 def _render(result: dict, report, as_json: bool) -> None:
     from ..freezing.check import PER_LAYER
     from . import console
-    from .common import render_comparison, worst_summary
     from .freeze import render_per_layer
+    from .tables import render_comparison, worst_summary
 
     if as_json:
         console.print_json(result)

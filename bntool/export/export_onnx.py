@@ -3,16 +3,17 @@
 ``export_onnx`` folds (exactly as ``bntool fold``, verified) unless
 ``fold=False``, exports in eval mode on the CPU with ``torch.onnx.export``
 (the torch.export-based exporter, ``dynamo=True``, unless
-``exporter="torchscript"``; ``onnx_write``) into a temporary folder beside
-``path``, then proves the temporary file: ``onnx.checker`` (full check), no
-BatchNormalization in training mode, every initializer bit for bit, and
-onnxruntime (graph optimizations off) against the original PyTorch model at
-every verification batch size. Only then is the file (and any external-data
-file) renamed into place (``onnx_commit``).
+``exporter="torchscript"``; ``export.write``) into a temporary folder beside
+``path``, then checks the temporary file (``prove.check_file``: ``onnx.checker`` (full
+check), no BatchNormalization in training mode, every initializer bit for
+bit) and proves it (``prove.prove``: onnxruntime, graph optimizations off,
+against the original PyTorch model at every verification batch size). Only
+then is the file (and any external-data file) renamed into place
+(``onnxio.commit``).
 
 Memory: the original runs twice per verification batch size (float32 and
 float64) before anything else and is not read again; the model is exported
-without a copy beyond folding's (none with ``consume=True``); the file is
+without a copy beyond folding's (none with ``inplace=True``); the file is
 written and read a tensor at a time (``onnx_stream``); the model's tensors
 are let go before onnxruntime loads the file's.
 """
@@ -24,75 +25,29 @@ import dataclasses
 import gc
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..deprecation import UNSET, positional, renamed
 from ..errors import InputError, VerificationError, require_module
-from ..folding.fold import FoldReport
 from ..folding.fold import fold as fold_model
 from ..io import outputs
-from ..onnxio.check import KEY_OPS, OnnxFacts, TrainingBN, compare_initializers, inspect_file, read_structure
 from ..onnxio.commit import commit
-from ..onnxio.ort import OnnxVerification, inputs_at, verification_batch_sizes, verify_onnx
+from ..onnxio.ort import inputs_at, verification_batch_sizes
 from ..runtime.cloning import on_cpu
 from ..runtime.running import flatten_outputs, model_dtype, resolve_device, run_eval
+from ..runtime.shapes import make_inputs
 from ..verify.compare import Reference
+from .prove import check_file, prove
+from .report import ExportReport
 from .write import ExportSpec, chosen_names, default_input_names, default_output_names, write_onnx
 
+__all__ = ["EXPORTERS", "ExportReport", "export_onnx"]
+
 EXPORTERS = ("dynamo", "torchscript")
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    path: str
-    written: bool
-    exporter: str
-    opset: int
-    optimized: str
-    dynamic_batch: bool
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    facts: OnnxFacts
-    fold: FoldReport | None
-    verification: OnnxVerification | None
-    export_seconds: float
-    failures: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    initializers_checked: int = 0  # initializers compared bit for bit with the model's tensors of the same name
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def bn_left(self) -> int:
-        return self.facts.bn_left
-
-    @property
-    def training_bns(self) -> tuple[TrainingBN, ...]:
-        return self.facts.training_bns
-
-    def to_dict(self) -> dict[str, Any]:
-        f = self.facts
-        v = self.verification
-        return {
-            "output": self.path, "written": self.written, "passed": self.passed, "failures": list(self.failures),
-            "exporter": self.exporter, "torch_version": torch.__version__, "opset": self.opset,
-            "optimized": self.optimized, "dynamic_batch": self.dynamic_batch,
-            "input_names": list(self.input_names), "output_names": list(self.output_names),
-            "size_bytes": f.size_bytes, "external_data": list(f.external_data), "checker": f.checker_error or "passed",
-            "bn_left": f.bn_left, "training_mode_bns": [dataclasses.asdict(t) for t in f.training_bns],
-            "key_node_counts": {op: f.node_counts.get(op, 0) for op in KEY_OPS}, "node_counts": f.node_counts,
-            "fold": self.fold.to_dict() if self.fold is not None else None,
-            "provider": v.provider if v else None,
-            "verification": [{"batch_size": c.batch_size, **c.comparison.to_dict()} for c in v.checks] if v else [],
-            "export_seconds": round(self.export_seconds, 3), "notes": list(self.notes),
-            "initializers_checked": self.initializers_checked,
-        }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -100,9 +55,19 @@ class ExportReport:
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
-    path: str | os.PathLike,
+    path: str | os.PathLike | Any,
+    _old_path: Any = UNSET,
+    /,
     *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    inplace: bool = False,
+    verify: bool = True,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
     fold: bool = True,
     opset: int | None = None,
     dynamic_batch: bool = False,
@@ -113,46 +78,60 @@ def export_onnx(
     exporter: str = "dynamo",
     optimize: bool | None = None,
     external_data: bool | None = None,
-    device: str | torch.device = "auto",
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
     force: bool = False,
     keep_on_fail: bool = False,
-    consume: bool = False,
+    consume: Any = UNSET,
 ) -> ExportReport:
     """Export ``model`` (folded unless ``fold=False``, always in eval mode) to ``path`` and prove the file.
 
-    The file is checked with ``onnx.checker``, searched for training-mode
-    BatchNormalization, and run in onnxruntime (graph optimizations off) at
-    each of ``verify_batch_sizes`` (default: the batch of ``example_inputs``,
-    plus 1 and one more when ``dynamic_batch``) against ``model`` in eval mode
-    (TF32 off), with the tolerance ``bntool.fold`` uses. Inputs at another
-    batch size come from ``verify_inputs`` or are cut from / grown out of the
-    examples. A dynamic batch is exported from a batch of at least 2 (the
-    examples grown as for verification; a note says so), since torch.export
-    would take a batch of 1 for a constant; it is still verified at the
-    batch sizes asked for, 1 included. ``optimize=True`` runs the exporter's graph optimizer, which
-    also fuses BNs into convs on its own; ``False`` keeps the exporter's raw
-    graph; the default is the optimizer when folding and constant folding only
+    ``example_inputs`` (default: drawn from the shape the model declares) are
+    what the exporter traces. The file is checked with ``onnx.checker``,
+    searched for training-mode BatchNormalization, its initializers compared
+    bit for bit with the model's tensors, and, unless ``verify=False``, run
+    in onnxruntime (graph optimizations off) at each of
+    ``verify_batch_sizes`` (default: the batch of ``example_inputs``, plus 1
+    and one more when ``dynamic_batch``) against ``model`` in eval mode (TF32
+    off), with the tolerance ``bntool.fold`` uses; with ``verify=False``
+    neither the fold nor the file is checked numerically and the report's
+    ``passed`` is None. Inputs at another batch size come from
+    ``verify_inputs`` or are cut from / grown out of the examples. A dynamic
+    batch is exported from a batch of at least 2 (the examples grown as for
+    verification; a note says so), since torch.export would take a batch of 1
+    for a constant; it is still verified at the batch sizes asked for, 1
+    included.
+    ``include`` / ``exclude`` choose the BNs to fold (as for ``bntool.fold``).
+    ``optimize=True`` runs the exporter's graph optimizer, which also fuses
+    BNs into convs on its own; ``False`` keeps the exporter's raw graph; the
+    default is the optimizer when folding and constant folding only
     (BatchNormalization nodes kept) with ``fold=False``. On failure
     ``VerificationError`` carries the report and nothing is written unless
-    ``keep_on_fail``. ``model`` is never changed, and never copied but by
-    folding, which makes the one copy that is exported.
+    ``keep_on_fail``. ``model`` is not changed, and never copied but by
+    folding, which makes the one copy that is exported, unless ``inplace``.
 
-    ``consume=True`` hands ``model`` over to the export, for a caller with no
+    ``inplace=True`` hands ``model`` over to the export, for a caller with no
     further use for it (the CLI): it is folded in place, moved to the CPU and
     exported itself, and once the file's weights are compared with its
     tensors, those are released (the module is left on the meta device), so
     that onnxruntime's copy of the weights never sits beside a model. The
     original's outputs at every verification batch size are computed first;
-    they are all the checks need of it.
+    they are all the checks need of it. (``consume`` is its older name, and
+    ``export_onnx(model, example_inputs, path)`` the older order: both work
+    for one release, with a ``FutureWarning``.)
     """
     require_module(model)
+    if _old_path is not UNSET:
+        example_inputs = positional("example_inputs", path, example_inputs, "export_onnx")
+        path = _old_path
+    inplace = renamed("consume", consume, "inplace", inplace, "export_onnx")
+    if not fold and (include is not None or exclude is not None):
+        raise InputError("`include` / `exclude` choose the BatchNorm layers to fold; with `fold=False` nothing is "
+                         "folded: pass them with `fold=True`, or drop them")
     if exporter not in EXPORTERS:
         raise InputError(f"unknown exporter `{exporter}`; pass dynamo (recommended) or torchscript")
     out = outputs.check_output_path(path, force=force)
     dtype = model_dtype(model)
+    if example_inputs is None:
+        example_inputs = make_inputs(model, seed=seed)
     inputs = _as_model_dtype(model, (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs)
     target = resolve_device(device)
     batch = _batch_of(inputs, dynamic_batch)
@@ -172,19 +151,20 @@ def export_onnx(
     # The original's outputs at every verification batch size, computed once (float32 and float64: two forwards
     # each); fold's own reference serves the export batch. Past this point nothing reads the original.
     derived = atol is None and rtol is None
-    from_fold = fold and batch in feed and _same_tensors(feed[batch], inputs)
+    from_fold = fold and verify and batch in feed and _same_tensors(feed[batch], inputs)
     fold_report = None
     with _first_output(model) as (structure, hook):  # the outputs' structure, seen in those runs: no forward of its own
         references = {b: Reference.of(model, feed[b], device=target, float64=derived)
-                      for b in sizes if not (from_fold and b == batch)}
+                      for b in sizes if verify and not (from_fold and b == batch)}
         if fold:
-            folded, fold_report = fold_model(model, inputs, inplace=consume, device=target, atol=atol, rtol=rtol)
+            folded, fold_report = fold_model(model, include=include, exclude=exclude, example_inputs=inputs,
+                                             inplace=inplace, verify=verify, device=target, atol=atol, rtol=rtol)
             if from_fold:
                 references[batch] = fold_report.reference
-            export_model = folded.cpu()  # the folded copy (``model`` itself when consumed): moved, never copied
+            export_model = folded.cpu()  # the folded copy (``model`` itself when handed over): moved, never copied
             del folded
         else:
-            export_model = model.cpu() if consume else on_cpu(model)
+            export_model = model.cpu() if inplace else on_cpu(model)
     del model  # nothing below reads the original
     export_model._forward_hooks.pop(hook, None)  # folding's copy carries the hook too
     cpu_inputs = tuple(t.cpu() for t in inputs)
@@ -197,41 +177,15 @@ def export_onnx(
         start = time.perf_counter()
         described, rewritten = write_onnx(export_model, cpu_inputs, tmp, spec)
         seconds = time.perf_counter() - start
-        # one reading of the file's structure serves the checker, the facts and the weights' comparison; the
-        # weights themselves stay in the file and are compared a chunk at a time
-        found = read_structure(tmp)
-        facts = inspect_file(tmp, found)
-        if opset is not None and facts.opset != opset:
-            raise InputError(f"the exporter wrote opset {facts.opset}, not the `opset` {opset} asked for (it cannot "
-                             f"convert this graph); pass `opset` {facts.opset} or newer")
-        failures = _structural_failures(facts, dynamic_batch)
-        weights_checked, differ = compare_initializers(found, export_model, skip=rewritten)
-        if rewritten:
-            shown = ", ".join(f"`{name}`" for name in rewritten[:3]) + (", ..." if len(rewritten) > 3 else "")
-            notes.append(f"{len(rewritten)} initializer(s) named after the model's tensors hold values the exporter's "
-                         f"optimizer computed (it fused layers itself): {shown}; onnxruntime checks them, the "
-                         "bit-for-bit comparison with the model does not")
-        if differ:
-            shown = ", ".join(f"`{name}`" for name in differ[:3]) + (", ..." if len(differ) > 3 else "")
-            failures.append(f"{len(differ)} initializer(s) differ from the model's tensors: {shown}")
-        if consume:  # onnxruntime holds the weights next: the model's go first
+        facts, failures, weights_checked = check_file(tmp, export_model, rewritten, opset, dynamic_batch, notes)
+        if inplace:  # onnxruntime holds the weights next: the model's go first
             export_model.to("meta")
-        del found, export_model  # (folding's copy goes with the name; a caller's model is the caller's)
+        del export_model  # (folding's copy goes with the name; a caller's model is the caller's)
         _give_back_memory()
-        verification = None
-        try:
-            verification = verify_onnx(None, tmp, feed, device=target, atol=atol, rtol=rtol, template=template,
-                                       references=references)
-            failures += verification.failures()
-        except VerificationError as exc:
-            if dtype in UNRUNNABLE_DTYPES and "cannot load the file" in str(exc):
-                raise InputError(f"onnxruntime cannot run this {UNRUNNABLE_DTYPES[dtype]} model on its CPU provider "
-                                 f"({str(exc).split(': ', 1)[-1]}), so the file cannot be verified; export it in "
-                                 "float32 (`model.float()`) or float16") from None
-            failures.append(str(exc))
+        verification = prove(tmp, feed, target, atol, rtol, template, references, dtype, failures) if verify else None
         report = ExportReport(str(out), False, described, facts.opset, spec.optimize, dynamic_batch,
                               facts.input_names, facts.output_names, facts, fold_report, verification, seconds,
-                              tuple(failures), tuple(notes), weights_checked)
+                              tuple(failures), tuple(notes), weights_checked, verified=verify)
         if failures and not keep_on_fail:
             raise VerificationError("the ONNX file was not written: " + "; ".join(failures), report)
         notes += commit(stage, tmp, out, force)
@@ -239,20 +193,6 @@ def export_onnx(
         if failures:
             raise VerificationError(f"kept `{out}` (`keep_on_fail=True`) although: " + "; ".join(failures), report)
         return report
-
-
-def _structural_failures(facts: OnnxFacts, dynamic_batch: bool) -> list[str]:
-    failures = []
-    if facts.checker_error:
-        failures.append(f"onnx.checker rejects the file: {facts.checker_error}")
-    for bn in facts.training_bns:
-        failures.append(f"BatchNormalization `{bn.node}` is in training mode ({bn.reason}); give the layer "
-                        "running statistics (`bntool recalibrate`) and export again")
-    if dynamic_batch:
-        fixed = [f"`{n}` ({d})" for n, d in zip(facts.input_names, facts.batch_dims) if not isinstance(d, str)]
-        if fixed:
-            failures.append(f"input {', '.join(fixed)} has a fixed batch dimension although a dynamic batch was asked")
-    return failures
 
 
 def _give_back_memory() -> None:
@@ -296,10 +236,6 @@ def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
 #: The smallest batch a dynamic-batch export is traced at: torch.export specializes a dimension of size 1 (its
 #: guards then read ``batch == 1``, and a dynamic range starting above it fails: "Invalid ranges [2:1]")
 MIN_DYNAMIC_BATCH = 2
-
-#: Model dtypes whose convolutions onnxruntime's CPU provider has no kernel for (ONNX has no bfloat16 Conv at all).
-UNRUNNABLE_DTYPES = {torch.float64: "float64", torch.bfloat16: "bfloat16"}
-
 
 def _as_model_dtype(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     nested = next((type(t).__name__ for t in inputs if not isinstance(t, torch.Tensor)), None)

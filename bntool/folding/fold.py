@@ -17,19 +17,22 @@ from __future__ import annotations
 import dataclasses
 import gc
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..deprecation import UNSET, positional
 from ..errors import BntoolError, InputError, VerificationError, first_line, out_of_memory, require_module
 from ..graph.dataflow import dataflow
-from ..report import Skip, with_step
+from ..norms import is_batchnorm
+from ..report import Skip, contract, skip_entries, with_step
 from ..runtime.cloning import clone
 from ..runtime.shapes import make_inputs
-from ..verify.compare import Comparison, Reference, compare
+from ..selection import select
+from ..verify.compare import Comparison, Reference, compare_layers
 from .apply import Journal, Submodules, apply_plan
 from .plan import FoldPair, FoldPlan
 from .rules import plan_from_dataflow
@@ -42,7 +45,10 @@ MAX_ROUNDS = 16
 
 @dataclass(frozen=True)
 class FoldReport:
-    """The plan that was applied, its verification, and the folds verification rejected (``skipped`` has them too)."""
+    """The plan that was applied, its verification, and the folds verification rejected (``skipped`` has them too).
+
+    ``verified`` is False with ``verify=False``: then ``passed`` is None (not verified).
+    """
 
     plan: FoldPlan
     comparison: Comparison | None
@@ -50,6 +56,7 @@ class FoldReport:
     #: the original's outputs on the example inputs (own dtype, and float64 for the derived tolerance; no layers),
     #: for later checks on the same inputs (export's onnxruntime check) without running the original again
     reference: Reference | None = dataclasses.field(default=None, repr=False, compare=False)
+    verified: bool = True
 
     @property
     def done(self) -> tuple[FoldPair, ...]:
@@ -60,20 +67,24 @@ class FoldReport:
         return self.plan.skips
 
     @property
-    def passed(self) -> bool:
-        return self.comparison is None or self.comparison.passed
+    def passed(self) -> bool | None:
+        """True if verified, False if verification failed (or the folded model did not run), None if not verified."""
+        if not self.verified:
+            return None
+        return self.comparison is not None and self.comparison.passed
 
     def recipe_step(self) -> dict[str, Any]:
         return self.plan.recipe_step()
 
     def to_dict(self) -> dict[str, Any]:
+        # (``bn`` beside ``layer`` in the skip entries: the older key, kept for one release)
         return {
+            **contract("fold", self, dict.fromkeys(p.bn for p in self.plan.pairs),
+                       self.comparison.to_dict() if self.comparison else None, old_name="bn"),
             "folded": [dataclasses.asdict(p) for p in self.plan.pairs],
-            "skipped": [{"bn": s.name, "reason": s.reason} for s in self.plan.skips],
-            "rejected_by_verification": [{"bn": s.name, "reason": s.reason} for s in self.rejected],
+            "rejected_by_verification": skip_entries(self.rejected, old_name="bn"),
             "dataflow": self.plan.method,
             "note": self.plan.note,
-            "verification": self.comparison.to_dict() if self.comparison else None,
         }
 
 
@@ -83,17 +94,25 @@ class FoldReport:
 
 def fold(
     model: nn.Module,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    _example_inputs: Any = UNSET,
+    /,
     *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     inplace: bool = False,
     verify: bool = True,
-    strict: bool = False,
     device: str | torch.device = "auto",
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
+    strict: bool = False,
 ) -> tuple[nn.Module, FoldReport]:
-    """Fold every BN that can be folded exactly; return the folded model and a report.
+    """Fold every selected BN that can be folded exactly; return the folded model and a report.
+
+    ``include`` / ``exclude``: fnmatch patterns on qualified names, as for
+    every bntool operation (``bntool.selection``); a BN not selected is left,
+    with the reason, among the report's ``skipped``.
 
     ``example_inputs`` (a tensor, or a tuple of the forward's arguments: each
     a tensor or a list / tuple / dict of tensors) are used to see the
@@ -110,6 +129,8 @@ def fold(
     undo a rejected fold), so that no second model is held in memory.
     """
     require_module(model)
+    example_inputs = positional("example_inputs", _example_inputs, example_inputs, "fold")
+    unselected = selection_skips(model, include, exclude)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs) if example_inputs is not None else make_inputs(model, seed=seed)
@@ -119,7 +140,7 @@ def fold(
     journal = Journal() if inplace else None
     for _ in range(MAX_ROUNDS):
         forms: dict = {}  # what each BN computes, traced once for both the plan and the surgery
-        plan = plan_from_dataflow(model, flow, rejected, forms)
+        plan = plan_from_dataflow(model, flow, {**unselected, **rejected}, forms)
         if verify and reference is None:  # first, while the model is the original; later plans check fewer points
             points = [*plan.probes(), *(p.into for p in plan.pairs if p.direction == "forward")]
             reference = Reference.of(model, inputs, device=device, probes=points, float64=atol is None and rtol is None)
@@ -130,8 +151,8 @@ def fold(
             break
         crashed = None
         try:
-            comparison = compare(None, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(), reference=reference,
-                                 fan_in=fan_in)
+            comparison = compare_layers(None, folded, inputs, atol=atol, rtol=rtol, probes=plan.probes(),
+                                        reference=reference, fan_in=fan_in)
         except Exception as exc:  # noqa: BLE001 - the original ran on these inputs: the fold broke the forward
             crashed = _the_failure(exc)
             blamed = {} if strict else _blame_crash(plan, folded, crashed)
@@ -159,12 +180,21 @@ def fold(
     if inplace:
         gc.collect()  # the dataflow's traced structures hold the replaced tensors in reference cycles: free them now
     outputs_only = dataclasses.replace(reference, layers={}, layer_deltas={}) if reference is not None else None
-    report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), outputs_only)
+    report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), outputs_only,
+                        verified=verify)
     if comparison is not None and not comparison.passed:
         if journal is not None:
             journal.undo()  # a failed in-place fold leaves the model as it was
         raise VerificationError(comparison.failure_message("the folded model"), report)
     return with_step(folded, plan.recipe_step()), report
+
+
+def selection_skips(model: nn.Module, include: Any, exclude: Any) -> dict[str, str]:
+    """The BNs ``include`` / ``exclude`` leave, each with the reason (``selection.select``'s one rule)."""
+    if include is None and exclude is None:
+        return {}
+    candidates = [n for n, m in model.named_modules() if is_batchnorm(m)]
+    return select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)[1]
 
 
 def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:

@@ -23,7 +23,7 @@ from ..runtime.cloning import clone
 from ..runtime.running import model_device, resolve_device
 from ..runtime.shapes import declared_input_shapes, make_inputs
 from ..verify.bits import Snapshot
-from ..verify.compare import Comparison, Reference, compare
+from ..verify.compare import Comparison, Reference, compare_layers
 
 #: which check ran (``FreezeCheck.kind``): the whole model on example inputs, or each layer alone (``layers``)
 WHOLE_MODEL = "whole model: example inputs"
@@ -87,7 +87,7 @@ def check_frozen(original: nn.Module | None, frozen: nn.Module, inputs: Sequence
     candidate = frozen if model_device(frozen) == device else clone(frozen).to(device)
     layers = [(n, m) for n, m in candidate.named_modules() if is_bntool_frozen(m)]
     before = Snapshot(candidate, only=[n for n, _ in layers])
-    comparison = compare(original, TrainOnly(candidate, [m for _, m in layers]), inputs, device=device,
+    comparison = compare_layers(original, TrainOnly(candidate, [m for _, m in layers]), inputs, device=device,
                          candidate_train=True, atol=atol, rtol=rtol, reference=reference)
     changed = before.changed(candidate)
     moved = [n for n, _ in layers if any(not n or c.startswith(f"{n}.") for c in changed)]

@@ -26,10 +26,10 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..errors import InputError, VerificationError, require_module
 from ..frozen import AFFINE_MODES, frozen_type_for, why_not_freezable
 from ..norms import has_fixed_statistics, is_bntool_frozen
-from ..report import Skip, with_step
+from ..report import Skip, contract, with_step
 from ..runtime.cloning import clone
 from ..selection import select
-from ..verify.compare import Comparison, compare
+from ..verify.compare import Comparison, compare_layers
 from .check import WHOLE_MODEL, FreezeCheck, Verify, check_frozen, reference_first
 from .layers import check_layers, shapes_of
 from .legacy import selection_was_positional
@@ -56,6 +56,7 @@ class FreezeReport:
     skipped: tuple[Skip, ...]
     affine: str = "frozen"
     check: FreezeCheck | None = None
+    verified: bool = True  # False with ``verify=False``: ``passed`` is None
 
     @property
     def done(self) -> tuple[FrozenLayer, ...]:
@@ -66,19 +67,17 @@ class FreezeReport:
         return self.check.comparison if self.check else None
 
     @property
-    def passed(self) -> bool:
-        return self.check is None or self.check.passed
+    def passed(self) -> bool | None:
+        return None if not self.verified else self.check is None or self.check.passed
 
     def recipe_step(self) -> dict[str, Any]:
         return {"op": "freeze", "layers": [layer.name for layer in self.frozen], "affine": self.affine}
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"frozen": [dataclasses.asdict(layer) for layer in self.frozen],
-                "skipped": [dataclasses.asdict(skip) for skip in self.skipped],
-                "affine": self.affine, "recipe_step": self.recipe_step()}
-        if self.check is not None:
-            data["verification"] = self.check.to_dict()
-        return data
+        # (``name`` beside ``layer`` in the skip entries: the older key, kept for one release)
+        return {**contract("freeze", self, (layer.name for layer in self.frozen),
+                           self.check.to_dict() if self.check is not None else None, old_name="name"),
+                "frozen": [dataclasses.asdict(layer) for layer in self.frozen], "affine": self.affine}
 
 
 @dataclass(frozen=True)
@@ -89,23 +88,23 @@ class UnfreezeReport:
     comparison: Comparison | None = None
     skipped: tuple[Skip, ...] = ()
     checked: str | None = None  # which check ran: check.WHOLE_MODEL or check.PER_LAYER (None: not verified)
+    verified: bool = True  # False with ``verify=False``: ``passed`` is None
 
     @property
     def done(self) -> tuple[FrozenLayer, ...]:
         return self.unfrozen
 
     @property
-    def passed(self) -> bool:
-        return self.comparison is None or self.comparison.passed
+    def passed(self) -> bool | None:
+        return None if not self.verified else self.comparison is None or self.comparison.passed
 
     def recipe_step(self) -> dict[str, Any]:
         return {"op": "unfreeze", "layers": [layer.name for layer in self.unfrozen]}
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"unfrozen": [dataclasses.asdict(layer) for layer in self.unfrozen], "recipe_step": self.recipe_step()}
-        if self.comparison is not None:
-            data["verification"] = {**self.comparison.to_dict(), "checked": self.checked}
-        return data
+        verification = None if self.comparison is None else {**self.comparison.to_dict(), "checked": self.checked}
+        return {**contract("unfreeze", self, (layer.name for layer in self.unfrozen), verification, old_name="name"),
+                "unfrozen": [dataclasses.asdict(layer) for layer in self.unfrozen]}
 
 
 # ----------------------------------------------------------------------------- freeze and unfreeze
@@ -187,7 +186,7 @@ def freeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         return new
 
     result = _convert(model if inplace else clone(model), decide)
-    report = FreezeReport(tuple(frozen), tuple(skipped), affine)
+    report = FreezeReport(tuple(frozen), tuple(skipped), affine, verified=verify)
     if frozen:
         with_step(result, report.recipe_step())
     if checking and frozen:
@@ -236,7 +235,7 @@ def unfreeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Te
         return pairs[-1][2]
 
     result = _convert(model if inplace else clone(model), decide)
-    report = UnfreezeReport(tuple(unfrozen))
+    report = UnfreezeReport(tuple(unfrozen), verified=verify)
     if unfrozen:
         with_step(result, report.recipe_step())
     if checking and unfrozen and per_layer:
@@ -246,7 +245,7 @@ def unfreeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Te
         if not check.passed:
             raise VerificationError(check.failure_message("the unfrozen layers (eval mode)"), report)
     elif checking and unfrozen:
-        comparison = compare(None if inplace else model, result, checking.inputs(result), device=checking.device,
+        comparison = compare_layers(None if inplace else model, result, checking.inputs(result), device=checking.device,
                              atol=atol, rtol=rtol, reference=reference)
         report = dataclasses.replace(report, comparison=comparison, checked=WHOLE_MODEL)
         if not comparison.passed:

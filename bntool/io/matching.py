@@ -10,7 +10,6 @@ folded or frozen checkpoint meets the structure it was written from.
 from __future__ import annotations
 
 from collections.abc import Mapping
-
 from dataclasses import dataclass
 
 import torch

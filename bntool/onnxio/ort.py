@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..deprecation import plumbing
 from ..errors import InputError, VerificationError, first_line
 from ..runtime.running import flatten_outputs, resolve_device, run_eval
-from ..verify.compare import Comparison, Reference, compare
+from ..verify.compare import Comparison, Reference, compare_layers
 
 
 def providers_for(device: torch.device) -> list[Any]:
@@ -94,7 +95,39 @@ class OnnxVerification:
                 for c in self.checks if not c.comparison.passed]
 
 
+class OrtLoadError(VerificationError):
+    """onnxruntime cannot load the file (``reason``: its own first line); the report is None."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"onnxruntime cannot load the file: {reason}")
+        self.reason = reason
+
+
 def verify_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: Mapping[int, Sequence[torch.Tensor]] | Sequence[torch.Tensor],
+    *,
+    device: str | torch.device = "auto",
+    atol: float | None = None,
+    rtol: float | None = None,
+    **internal: Any,
+) -> OnnxVerification:
+    """Run ``path`` in onnxruntime (graph optimizations off) and compare with ``model`` in eval mode.
+
+    ``inputs`` is one list of tensors or ``{batch_size: tensors}``. The CUDA
+    provider (TF32 off) is used on a CUDA ``device`` when onnxruntime has it.
+    Raises ``OrtLoadError`` when onnxruntime cannot load the file, and
+    ``VerificationError`` when it cannot run it or its outputs are not the
+    model's. (``template`` and ``references``, bntool's own plumbing, are
+    accepted for one release with a ``FutureWarning``: ``verify_file``.)
+    """
+    plumbing(internal, ("template", "references"), "verify_onnx",
+             "`bntool.onnxio.ort.verify_file` takes it")
+    return verify_file(model, path, inputs, device=device, atol=atol, rtol=rtol, **internal)
+
+
+def verify_file(
     model: nn.Module | None,
     path: str | os.PathLike,
     inputs: Mapping[int, Sequence[torch.Tensor]] | Sequence[torch.Tensor],
@@ -105,16 +138,9 @@ def verify_onnx(
     template: Any = None,
     references: Mapping[int, Reference] | None = None,
 ) -> OnnxVerification:
-    """Run ``path`` in onnxruntime (graph optimizations off) and compare with ``model`` in eval mode.
-
-    ``inputs`` is one list of tensors or ``{batch_size: tensors}``. The CUDA
-    provider (TF32 off) is used on a CUDA ``device`` when onnxruntime has it.
-    ``references`` (``{batch_size: Reference.of(model, inputs[batch_size])}``)
-    saves running ``model`` again; where every batch size has one and
-    ``template`` is given, ``model`` may be ``None``. Raises
-    ``VerificationError`` when onnxruntime cannot run the file or its outputs
-    are not the model's.
-    """
+    """``verify_onnx`` against the original's outputs computed before: ``references``
+    (``{batch_size: Reference.of(model, inputs[batch_size])}``) saves running ``model`` again; where every batch
+    size has one and ``template`` (the outputs' structure) is given, ``model`` may be ``None``."""
     feed = dict(inputs) if isinstance(inputs, Mapping) else {int(inputs[0].shape[0]): tuple(inputs)}
     references = dict(references or {})
     if model is None and (template is None or set(feed) - set(references)):
@@ -126,7 +152,7 @@ def verify_onnx(
         runner = OrtRunner(path, target, arena=False)
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
         text = first_line(exc, 300).replace(str(path), f"`{Path(path).name}`")  # (not bntool's staging folder)
-        raise VerificationError(f"onnxruntime cannot load the file: {text}") from exc
+        raise OrtLoadError(text) from exc
     expected = len(flatten_outputs(template))
 
     def candidate(batch_inputs: Sequence[torch.Tensor]) -> Any:
@@ -139,7 +165,7 @@ def verify_onnx(
                                     "tensors")
         return _fill(template, iter(outputs))
 
-    checks = tuple(BatchCheck(b, compare(model, candidate, feed[b], device=target, atol=atol, rtol=rtol,
+    checks = tuple(BatchCheck(b, compare_layers(model, candidate, feed[b], device=target, atol=atol, rtol=rtol,
                                          reference=references.get(b)))
                    for b in sorted(feed))
     return OnnxVerification(runner.provider, checks)

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from ..data.batches import batch_size_of, model_input
+from ..deprecation import UNSET, positional, renamed
 from ..errors import InputError, VerificationError, require_module
 from ..report import Skip, with_step
 from ..runtime.running import model_device, model_dtype, restore_modes, saved_modes, tf32
@@ -82,14 +83,16 @@ __all__ = ["recalibrate"]
 def recalibrate(
     model: nn.Module,
     batches: Iterable[Any],
-    num_batches: int | None = None,
+    _num_batches: Any = UNSET,
+    /,
     *,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
-    input_key: str | None = None,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    only: str | Sequence[str] | None = None,
     verify: bool = True,
+    num_batches: int | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    input_key: str | None = None,
+    only: Any = UNSET,
     verify_batches: Iterable[Any] | None = None,
     callback: Callable[[int], None] | None = None,
     process_group: Any = None,
@@ -102,7 +105,7 @@ def recalibrate(
     is the input, dict with ``input_key`` or one obvious key); floating inputs
     are moved to the model's device and dtype. ``forward(model, batch)`` runs
     anything else (the batch is passed as is). ``num_batches`` limits the pass.
-    ``include`` (or its older name ``only``) / ``exclude``: fnmatch patterns on
+    ``include`` / ``exclude``: fnmatch patterns on
     qualified names (a pattern also selects the BNs inside a matching module:
     ``layer1`` selects ``layer1.0.bn1``), as for every bntool operation.
     bntool's frozen BNs are recalibrated like the others and stay frozen.
@@ -122,10 +125,8 @@ def recalibrate(
     ``VerificationError`` carrying the report.
     """
     require_module(model)
-    if only is not None:
-        if include is not None:
-            raise InputError("pass `include` or its older name `only`, not both")
-        include = only
+    include = renamed("only", only, "include", include, "recalibrate")  # (``only``: one more release)
+    num_batches = positional("num_batches", _num_batches, num_batches, "recalibrate")
     if isinstance(batches, torch.Tensor):  # iterating it would give single samples, not batches
         raise InputError(f"`batches` is one tensor (shape {tuple(batches.shape)}), not an iterable of batches; pass "
                          "`[x]` for one batch, or `x.split(64)` for batches of 64")
@@ -213,6 +214,7 @@ def recalibrate(
         world_size=world_size,
         verify_batches=verified,
         empty_batches=empty_batches,
+        verified=verify,
     )
     if verify and not report.unchanged_non_bn:
         names = ", ".join(f"`{n}`" for n in report.changed_non_bn[:5]) or "on another process"

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..norms import is_bntool_frozen
-from ..report import Skip
+from ..report import Skip, contract
 from .collect import Totals
 from .state import Held
 from .stats import ChannelStats
@@ -89,10 +89,11 @@ class RecalibrationReport:
     world_size: int = 1
     verify_batches: int = 0
     empty_batches: int = 0
+    verified: bool = True  # False with ``verify=False``: ``passed`` is None (the state check is reported, not enforced)
 
     @property
-    def passed(self) -> bool:
-        return self.unchanged_non_bn
+    def passed(self) -> bool | None:
+        return self.unchanged_non_bn if self.verified else None
 
     @property
     def done(self) -> tuple[LayerStats, ...]:
@@ -122,6 +123,10 @@ class RecalibrationReport:
         data = dataclasses.asdict(self)
         data["passed"] = self.passed
         data["mean_of_batch_vars_vs_population"] = self.mean_of_batch_vars_vs_population
+        # (``name`` beside ``layer`` in the skip entries: the older key, kept for one release)
+        check = {"unchanged_non_bn": self.unchanged_non_bn, "changed_non_bn": list(self.changed_non_bn)}
+        data.update(contract("recalibrate", self, (layer.name for layer in self.layers),
+                             check if self.verified else None, old_name="name"))
         return _finite(data)
 
 

@@ -1,0 +1,120 @@
+"""The one tolerance rule: how far a candidate's output may be from the original's, and the judgement of one output.
+
+The tolerance is derived from the model itself (``compare``'s docstring says
+how); ``compare_one`` judges one output (or probed layer) of a candidate
+against the original's, and ``OutputComparison`` is the verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: The candidate may be this many times further from the float64 reference
+#: than the original model in its own dtype is. Folded weights are rounded
+#: once more than the original's, so a folded layer can sit several times
+#: further from float64 than the original's own layer (measured up to 9x on
+#: EfficientNet-B0 projections): 16 keeps every correct fold measured at
+#: under half its tolerance, while a 0.1% error in one channel is still
+#: hundreds of times over it.
+SLACK = 16.0
+#: Floor, in units of the dtype's machine epsilon times the output's largest
+#: magnitude, below which differences are never called failures. A float64
+#: model's reference is no more precise than the model (the original's distance
+#: to it is 0), so there the floor alone must hold a correct fold's own
+#: rounding: measured up to 1.3x of 8 units on float64 look-alikes (2 correct
+#: folds in 100 were rejected), so 32; a 0.1% error is still 10^11 times over.
+FLOOR_EPS = {torch.float64: 32.0, torch.float32: 8.0, torch.float16: 8.0, torch.bfloat16: 8.0}
+#: A candidate whose weights were recomputed (folded) carries their rounding, about one unit each, summed
+#: over a layer's fan-in: the tolerance grows with ``sqrt(fan_in / FAN_IN_FREE)`` for fan-ins above this.
+FAN_IN_FREE = 64
+
+
+def rounding_factor(fan_in: int | None) -> float:
+    """How much the tolerance widens for outputs that depend on rounded weights with this fan-in."""
+    return max(1.0, (fan_in / FAN_IN_FREE) ** 0.5) if fan_in else 1.0
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """One output tensor: how far the candidate is from the original."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+    passed: bool
+    original_error: float | None = None
+    candidate_error: float | None = None
+    argmax_agreement: float | None = None
+    nonfinite: str | None = None  # which side holds NaN / inf values, and how many
+
+
+def compare_one(
+    name: str,
+    orig: torch.Tensor,
+    cand: torch.Tensor,
+    ref: torch.Tensor | None,
+    atol: float | None,
+    rtol: float | None,
+    delta: torch.Tensor | None = None,
+    widen: float = 1.0,
+) -> OutputComparison:
+    """One output against the original: within the derived tolerance of the float64 reference ``ref``
+    (or ``orig + delta``), widened by ``widen``; or within ``atol``/``rtol`` of the original."""
+    if orig.shape != cand.shape:
+        return OutputComparison(name, tuple(orig.shape), float("inf"), float("inf"), 0.0, False)
+    if not orig.is_floating_point():
+        equal = bool(torch.equal(orig, cand))
+        return OutputComparison(name, tuple(orig.shape), 0.0 if equal else float("inf"), 0.0, 0.0, equal)
+    o64, c64 = orig.double(), cand.double()
+    found = nonfinite(o64, c64)
+    finite = found is None
+    both = torch.isfinite(c64) & torch.isfinite(o64)
+    o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
+    diff = (c64 - o64).abs()
+    scale = o64.abs().max().item() if o64.numel() else 0.0
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    original_error = candidate_error = None
+    if ref is None and delta is not None:
+        ref = o64 + delta.to(o64.device)
+    if ref is not None:
+        r64 = torch.where(both, ref.double().to(o64.device), 0.0)
+        original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
+        candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
+        floor = FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
+        tolerance = widen * max(SLACK * original_error, floor)
+        passed = finite and candidate_error <= tolerance
+    else:
+        a, r = atol or 0.0, rtol or 0.0
+        tolerance = a + r * scale
+        passed = finite and bool((diff <= a + r * o64.abs()).all())
+    agreement = None
+    if orig.dim() == 2 and orig.shape[1] > 1:
+        agreement = (orig.argmax(dim=1) == cand.argmax(dim=1)).double().mean().item()
+    return OutputComparison(
+        name=name,
+        shape=tuple(orig.shape),
+        max_abs_error=max_abs,
+        max_rel_error=max_rel,
+        tolerance=tolerance,
+        passed=passed,
+        original_error=original_error,
+        candidate_error=candidate_error,
+        argmax_agreement=agreement,
+        nonfinite=found,
+    )
+
+
+def nonfinite(orig: torch.Tensor, cand: torch.Tensor) -> str | None:
+    """``None`` if both are finite, else which side holds how many NaN / inf values."""
+    parts = []
+    for side, tensor in (("candidate", cand), ("original", orig)):
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        if nan or inf:
+            what = " and ".join(f"{n} {k}" for n, k in ((nan, "NaN"), (inf, "inf")) if n)
+            parts.append(f"{what} of {tensor.numel()} in the {side}")
+    return "; ".join(parts) or None
