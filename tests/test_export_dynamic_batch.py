@@ -80,7 +80,7 @@ def test_a_dynamic_batch_exports_from_a_batch_one_example_and_is_verified_at_bat
     # stops verifying at batch 1
     _, model = convnext
     path = tmp_path / "convnext.onnx"
-    report = bntool.export_onnx(model, torch.randn(1, 3, 32, 32), path, dynamic_batch=True)
+    report = bntool.export_onnx(model, path, example_inputs=torch.randn(1, 3, 32, 32), dynamic_batch=True)
     assert report.passed and report.written and report.bn_left == 0
     assert [c.batch_size for c in report.verification.checks] == [1, 2]
     assert all(isinstance(d, str) for d in report.facts.batch_dims)
@@ -94,14 +94,14 @@ def test_a_dynamic_batch_exports_from_a_batch_one_example_and_is_verified_at_bat
 
 def test_the_batch_sizes_asked_for_are_the_ones_verified(convnext, tmp_path):
     _, model = convnext
-    report = bntool.export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", dynamic_batch=True,
+    report = bntool.export_onnx(model, tmp_path / "m.onnx", example_inputs=torch.randn(1, 3, 32, 32), dynamic_batch=True,
                                 verify_batch_sizes=[1, 3])
     assert [c.batch_size for c in report.verification.checks] == [1, 3] and report.passed
 
 
 def test_a_fixed_batch_of_one_is_still_exported_at_one(convnext, tmp_path):
     _, model = convnext
-    report = bntool.export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
+    report = bntool.export_onnx(model, tmp_path / "m.onnx", example_inputs=torch.randn(1, 3, 32, 32))
     assert report.passed and report.facts.batch_dims == (1,) and report.notes == ()
     assert [c.batch_size for c in report.verification.checks] == [1]
 
