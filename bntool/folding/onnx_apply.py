@@ -1,0 +1,274 @@
+"""A fold plan applied to an ONNX model: new weights for the layers, the folded BatchNormalization nodes gone.
+
+``apply_onnx`` returns a new ``ModelProto``; every node and initializer the
+plan does not name is copied as it was. A layer's new weight and bias come
+from ``arithmetic`` (scale and shift in float64, each weight rounded once; a
+layer folded from both sides is computed in float64 and rounded once). An
+initializer that only the folded layer reads is rewritten under its own
+name; one that another node also reads (a weight shared by two layers) is
+left for them, and the layer gets a copy of its own. A backward fold makes the
+layer (or its bias ``Add``) produce the BN's output name; a forward fold
+makes the layer read the BN's input. A MatMul gains its bias as an ``Add``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ..graph.onnxflow import CONSTANT_OPS
+from ..onnxio.check import iter_nodes
+from .arithmetic import bn_scale_shift, scale_consumer, scale_producer
+from .onnx_rules import Site, bn_parameters
+from .plan import FoldPlan
+
+
+def apply_onnx(proto: Any, flow: Any, plan: FoldPlan, sites: dict[str, Site]) -> Any:
+    """A copy of ``proto`` with ``plan`` applied (``sites``: ``onnx_rules.plan_onnx``'s positions per BN)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    nodes = list(graph.node)
+    writer = _Initializers(model)
+    by_layer: dict[int, dict[str, Any]] = defaultdict(dict)
+    for pair in plan.pairs:
+        site = sites[pair.bn]
+        params = bn_parameters(flow, site.bn)
+        eps = float(flow.attr(site.bn, "epsilon", 1e-5))
+        k, c = bn_scale_shift(*(_tensor(params[n]) for n in ("mean", "var")), eps, _tensor(params["scale"]),
+                              _tensor(params["B"]))
+        by_layer[site.layer][site.direction] = (k, c, site)
+    removed: set[int] = set()
+    added: dict[int, Any] = {}  # layer position -> the Add node that follows it
+    stale: set[str] = set()  # value names that no longer exist
+    for layer, sides in by_layer.items():
+        node = nodes[layer]
+        weight, bias = _fold_layer(flow, layer, sides)
+        op = flow.op(layer)
+        if op == "MatMul":
+            writer.put(node, 1, weight)
+        else:
+            writer.put(node, 1, weight)
+            writer.put(node, 2, bias)
+            if op == "Gemm":
+                _set_attribute(node, "beta", 1.0)
+        if "forward" in sides:
+            bn = nodes[sides["forward"][2].bn]
+            stale.add(node.input[0])
+            node.input[0] = bn.input[0]
+            removed.add(sides["forward"][2].bn)
+        target = node.output[0]
+        if "backward" in sides:
+            site = sides["backward"][2]
+            bn = nodes[site.bn]
+            last = nodes[site.add] if site.add is not None else node
+            stale.add(last.output[0])
+            if site.add is not None:
+                _set_bias(writer, flow, last, site.add, bias)
+            last.output[0] = bn.output[0]
+            removed.add(site.bn)
+            target = bn.output[0] if site.add is None else None
+        if op == "MatMul" and target is not None:  # the bias, as an Add after the MatMul
+            inner = writer.fresh(f"{target}_matmul")
+            node.output[0] = inner
+            name = writer.add(writer.fresh(f"{node.name or target}_bias"), bias)
+            added[layer] = helper.make_node("Add", [inner, name], [target], name=writer.fresh_node(
+                f"{node.name or target}_bias", graph))
+    kept = []
+    for i, node in enumerate(nodes):
+        if i in removed:
+            continue
+        kept.append(node)
+        if i in added:
+            kept.append(added[i])
+    dropped = {n for i in removed for n in nodes[i].input[1:]}
+    kept = _without_dead_constants(kept, graph)
+    copies = [_copy(n) for n in kept]
+    del graph.node[:]
+    graph.node.extend(copies)
+    writer.drop_unread(dropped)
+    live = {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
+    for info in [v for v in graph.value_info if v.name in stale and v.name not in live]:
+        graph.value_info.remove(info)
+    return model
+
+
+def _without_dead_constants(nodes: list[Any], graph: Any) -> list[Any]:
+    """``nodes`` less the constant-computing nodes (``CONSTANT_OPS``) whose outputs nothing reads any more."""
+    while True:
+        reads = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
+        reads |= {name for n in nodes for name in _subgraph_reads(n)}
+        dead = [n for n in nodes if n.op_type in CONSTANT_OPS and n.domain in ("", "ai.onnx")
+                and not any(o in reads for o in n.output)]
+        if not dead:
+            return nodes
+        nodes = [n for n in nodes if all(n is not d for d in dead)]
+
+
+def _subgraph_reads(node: Any) -> set[str]:
+    found: set[str] = set()
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            for inner in graph.node:
+                found.update(inner.input)
+                found |= _subgraph_reads(inner)
+    return found
+
+
+def _copy(node: Any) -> Any:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _fold_layer(flow: Any, layer: int, sides: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's new ``(weight, bias)`` arrays, in its weight's dtype."""
+    op = flow.op(layer)
+    weight_array = flow.constant(flow.input(layer, 1))
+    dtype = weight_array.dtype
+    weight = _tensor(weight_array)
+    group = int(flow.attr(layer, "group", 1))
+    transposed_layout = op == "MatMul" or (op == "Gemm" and not flow.attr(layer, "transB", 0))
+    out_features = weight.shape[1] if transposed_layout else weight.shape[0]
+    if op == "ConvTranspose":
+        out_features = weight.shape[1] * group
+    bias = _bias(flow, layer, sides, out_features)
+    if transposed_layout:
+        weight = weight.t()
+    alpha = float(flow.attr(layer, "alpha", 1.0)) if op == "Gemm" else 1.0
+    if len(sides) == 2:
+        weight = weight.double()
+    if "forward" in sides:
+        k, c, _ = sides["forward"]
+        weight, response = scale_consumer(weight, torch.zeros(weight.shape[0], dtype=torch.float64), k, c,
+                                          groups=group if op == "Conv" else 1)
+        bias = bias + alpha * response
+    if "backward" in sides:
+        k, c, _ = sides["backward"]
+        if op == "ConvTranspose":
+            weight, bias = scale_producer(weight, bias, k, c, transposed=True, groups=group)
+        else:
+            weight, bias = scale_producer(weight, bias, k, c)
+    if transposed_layout:
+        weight = weight.t()
+    return _array(weight.contiguous(), dtype), _array(bias, dtype)
+
+
+def _bias(flow: Any, layer: int, sides: dict[str, Any], out_features: int) -> torch.Tensor:
+    """The layer's bias as float64 of shape ``(out_features,)`` (Gemm: ``beta * C``; MatMul: its Add's constant)."""
+    site = sides.get("backward", (None, None, None))[2]
+    if site is not None and site.add is not None:
+        a, b = flow.input(site.add, 0), flow.input(site.add, 1)
+        value = flow.constant(b) if flow.constant(b) is not None else flow.constant(a)
+    elif flow.op(layer) == "MatMul":
+        value = None
+    else:
+        value = flow.constant(flow.input(layer, 2)) if flow.input(layer, 2) is not None else None
+    bias = torch.zeros(out_features, dtype=torch.float64)
+    if value is not None:
+        bias = bias + _tensor(value).double().reshape(-1)
+    if flow.op(layer) == "Gemm":
+        bias = bias * float(flow.attr(layer, "beta", 1.0))
+    return bias
+
+
+def _set_bias(writer: Any, flow: Any, add_node: Any, add: int, bias: np.ndarray) -> None:
+    slot = 1 if flow.constant(flow.input(add, 1)) is not None else 0
+    writer.put(add_node, slot, bias)
+
+
+def _set_attribute(node: Any, name: str, value: float) -> None:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            attribute.f = value
+            return
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _array(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """``tensor`` rounded once to ``dtype`` (a numpy dtype; bfloat16 through torch's own rounding)."""
+    tensor = tensor.detach().cpu()
+    if dtype.name == "bfloat16":
+        return tensor.to(torch.bfloat16).view(torch.uint16).numpy().view(dtype)
+    return np.ascontiguousarray(tensor.numpy().astype(dtype, copy=False))
+
+
+class _Initializers:
+    """The model's initializers, rewritten in place where only the folded layer reads them, else copied."""
+
+    def __init__(self, model: Any):
+        self.graph = model.graph
+        self.by_name = {t.name: t for t in self.graph.initializer}
+        self.reads = Counter(name for node in iter_nodes(model) for name in node.input if name)
+        self.reads.update(o.name for o in self.graph.output)
+        self.names = set(self.by_name) | {o for n in iter_nodes(model) for o in n.output} | \
+            {v.name for v in self.graph.input}
+        self.node_names = {n.name for n in iter_nodes(model) if n.name}
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self.names:
+            n += 1
+            name = f"{base}_{n}"
+        self.names.add(name)
+        return name
+
+    def fresh_node(self, base: str, graph: Any) -> str:
+        name, n = base, 1
+        while name in self.node_names:
+            n += 1
+            name = f"{base}_{n}"
+        self.node_names.add(name)
+        return name
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        self.by_name[name] = self.graph.initializer[-1]
+        self.reads[name] += 1
+        return name
+
+    def put(self, node: Any, slot: int, array: np.ndarray) -> None:
+        """``node``'s input ``slot`` becomes ``array``: rewritten in place when only this read uses it."""
+        old = node.input[slot] if slot < len(node.input) else ""
+        if old and old in self.by_name and self.reads[old] == 1:
+            tensor = self.by_name[old]
+            if tuple(array.shape) != tuple(tensor.dims):
+                array = array.reshape(tuple(tensor.dims)) if array.size == np.prod(tensor.dims) else array
+            tensor.CopyFrom(numpy_helper.from_array(array, old))
+            return
+        name = self.add(self.fresh(f"{old}_folded" if old else f"{node.name or node.output[0]}_bias"), array)
+        if old:
+            self.reads[old] -= 1
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+
+    def drop_unread(self, candidates: set[str]) -> None:
+        """Remove the initializers among ``candidates`` that no node reads any more."""
+        reads = Counter(name for node in self.graph.node for name in node.input if name)
+        reads.update(o.name for o in self.graph.output)
+        for name in candidates:
+            tensor = self.by_name.get(name)
+            if tensor is not None and not reads[name] and not any(_reads_in_subgraph(n, name) for n in self.graph.node):
+                self.graph.initializer.remove(tensor)
+
+
+def _reads_in_subgraph(node: Any, name: str) -> bool:
+    for attribute in node.attribute:
+        graphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                if name in inner.input or _reads_in_subgraph(inner, name):
+                    return True
+    return False

@@ -1,0 +1,157 @@
+"""Running an ONNX graph: in onnxruntime (its own dtype), and in float64 for the derived tolerance.
+
+onnxruntime has no float64 kernel for Conv and many other ops, so the
+float64 run is ``onnx.reference`` on a float64 copy of the graph
+(``as_float64``: every floating initializer, constant, input, output and cast
+target made float64), with Conv and ConvTranspose computed by torch in
+float64 (the reference's own are pure Python loops). ``with_outputs``
+exposes intermediate values as extra graph outputs, for a layer-by-layer
+comparison; the copy is for running only, never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+from onnx.reference.op_run import OpRun
+from onnx.reference.ops import op_conv, op_conv_transpose
+
+from ..errors import InputError, first_line
+from .check import iter_nodes
+
+FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def with_outputs(model: Any, names: Sequence[str], types: Mapping[str, int]) -> Any:
+    """A copy of ``model`` whose graph also outputs the values ``names`` (element types from ``types``)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    have = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in have:
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+            have.add(name)
+    return copy
+
+
+def session(model: Any, threads: int = 0) -> Any:
+    """An onnxruntime CPU session on ``model`` (graph optimizations off: the graph runs as written)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    payload = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+
+
+def run_ort(model: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds))))
+
+
+# ----------------------------------------------------------------------------- float64
+
+
+def as_float64(model: Any) -> Any:
+    """A copy of ``model`` computing in float64: floating initializers, constants, I/O types and casts."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+
+    def widen(tensor: Any) -> None:
+        if tensor.data_type in FLOATS:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
+
+    for tensor in graph.initializer:
+        widen(tensor)
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        if info.type.tensor_type.elem_type in FLOATS:
+            info.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for node in iter_nodes(copy):
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                widen(attribute.t)
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i in FLOATS:
+                attribute.i = TensorProto.DOUBLE
+    return copy
+
+
+def run_float64(model: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``model`` run in float64 by ``onnx.reference`` (``as_float64``), every output by name."""
+    from onnx.reference import ReferenceEvaluator
+
+    wide = as_float64(model)
+    inputs = {k: (v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
+              for k, v in feeds.items()}
+    try:
+        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose])
+        results = evaluator.run(None, inputs)
+    except Exception as exc:  # noqa: BLE001 - an op the reference does not implement, or a graph it cannot run
+        raise InputError(f"cannot run the graph in float64 to derive the tolerance ({first_line(exc, 160)}); "
+                         "pass `atol` / `rtol` to compare with a fixed tolerance instead") from None
+    return dict(zip([o.name for o in wide.graph.output], results))
+
+
+def _pads(x: np.ndarray, w_spatial: Sequence[int], auto_pad: str, dilations, pads, strides) -> list[int] | None:
+    """Explicit begin/end pads per spatial axis, or None for a padding mode left to onnx's own kernel."""
+    n = len(w_spatial)
+    if auto_pad in (None, "", "NOTSET"):
+        return list(pads) if pads is not None else [0] * (2 * n)
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    return None
+
+
+class Conv(OpRun):
+    """onnx's Conv in float64 through torch (same semantics; onnx's own kernel for SAME_* padding)."""
+
+    op_domain = ""
+
+    def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
+             strides=None):
+        n = W.ndim - 2
+        explicit = _pads(X, W.shape[2:], auto_pad, dilations, pads, strides)
+        if explicit is None or n not in (1, 2, 3):
+            return op_conv.Conv._run(self, X, W, B, auto_pad, dilations, group, kernel_shape, pads, strides)
+        x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64))
+        pad = [p for i in reversed(range(n)) for p in (explicit[i], explicit[i + n])]
+        x = torch.nn.functional.pad(x, pad)
+        fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[n - 1]
+        y = fn(x, torch.from_numpy(np.ascontiguousarray(W, dtype=np.float64)),
+               torch.from_numpy(np.asarray(B, dtype=np.float64)) if B is not None else None,
+               stride=list(strides or [1] * n), dilation=list(dilations or [1] * n), groups=int(group or 1))
+        return (y.numpy().astype(X.dtype),)
+
+
+class ConvTranspose(OpRun):
+    """onnx's ConvTranspose in float64 through torch (onnx's own kernel for auto_pad / output_shape)."""
+
+    op_domain = ""
+
+    def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, output_padding=None,
+             output_shape=None, pads=None, strides=None):
+        n = W.ndim - 2
+        if auto_pad not in (None, "", "NOTSET") or output_shape is not None or n not in (1, 2, 3):
+            return op_conv_transpose.ConvTranspose._run(self, X, W, B, auto_pad, dilations, group, kernel_shape,
+                                                        output_padding, output_shape, pads, strides)
+        pads = list(pads) if pads is not None else [0] * (2 * n)
+        if pads[:n] != pads[n:]:
+            return op_conv_transpose.ConvTranspose._run(self, X, W, B, auto_pad, dilations, group, kernel_shape,
+                                                        output_padding, output_shape, pads, strides)
+        fn = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+              torch.nn.functional.conv_transpose3d)[n - 1]
+        y = fn(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64)),
+               torch.from_numpy(np.ascontiguousarray(W, dtype=np.float64)),
+               torch.from_numpy(np.asarray(B, dtype=np.float64)) if B is not None else None,
+               stride=list(strides or [1] * n), padding=pads[:n], output_padding=list(output_padding or [0] * n),
+               groups=int(group or 1), dilation=list(dilations or [1] * n))
+        return (y.numpy().astype(X.dtype),)
