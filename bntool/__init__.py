@@ -46,6 +46,9 @@ _EXPORTS = {
     "export_onnx": "bntool.export.export_onnx",
     "ExportReport": "bntool.export.export_onnx",
     "verify_onnx": "bntool.onnxio.ort",
+    "fold_onnx": "bntool.folding.onnx_fold",
+    "OnnxFoldReport": "bntool.folding.onnx_fold",
+    "inspect_onnx": "bntool.inspection.onnx_inspect",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -70,6 +73,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import BntoolError, InputError, VerificationError
     from .export.export_onnx import ExportReport, export_onnx
     from .folding.fold import FoldReport, fold
+    from .folding.onnx_fold import OnnxFoldReport, fold_onnx
+    from .inspection.onnx_inspect import inspect_onnx
     from .folding.plan import FoldPlan
     from .folding.rules import plan_fold
     from .freezing.freeze import freeze, unfreeze

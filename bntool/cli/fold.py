@@ -60,6 +60,12 @@ def fold(
     verification blames is left too (exit 0, with a warning; exit 1 with
     --strict) and the rest is verified again without it.
     """
+    if checkpoint.suffix.lower() == ".onnx" and model is None:  # the graph is in the file
+        from .fold_onnx import fold_file
+
+        fold_file(checkpoint, out=out, force=force, dry_run=dry_run, strict=strict, atol=atol, rtol=rtol,
+                  input_shape=input_shape, seed=seed, json=json)
+        return
     from ..errors import VerificationError
     from ..folding.fold import fold as fold_model
     from ..runtime.running import resolve_device

@@ -66,6 +66,12 @@ def inspect_command(
     from .common import load_source
 
     console.use_stderr_for_humans(json)
+    if checkpoint.suffix.lower() == ".onnx" and model is None:
+        from .fold_onnx import inspect_file
+
+        result, report = inspect_file(checkpoint)
+        _render(result, report, json)
+        return
     if plot is not None:
         _check_plot_path(plot, checkpoint, model, force)
     loaded = ckpt.read(checkpoint, key=key, allow_pickle=allow_pickle) if model is None else None
@@ -132,7 +138,8 @@ def _render(result: dict, report, as_json: bool) -> None:
               _stat(r.running_mean, r), _stat(r.running_var, r)] for r in rows],
         )
     if rows and not result["weights_only"]:
-        method = {"fx": "torch.fx", "recorded": "recorded forward pass", "none": "unknown"}[report.dataflow_method]
+        method = {"fx": "torch.fx", "recorded": "recorded forward pass", "onnx": "ONNX graph",
+                  "none": "unknown"}[report.dataflow_method]
         console.table(
             f"Dataflow ({method}) and folding",
             ["BatchNorm", "fed by", "feeds", "fold"],

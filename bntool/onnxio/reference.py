@@ -122,11 +122,11 @@ class Conv(OpRun):
         explicit = _pads(X, W.shape[2:], auto_pad, dilations, pads, strides)
         if explicit is None or n not in (1, 2, 3):
             return op_conv.Conv._run(self, X, W, B, auto_pad, dilations, group, kernel_shape, pads, strides)
-        x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64))
+        x = torch.from_numpy(np.array(X, dtype=np.float64))
         pad = [p for i in reversed(range(n)) for p in (explicit[i], explicit[i + n])]
         x = torch.nn.functional.pad(x, pad)
         fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[n - 1]
-        y = fn(x, torch.from_numpy(np.ascontiguousarray(W, dtype=np.float64)),
+        y = fn(x, torch.from_numpy(np.array(W, dtype=np.float64)),
                torch.from_numpy(np.asarray(B, dtype=np.float64)) if B is not None else None,
                stride=list(strides or [1] * n), dilation=list(dilations or [1] * n), groups=int(group or 1))
         return (y.numpy().astype(X.dtype),)
@@ -149,8 +149,8 @@ class ConvTranspose(OpRun):
                                                         output_padding, output_shape, pads, strides)
         fn = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
               torch.nn.functional.conv_transpose3d)[n - 1]
-        y = fn(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64)),
-               torch.from_numpy(np.ascontiguousarray(W, dtype=np.float64)),
+        y = fn(torch.from_numpy(np.array(X, dtype=np.float64)),
+               torch.from_numpy(np.array(W, dtype=np.float64)),
                torch.from_numpy(np.asarray(B, dtype=np.float64)) if B is not None else None,
                stride=list(strides or [1] * n), padding=pads[:n], output_padding=list(output_padding or [0] * n),
                groups=int(group or 1), dilation=list(dilations or [1] * n))
