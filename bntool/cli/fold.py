@@ -64,7 +64,7 @@ def fold(
         from .fold_onnx import fold_file
 
         fold_file(checkpoint, out=out, force=force, dry_run=dry_run, strict=strict, atol=atol, rtol=rtol,
-                  input_shape=input_shape, seed=seed, json=json)
+                  input_shape=input_shape, seed=seed, json=json, render=_render)
         return
     from ..errors import VerificationError
     from ..folding.fold import fold as fold_model

@@ -7,14 +7,14 @@ from typing import Any
 
 
 def fold_file(path: Path, *, out: Path | None, force: bool, dry_run: bool, strict: bool, atol: float | None,
-              rtol: float | None, input_shape: list[str] | None, seed: int, json: bool) -> None:
+              rtol: float | None, input_shape: list[str] | None, seed: int, json: bool, render) -> None:
+    """Fold the graph in ``path``; ``render(result, report, json)`` is ``bntool fold``'s own report."""
     from ..errors import InputError, VerificationError
     from ..folding.onnx_fold import fold_onnx, prove_file
     from ..io.outputs import check_output_path
     from ..onnxio.save import save_onnx
     from ..runtime.shapes import parse_shape
     from . import console
-    from .fold import _render
 
     console.use_stderr_for_humans(json)
     out = out if out is not None else path.with_name(f"{path.stem}.folded.onnx")
@@ -32,7 +32,7 @@ def fold_file(path: Path, *, out: Path | None, force: bool, dry_run: bool, stric
     except VerificationError as exc:
         if exc.report is not None:
             result.update(exc.report.to_dict())
-            _render(result, exc.report, json)
+            render(result, exc.report, json)
         raise
     result.update(report.to_dict())
     if not dry_run:
@@ -41,12 +41,12 @@ def fold_file(path: Path, *, out: Path | None, force: bool, dry_run: bool, stric
                                        prove=lambda tmp: prove_file(report, tmp),
                                        inputs=[path, *_data_files(path)])
         except VerificationError:
-            _render(result, report, json)
+            render(result, report, json)
             raise
         for note in notes:
             console.line(f"Note: {note}", style="yellow")
         result.update(output=str(written), written=True)
-    _render(result, report, json)
+    render(result, report, json)
     if not json:
         console.line(f"BatchNormalization nodes: {report.bn_before} before, {report.bn_after} after.")
 

@@ -93,7 +93,7 @@ def run_float64(model: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nda
     inputs = {k: (v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
               for k, v in feeds.items()}
     try:
-        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose])
+        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose, BatchNormalization])
         results = evaluator.run(None, inputs)
     except Exception as exc:  # noqa: BLE001 - an op the reference does not implement, or a graph it cannot run
         raise InputError(f"cannot run the graph in float64 to derive the tolerance ({first_line(exc, 160)}); "
@@ -155,3 +155,19 @@ class ConvTranspose(OpRun):
                stride=list(strides or [1] * n), padding=pads[:n], output_padding=list(output_padding or [0] * n),
                groups=int(group or 1), dilation=list(dilations or [1] * n))
         return (y.numpy().astype(X.dtype),)
+
+
+class BatchNormalization(OpRun):
+    """BatchNormalization of every opset in float64 (onnx's reference mishandles versions before 9)."""
+
+    op_domain = ""
+
+    def _run(self, X, scale, B, mean, var, epsilon=None, momentum=None, spatial=None, training_mode=None,
+             is_test=None, consumed_inputs=None):
+        eps = 1e-5 if epsilon is None else epsilon
+        shape = (1, -1) + (1,) * (X.ndim - 2)
+        if training_mode or is_test == 0:
+            axes = (0, *range(2, X.ndim))
+            mean, var = X.mean(axis=axes), X.var(axis=axes)
+        y = (X - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * scale.reshape(shape) + B.reshape(shape)
+        return (y.astype(X.dtype),)
