@@ -36,7 +36,7 @@ def save_onnx(model: Any, out: str | os.PathLike, *, force: bool, external: bool
             copy = onnx.ModelProto()
             copy.CopyFrom(model)  # (saving as external data rewrites the tensors of the model it is given)
             onnx.save_model(copy, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=external_data_name(out), size_threshold=1024)
+                            location=external_data_name(out), size_threshold=0)
             del copy
         else:
             onnx.save_model(model, str(tmp))
