@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from bntool.onnxio.reference import run_ort
 from tests.conftest import assert_one_line_error
-from tests.test_onnx_fold import bn_count, conv_graph, model, bn, bn_inits, tensor
+from tests.test_onnx_fold import bn, bn_count, bn_inits, conv_graph, model, tensor
 
 
 @pytest.fixture

@@ -115,7 +115,7 @@ def fold_onnx(
     except ValueError as exc:  # (over 2 GB in memory: checked on the written file)
         if "2GB" not in str(exc) and "2 GB" not in str(exc):
             raise VerificationError(f"the folded graph fails onnx.checker: {first_line(exc, 200)}", report) from exc
-    except Exception as exc:  # noqa: BLE001 - ValidationError, InferenceError
+    except Exception as exc:
         raise VerificationError(f"the folded graph fails onnx.checker: {first_line(exc, 200)}", report) from exc
     return folded, report
 
@@ -172,7 +172,7 @@ class _Check:
         try:
             graph = folded if not points else with_outputs(folded, [v for v in values if v in self.types], self.types)
             out = run_ort(graph, self.feeds)
-        except Exception as exc:  # noqa: BLE001 - the original ran on these inputs: the fold broke the graph
+        except Exception as exc:
             raise VerificationError(f"onnxruntime cannot run the folded graph ({first_line(exc, 200)})") from exc
         sizes = {p.bn: fan_in(self.flow, sites[p.bn].layer) for p in plan.pairs}
         results = []

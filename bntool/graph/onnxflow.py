@@ -44,7 +44,7 @@ class OnnxFlow:
             from onnx_ir.passes.common import ShapeInferencePass
 
             model = ShapeInferencePass(strict_mode=False)(model).model
-        except Exception:  # noqa: BLE001 - shapes stay unknown: the rules that need one say so
+        except Exception:  # noqa: BLE001, S110 - shapes stay unknown: the rules that need one say so
             pass
         nodes = list(model.graph)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))

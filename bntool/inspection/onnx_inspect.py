@@ -11,11 +11,11 @@ import onnx
 import torch
 
 from ..errors import InputError
+from ..folding.onnx_rules import PARAMETERS, plan_onnx
 from ..graph.onnxflow import OnnxFlow
 from ..onnxio.load import read_onnx
 from .findings import by_severity, nonfinite_weights, statistics_findings
 from .inspect import InspectReport, _row
-from ..folding.onnx_rules import PARAMETERS, plan_onnx
 
 
 def inspect_onnx(model_or_path: Any) -> InspectReport:
