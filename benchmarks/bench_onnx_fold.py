@@ -26,11 +26,11 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import _progress  # noqa: E402
+import _progress
 
-from bntool.folding.onnx_fold import fold_onnx  # noqa: E402
-from bntool.onnxio.reference import run_ort, session  # noqa: E402
-from examples import archs, models  # noqa: E402
+from bntool.folding.onnx_fold import fold_onnx
+from bntool.onnxio.reference import run_ort, session
+from examples import archs, models
 
 
 def export(net, shape, dynamo: bool):
@@ -95,7 +95,7 @@ def main() -> None:
     }
     if args.quick:
         nets.pop("resnet50")
-    print(f"| file | tool | BN before | BN left | valid | max error | time (s) |")
+    print("| file | tool | BN before | BN left | valid | max error | time (s) |")
     print("|---|---|---|---|---|---|---|")
     for net_name, factory in nets.items():
         for dynamo in (False, True):

@@ -258,17 +258,12 @@ class _Initializers:
         """Remove the initializers among ``candidates`` that no node reads any more."""
         reads = Counter(name for node in self.graph.node for name in node.input if name)
         reads.update(o.name for o in self.graph.output)
-        for name in candidates:
-            tensor = self.by_name.get(name)
-            if tensor is not None and not reads[name] and not any(_reads_in_subgraph(n, name) for n in self.graph.node):
-                self.graph.initializer.remove(tensor)
+        inner = {name for node in self.graph.node for name in _subgraph_reads(node)}
+        doomed = {name for name in candidates if name in self.by_name and not reads[name] and name not in inner}
+        if doomed:
+            kept = [t for t in self.graph.initializer if t.name not in doomed]
+            if len(kept) != len(self.graph.initializer):
+                for index in reversed([i for i, t in enumerate(self.graph.initializer) if t.name in doomed]):
+                    del self.graph.initializer[index]
 
 
-def _reads_in_subgraph(node: Any, name: str) -> bool:
-    for attribute in node.attribute:
-        graphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
-        for graph in graphs:
-            for inner in graph.node:
-                if name in inner.input or _reads_in_subgraph(inner, name):
-                    return True
-    return False

@@ -83,7 +83,7 @@ def fold_onnx(
         proto = model_or_path
     else:
         raise InputError(f"fold_onnx takes an onnx.ModelProto or a path, got a {type(model_or_path).__name__}")
-    _check_original(proto)
+    serialized = _check_original(proto)
     flow = OnnxFlow.of(proto)
     feeds = make_feeds(proto, example_inputs, input_shapes, seed) if verify else {}
     before = len(flow.bns()) + len(flow.subgraph_bns())
@@ -97,7 +97,7 @@ def fold_onnx(
             comparison = None
             break
         if check is None:  # the original, run once, with every point the first (fullest) plan checks
-            check = _Check(proto, flow, feeds, atol, rtol)
+            check = _Check(proto, flow, feeds, atol, rtol, serialized)
         comparison = check.compare(folded, plan, sites)
         if comparison.passed:
             break
@@ -111,7 +111,9 @@ def fold_onnx(
     if comparison is not None and not comparison.passed:
         raise VerificationError(comparison.failure_message("the folded graph"), report)
     try:
-        onnx.checker.check_model(folded, full_check=True)
+        serialized = check.serialized if check is not None else None
+        onnx.checker.check_model(serialized[1] if serialized and serialized[0] == id(folded) else folded,
+                                 full_check=True)
     except ValueError as exc:  # (over 2 GB in memory: checked on the written file)
         if "2GB" not in str(exc) and "2 GB" not in str(exc):
             raise VerificationError(f"the folded graph fails onnx.checker: {first_line(exc, 200)}", report) from exc
@@ -129,11 +131,15 @@ def prove_file(report: OnnxFoldReport, path: str | os.PathLike) -> None:
         raise VerificationError(comparison.failure_message("the written file"), report)
 
 
-def _check_original(proto: Any) -> None:
+def _check_original(proto: Any) -> bytes | None:
+    """The model's bytes (None over 2 GB), after ``onnx.checker`` found it valid."""
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        payload = proto.SerializeToString()
     except ValueError:
-        pass  # over 2 GB in memory
+        return None  # over 2 GB in memory
+    try:
+        onnx.checker.check_model(payload, full_check=False)
+        return payload
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"the ONNX model is not valid ({first_line(exc, 200)}); bntool folds only models that "
                          "pass onnx.checker") from None
@@ -142,7 +148,8 @@ def _check_original(proto: Any) -> None:
 class _Check:
     """The original run once (onnxruntime, and float64 for the derived tolerance), then each candidate against it."""
 
-    def __init__(self, proto: Any, flow: OnnxFlow, feeds: Mapping[str, np.ndarray], atol, rtol):
+    def __init__(self, proto: Any, flow: OnnxFlow, feeds: Mapping[str, np.ndarray], atol, rtol,
+                 serialized: bytes | None = None):
         self.flow, self.feeds, self.atol, self.rtol = flow, dict(feeds), atol, rtol
         self.derived = atol is None and rtol is None
         self.outputs = [o.name for o in proto.graph.output]
@@ -151,13 +158,13 @@ class _Check:
         names = [self.value_of(label) for label in plan.probes()]
         names += [flow.nodes[s.layer].outputs[0].name for s in sites.values() if s.direction == "forward"]
         self.points = [n for n in dict.fromkeys(names) if n in self.types]
-        probed = with_outputs(proto, self.points, self.types)
         try:
-            self.original = run_ort(probed, self.feeds)
+            self.original = run_ort(with_outputs(serialized or proto, self.points, self.types), self.feeds)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"onnxruntime cannot run the original graph ({first_line(exc, 200)}); bntool proves a "
                              "fold by running both graphs, so it cannot fold this one") from None
-        self.high = run_float64(probed, self.feeds) if self.derived else {}
+        self.high = run_float64(proto, self.feeds, self.points) if self.derived else {}
+        self.serialized: tuple[int, bytes] | None = None  # the last candidate, serialized (for the checker)
 
     def value_of(self, label: str) -> str:
         return self.flow.nodes[self.flow.position(label)].outputs[0].name
@@ -170,7 +177,12 @@ class _Check:
             for label in plan.probes():
                 values[self.value_of(label)] = label
         try:
-            graph = folded if not points else with_outputs(folded, [v for v in values if v in self.types], self.types)
+            if points:
+                payload = folded.SerializeToString()
+                self.serialized = (id(folded), payload)
+                graph = with_outputs(payload, [v for v in values if v in self.types], self.types)
+            else:
+                graph = folded
             out = run_ort(graph, self.feeds)
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot run the folded graph ({first_line(exc, 200)})") from exc

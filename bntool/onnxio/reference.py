@@ -27,16 +27,19 @@ from .check import iter_nodes
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
-def with_outputs(model: Any, names: Sequence[str], types: Mapping[str, int]) -> Any:
-    """A copy of ``model`` whose graph also outputs the values ``names`` (element types from ``types``)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in have:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-            have.add(name)
-    return copy
+def with_outputs(model: Any, names: Sequence[str], types: Mapping[str, int]) -> bytes:
+    """``model`` (a ModelProto, or its serialized bytes) serialized with the values ``names`` as extra graph
+    outputs (element types from ``types``).
+
+    Serialized protobuf messages merge when concatenated (repeated fields
+    append), so the extra outputs are a small message appended to the
+    model's bytes: the weights are neither copied nor serialized again.
+    """
+    payload = model if isinstance(model, bytes) else model.SerializeToString()
+    extra = onnx.ModelProto()
+    for name in dict.fromkeys(names):
+        extra.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+    return payload + extra.SerializeToString()
 
 
 def session(model: Any, threads: int = 0) -> Any:
@@ -48,7 +51,8 @@ def session(model: Any, threads: int = 0) -> Any:
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    payload = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    payload = model.SerializeToString() if hasattr(model, "SerializeToString") else \
+        model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
 
 
@@ -68,8 +72,12 @@ def as_float64(model: Any) -> Any:
     graph = copy.graph
 
     def widen(tensor: Any) -> None:
-        if tensor.data_type in FLOATS:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
+        if tensor.data_type in FLOATS and tensor.data_location != TensorProto.EXTERNAL:
+            wide = numpy_helper.to_array(tensor).astype(np.float64)
+            for field in ("raw_data", "float_data", "int32_data", "double_data"):
+                tensor.ClearField(field)
+            tensor.data_type = TensorProto.DOUBLE
+            tensor.raw_data = wide.tobytes()
 
     for tensor in graph.initializer:
         widen(tensor)
@@ -85,15 +93,20 @@ def as_float64(model: Any) -> Any:
     return copy
 
 
-def run_float64(model: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``model`` run in float64 by ``onnx.reference`` (``as_float64``), every output by name."""
+def run_float64(model: Any, feeds: Mapping[str, np.ndarray], extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """``model`` run in float64 by ``onnx.reference`` (``as_float64``), every output (and the values ``extra``)
+    by name."""
     from onnx.reference import ReferenceEvaluator
 
     wide = as_float64(model)
+    if extra:
+        have = {o.name for o in wide.graph.output}
+        wide.graph.output.extend(onnx.helper.make_tensor_value_info(n, TensorProto.DOUBLE, None)
+                                 for n in dict.fromkeys(extra) if n not in have)
     inputs = {k: (v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
               for k, v in feeds.items()}
     try:
-        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose, BatchNormalization])
+        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose, BatchNormalization, MaxPool])
         results = evaluator.run(None, inputs)
     except Exception as exc:  # noqa: BLE001 - an op the reference does not implement, or a graph it cannot run
         raise InputError(f"cannot run the graph in float64 to derive the tolerance ({first_line(exc, 160)}); "
@@ -171,3 +184,25 @@ class BatchNormalization(OpRun):
             mean, var = X.mean(axis=axes), X.var(axis=axes)
         y = (X - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * scale.reshape(shape) + B.reshape(shape)
         return (y.astype(X.dtype),)
+
+
+class MaxPool(OpRun):
+    """onnx's MaxPool through torch for the plain case (one output, explicit pads, no ceil mode)."""
+
+    op_domain = ""
+
+    def _run(self, X, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+             storage_order=None, strides=None):
+        n = len(kernel_shape)
+        pads = list(pads) if pads is not None else [0] * (2 * n)
+        plain = (auto_pad in (None, "", "NOTSET") and not ceil_mode and n in (1, 2, 3) and len(self.output) == 1
+                 and pads[:n] == pads[n:] and all(2 * p <= k for p, k in zip(pads[:n], kernel_shape)))
+        if not plain:
+            from onnx.reference.ops.op_max_pool import MaxPool as Reference
+
+            return Reference._run(self, X, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                                  kernel_shape=kernel_shape, pads=pads, storage_order=storage_order, strides=strides)
+        fn = (torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d)[n - 1]
+        y = fn(torch.from_numpy(np.array(X, dtype=np.float64)), list(kernel_shape), stride=list(strides or [1] * n),
+               padding=pads[:n], dilation=list(dilations or [1] * n))
+        return (y.numpy().astype(X.dtype),)
