@@ -214,7 +214,7 @@ def _forced(original, bn_name: str, layer_name: str, direction: str):
     flow = OnnxFlow.of(original)
     b, layer = flow.position(bn_name), flow.position(layer_name)
     plan = FoldPlan((FoldPair(bn_name, layer_name, direction, "removed", flow.op(layer)),), (), "onnx")
-    return onnx_apply.apply_onnx(original, flow, plan, {bn_name: Site(b, layer, direction)})
+    return onnx_apply.apply_onnx(original, flow, plan, {bn_name: [Site(b, layer, direction, None, layer)]})
 
 
 def test_a_producer_with_other_readers_is_refused_and_forcing_it_breaks_the_other_reader():

@@ -28,7 +28,7 @@ from .onnx_rules import Site, bn_parameters
 from .plan import FoldPlan
 
 
-def apply_onnx(proto: Any, flow: Any, plan: FoldPlan, sites: dict[str, Site]) -> Any:
+def apply_onnx(proto: Any, flow: Any, plan: FoldPlan, sites: dict[str, list[Site]]) -> Any:
     """A copy of ``proto`` with ``plan`` applied (``sites``: ``onnx_rules.plan_onnx``'s positions per BN)."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
@@ -36,44 +36,47 @@ def apply_onnx(proto: Any, flow: Any, plan: FoldPlan, sites: dict[str, Site]) ->
     nodes = list(graph.node)
     writer = _Initializers(model)
     by_layer: dict[int, dict[str, Any]] = defaultdict(dict)
-    for pair in plan.pairs:
-        site = sites[pair.bn]
-        params = bn_parameters(flow, site.bn)
-        eps = float(flow.attr(site.bn, "epsilon", 1e-5))
+    removed: set[int] = set()
+    stale: set[str] = set()  # value names that no longer exist
+    for bn_label in dict.fromkeys(p.bn for p in plan.pairs):
+        bn_sites = sites[bn_label]
+        b = bn_sites[0].bn
+        params = bn_parameters(flow, b)
+        eps = float(flow.attr(b, "epsilon", 1e-5))
         k, c = bn_scale_shift(*(_tensor(params[n]) for n in ("mean", "var")), eps, _tensor(params["scale"]),
                               _tensor(params["B"]))
-        by_layer[site.layer][site.direction] = (k, c, site)
-    removed: set[int] = set()
+        for site in bn_sites:
+            start, stop = site.channels or (0, k.numel())
+            by_layer[site.layer][site.direction] = (k[start:stop].repeat_interleave(site.repeat),
+                                                    c[start:stop].repeat_interleave(site.repeat), site)
+        bn = nodes[b]
+        removed.add(b)
+        if bn_sites[0].direction == "backward":  # the node the BN read now makes the BN's output
+            end = nodes[bn_sites[0].end]
+            stale.add(end.output[0])
+            for reader in nodes:  # (a Shape node reading the old name reads the same shape under the new one)
+                if end.output[0] in reader.input and reader is not bn:
+                    reader.input[:] = [bn.output[0] if n == end.output[0] else n for n in reader.input]
+            end.output[0] = bn.output[0]
+        else:  # the node that read the BN's output reads its input
+            first = nodes[bn_sites[0].end]
+            stale.add(bn.output[0])
+            first.input[:] = [bn.input[0] if name == bn.output[0] else name for name in first.input]
     added: dict[int, Any] = {}  # layer position -> the Add node that follows it
-    stale: set[str] = set()  # value names that no longer exist
     for layer, sides in by_layer.items():
         node = nodes[layer]
         weight, bias = _fold_layer(flow, layer, sides)
         op = flow.op(layer)
-        if op == "MatMul":
-            writer.put(node, 1, weight)
-        else:
-            writer.put(node, 1, weight)
+        writer.put(node, 1, weight)
+        if op != "MatMul":
             writer.put(node, 2, bias)
             if op == "Gemm":
                 _set_attribute(node, "beta", 1.0)
-        if "forward" in sides:
-            bn = nodes[sides["forward"][2].bn]
-            stale.add(node.input[0])
-            node.input[0] = bn.input[0]
-            removed.add(sides["forward"][2].bn)
-        target = node.output[0]
-        if "backward" in sides:
-            site = sides["backward"][2]
-            bn = nodes[site.bn]
-            last = nodes[site.add] if site.add is not None else node
-            stale.add(last.output[0])
-            if site.add is not None:
-                _set_bias(writer, flow, last, site.add, bias)
-            last.output[0] = bn.output[0]
-            removed.add(site.bn)
-            target = bn.output[0] if site.add is None else None
-        if op == "MatMul" and target is not None:  # the bias, as an Add after the MatMul
+        site = sides.get("backward", (None, None, None))[2]
+        if site is not None and site.add is not None:
+            _set_bias(writer, flow, nodes[site.add], site.add, bias)
+        elif op == "MatMul":  # the bias, as an Add after the MatMul
+            target = node.output[0]
             inner = writer.fresh(f"{target}_matmul")
             node.output[0] = inner
             name = writer.add(writer.fresh(f"{node.name or target}_bias"), bias)
@@ -138,6 +141,11 @@ def _fold_layer(flow: Any, layer: int, sides: dict[str, Any]) -> tuple[np.ndarra
     if op == "ConvTranspose":
         out_features = weight.shape[1] * group
     bias = _bias(flow, layer, sides, out_features)
+    in_features = (weight.shape[0] if transposed_layout else weight.shape[1] * group) if op != "ConvTranspose" \
+        else weight.shape[0]
+    sides = {d: (_per_channel(k, out_features if d == "backward" else in_features),
+                 _per_channel(c, out_features if d == "backward" else in_features), site)
+             for d, (k, c, site) in sides.items()}
     if transposed_layout:
         weight = weight.t()
     alpha = float(flow.attr(layer, "alpha", 1.0)) if op == "Gemm" else 1.0
@@ -157,6 +165,11 @@ def _fold_layer(flow: Any, layer: int, sides: dict[str, Any]) -> tuple[np.ndarra
     if transposed_layout:
         weight = weight.t()
     return _array(weight.contiguous(), dtype), _array(bias, dtype)
+
+
+def _per_channel(values: torch.Tensor, n: int) -> torch.Tensor:
+    """A one-channel BN's scale or shift, repeated for each of the layer's ``n`` channels."""
+    return values.expand(n).contiguous() if values.numel() == 1 and n != 1 else values
 
 
 def _bias(flow: Any, layer: int, sides: dict[str, Any], out_features: int) -> torch.Tensor:

@@ -156,7 +156,8 @@ class _Check:
         plan, sites = plan_onnx(flow)
         self.types = _value_types(flow)
         names = [self.value_of(label) for label in plan.probes()]
-        names += [flow.nodes[s.layer].outputs[0].name for s in sites.values() if s.direction == "forward"]
+        names += [flow.nodes[s.layer].outputs[0].name for group in sites.values() for s in group
+                  if s.direction == "forward"]
         self.points = [n for n in dict.fromkeys(names) if n in self.types]
         try:
             self.original = run_ort(with_outputs(serialized or proto, self.points, self.types), self.feeds)
@@ -186,7 +187,7 @@ class _Check:
             out = run_ort(graph, self.feeds)
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot run the folded graph ({first_line(exc, 200)})") from exc
-        sizes = {p.bn: fan_in(self.flow, sites[p.bn].layer) for p in plan.pairs}
+        sizes = {p.bn: max(fan_in(self.flow, s.layer) for s in sites[p.bn]) for p in plan.pairs}
         results = []
         widest = max(sizes.values(), default=0)
         for name in self.outputs:

@@ -18,15 +18,16 @@ a BN in training mode, with ``spatial=0``, or with corrupt statistics is left.
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph.onnxflow import OnnxFlow
+from ..graph.onnxflow import OnnxFlow, static_dims
 from ..report import Skip
+from ..selection import select
 from . import reasons
 from .plan import FoldPair, FoldPlan
 
@@ -35,52 +36,56 @@ LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 @dataclass(frozen=True)
 class Site:
-    """Where one pair lives in the graph: node positions of the BN, the layer, and a bias ``Add`` after a MatMul."""
+    """Where one pair lives in the graph (node positions): the BN, the layer, a bias ``Add`` after a MatMul, the node
+    whose output the BN reads (backward: a view op, a ``Concat``, the Add or the layer) or the first node reading the
+    BN's output (forward), and the BN channels this layer takes (all, or a slice of a ``Concat``)."""
 
     bn: int
     layer: int
     direction: str
-    add: int | None = None  # backward MatMul + Add(constant): the Add holding the bias
+    add: int | None = None
+    end: int = -1
+    channels: tuple[int, int] | None = None
+    repeat: int = 1  # each BN channel is this many consecutive layer channels (a reshape between them)
 
 
 def plan_onnx(flow: OnnxFlow, rejected: Mapping[str, str] | None = None, *, include: Sequence[str] | None = None,
-              exclude: Sequence[str] | None = None) -> tuple[FoldPlan, dict[str, Site]]:
-    """The plan for the graph, and each folded BN's ``Site`` (by BN label). BNs in ``rejected`` are left with that
-    reason; ``include`` / ``exclude`` are shell patterns on BN labels."""
+              exclude: Sequence[str] | None = None) -> tuple[FoldPlan, dict[str, list[Site]]]:
+    """The plan for the graph, and each folded BN's ``Site`` s (by BN label). BNs in ``rejected`` are left with that
+    reason; ``include`` / ``exclude`` select BNs by label (``selection``'s rule)."""
     pairs: list[FoldPair] = []
     skips: list[Skip] = []
-    sites: dict[str, Site] = {}
-    for i in flow.bns():
-        name = flow.label(i)
+    sites: dict[str, list[Site]] = {}
+    labels = [flow.label(i) for i in flow.bns()]
+    _, unselected = select(labels, include, exclude, what="BatchNormalization", owner="the graph")
+    for i, name in zip(flow.bns(), labels):
         if rejected and name in rejected:
             skips.append(Skip(name, rejected[name]))
             continue
-        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            skips.append(Skip(name, "not selected by `include`"))
-            continue
-        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            skips.append(Skip(name, "excluded by `exclude`"))
+        if name in unselected:
+            skips.append(Skip(name, unselected[name]))
             continue
         result = _plan_bn(flow, i)
         if isinstance(result, str):
             skips.append(Skip(name, result))
             continue
         sites[name] = result
-        pairs.append(FoldPair(name, flow.label(result.layer), result.direction, "removed", flow.op(result.layer)))
+        pairs.extend(FoldPair(name, flow.label(site.layer), site.direction, "removed", flow.op(site.layer))
+                     for site in result)
     for label in flow.subgraph_bns():
         skips.append(Skip(label, "sits inside an If / Loop / Scan body, which bntool does not fold into yet"))
     return FoldPlan(tuple(pairs), tuple(skips), "onnx"), sites
 
 
-def _plan_bn(flow: OnnxFlow, i: int) -> Site | str:
+def _plan_bn(flow: OnnxFlow, i: int) -> list[Site] | str:
     reason = bn_reason(flow, i)
     if reason:
         return reason
     backward = _backward(flow, i)
-    if isinstance(backward, Site):
+    if not isinstance(backward, str):
         return backward
     forward = _forward(flow, i)
-    if isinstance(forward, Site):
+    if not isinstance(forward, str):
         return forward
     return reasons.not_exact_either(backward, forward)
 
@@ -146,17 +151,45 @@ def channels(flow: OnnxFlow, i: int) -> int:
 
 # ----------------------------------------------------------------------------- backward
 
+#: ops that only move elements: a fold passes through them where each channel stays whole (``_axis_before``)
+VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
-def _backward(flow: OnnxFlow, i: int) -> Site | str:
-    x = flow.input(i, 0)
-    p = flow.producer(x)
-    if p is None:
-        if x.name in flow.inputs:
-            return f"{reasons.GRAPH_INPUT} (`{x.name}`)"
-        return "its input is a constant, with no layer producing it"
-    others = [r for r in flow.readers(x) if r != i]
-    if others or flow.is_output(x):
-        return reasons.also_read(flow.label(p), _labels(flow, others, flow.is_output(x)))
+
+def _backward(flow: OnnxFlow, i: int) -> list[Site] | str:
+    value, reader, axis, end, repeat = flow.input(i, 0), i, 1, None, 1
+    while True:  # up through view ops, following the BN's channel axis
+        p = flow.producer(value)
+        if p is None:
+            if value.name in flow.inputs:
+                return f"{reasons.GRAPH_INPUT} (`{value.name}`)"
+            return "its input is a constant, with no layer producing it"
+        others = [r for r in flow.readers(value) if r != reader]
+        if others or flow.is_output(value):
+            return reasons.also_read(flow.label(p), _labels(flow, others, flow.is_output(value)))
+        end = p if end is None else end
+        if flow.op(p) not in VIEWS:
+            break
+        before = _axis_before(flow, p, axis)
+        if isinstance(before, str):
+            return before
+        value, reader, axis, repeat = flow.input(p, 0), p, before[0], repeat * before[1]
+    features = channels(flow, i)
+    if flow.op(p) == "Concat":
+        if repeat > 1:
+            return reasons.stands_between("Concat")
+        return _through_concat(flow, i, p, axis, end, features)
+    site = _producer_site(flow, i, p, axis, end)
+    if isinstance(site, str):
+        return site
+    out = _out_channels(flow, site.layer)
+    if out != features * repeat and features > 1:
+        return reasons.channels_differ(flow.label(site.layer), out, "output", features * repeat)
+    return [dataclasses.replace(site, repeat=repeat if features > 1 else 1)]
+
+
+def _producer_site(flow: OnnxFlow, i: int, p: int, axis: int, end: int) -> Site | str:
+    """The layer ``p`` (or the MatMul under the bias ``Add`` ``p``) as a backward site, if the BN's channel axis is
+    its output channel axis."""
     add = None
     if flow.op(p) == "Add":
         add, p = p, _matmul_under_add(flow, p)
@@ -168,24 +201,103 @@ def _backward(flow: OnnxFlow, i: int) -> Site | str:
     reason = weight_reason(flow, p)
     if reason:
         return reason
-    features, weight = channels(flow, i), flow.constant(flow.input(p, 1))
-    group = int(flow.attr(p, "group", 1))
-    if op == "Conv":
-        out = weight.shape[0]
-    elif op == "ConvTranspose":
-        out = weight.shape[1] * group
-    elif op == "Gemm":
-        out = weight.shape[0] if flow.attr(p, "transB", 0) else weight.shape[1]
-    else:
-        out = weight.shape[1]
-        rank = flow.rank(x)
-        if rank is None and features > 1:
+    rank = flow.rank(flow.nodes[add if add is not None else p].outputs[0])
+    if op == "MatMul" or (op == "Gemm" and rank is not None):
+        if rank is None and channels(flow, i) > 1:
             return reasons.UNKNOWN_SHAPE
-        if rank != 2 and features > 1:
-            return f"it normalizes axis 1 of a {rank}-D input, but the MatMul's features are on the last axis"
-    if out != features and features > 1:
-        return reasons.channels_differ(flow.label(p), out, "output", features)
-    return Site(i, p, "backward", add)
+        if rank is not None and axis != rank - 1 and channels(flow, i) > 1:
+            return f"it normalizes axis {axis} of a {rank}-D input, but the {op}'s features are on the last axis"
+    elif axis != 1:
+        return f"it normalizes axis {axis} of `{flow.label(p)}`'s output, not its channels"
+    return Site(i, p, "backward", add, end)
+
+
+def _out_channels(flow: OnnxFlow, layer: int) -> int:
+    weight, op = flow.constant(flow.input(layer, 1)), flow.op(layer)
+    if op == "Conv":
+        return weight.shape[0]
+    if op == "ConvTranspose":
+        return weight.shape[1] * int(flow.attr(layer, "group", 1))
+    if op == "Gemm":
+        return weight.shape[0] if flow.attr(layer, "transB", 0) else weight.shape[1]
+    return weight.shape[1]
+
+
+def _through_concat(flow: OnnxFlow, i: int, concat: int, axis: int, end: int, features: int) -> list[Site] | str:
+    """A BN after a ``Concat`` on its channel axis folds into every producer, each taking its own channels."""
+    rank = flow.rank(flow.nodes[concat].outputs[0])
+    along = int(flow.attr(concat, "axis", 1))
+    if rank is None or (along % rank) != axis:
+        return reasons.stands_between("Concat")
+    sites, start = [], 0
+    for value in flow.nodes[concat].inputs:
+        p = flow.producer(value)
+        if p is None:
+            return f"`{flow.label(concat)}` joins `{value.name}`, which no layer produces"
+        others = [r for r in flow.readers(value) if r != concat]
+        if others or flow.is_output(value):
+            return reasons.also_read(flow.label(p), _labels(flow, others, flow.is_output(value)))
+        site = _producer_site(flow, i, p, axis, end)
+        if isinstance(site, str):
+            return f"`{flow.label(concat)}` joins an input that cannot take a fold: {site}"
+        if any(s.layer == site.layer for s in sites):
+            return f"`{flow.label(concat)}` joins `{flow.label(site.layer)}` twice"
+        width = _out_channels(flow, site.layer)
+        sites.append(Site(i, site.layer, "backward", site.add, end, (start, start + width)))
+        start += width
+    if start != features:
+        return reasons.channels_differ(flow.label(concat), start, "output", features)
+    return sites
+
+
+def _axis_before(flow: OnnxFlow, view: int, axis: int) -> tuple[int, int] | str:
+    """The axis of the view op's input whose elements make ``axis`` of its output, each output channel a block of
+    ``m`` consecutive input channels: ``(axis, m)``, or why there is none."""
+    if flow.op(view) == "Identity":
+        return axis, 1
+    inp, out = flow.shape(flow.input(view, 0)), flow.shape(flow.nodes[view].outputs[0])
+    if flow.op(view) == "Transpose":
+        perm = flow.attr(view, "perm", None) or list(reversed(range(len(out or inp or ()))))
+        return (perm[axis], 1) if axis < len(perm) else _view_reason(flow, view)
+    found = _blocks(inp, out, axis)
+    return found if found is not None else _view_reason(flow, view)
+
+
+def _axis_after(flow: OnnxFlow, view: int, axis: int) -> tuple[int, int] | str:
+    """The axis of the view op's output that ``axis`` of its input becomes, each input channel a block of ``m``
+    consecutive output channels: ``(axis, m)``, or why there is none."""
+    if flow.op(view) == "Identity":
+        return axis, 1
+    inp, out = flow.shape(flow.input(view, 0)), flow.shape(flow.nodes[view].outputs[0])
+    if flow.op(view) == "Transpose":
+        perm = list(flow.attr(view, "perm", None) or reversed(range(len(out or inp or ()))))
+        return (perm.index(axis), 1) if axis in perm else _view_reason(flow, view)
+    found = _blocks(out, inp, axis)
+    return found if found is not None else _view_reason(flow, view)
+
+
+def _blocks(fine, coarse, axis: int) -> tuple[int, int] | None:
+    """Under a row-major reshape between ``fine`` and ``coarse`` (static shapes), the axis ``b`` of ``fine`` whose
+    consecutive blocks of ``m`` channels each land in one channel of ``coarse``'s axis ``axis``: ``(b, m)``.
+
+    Element ``(lead, f, t)`` of ``fine`` is ``(lead, f // m, (f % m) * T + t)``
+    of ``coarse`` when the leading sizes agree and ``coarse``'s trailing size
+    is ``m`` times ``fine``'s ``T`` (``layers._same_channels``'s rule; ``m == 1``:
+    the channel axis kept whole).
+    """
+    if not (static_dims(fine) and static_dims(coarse)) or axis >= len(coarse) or not coarse[axis]:
+        return None
+    lead, channels, tail = math.prod(coarse[:axis]), coarse[axis], math.prod(coarse[axis + 1:])
+    for b, size in enumerate(fine):
+        if math.prod(fine[:b]) == lead and size % channels == 0 and \
+                tail == (size // channels) * math.prod(fine[b + 1:]):
+            return b, size // channels
+    return None
+
+
+def _view_reason(flow: OnnxFlow, view: int) -> str:
+    return (f"the {flow.op(view)} `{flow.label(view)}` between the layer and the BN does not keep each channel "
+            "whole (or its shapes are unknown)")
 
 
 def _matmul_under_add(flow: OnnxFlow, add: int) -> int | None:
@@ -229,29 +341,39 @@ def weight_reason(flow: OnnxFlow, layer: int) -> str | None:
 # ----------------------------------------------------------------------------- forward
 
 
-def _forward(flow: OnnxFlow, i: int) -> Site | str:
-    y = flow.nodes[i].outputs[0]
-    if flow.is_output(y):
-        return reasons.MODEL_OUTPUT
-    readers = flow.readers(y)
-    if len(readers) != 1 or readers[0] == -1:
-        return reasons.read_by(_labels(flow, readers))
-    c = readers[0]
+def _forward(flow: OnnxFlow, i: int) -> list[Site] | str:
+    value, axis, first, repeat = flow.nodes[i].outputs[0], 1, None, 1
+    while True:  # down through view ops, following the BN's channel axis
+        if flow.is_output(value):
+            return reasons.MODEL_OUTPUT
+        readers = flow.readers(value)
+        if len(readers) != 1 or readers[0] == -1:
+            return reasons.read_by(_labels(flow, readers))
+        c = readers[0]
+        first = c if first is None else first
+        if flow.op(c) not in VIEWS or flow.nodes[c].inputs[0] is not value:
+            break
+        after = _axis_after(flow, c, axis)
+        if isinstance(after, str):
+            return after
+        value, axis, repeat = flow.nodes[c].outputs[0], after[0], repeat * after[1]
     op, name = flow.op(c), flow.label(c)
     if op == "ConvTranspose":
         return reasons.transposed_forward(name)
     if op not in LAYERS:
         return reasons.goes_through(name)
     node = flow.nodes[c]
-    if node.inputs[0] is not y or any(v is y for v in node.inputs[1:]):
+    if node.inputs[0] is not value or any(v is value for v in node.inputs[1:]):
         return reasons.reads_others(name)
     reason = weight_reason(flow, c)
     if reason:
         return reason
     features, weight = channels(flow, i), flow.constant(flow.input(c, 1))
-    rank = flow.rank(y)
+    rank = flow.rank(value)
     if op == "Conv":
         width = weight.shape[1] * int(flow.attr(c, "group", 1))
+        if axis != 1 and features > 1:
+            return f"it normalizes axis {axis} of `{name}`'s input, not its channels"
         if has_padding(flow, c):
             return reasons.zero_pads(name)
     else:
@@ -259,12 +381,12 @@ def _forward(flow: OnnxFlow, i: int) -> Site | str:
             return f"`{name}` reads the BN's output transposed (transA=1)"
         if rank is None and features > 1:
             return reasons.UNKNOWN_SHAPE
-        if rank != 2 and features > 1:
-            return f"it normalizes axis 1 of a {rank}-D input, but the {op}'s features are on the last axis"
+        if axis != rank - 1 and features > 1:
+            return f"it normalizes axis {axis} of a {rank}-D input, but the {op}'s features are on the last axis"
         width = weight.shape[1] if op == "Gemm" and flow.attr(c, "transB", 0) else weight.shape[0]
-    if width != features and features > 1:
-        return reasons.channels_differ(name, width, "input", features)
-    return Site(i, c, "forward")
+    if width != features * repeat and features > 1:
+        return reasons.channels_differ(name, width, "input", features * repeat)
+    return [Site(i, c, "forward", None, first, None, repeat if features > 1 else 1)]
 
 
 def has_padding(flow: OnnxFlow, conv: int) -> bool:

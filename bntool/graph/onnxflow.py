@@ -20,7 +20,7 @@ import onnx_ir as ir
 #: ops through which a value computed from initializers alone is still a constant (never DequantizeLinear: a
 #: Q/DQ-wrapped weight stays quantized)
 CONSTANT_OPS = frozenset({"Constant", "ConstantOfShape", "Expand", "Cast", "Identity", "Reshape", "Unsqueeze",
-                          "Squeeze", "Shape", "Gather", "Slice", "Concat", "CastLike"})
+                          "Squeeze", "Shape", "Gather", "Slice", "Concat", "CastLike", "Transpose"})
 
 
 @dataclass
@@ -84,10 +84,13 @@ class OnnxFlow:
         return self.index.get(id(node)) if node is not None else None
 
     def readers(self, value: Any) -> list[int]:
-        """The nodes of the main graph reading ``value`` (once each), and -1 per subgraph node reading it."""
+        """The nodes of the main graph reading ``value``'s elements (once each; a ``Shape`` node reads only its
+        shape, which no fold changes), and -1 per subgraph node reading it."""
         seen: list[int] = []
         for use in value.uses():
             i = self.index.get(id(use.node), -1)
+            if i != -1 and self.op(i) == "Shape":
+                continue
             if i == -1 or i not in seen:
                 seen.append(i)
         return seen
