@@ -32,7 +32,8 @@ from ..onnxio.reference import run_float64, run_ort, with_outputs
 from ..verify.compare import Comparison, _compare_one, rounding_factor
 from .fold import MAX_ROUNDS, FoldReport, _blame
 from .onnx_apply import apply_onnx
-from .onnx_rules import fan_in, plan_onnx
+from .onnx_layers import fan_in
+from .onnx_rules import plan_onnx
 from .plan import FoldPlan
 
 __all__ = ["OnnxFoldReport", "fold_onnx"]

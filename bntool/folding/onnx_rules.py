@@ -2,36 +2,39 @@
 
 ``plan_onnx`` walks ``graph.onnxflow``'s dataflow and returns the same
 ``FoldPlan`` of ``FoldPair`` s and ``Skip`` s that the module fold makes
-(``method="onnx"``), worded with the same ``reasons``, plus one ``Site`` per
-pair: the node positions ``onnx_apply`` rewrites.
+(``method="onnx"``), worded with the same ``reasons``, plus the ``Site`` s of
+each folded BN: the node positions ``onnx_apply`` rewrites.
 
 * **backward** into the node that produces the BN's input (``Conv`` 1-3d,
   grouped or depthwise; ``ConvTranspose``, grouped; ``Gemm``; ``MatMul``
   with a constant 2-D weight, alone or followed by an ``Add`` of a constant
-  bias) when nothing else reads that output;
+  bias), through view ops that keep each channel whole (``Reshape``,
+  ``Flatten``, ``Transpose``...: LeViT's ``flatten(0, 1)``, a DCGAN
+  generator's ``view``) and through a ``Concat`` on the channel axis (the BN
+  split per producer), when nothing else reads what lies between;
 * **forward** into the one node that reads the BN's output (``Conv`` with
-  no padding, ``Gemm``, ``MatMul``) when backward is not possible.
+  no padding, ``Gemm``, ``MatMul``), through view ops likewise, when
+  backward is not possible.
 
-Weights and BN parameters must be initializers no graph input overrides;
-a BN in training mode, with ``spatial=0``, or with corrupt statistics is left.
+What a layer must be is ``onnx_layers``'. The BN's parameters must be
+constants; a BN in training mode, with ``spatial=0`` or corrupt statistics
+is left.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph.onnxflow import OnnxFlow, static_dims
+from ..graph.onnxflow import VIEWS, OnnxFlow, axis_after, axis_before
 from ..report import Skip
 from ..selection import select
 from . import reasons
+from .onnx_layers import LAYERS, has_padding, matmul_under_add, not_constant, out_channels, weight_reason
 from .plan import FoldPair, FoldPlan
-
-LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def bn_parameters(flow: OnnxFlow, i: int) -> dict[str, np.ndarray] | str:
         value = flow.input(i, k)
         array = flow.constant(value)
         if array is None:
-            return f"its {key} is {_not_constant(flow, value)}, so folding cannot take its values"
+            return f"its {key} is {not_constant(flow, value)}, so folding cannot take its values"
         found[key] = array
     return found
 
@@ -132,28 +135,11 @@ def bn_reason(flow: OnnxFlow, i: int) -> str | None:
     return None
 
 
-def _not_constant(flow: OnnxFlow, value) -> str:
-    if value is None:
-        return "missing"
-    if value.name in flow.inputs:
-        return f"a graph input (`{value.name}`), which the caller may override"
-    producer = flow.producer(value)
-    if producer is not None and flow.op(producer) == "DequantizeLinear":
-        return f"dequantized by `{flow.label(producer)}` (Q/DQ-wrapped): folding would need it requantized"
-    if producer is not None:
-        return f"computed in the graph by `{flow.label(producer)}`, not an initializer"
-    return "not an initializer"
-
-
 def channels(flow: OnnxFlow, i: int) -> int:
     return int(flow.constant(flow.input(i, 1)).size)
 
 
 # ----------------------------------------------------------------------------- backward
-
-#: ops that only move elements: a fold passes through them where each channel stays whole (``_axis_before``)
-VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
-
 
 def _backward(flow: OnnxFlow, i: int) -> list[Site] | str:
     value, reader, axis, end, repeat = flow.input(i, 0), i, 1, None, 1
@@ -169,9 +155,9 @@ def _backward(flow: OnnxFlow, i: int) -> list[Site] | str:
         end = p if end is None else end
         if flow.op(p) not in VIEWS:
             break
-        before = _axis_before(flow, p, axis)
-        if isinstance(before, str):
-            return before
+        before = axis_before(flow, p, axis)
+        if before is None:
+            return _view_reason(flow, p)
         value, reader, axis, repeat = flow.input(p, 0), p, before[0], repeat * before[1]
     features = channels(flow, i)
     if flow.op(p) == "Concat":
@@ -181,7 +167,7 @@ def _backward(flow: OnnxFlow, i: int) -> list[Site] | str:
     site = _producer_site(flow, i, p, axis, end)
     if isinstance(site, str):
         return site
-    out = _out_channels(flow, site.layer)
+    out = out_channels(flow, site.layer)
     if out != features * repeat and features > 1:
         return reasons.channels_differ(flow.label(site.layer), out, "output", features * repeat)
     return [dataclasses.replace(site, repeat=repeat if features > 1 else 1)]
@@ -192,7 +178,7 @@ def _producer_site(flow: OnnxFlow, i: int, p: int, axis: int, end: int) -> Site 
     its output channel axis."""
     add = None
     if flow.op(p) == "Add":
-        add, p = p, _matmul_under_add(flow, p)
+        add, p = p, matmul_under_add(flow, p)
         if p is None:
             return reasons.stands_between(flow.op(add))
     op = flow.op(p)
@@ -210,17 +196,6 @@ def _producer_site(flow: OnnxFlow, i: int, p: int, axis: int, end: int) -> Site 
     elif axis != 1:
         return f"it normalizes axis {axis} of `{flow.label(p)}`'s output, not its channels"
     return Site(i, p, "backward", add, end)
-
-
-def _out_channels(flow: OnnxFlow, layer: int) -> int:
-    weight, op = flow.constant(flow.input(layer, 1)), flow.op(layer)
-    if op == "Conv":
-        return weight.shape[0]
-    if op == "ConvTranspose":
-        return weight.shape[1] * int(flow.attr(layer, "group", 1))
-    if op == "Gemm":
-        return weight.shape[0] if flow.attr(layer, "transB", 0) else weight.shape[1]
-    return weight.shape[1]
 
 
 def _through_concat(flow: OnnxFlow, i: int, concat: int, axis: int, end: int, features: int) -> list[Site] | str:
@@ -242,7 +217,7 @@ def _through_concat(flow: OnnxFlow, i: int, concat: int, axis: int, end: int, fe
             return f"`{flow.label(concat)}` joins an input that cannot take a fold: {site}"
         if any(s.layer == site.layer for s in sites):
             return f"`{flow.label(concat)}` joins `{flow.label(site.layer)}` twice"
-        width = _out_channels(flow, site.layer)
+        width = out_channels(flow, site.layer)
         sites.append(Site(i, site.layer, "backward", site.add, end, (start, start + width)))
         start += width
     if start != features:
@@ -250,92 +225,9 @@ def _through_concat(flow: OnnxFlow, i: int, concat: int, axis: int, end: int, fe
     return sites
 
 
-def _axis_before(flow: OnnxFlow, view: int, axis: int) -> tuple[int, int] | str:
-    """The axis of the view op's input whose elements make ``axis`` of its output, each output channel a block of
-    ``m`` consecutive input channels: ``(axis, m)``, or why there is none."""
-    if flow.op(view) == "Identity":
-        return axis, 1
-    inp, out = flow.shape(flow.input(view, 0)), flow.shape(flow.nodes[view].outputs[0])
-    if flow.op(view) == "Transpose":
-        perm = flow.attr(view, "perm", None) or list(reversed(range(len(out or inp or ()))))
-        return (perm[axis], 1) if axis < len(perm) else _view_reason(flow, view)
-    found = _blocks(inp, out, axis)
-    return found if found is not None else _view_reason(flow, view)
-
-
-def _axis_after(flow: OnnxFlow, view: int, axis: int) -> tuple[int, int] | str:
-    """The axis of the view op's output that ``axis`` of its input becomes, each input channel a block of ``m``
-    consecutive output channels: ``(axis, m)``, or why there is none."""
-    if flow.op(view) == "Identity":
-        return axis, 1
-    inp, out = flow.shape(flow.input(view, 0)), flow.shape(flow.nodes[view].outputs[0])
-    if flow.op(view) == "Transpose":
-        perm = list(flow.attr(view, "perm", None) or reversed(range(len(out or inp or ()))))
-        return (perm.index(axis), 1) if axis in perm else _view_reason(flow, view)
-    found = _blocks(out, inp, axis)
-    return found if found is not None else _view_reason(flow, view)
-
-
-def _blocks(fine, coarse, axis: int) -> tuple[int, int] | None:
-    """Under a row-major reshape between ``fine`` and ``coarse`` (static shapes), the axis ``b`` of ``fine`` whose
-    consecutive blocks of ``m`` channels each land in one channel of ``coarse``'s axis ``axis``: ``(b, m)``.
-
-    Element ``(lead, f, t)`` of ``fine`` is ``(lead, f // m, (f % m) * T + t)``
-    of ``coarse`` when the leading sizes agree and ``coarse``'s trailing size
-    is ``m`` times ``fine``'s ``T`` (``layers._same_channels``'s rule; ``m == 1``:
-    the channel axis kept whole).
-    """
-    if not (static_dims(fine) and static_dims(coarse)) or axis >= len(coarse) or not coarse[axis]:
-        return None
-    lead, channels, tail = math.prod(coarse[:axis]), coarse[axis], math.prod(coarse[axis + 1:])
-    for b, size in enumerate(fine):
-        if math.prod(fine[:b]) == lead and size % channels == 0 and \
-                tail == (size // channels) * math.prod(fine[b + 1:]):
-            return b, size // channels
-    return None
-
-
 def _view_reason(flow: OnnxFlow, view: int) -> str:
     return (f"the {flow.op(view)} `{flow.label(view)}` between the layer and the BN does not keep each channel "
             "whole (or its shapes are unknown)")
-
-
-def _matmul_under_add(flow: OnnxFlow, add: int) -> int | None:
-    """The MatMul whose output this ``Add`` offsets by a constant (its bias), read by nothing else; else None."""
-    a, b = flow.input(add, 0), flow.input(add, 1)
-    if flow.constant(a) is not None:
-        a, b = b, a
-    bias = flow.constant(b)
-    m = flow.producer(a)
-    if bias is None or m is None or flow.op(m) != "MatMul" or flow.readers(a) != [add] or flow.is_output(a):
-        return None
-    weight = flow.constant(flow.input(m, 1))
-    if weight is None or weight.ndim != 2 or bias.size not in (1, weight.shape[1]) or bias.ndim > 1:
-        return None
-    return m
-
-
-def weight_reason(flow: OnnxFlow, layer: int) -> str | None:
-    """Why the layer's weight or bias cannot be rewritten (not constants, wrong rank), or None."""
-    name = flow.label(layer)
-    weight = flow.constant(flow.input(layer, 1))
-    if weight is None:
-        return f"the weight of `{name}` is {_not_constant(flow, flow.input(layer, 1))}, so folding cannot rewrite it"
-    if not np.issubdtype(weight.dtype, np.floating) and weight.dtype.name != "bfloat16":
-        return f"the weight of `{name}` is {weight.dtype.name}, not a floating-point tensor"
-    bias = flow.input(layer, 2) if flow.op(layer) != "MatMul" else None
-    if bias is not None and bias.name and flow.constant(bias) is None:
-        return f"the bias of `{name}` is {_not_constant(flow, bias)}, so folding cannot rewrite it"
-    op = flow.op(layer)
-    if op in ("Gemm", "MatMul") and weight.ndim != 2:
-        return f"the weight of `{name}` is {weight.ndim}-D, not a 2-D matrix"
-    if op in ("Conv", "ConvTranspose") and weight.ndim < 3:
-        return f"the weight of `{name}` is {weight.ndim}-D, not a conv kernel"
-    if op == "Gemm" and bias is not None and bias.name:
-        out = weight.shape[0] if flow.attr(layer, "transB", 0) else weight.shape[1]
-        if flow.constant(bias).size not in (1, out):
-            return f"the bias of `{name}` is not one value per output feature"
-    return None
 
 
 # ----------------------------------------------------------------------------- forward
@@ -353,9 +245,9 @@ def _forward(flow: OnnxFlow, i: int) -> list[Site] | str:
         first = c if first is None else first
         if flow.op(c) not in VIEWS or flow.nodes[c].inputs[0] is not value:
             break
-        after = _axis_after(flow, c, axis)
-        if isinstance(after, str):
-            return after
+        after = axis_after(flow, c, axis)
+        if after is None:
+            return _view_reason(flow, c)
         value, axis, repeat = flow.nodes[c].outputs[0], after[0], repeat * after[1]
     op, name = flow.op(c), flow.label(c)
     if op == "ConvTranspose":
@@ -389,30 +281,6 @@ def _forward(flow: OnnxFlow, i: int) -> list[Site] | str:
     return [Site(i, c, "forward", None, first, None, repeat if features > 1 else 1)]
 
 
-def has_padding(flow: OnnxFlow, conv: int) -> bool:
-    auto = flow.attr(conv, "auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        kernel = flow.constant(flow.input(conv, 1)).shape[2:]
-        return any(k > 1 for k in kernel)
-    if auto == "VALID":
-        return False
-    return any(p != 0 for p in (flow.attr(conv, "pads", None) or ()))
-
-
 def _labels(flow: OnnxFlow, nodes: Sequence[int], output: bool = False) -> list[str]:
     found = [flow.label(r) if r >= 0 else "a node inside a subgraph" for r in nodes]
     return found + (["the graph's output"] if output else [])
-
-
-def fan_in(flow: OnnxFlow, layer: int) -> int:
-    """How many weights sum into one output of the layer (the tolerance widens with it)."""
-    weight = flow.constant(flow.input(layer, 1))
-    op = flow.op(layer)
-    if op == "Conv":
-        return int(math.prod(weight.shape[1:]))
-    if op == "ConvTranspose":
-        return int(weight.shape[0] // int(flow.attr(layer, "group", 1)) * math.prod(weight.shape[2:]))
-    if op == "Gemm" and flow.attr(layer, "transB", 0):
-        return int(weight.shape[1])
-    return int(weight.shape[0])

@@ -10,6 +10,7 @@ none, by its type and first output (``label``), as in every report.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,3 +166,52 @@ class OnnxFlow:
 
 def static_dims(shape: Sequence[int | None] | None) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+#: ops that only move elements: a fold passes through them where each channel stays whole (``_axis_before``)
+VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+
+
+def axis_before(flow: OnnxFlow, view: int, axis: int) -> tuple[int, int] | None:
+    """The axis of the view op's input whose elements make ``axis`` of its output, each output channel a block of
+    ``m`` consecutive input channels: ``(axis, m)``, or None."""
+    if flow.op(view) == "Identity":
+        return axis, 1
+    inp, out = flow.shape(flow.input(view, 0)), flow.shape(flow.nodes[view].outputs[0])
+    if flow.op(view) == "Transpose":
+        perm = flow.attr(view, "perm", None) or list(reversed(range(len(out or inp or ()))))
+        return (perm[axis], 1) if axis < len(perm) else None
+    found = blocks(inp, out, axis)
+    return found if found is not None else None
+
+
+def axis_after(flow: OnnxFlow, view: int, axis: int) -> tuple[int, int] | None:
+    """The axis of the view op's output that ``axis`` of its input becomes, each input channel a block of ``m``
+    consecutive output channels: ``(axis, m)``, or None."""
+    if flow.op(view) == "Identity":
+        return axis, 1
+    inp, out = flow.shape(flow.input(view, 0)), flow.shape(flow.nodes[view].outputs[0])
+    if flow.op(view) == "Transpose":
+        perm = list(flow.attr(view, "perm", None) or reversed(range(len(out or inp or ()))))
+        return (perm.index(axis), 1) if axis in perm else None
+    found = blocks(out, inp, axis)
+    return found if found is not None else None
+
+
+def blocks(fine, coarse, axis: int) -> tuple[int, int] | None:
+    """Under a row-major reshape between ``fine`` and ``coarse`` (static shapes), the axis ``b`` of ``fine`` whose
+    consecutive blocks of ``m`` channels each land in one channel of ``coarse``'s axis ``axis``: ``(b, m)``.
+
+    Element ``(lead, f, t)`` of ``fine`` is ``(lead, f // m, (f % m) * T + t)``
+    of ``coarse`` when the leading sizes agree and ``coarse``'s trailing size
+    is ``m`` times ``fine``'s ``T`` (``folding.layers._same_channels``' rule; ``m == 1``:
+    the channel axis kept whole).
+    """
+    if not (static_dims(fine) and static_dims(coarse)) or axis >= len(coarse) or not coarse[axis]:
+        return None
+    lead, channels, tail = math.prod(coarse[:axis]), coarse[axis], math.prod(coarse[axis + 1:])
+    for b, size in enumerate(fine):
+        if math.prod(fine[:b]) == lead and size % channels == 0 and \
+                tail == (size // channels) * math.prod(fine[b + 1:]):
+            return b, size // channels
+    return None
