@@ -171,3 +171,9 @@ def test_missing_or_short_external_data_is_one_line(cli, tmp_path):
     data.unlink()
     assert_one_line_error(cli("fold", path, "--out", tmp_path / "o.onnx"), "does not exist")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_the_output_is_never_the_input(cli, conv_file):
+    data = conv_file.read_bytes()
+    assert_one_line_error(cli("fold", conv_file, "--out", conv_file, "--force"), "net.onnx")
+    assert conv_file.read_bytes() == data

@@ -380,3 +380,125 @@ def test_raw_exports_fold_every_bn_and_stay_equal(arch, dynamo):
     assert report.bn_after == 0, report.skipped
     check_valid(folded)
     assert_same_outputs(original, folded, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- through view ops and Concat
+
+
+def test_a_bn_after_a_channel_concat_is_split_between_its_producers():
+    rng = np.random.default_rng(12)
+    inits = [tensor("w1", rng.normal(size=(3, 4, 3, 3))), tensor("w2", rng.normal(size=(5, 4, 1, 1))),
+             tensor("b2", rng.normal(size=5)), *bn_inits("bn", 8, rng)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Concat", ["c1", "c2"], ["cat"], name="cat", axis=1), bn("bn", "cat", "y")]
+    original = model(nodes, [("x", [2, 4, 5, 5])], ["y"], inits)
+    folded, report = fold_onnx(original)
+    assert bn_count(folded) == 0 and sorted(p.into for p in report.done) == ["conv1", "conv2"]
+    assert_same_outputs(original, folded)
+
+
+def test_a_concat_on_another_axis_is_refused():
+    rng = np.random.default_rng(13)
+    inits = [tensor("w1", rng.normal(size=(4, 4, 1, 1))), tensor("w2", rng.normal(size=(4, 4, 1, 1))),
+             *bn_inits("bn", 4, rng)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Concat", ["c1", "c2"], ["cat"], name="cat", axis=2), bn("bn", "cat", "y")]
+    original = model(nodes, [("x", [2, 4, 5, 5])], ["y"], inits)
+    _, report = fold_onnx(original)
+    assert "`Concat`" in report.plan.reason_for("bn")
+
+
+def levit_linear_norm(transpose: bool):
+    """LeViT's LinearNorm: Linear on (B, N, C), flatten(0, 1) (or a Transpose to (B, C, N)), BatchNorm1d, back."""
+    rng = np.random.default_rng(14)
+    inits = [tensor("w", rng.normal(size=(8, 6))), tensor("b", rng.normal(size=6)), *bn_inits("bn", 6, rng),
+             tensor("flat", [-1, 6], np.int64), tensor("back", [2, 5, 6], np.int64)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="linear"),
+             helper.make_node("Add", ["m", "b"], ["a"], name="bias")]
+    if transpose:
+        nodes += [helper.make_node("Transpose", ["a"], ["t"], name="t", perm=[0, 2, 1]), bn("bn", "t", "y")]
+    else:
+        nodes += [helper.make_node("Reshape", ["a", "flat"], ["r"], name="flatten"), bn("bn", "r", "n"),
+                  helper.make_node("Reshape", ["n", "back"], ["y"], name="unflatten")]
+    return model(nodes, [("x", [2, 5, 8])], ["y"], inits)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["reshape", "transpose"])
+def test_a_matmul_behind_a_reshape_or_transpose_that_keeps_channels_whole_folds(transpose):
+    original = levit_linear_norm(transpose)
+    folded, report = fold_onnx(original)
+    assert bn_count(folded) == 0 and report.done[0].into == "linear", report.skipped
+    assert_same_outputs(original, folded)
+
+
+def test_a_reshape_that_mixes_channels_is_refused():
+    rng = np.random.default_rng(15)
+    inits = [tensor("w", rng.normal(size=(8, 6))), *bn_inits("bn", 3, rng), tensor("shape", [6, 3], np.int64)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="linear"),
+             helper.make_node("Reshape", ["m", "shape"], ["r"], name="reshape"), bn("bn", "r", "y")]
+    original = model(nodes, [("x", [3, 8])], ["y"], inits)  # (3, 6) -> (6, 3): a BN channel mixes features
+    _, report = fold_onnx(original)
+    assert "does not keep each channel whole" in report.plan.reason_for("bn")
+
+
+def test_blocks_of_features_reshaped_into_channels_fold_as_in_a_dcgan_generator():
+    rng = np.random.default_rng(16)
+    inits = [tensor("w", rng.normal(size=(12, 4))), tensor("b", rng.normal(size=12)), *bn_inits("bn", 3, rng),
+             tensor("shape", [-1, 3, 2, 2], np.int64)]
+    nodes = [helper.make_node("Gemm", ["z", "w", "b"], ["g"], name="fc", transB=1),
+             helper.make_node("Reshape", ["g", "shape"], ["r"], name="view"), bn("bn", "r", "y")]
+    original = model(nodes, [("z", [2, 4])], ["y"], inits)
+    folded, report = fold_onnx(original)
+    assert bn_count(folded) == 0 and report.done[0].into == "fc"
+    assert_same_outputs(original, folded)
+
+
+def test_forward_through_a_flatten_into_a_linear():
+    rng = np.random.default_rng(17)
+    inits = [*bn_inits("bn", 3, rng), tensor("w", rng.normal(size=(5, 12))), tensor("b", rng.normal(size=5))]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), bn("bn", "r", "n"),
+             helper.make_node("Flatten", ["n"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="fc", transB=1)]
+    original = model(nodes, [("x", [2, 3, 2, 2])], ["y"], inits)
+    folded, report = fold_onnx(original)
+    assert bn_count(folded) == 0 and report.done[0].direction == "forward"
+    assert_same_outputs(original, folded)
+
+
+def test_a_shape_reader_does_not_block_a_fold_and_still_reads_the_right_value():
+    original = conv_graph(2, seed=18)
+    original.graph.node.append(helper.make_node("Shape", ["c"], ["s"], name="shape"))
+    original.graph.output.append(helper.make_tensor_value_info("s", TensorProto.INT64, [4]))
+    folded, report = fold_onnx(original)
+    assert bn_count(folded) == 0 and report.passed
+    check_valid(folded)
+    assert_same_outputs(original, folded)
+
+
+def test_a_one_channel_bn_after_a_linear_folds_into_every_feature():
+    rng = np.random.default_rng(19)
+    inits = [tensor("w", rng.normal(size=(3, 5))), tensor("b", rng.normal(size=5)), *bn_inits("bn", 1, rng)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="linear"),
+             helper.make_node("Add", ["b", "m"], ["a"], name="bias"), bn("bn", "a", "y")]
+    original = model(nodes, [("x", [4, 1, 3])], ["y"], inits)
+    folded, report = fold_onnx(original)
+    assert bn_count(folded) == 0, report.skipped
+    assert_same_outputs(original, folded)
+
+
+EXTRA = {
+    "levit": (lambda: archs.levit_like(), None),
+    "dcgan-generator": (lambda: archs.dcgan_generator(), None),
+    "yolov8": (lambda: archs.yolov8_like(), None),
+}
+
+
+@pytest.mark.parametrize("arch", list(EXTRA))
+def test_exports_with_reshapes_and_concats_fold_every_bn(arch):
+    net = EXTRA[arch][0]()
+    original = randomized_export(net, net.input_shape, dynamo=False)
+    folded, report = fold_onnx(original)
+    assert report.passed and report.bn_after == 0, report.skipped
+    assert_same_outputs(original, folded, rtol=1e-3, atol=1e-4)
