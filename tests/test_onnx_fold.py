@@ -273,6 +273,8 @@ def test_qdq_wrapped_and_input_weights_are_refused():
     _, report = fold_onnx(original)
     assert "Q/DQ" in report.plan.reason_for("bn")
     graph_input = conv_graph(2, bias=False)
+    weight = next(t for t in graph_input.graph.initializer if t.name == "w")
+    graph_input.graph.initializer.remove(weight)
     graph_input.graph.input.append(helper.make_tensor_value_info("w", F, [6, 4, 3, 3]))
     _, report = fold_onnx(graph_input)
     assert "graph input (`w`)" in report.plan.reason_for("bn")
@@ -395,6 +397,7 @@ def test_a_bn_after_a_channel_concat_is_split_between_its_producers():
     original = model(nodes, [("x", [2, 4, 5, 5])], ["y"], inits)
     folded, report = fold_onnx(original)
     assert bn_count(folded) == 0 and sorted(p.into for p in report.done) == ["conv1", "conv2"]
+    assert (report.bn_before, report.bn_after) == (1, 0)
     assert_same_outputs(original, folded)
 
 
@@ -502,3 +505,21 @@ def test_exports_with_reshapes_and_concats_fold_every_bn(arch):
     folded, report = fold_onnx(original)
     assert report.passed and report.bn_after == 0, report.skipped
     assert_same_outputs(original, folded, rtol=1e-3, atol=1e-4)
+
+
+def test_initializers_listed_as_graph_inputs_are_folded_and_the_inputs_kept_consistent():
+    import io
+
+    net = randomize_bn_(resnet_small(), seed=4).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), buffer, dynamo=False, do_constant_folding=False,
+                      keep_initializers_as_inputs=True)
+    original = onnx.load_from_string(buffer.getvalue())
+    folded, report = fold_onnx(original)
+    assert report.passed and report.bn_after == 0 and "listed as graph inputs" in report.plan.note
+    initializers = {t.name for t in folded.graph.initializer}
+    assert {v.name for v in folded.graph.input} - initializers == {"input.1"} or \
+        len({v.name for v in folded.graph.input} - initializers) == 1
+    assert initializers <= {v.name for v in folded.graph.input}
+    check_valid(folded)
+    assert_same_outputs(original, folded)

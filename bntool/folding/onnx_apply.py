@@ -228,6 +228,8 @@ class _Initializers:
         self.names = set(self.by_name) | {o for n in iter_nodes(model) for o in n.output} | \
             {v.name for v in self.graph.input}
         self.node_names = {n.name for n in iter_nodes(model) if n.name}
+        inputs = {v.name for v in self.graph.input}
+        self.listed_as_inputs = bool(self.by_name) and all(name in inputs for name in self.by_name)
 
     def fresh(self, base: str) -> str:
         name, n = base, 1
@@ -247,8 +249,11 @@ class _Initializers:
 
     def add(self, name: str, array: np.ndarray) -> str:
         self.graph.initializer.append(numpy_helper.from_array(array, name))
-        self.by_name[name] = self.graph.initializer[-1]
+        tensor = self.graph.initializer[-1]
+        self.by_name[name] = tensor
         self.reads[name] += 1
+        if self.listed_as_inputs:  # (the oldest IR versions list every initializer as a graph input)
+            self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
         return name
 
     def put(self, node: Any, slot: int, array: np.ndarray) -> None:
@@ -278,5 +283,7 @@ class _Initializers:
             if len(kept) != len(self.graph.initializer):
                 for index in reversed([i for i, t in enumerate(self.graph.initializer) if t.name in doomed]):
                     del self.graph.initializer[index]
+            for index in reversed([i for i, v in enumerate(self.graph.input) if v.name in doomed]):
+                del self.graph.input[index]  # (an initializer listed as an input: gone with it)
 
 

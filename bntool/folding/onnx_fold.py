@@ -26,6 +26,7 @@ import torch
 
 from ..errors import InputError, VerificationError, first_line
 from ..graph.onnxflow import OnnxFlow
+from ..onnxio.check import iter_nodes
 from ..onnxio.feeds import make_feeds
 from ..onnxio.load import read_onnx
 from ..onnxio.reference import run_float64, run_ort, with_outputs
@@ -87,7 +88,7 @@ def fold_onnx(
     serialized = _check_original(proto)
     flow = OnnxFlow.of(proto)
     feeds = make_feeds(proto, example_inputs, input_shapes, seed) if verify else {}
-    before = len(flow.bns()) + len(flow.subgraph_bns())
+    before = sum(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in iter_nodes(proto))
     check = None
     rejected: dict[str, str] = {}
     comparison = None
@@ -106,7 +107,7 @@ def fold_onnx(
         if not blamed:
             break
         rejected.update(blamed)
-    after = before - len(plan.pairs)
+    after = sum(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in iter_nodes(folded))
     report = OnnxFoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), None, before, after,
                             external, check, sites)
     if comparison is not None and not comparison.passed:

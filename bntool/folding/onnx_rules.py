@@ -77,7 +77,10 @@ def plan_onnx(flow: OnnxFlow, rejected: Mapping[str, str] | None = None, *, incl
                      for site in result)
     for label in flow.subgraph_bns():
         skips.append(Skip(label, "sits inside an If / Loop / Scan body, which bntool does not fold into yet"))
-    return FoldPlan(tuple(pairs), tuple(skips), "onnx"), sites
+    listed = flow.overridable()
+    note = (f"{len(listed)} initializer(s) are also listed as graph inputs (a caller could feed them); bntool "
+            "treats them as the constants they hold" if listed and pairs else "")
+    return FoldPlan(tuple(pairs), tuple(skips), "onnx", note), sites
 
 
 def _plan_bn(flow: OnnxFlow, i: int) -> list[Site] | str:

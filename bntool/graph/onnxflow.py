@@ -32,7 +32,7 @@ class OnnxFlow:
     nodes: list[Any]
     index: dict[int, int]  # id(node) -> position
     outputs: frozenset[str]  # graph output names
-    inputs: frozenset[str]  # graph input names (an initializer listed as an input is not a constant)
+    inputs: frozenset[str]  # graph inputs that are not initializers
     opset: int
     labels: list[str]
     positions: dict[str, int]
@@ -54,7 +54,8 @@ class OnnxFlow:
             label = node.name or f"{node.op_type} (output `{node.outputs[0].name if node.outputs else '?'}`)"
             labels.append(label if label not in labels else f"{label} #{i}")
         return cls(model, nodes, {id(n): i for i, n in enumerate(nodes)},
-                   frozenset(v.name for v in model.graph.outputs), frozenset(v.name for v in model.graph.inputs),
+                   frozenset(v.name for v in model.graph.outputs),
+                   frozenset(v.name for v in model.graph.inputs if not v.is_initializer()),
                    opset, labels, {label: i for i, label in enumerate(labels)})
 
     # ------------------------------------------------------------------ nodes
@@ -100,7 +101,8 @@ class OnnxFlow:
         return value.name in self.outputs
 
     def constant(self, value: Any | None, depth: int = 0) -> np.ndarray | None:
-        """The value's array when it is an initializer that no graph input can override, or computed from such
+        """The value's array when it is an initializer (also one listed as a graph input, as the oldest IR versions
+        list them all: ``overridable``), or computed from such
         by a chain of shape-and-cast ops (``CONSTANT_OPS``: an exporter's zero bias), else None."""
         if value is None or value.name in self.inputs:
             return None
@@ -132,6 +134,10 @@ class OnnxFlow:
             return np.asarray(evaluator.run(None, {n: a for n, a in zip(names, arrays) if n})[0])
         except Exception:  # noqa: BLE001 - not evaluable here: not a constant for folding
             return None
+
+    def overridable(self) -> list[str]:
+        """Initializers also listed as graph inputs: constants by convention, though a caller may feed them."""
+        return [v.name for v in self.model.graph.inputs if v.is_initializer()]
 
     def computed_constant(self, value: Any | None) -> bool:
         """Whether ``value`` is a constant computed by nodes rather than an initializer."""
