@@ -177,3 +177,17 @@ def test_the_output_is_never_the_input(cli, conv_file):
     data = conv_file.read_bytes()
     assert_one_line_error(cli("fold", conv_file, "--out", conv_file, "--force"), "net.onnx")
     assert conv_file.read_bytes() == data
+
+
+def test_a_graph_too_large_for_memory_is_refused_before_it_runs(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn("bn", "c", "z"),
+             helper.make_node("Expand", ["z", "huge"], ["y"], name="expand")]
+    m = model(nodes, [("x", [1, 3, 4, 4])], ["y"], [tensor("w", rng.normal(size=(4, 3, 1, 1))),
+                                                   tensor("huge", [1 << 16, 1 << 16, 4, 4], np.int64),
+                                                   *bn_inits("bn", 4, rng)])
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", 1, [1 << 16, 1 << 16, 4, 4]))
+    path = tmp_path / "huge.onnx"
+    onnx.save(m, str(path))
+    assert_one_line_error(cli("fold", path, "--out", tmp_path / "o.onnx"), "GiB", "`y`")
+    assert not (tmp_path / "o.onnx").exists()

@@ -14,6 +14,7 @@ passes ``onnx.checker`` (full check) or is not returned.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ class _Check:
     def __init__(self, proto: Any, flow: OnnxFlow, feeds: Mapping[str, np.ndarray], atol, rtol,
                  serialized: bytes | None = None):
         self.flow, self.feeds, self.atol, self.rtol = flow, dict(feeds), atol, rtol
+        _fits_in_memory(flow)
         self.derived = atol is None and rtol is None
         self.outputs = [o.name for o in proto.graph.output]
         plan, sites = plan_onnx(flow)
@@ -207,6 +209,37 @@ class _Check:
         ref = _torch(high) if high is not None else None
         return _compare_one(label, _torch(orig), _torch(cand), ref, self.atol, self.rtol,
                             widen=rounding_factor(size))
+
+
+def _fits_in_memory(flow: OnnxFlow) -> None:
+    """Refuse, before anything runs, a graph one of whose values (by its inferred shape) would not fit in memory."""
+    available = _available_memory()
+    if available is None:
+        return
+    for node in flow.nodes:
+        for value in node.outputs:
+            shape = flow.shape(value)
+            if shape is None or any(d is None for d in shape) or value.dtype is None:
+                continue
+            size = math.prod(shape) * max(1, value.dtype.itemsize)
+            if size > available // 2:
+                raise InputError(f"`{value.name}` (made by `{flow.label(flow.index[id(node)])}`) would take "
+                                 f"{size / 2**30:.1f} GiB, more than half the memory available ({available / 2**30:.1f} "
+                                 "GiB); bntool verifies a fold by running the graph, so it cannot fold this one here")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _value_types(flow: OnnxFlow) -> dict[str, int]:
