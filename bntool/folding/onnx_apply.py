@@ -58,10 +58,11 @@ def apply_onnx(proto: Any, flow: Any, plan: FoldPlan, sites: dict[str, list[Site
                 if end.output[0] in reader.input and reader is not bn:
                     reader.input[:] = [bn.output[0] if n == end.output[0] else n for n in reader.input]
             end.output[0] = bn.output[0]
-        else:  # the node that read the BN's output reads its input
-            first = nodes[bn_sites[0].end]
+        else:  # the node that read the BN's output (and any Shape / CastLike reading it) reads its input
             stale.add(bn.output[0])
-            first.input[:] = [bn.input[0] if name == bn.output[0] else name for name in first.input]
+            for reader in nodes:
+                if bn.output[0] in reader.input and reader is not bn:
+                    reader.input[:] = [bn.input[0] if name == bn.output[0] else name for name in reader.input]
     added: dict[int, Any] = {}  # layer position -> the Add node that follows it
     for layer, sides in by_layer.items():
         node = nodes[layer]
@@ -183,6 +184,8 @@ def _bias(flow: Any, layer: int, sides: dict[str, Any], out_features: int) -> to
     else:
         value = flow.constant(flow.input(layer, 2)) if flow.input(layer, 2) is not None else None
     bias = torch.zeros(out_features, dtype=torch.float64)
+    if value is not None and value.size not in (1, out_features):  # (zeros of another shape: ``weight_reason``)
+        value = None
     if value is not None:
         bias = bias + _tensor(value).double().reshape(-1)
     if flow.op(layer) == "Gemm":

@@ -224,7 +224,8 @@ def _fits_in_memory(flow: OnnxFlow) -> None:
             size = math.prod(shape) * max(1, value.dtype.itemsize)
             if size > available // 2:
                 raise InputError(f"`{value.name}` (made by `{flow.label(flow.index[id(node)])}`) would take "
-                                 f"{size / 2**30:.1f} GiB, more than half the memory available ({available / 2**30:.1f} "
+                                 f"{size / 2**30:.1f} GiB, more than half the memory available "
+                                 f"({available / 2**30:.1f} "
                                  "GiB); bntool verifies a fold by running the graph, so it cannot fold this one here")
 
 

@@ -73,10 +73,10 @@ def weight_reason(flow: OnnxFlow, layer: int) -> str | None:
         return f"the weight of `{name}` is {weight.ndim}-D, not a 2-D matrix"
     if op in ("Conv", "ConvTranspose") and weight.ndim < 3:
         return f"the weight of `{name}` is {weight.ndim}-D, not a conv kernel"
-    if op == "Gemm" and bias is not None and bias.name:
-        out = weight.shape[0] if flow.attr(layer, "transB", 0) else weight.shape[1]
-        if flow.constant(bias).size not in (1, out):
-            return f"the bias of `{name}` is not one value per output feature"
+    if bias is not None and bias.name:
+        values = flow.constant(bias)
+        if values.size not in (1, out_channels(flow, layer)) and np.any(values):  # (all zeros: no bias at all)
+            return f"the bias of `{name}` is not one value per output channel"
     return None
 
 

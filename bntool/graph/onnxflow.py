@@ -86,13 +86,13 @@ class OnnxFlow:
         return self.index.get(id(node)) if node is not None else None
 
     def readers(self, value: Any) -> list[int]:
-        """The nodes of the main graph reading ``value``'s elements (once each; a ``Shape`` node reads only its
-        shape, which no fold changes), and -1 per subgraph node reading it."""
+        """The nodes of the main graph reading ``value``'s elements (once each; a ``Shape`` node, and ``CastLike``'s
+        second input, read only its shape or type), and -1 per subgraph node reading it."""
         seen: list[int] = []
         for use in value.uses():
             i = self.index.get(id(use.node), -1)
-            if i != -1 and self.op(i) == "Shape":
-                continue
+            if i != -1 and (self.op(i) == "Shape" or (self.op(i) == "CastLike" and use.idx == 1)):
+                continue  # (they read its shape or type, which no fold changes)
             if i == -1 or i not in seen:
                 seen.append(i)
         return seen
@@ -154,7 +154,8 @@ class OnnxFlow:
         return len(shape) if shape is not None else None
 
     def bns(self) -> list[int]:
-        return [i for i, n in enumerate(self.nodes) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
+        return [i for i, n in enumerate(self.nodes)
+                if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
 
     def subgraph_bns(self) -> list[str]:
         """BatchNormalization nodes inside If / Loop / Scan bodies (labels), which the main-graph rules do not fold."""
