@@ -59,6 +59,12 @@ def fold(
     be folded exactly is left as it is, with the reason. A fold that
     verification blames is left too (exit 0, with a warning; exit 1 with
     --strict) and the rest is verified again without it.
+
+    An .onnx file needs no --model: its BatchNormalization nodes are folded
+    in the graph, verified in onnxruntime against the original (every output
+    and every folded layer), and the file is written only if it passes
+    onnx.checker and runs; --input-shape gives the shapes of inputs with
+    dynamic dimensions.
     """
     if checkpoint.suffix.lower() == ".onnx" and model is None:  # the graph is in the file
         from .fold_onnx import fold_file

@@ -11,12 +11,14 @@ def fold_file(path: Path, *, out: Path | None, force: bool, dry_run: bool, stric
     """Fold the graph in ``path``; ``render(result, report, json)`` is ``bntool fold``'s own report."""
     from ..errors import InputError, VerificationError
     from ..folding.onnx_fold import fold_onnx, prove_file
+    from ..io.inputs import require_regular_file
     from ..io.outputs import check_output_path
     from ..onnxio.save import save_onnx
     from ..runtime.shapes import parse_shape
     from . import console
 
     console.use_stderr_for_humans(json)
+    require_regular_file(path, "the ONNX file")  # (before anything opens it: a FIFO would block)
     out = out if out is not None else path.with_name(f"{path.stem}.folded.onnx")
     if out.suffix.lower() != ".onnx":
         raise InputError(f"--out `{out}` must be an .onnx file when folding an .onnx file")

@@ -81,8 +81,8 @@ def apply_onnx(proto: Any, flow: Any, plan: FoldPlan, sites: dict[str, list[Site
             inner = writer.fresh(f"{target}_matmul")
             node.output[0] = inner
             name = writer.add(writer.fresh(f"{node.name or target}_bias"), bias)
-            added[layer] = helper.make_node("Add", [inner, name], [target], name=writer.fresh_node(
-                f"{node.name or target}_bias", graph))
+            added[layer] = helper.make_node("Add", [inner, name], [target],
+                                            name=writer.fresh_node(f"{node.name or target}_bias"))
     kept = []
     for i, node in enumerate(nodes):
         if i in removed:
@@ -242,7 +242,7 @@ class _Initializers:
         self.names.add(name)
         return name
 
-    def fresh_node(self, base: str, graph: Any) -> str:
+    def fresh_node(self, base: str) -> str:
         name, n = base, 1
         while name in self.node_names:
             n += 1
