@@ -191,3 +191,19 @@ def test_a_graph_too_large_for_memory_is_refused_before_it_runs(cli, tmp_path):
     onnx.save(m, str(path))
     assert_one_line_error(cli("fold", path, "--out", tmp_path / "o.onnx"), "GiB", "`y`")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_names_corrupt_statistics_and_fold_leaves_that_bn(cli, tmp_path):
+    m = conv_graph(2, seed=6)
+    var = next(t for t in m.graph.initializer if t.name == "bn.var")
+    values = numpy_helper.to_array(var).copy()
+    values[0], values[2] = -0.5, np.nan
+    var.CopyFrom(numpy_helper.from_array(values, "bn.var"))
+    path = tmp_path / "bad_stats.onnx"
+    onnx.save(m, str(path))
+    report = json.loads(cli("inspect", path, "--json").out)
+    kinds = {f["kind"] for f in report["findings"]}
+    assert {"nonfinite_statistics", "negative_variance"} <= kinds
+    assert report["layers"][0]["foldable"] is False and "NaN or inf" in report["layers"][0]["fold_reason"]
+    result = cli("fold", path, "--out", tmp_path / "o.onnx", "--json")
+    assert result.code == 0 and json.loads(result.out)["bn_after"] == 1
