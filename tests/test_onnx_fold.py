@@ -304,7 +304,6 @@ def test_untouched_nodes_initializers_names_and_metadata_are_kept_bit_for_bit():
     helper.set_model_props(original, {"author": "me"})
     folded, report = fold_onnx(original)
     assert report.passed and bn_count(folded) == 0
-    changed = {n for p in report.done for n in ()}  # noqa: F841 - (what changed is read from the graphs)
     before = {t.name: t.SerializeToString() for t in original.graph.initializer}
     read_by_layers = {n.input[k] for n in original.graph.node if n.op_type in ("Conv", "Gemm") for k in (1, 2)
                       if k < len(n.input)}
