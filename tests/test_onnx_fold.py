@@ -540,3 +540,19 @@ def test_a_bn_inside_an_if_branch_is_named_and_left_while_the_main_graph_folds()
     assert [p.bn for p in report.done] == ["bn"] and "If / Loop / Scan" in report.plan.reason_for("inner_bn")
     assert report.bn_before == 2 and report.bn_after == 1
     assert_same_outputs(original, folded)
+
+
+def test_the_library_takes_example_inputs_or_input_shapes_and_names_them_when_missing():
+    import bntool
+    from bntool.errors import InputError
+
+    original = conv_graph(2, seed=21)
+    original.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    with pytest.raises(InputError, match="`input_shapes`"):
+        bntool.fold_onnx(original)
+    x = np.random.default_rng(0).normal(size=(3, 4, 5, 5)).astype(np.float32)
+    for kwargs in ({"example_inputs": {"x": x}}, {"example_inputs": [x]}, {"input_shapes": [(3, 4, 5, 5)]}):
+        folded, report = bntool.fold_onnx(original, **kwargs)
+        assert report.passed and report.comparison is not None and bn_count(folded) == 0
+    folded, report = bntool.fold_onnx(original, verify=False)
+    assert report.comparison is None and bn_count(folded) == 0
