@@ -207,3 +207,15 @@ def test_inspect_names_corrupt_statistics_and_fold_leaves_that_bn(cli, tmp_path)
     assert report["layers"][0]["foldable"] is False and "NaN or inf" in report["layers"][0]["fold_reason"]
     result = cli("fold", path, "--out", tmp_path / "o.onnx", "--json")
     assert result.code == 0 and json.loads(result.out)["bn_after"] == 1
+
+
+def test_a_fixed_tolerance_too_tight_rejects_the_fold_and_strict_fails(cli, tmp_path):
+    m = conv_graph(2, seed=8)
+    path = tmp_path / "tight.onnx"
+    onnx.save(m, str(path))
+    result = cli("fold", path, "--out", tmp_path / "o.onnx", "--atol", "1e-30", "--rtol", "0", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["bn_after"] == 1 and report["rejected_by_verification"][0]["bn"] == "bn"
+    strict = cli("fold", path, "--out", tmp_path / "s.onnx", "--atol", "1e-30", "--rtol", "0", "--strict")
+    assert strict.code == 1 and not (tmp_path / "s.onnx").exists()
