@@ -66,14 +66,16 @@ def inspect_command(
     from .common import load_source
 
     console.use_stderr_for_humans(json)
-    if checkpoint.suffix.lower() == ".onnx" and model is None:
+    if plot is not None:
+        _check_plot_path(plot, checkpoint, model, force)
+    if checkpoint.suffix.lower() == ".onnx" and model is None:  # the graph is in the file
         from .fold_onnx import inspect_file
 
         result, report = inspect_file(checkpoint)
+        if plot is not None:
+            result["plot"] = str(draw(report, plot, title=checkpoint.name, force=force))
         _render(result, report, json)
         return
-    if plot is not None:
-        _check_plot_path(plot, checkpoint, model, force)
     loaded = ckpt.read(checkpoint, key=key, allow_pickle=allow_pickle) if model is None else None
     if loaded is not None and loaded.module is None:
         resolved = resolve(loaded, None, strip_prefix=strip_prefix)
