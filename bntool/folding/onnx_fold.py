@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 
 from ..errors import InputError, VerificationError, first_line
@@ -219,7 +220,8 @@ def _fits_in_memory(flow: OnnxFlow) -> None:
     for node in flow.nodes:
         for value in node.outputs:
             shape = flow.shape(value)
-            if shape is None or any(d is None for d in shape) or value.dtype is None:
+            if shape is None or any(d is None for d in shape) or value.dtype in (None, ir.DataType.UNDEFINED,
+                                                                                  ir.DataType.STRING):
                 continue
             size = math.prod(shape) * max(1, value.dtype.itemsize)
             if size > available // 2:
