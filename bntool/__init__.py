@@ -49,6 +49,9 @@ _EXPORTS = {
     "export_onnx": "bntool.export.export_onnx",
     "ExportReport": "bntool.export.report",
     "verify_onnx": "bntool.onnxio.ort",
+    "fold_onnx": "bntool.folding.onnx_fold",
+    "OnnxFoldReport": "bntool.folding.onnx_fold",
+    "inspect_onnx": "bntool.inspection.onnx_inspect",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -74,12 +77,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .export.export_onnx import export_onnx
     from .export.report import ExportReport
     from .folding.fold import FoldReport, fold
+    from .folding.onnx_fold import OnnxFoldReport, fold_onnx
     from .folding.plan import FoldPlan
     from .folding.rules import plan_fold
     from .freezing.freeze import FreezeReport, UnfreezeReport, freeze, unfreeze
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .inspection.findings import Finding
     from .inspection.inspect import InspectReport, inspect
+    from .inspection.onnx_inspect import inspect_onnx
     from .inspection.picture import plot
     from .onnxio.ort import verify_onnx
     from .persist import load, save

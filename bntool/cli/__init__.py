@@ -14,19 +14,20 @@ import sys
 import typer
 from typer import TyperException
 
-from ..io import outputs
 from ..errors import BntoolError, naming, out_of_memory, out_of_memory_message, user_exit
-from .app import app, state
-from .flags import NAMED, for_cli
+from ..io import outputs
 
 # Each subcommand module registers its command on `app`, in this order (the order `bntool --help` lists them).
-from . import fold  # noqa: E402,F401,I001
-from . import inspect  # noqa: E402,F401
-from . import freeze  # noqa: E402,F401
-from . import unfreeze  # noqa: E402,F401
-from . import recalibrate  # noqa: E402,F401
-from . import export  # noqa: E402,F401
-
+from . import (
+    export,  # noqa: E402,F401
+    fold,  # noqa: E402,F401,I001
+    freeze,  # noqa: E402,F401
+    inspect,  # noqa: E402,F401
+    recalibrate,  # noqa: E402,F401
+    unfreeze,  # noqa: E402,F401
+)
+from .app import app, state
+from .flags import NAMED, for_cli
 
 #: blocks at least this large come straight from the operating system and go back to it when freed
 MMAP_THRESHOLD = 1 << 20

@@ -63,7 +63,19 @@ def fold(
     be folded exactly is left as it is, with the reason. A fold that
     verification blames is left too (exit 0, with a warning; exit 1 with
     --strict) and the rest is verified again without it.
+
+    An .onnx file needs no --model: its BatchNormalization nodes are folded
+    in the graph, verified in onnxruntime against the original (every output
+    and every folded layer), and the file is written only if it passes
+    onnx.checker and runs; --input-shape gives the shapes of inputs with
+    dynamic dimensions.
     """
+    if checkpoint.suffix.lower() == ".onnx" and model is None:  # the graph is in the file
+        from .fold_onnx import fold_file
+
+        fold_file(checkpoint, out=out, force=force, dry_run=dry_run, strict=strict, atol=atol, rtol=rtol,
+                  input_shape=input_shape, seed=seed, json=json, render=_render)
+        return
     from ..folding.fold import fold as fold_model
     from .common import Loading, Operation, run_operation
 

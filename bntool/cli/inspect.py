@@ -70,6 +70,14 @@ def inspect_command(
     console.use_stderr_for_humans(json)
     if plot is not None:
         _check_plot_path(plot, checkpoint, model, force)
+    if checkpoint.suffix.lower() == ".onnx" and model is None:  # the graph is in the file
+        from .fold_onnx import inspect_file
+
+        result, report = inspect_file(checkpoint)
+        if plot is not None:
+            result["plot"] = str(draw(report, plot, title=checkpoint.name, force=force))
+        _render(result, report, json)
+        return
     loaded = ckpt.read(checkpoint, key=key, allow_pickle=allow_pickle) if model is None else None
     if loaded is not None and loaded.module is None:
         resolved = resolve(loaded, None, strip_prefix=strip_prefix)
@@ -135,7 +143,8 @@ def _render(result: dict, report, as_json: bool) -> None:
               _stat(r.running_mean, r), _stat(r.running_var, r)] for r in rows],
         )
     if rows and not result["weights_only"]:
-        method = {"fx": "torch.fx", "recorded": "recorded forward pass", "none": "unknown"}[report.dataflow_method]
+        method = {"fx": "torch.fx", "recorded": "recorded forward pass", "onnx": "ONNX graph",
+                  "none": "unknown"}[report.dataflow_method]
         console.table(
             f"Dataflow ({method}) and folding",
             ["BatchNorm", "fed by", "feeds", "fold"],

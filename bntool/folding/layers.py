@@ -19,13 +19,14 @@ from torch.nn.utils import parametrize
 from ..graph.dataflow import Dataflow
 from ..graph.ops import FOLDABLE_TYPES
 from ..norms import num_features, standard_forward
+from . import reasons
 
 
 def layer_reason(module: nn.Module, name: str, owners, functional: bool = False) -> str | None:
     """Why ``module`` (named ``name``) cannot take a fold at all, or None. ``owners``: ``parameter_owners``;
     ``functional``: every call is the layer's own ``F.conv*`` / ``F.linear`` inside a forward of its own."""
     if not isinstance(module, FOLDABLE_TYPES):
-        return f"`{name}` is {_a(type(module).__name__)}, which bntool cannot fold into"
+        return reasons.cannot_fold_into(name, type(module).__name__)
     if not functional and not standard_forward(module, FOLDABLE_TYPES):
         return f"`{name}` is {_a(type(module).__name__)} with its own forward, so its arithmetic is unknown"
     recomputed = _recomputed_tensor(module)
@@ -38,8 +39,7 @@ def layer_reason(module: nn.Module, name: str, owners, functional: bool = False)
     return None
 
 
-def _a(noun: str) -> str:
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+_a = reasons.a
 
 
 def _recomputed_tensor(module: nn.Module) -> str | None:
@@ -84,13 +84,13 @@ def channel_reason(bn: nn.Module, layer: nn.Module, name: str, reshaped: bool, l
     if not linear and not reshaped:
         if channels != features:
             side = "output" if backward else "input"
-            return f"`{name}` has {channels} {side} channels but the BN has {features}"
+            return reasons.channels_differ(name, channels, side, features)
         return None
     bn_shape = flow.shape(call)[0]
     layer_in, layer_out = flow.shape(layer_op)
     layer_shape = layer_out if backward else layer_in
     if bn_shape is None or layer_shape is None:
-        return "the shape of its input is unknown; pass example inputs"
+        return reasons.UNKNOWN_SHAPE
     axis = len(layer_shape) - 1 if linear else 1
     if _same_channels(layer_shape, axis, bn_shape):
         return None

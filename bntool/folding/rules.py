@@ -39,7 +39,7 @@ from ..errors import require_module
 from ..graph.dataflow import Dataflow, dataflow
 from ..norms import bn_forward_is_standard, has_statistics, is_batchnorm
 from ..report import Skip
-from . import bnform
+from . import bnform, reasons
 from .layers import channel_reason, has_padding, layer_reason, parameter_owners, read_elsewhere_reason
 from .plan import CONVS, TRANSPOSED, FoldPair, FoldPlan
 from .walks import Link, by_module, downstream, functional, upstream
@@ -139,7 +139,7 @@ class _Planner:
         forward = self.forward(bn)
         if not isinstance(forward, str):
             return [pair(target, "forward", through) for target, through in forward], form
-        return f"{backward}; folding forward is not exact either: {forward}"
+        return reasons.not_exact_either(backward, forward)
 
     # ------------------------------------------------------------------------- backward
 
@@ -157,7 +157,7 @@ class _Planner:
             if reason:
                 return reason
             if group[0].through[0] == 0.0:
-                return f"the output of `{producer}` is multiplied by 0 before the BN"
+                return reasons.multiplied_by_zero(producer)
             if module._forward_hooks:
                 return f"`{producer}` has forward hooks, which would see its output already normalized after folding"
             reason = self.channels_refusal(bn, producer, links, backward=True)
@@ -180,7 +180,7 @@ class _Planner:
         for consumer, group in by_module(links).items():
             module = self.modules[consumer]
             if isinstance(module, TRANSPOSED):
-                return f"`{consumer}` is a transposed conv, into which bntool folds only from the output side"
+                return reasons.transposed_forward(consumer)
             reason = self.refusal(bn, consumer, group)
             if reason:
                 return reason
@@ -190,7 +190,7 @@ class _Planner:
             if reason:
                 return reason
             if isinstance(module, CONVS) and module.padding_mode == "zeros" and has_padding(module):
-                return f"`{consumer}` zero-pads its input, and the padding would not see the BN's shift"
+                return reasons.zero_pads(consumer)
             result.append((consumer, group[0].through))
         return result
 

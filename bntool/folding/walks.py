@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..graph.dataflow import Dataflow
 from ..graph.ops import is_layer_function
+from . import reasons
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,9 @@ def upstream(flow: Dataflow, call: int) -> Link:
         source = flow.ops[index]
         others = [r for r in flow.readers_of(index) if r != current]
         if others:
-            shown = ", ".join(f"`{flow.ops[r].target}`" for r in others[:3])
-            return Link(blocker=f"the output of `{source.target}` is also read by {shown}")
+            return Link(blocker=reasons.also_read(source.target, [flow.ops[r].target for r in others]))
         if source.kind == "input":
-            return Link(blocker="is applied to a model input, so no layer produces what it normalizes")
+            return Link(blocker=reasons.GRAPH_INPUT)
         if source.kind == "module" and source.affine is None and not source.reshape:
             return Link(source.target, index, (a, s), reshaped)
         if source.affine is not None:
@@ -52,7 +52,7 @@ def upstream(flow: Dataflow, call: int) -> Link:
                                  "one layer's own (a weight computed in the forward, such as weight standardization), "
                                  "so folding into it would not be exact")
         else:
-            return Link(blocker=f"an operation (`{source.target}`) stands between its input's producer and the BN")
+            return Link(blocker=reasons.stands_between(source.target))
         if not source.inputs:
             return Link(blocker=f"`{source.target}` makes its input from nothing bntool can fold into")
         current, index = index, source.inputs[0]
@@ -64,21 +64,20 @@ def downstream(flow: Dataflow, call: int) -> Link:
     while True:
         readers = flow.readers_of(current)
         if len(readers) != 1:
-            shown = ", ".join(f"`{flow.ops[r].target}`" for r in readers[:3]) or "nothing"
-            return Link(blocker=f"its output is read by {shown}, not by one layer it could fold into")
+            return Link(blocker=reasons.read_by([flow.ops[r].target for r in readers]))
         reader = flow.ops[readers[0]]
         if reader.kind == "output":
-            return Link(blocker="its output is a model output, with no layer after it")
+            return Link(blocker=reasons.MODEL_OUTPUT)
         if reader.kind == "module" and reader.affine is None and not reader.reshape:
             if reader.inputs != (current,):
-                return Link(blocker=f"`{reader.target}` reads other tensors besides the BN's output")
+                return Link(blocker=reasons.reads_others(reader.target))
             return Link(reader.target, reader.index, (a, s), reshaped)
         if reader.affine is not None and reader.inputs == (current,):
             a, s = reader.affine[0] * a, reader.affine[0] * s + reader.affine[1]
         elif reader.reshape:
             reshaped = True
         else:
-            return Link(blocker=f"its output goes through `{reader.target}` before reaching a layer")
+            return Link(blocker=reasons.goes_through(reader.target))
         current = reader.index
 
 

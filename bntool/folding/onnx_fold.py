@@ -1,0 +1,265 @@
+"""Fold BatchNormalization nodes inside an ONNX model, only where exact, and prove it in onnxruntime.
+
+``fold_onnx`` plans with ``onnx_rules`` (the module fold's ``FoldPlan`` and
+reasons), applies with ``onnx_apply``, and verifies: onnxruntime runs the
+original and the folded graph on the same inputs, each exposing the output
+of every folded layer (in a verification copy only), and every graph output
+and folded layer is judged by ``verify.compare``'s rule, the tolerance derived
+from the original's own distance to a float64 run of it (``onnxio.reference``).
+A pair the check blames is dropped and the rest planned, applied and
+verified again (``fold._blame``); non-finite values never verify. The result
+passes ``onnx.checker`` (full check) or is not returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from ..errors import InputError, VerificationError, first_line
+from ..graph.onnxflow import OnnxFlow
+from ..onnxio.check import iter_nodes
+from ..onnxio.feeds import make_feeds
+from ..onnxio.load import read_onnx
+from ..onnxio.reference import run_float64, run_ort, with_outputs
+from ..verify.compare import Comparison, _compare_one, rounding_factor
+from .fold import MAX_ROUNDS, FoldReport, _blame
+from .onnx_apply import apply_onnx
+from .onnx_layers import fan_in
+from .onnx_rules import plan_onnx
+from .plan import FoldPlan
+
+__all__ = ["OnnxFoldReport", "fold_onnx"]
+
+
+@dataclass(frozen=True)
+class OnnxFoldReport(FoldReport):
+    """``FoldReport`` for a graph: also the BatchNormalization nodes before and after, and whether weights were
+    external data in the input (the written file keeps them so)."""
+
+    bn_before: int = 0
+    bn_after: int = 0
+    external_data: bool = False
+    #: the original's runs on the verification inputs, to prove the written file against (``prove_file``)
+    check: Any = dataclasses.field(default=None, repr=False, compare=False)
+    sites: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "bn_before": self.bn_before, "bn_after": self.bn_after}
+
+
+def fold_onnx(
+    model_or_path: Any,
+    *,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    input_shapes: Sequence[Sequence[int]] | Mapping[str, Sequence[int]] | None = None,
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    strict: bool = False,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    seed: int = 0,
+) -> tuple[Any, OnnxFoldReport]:
+    """Fold every BatchNormalization node that folds exactly; return the folded ``onnx.ModelProto`` and a report.
+
+    ``model_or_path``: a ``ModelProto`` (not changed) or an .onnx path (its
+    external data checked before it is read). Inputs come from
+    ``example_inputs`` (arrays, in graph-input order or by name), else are
+    drawn from the graph's static shapes, with ``input_shapes`` giving those
+    with dynamic dimensions. A fold verification blames is left (the
+    report's ``rejected``) unless ``strict``: then ``VerificationError``.
+    """
+    external = False
+    if isinstance(model_or_path, (str, os.PathLike)):
+        proto, external = read_onnx(model_or_path)
+    elif isinstance(model_or_path, onnx.ModelProto):
+        proto = model_or_path
+    else:
+        raise InputError(f"fold_onnx takes an onnx.ModelProto or a path, got a {type(model_or_path).__name__}")
+    serialized = _check_original(proto)
+    flow = OnnxFlow.of(proto)
+    feeds = make_feeds(proto, example_inputs, input_shapes, seed) if verify else {}
+    before = sum(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in iter_nodes(proto))
+    check = None
+    rejected: dict[str, str] = {}
+    comparison = None
+    for _ in range(MAX_ROUNDS):
+        plan, sites = plan_onnx(flow, rejected, include=include, exclude=exclude)
+        folded = apply_onnx(proto, flow, plan, sites)
+        if not verify or not plan.pairs:  # (nothing folded: the graph is the original's)
+            comparison = None
+            break
+        if check is None:  # the original, run once, with every point the first (fullest) plan checks
+            check = _Check(proto, flow, feeds, atol, rtol, serialized)
+        comparison = check.compare(folded, plan, sites)
+        if comparison.passed:
+            break
+        blamed = {} if strict else _blame(plan, comparison)
+        if not blamed:
+            break
+        rejected.update(blamed)
+    after = sum(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in iter_nodes(folded))
+    report = OnnxFoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), None, before, after,
+                            external, check, sites)
+    if comparison is not None and not comparison.passed:
+        raise VerificationError(comparison.failure_message("the folded graph"), report)
+    try:
+        serialized = check.serialized if check is not None else None
+        onnx.checker.check_model(serialized[1] if serialized and serialized[0] == id(folded) else folded,
+                                 full_check=True)
+    except ValueError as exc:  # (over 2 GB in memory: checked on the written file)
+        if "2GB" not in str(exc) and "2 GB" not in str(exc):
+            raise VerificationError(f"the folded graph fails onnx.checker: {first_line(exc, 200)}", report) from exc
+    except Exception as exc:
+        raise VerificationError(f"the folded graph fails onnx.checker: {first_line(exc, 200)}", report) from exc
+    return folded, report
+
+
+def prove_file(report: OnnxFoldReport, path: str | os.PathLike) -> None:
+    """Run the written file in onnxruntime on the verification inputs; every output must pass as the fold did."""
+    if report.check is None:
+        return
+    comparison = report.check.compare(Path(path), report.plan, report.sites)
+    if not comparison.passed:
+        raise VerificationError(comparison.failure_message("the written file"), report)
+
+
+def _check_original(proto: Any) -> bytes | None:
+    """The model's bytes (None over 2 GB), after ``onnx.checker`` found it valid."""
+    try:
+        payload = proto.SerializeToString()
+    except ValueError:
+        return None  # over 2 GB in memory
+    try:
+        onnx.checker.check_model(payload, full_check=False)
+        return payload
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"the ONNX model is not valid ({first_line(exc, 200)}); bntool folds only models that "
+                         "pass onnx.checker") from None
+
+
+class _Check:
+    """The original run once (onnxruntime, and float64 for the derived tolerance), then each candidate against it."""
+
+    def __init__(self, proto: Any, flow: OnnxFlow, feeds: Mapping[str, np.ndarray], atol, rtol,
+                 serialized: bytes | None = None):
+        self.flow, self.feeds, self.atol, self.rtol = flow, dict(feeds), atol, rtol
+        _fits_in_memory(flow)
+        self.derived = atol is None and rtol is None
+        self.outputs = [o.name for o in proto.graph.output]
+        plan, sites = plan_onnx(flow)
+        self.types = _value_types(flow)
+        names = [self.value_of(label) for label in plan.probes()]
+        names += [flow.nodes[s.layer].outputs[0].name for group in sites.values() for s in group
+                  if s.direction == "forward"]
+        self.points = [n for n in dict.fromkeys(names) if n in self.types]
+        try:
+            self.original = run_ort(with_outputs(serialized or proto, self.points, self.types), self.feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"onnxruntime cannot run the original graph ({first_line(exc, 200)}); bntool proves a "
+                             "fold by running both graphs, so it cannot fold this one") from None
+        self.high = run_float64(proto, self.feeds, self.points) if self.derived else {}
+        self.serialized: tuple[int, bytes] | None = None  # the last candidate, serialized (for the checker)
+
+    def value_of(self, label: str) -> str:
+        return self.flow.nodes[self.flow.position(label)].outputs[0].name
+
+    def compare(self, folded: Any, plan: FoldPlan, sites: Mapping[str, Any], points: bool = True) -> Comparison:
+        values = {}
+        if isinstance(folded, (str, os.PathLike)):
+            points = False
+        if points:
+            for label in plan.probes():
+                values[self.value_of(label)] = label
+        try:
+            if points:
+                payload = folded.SerializeToString()
+                self.serialized = (id(folded), payload)
+                graph = with_outputs(payload, [v for v in values if v in self.types], self.types)
+            else:
+                graph = folded
+            out = run_ort(graph, self.feeds)
+        except Exception as exc:
+            raise VerificationError(f"onnxruntime cannot run the folded graph ({first_line(exc, 200)})") from exc
+        sizes = {p.bn: max(fan_in(self.flow, s.layer) for s in sites[p.bn]) for p in plan.pairs}
+        results = []
+        widest = max(sizes.values(), default=0)
+        for name in self.outputs:
+            results.append(self._one(name, name, self.original[name], out[name], self.high.get(name), widest))
+        for value, label in values.items():
+            if value not in out or value not in self.original:
+                continue
+            size = max((sizes[p.bn] for p in plan.pairs_checked_at(label)), default=0)
+            results.append(self._one(f"layer `{label}`", value, self.original[value], out[value],
+                                     self.high.get(value), size))
+        rule = "derived" if self.derived else f"atol={self.atol or 0.0:g} rtol={self.rtol or 0.0:g}"
+        return Comparison(tuple(results), "cpu (onnxruntime)", rule)
+
+    def _one(self, label: str, name: str, orig, cand, high, size: int):
+        ref = _torch(high) if high is not None else None
+        return _compare_one(label, _torch(orig), _torch(cand), ref, self.atol, self.rtol,
+                            widen=rounding_factor(size))
+
+
+def _fits_in_memory(flow: OnnxFlow) -> None:
+    """Refuse, before anything runs, a graph one of whose values (by its inferred shape) would not fit in memory."""
+    available = _available_memory()
+    if available is None:
+        return
+    for node in flow.nodes:
+        for value in node.outputs:
+            shape = flow.shape(value)
+            if shape is None or any(d is None for d in shape) or value.dtype in (None, ir.DataType.UNDEFINED,
+                                                                                  ir.DataType.STRING):
+                continue
+            size = math.prod(shape) * max(1, value.dtype.itemsize)
+            if size > available // 2:
+                raise InputError(f"`{value.name}` (made by `{flow.label(flow.index[id(node)])}`) would take "
+                                 f"{size / 2**30:.1f} GiB, more than half the memory available "
+                                 f"({available / 2**30:.1f} "
+                                 "GiB); bntool verifies a fold by running the graph, so it cannot fold this one here")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _value_types(flow: OnnxFlow) -> dict[str, int]:
+    """Element type of every value whose type is known (graph inputs, outputs, inferred)."""
+    types = {}
+    for node in flow.nodes:
+        for value in [*node.inputs, *node.outputs]:
+            if value is not None and value.dtype is not None:
+                types[value.name] = int(value.dtype)
+    for value in [*flow.model.graph.inputs, *flow.model.graph.outputs]:
+        if value.dtype is not None:
+            types[value.name] = int(value.dtype)
+    return types
+
+
+def _torch(array: Any) -> torch.Tensor:
+    array = np.asarray(array)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array, copy=True))

@@ -1,0 +1,289 @@
+"""The fold rules on an ONNX graph: which BatchNormalization node folds into which layer, and why each other does not.
+
+``plan_onnx`` walks ``graph.onnxflow``'s dataflow and returns the same
+``FoldPlan`` of ``FoldPair`` s and ``Skip`` s that the module fold makes
+(``method="onnx"``), worded with the same ``reasons``, plus the ``Site`` s of
+each folded BN: the node positions ``onnx_apply`` rewrites.
+
+* **backward** into the node that produces the BN's input (``Conv`` 1-3d,
+  grouped or depthwise; ``ConvTranspose``, grouped; ``Gemm``; ``MatMul``
+  with a constant 2-D weight, alone or followed by an ``Add`` of a constant
+  bias), through view ops that keep each channel whole (``Reshape``,
+  ``Flatten``, ``Transpose``...: LeViT's ``flatten(0, 1)``, a DCGAN
+  generator's ``view``) and through a ``Concat`` on the channel axis (the BN
+  split per producer), when nothing else reads what lies between;
+* **forward** into the one node that reads the BN's output (``Conv`` with
+  no padding, ``Gemm``, ``MatMul``), through view ops likewise, when
+  backward is not possible.
+
+What a layer must be is ``onnx_layers``'. The BN's parameters must be
+constants; a BN in training mode, with ``spatial=0`` or corrupt statistics
+is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph.onnxflow import VIEWS, OnnxFlow, axis_after, axis_before
+from ..report import Skip
+from ..selection import select
+from . import reasons
+from .onnx_layers import LAYERS, has_padding, matmul_under_add, not_constant, out_channels, weight_reason
+from .plan import FoldPair, FoldPlan
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where one pair lives in the graph (node positions): the BN, the layer, a bias ``Add`` after a MatMul, the node
+    whose output the BN reads (backward: a view op, a ``Concat``, the Add or the layer) or the first node reading the
+    BN's output (forward), and the BN channels this layer takes (all, or a slice of a ``Concat``)."""
+
+    bn: int
+    layer: int
+    direction: str
+    add: int | None = None
+    end: int = -1
+    channels: tuple[int, int] | None = None
+    repeat: int = 1  # each BN channel is this many consecutive layer channels (a reshape between them)
+
+
+def plan_onnx(flow: OnnxFlow, rejected: Mapping[str, str] | None = None, *, include: Sequence[str] | None = None,
+              exclude: Sequence[str] | None = None) -> tuple[FoldPlan, dict[str, list[Site]]]:
+    """The plan for the graph, and each folded BN's ``Site`` s (by BN label). BNs in ``rejected`` are left with that
+    reason; ``include`` / ``exclude`` select BNs by label (``selection``'s rule)."""
+    pairs: list[FoldPair] = []
+    skips: list[Skip] = []
+    sites: dict[str, list[Site]] = {}
+    labels = [flow.label(i) for i in flow.bns()]
+    _, unselected = select(labels, include, exclude, what="BatchNormalization", owner="the graph")
+    for i, name in zip(flow.bns(), labels):
+        if rejected and name in rejected:
+            skips.append(Skip(name, rejected[name]))
+            continue
+        if name in unselected:
+            skips.append(Skip(name, unselected[name]))
+            continue
+        result = _plan_bn(flow, i)
+        if isinstance(result, str):
+            skips.append(Skip(name, result))
+            continue
+        sites[name] = result
+        pairs.extend(FoldPair(name, flow.label(site.layer), site.direction, "removed", flow.op(site.layer))
+                     for site in result)
+    for label in flow.subgraph_bns():
+        skips.append(Skip(label, "sits inside an If / Loop / Scan body, which bntool does not fold into yet"))
+    listed = flow.overridable()
+    note = (f"{len(listed)} initializer(s) are also listed as graph inputs (a caller could feed them); bntool "
+            "treats them as the constants they hold" if listed and pairs else "")
+    return FoldPlan(tuple(pairs), tuple(skips), "onnx", note), sites
+
+
+def _plan_bn(flow: OnnxFlow, i: int) -> list[Site] | str:
+    reason = bn_reason(flow, i)
+    if reason:
+        return reason
+    backward = _backward(flow, i)
+    if not isinstance(backward, str):
+        return backward
+    forward = _forward(flow, i)
+    if not isinstance(forward, str):
+        return forward
+    return reasons.not_exact_either(backward, forward)
+
+
+# ----------------------------------------------------------------------------- the BN itself
+
+PARAMETERS = ("scale", "B", "mean", "var")
+
+
+def bn_parameters(flow: OnnxFlow, i: int) -> dict[str, np.ndarray] | str:
+    """The BN's four parameters as arrays, or why they are not constants."""
+    found = {}
+    for k, key in enumerate(PARAMETERS, start=1):
+        value = flow.input(i, k)
+        array = flow.constant(value)
+        if array is None:
+            return f"its {key} is {not_constant(flow, value)}, so folding cannot take its values"
+        found[key] = array
+    return found
+
+
+def bn_reason(flow: OnnxFlow, i: int) -> str | None:
+    """Why the BN node cannot be folded whatever surrounds it (mode, parameters, statistics), or None."""
+    node = flow.nodes[i]
+    if flow.attr(i, "training_mode", 0):
+        return "training_mode=1: normalizes with batch statistics, not a fixed affine map"
+    if flow.attr(i, "is_test", 1) == 0:
+        return "is_test=0: normalizes with batch statistics, not a fixed affine map"
+    if len([o for o in node.outputs if o is not None and o.name]) > 1:
+        return f"{len(node.outputs)} outputs: it also updates running statistics (a training op)"
+    if flow.attr(i, "spatial", 1) == 0:
+        return "spatial=0: it normalizes each position with statistics of its own, not per channel"
+    params = bn_parameters(flow, i)
+    if isinstance(params, str):
+        return params
+    sizes = {a.size for a in params.values()}
+    if len(sizes) != 1 or any(a.ndim != 1 for a in params.values()):
+        return "its scale, bias, mean and variance are not one vector per channel each"
+    var = params["var"].astype(np.float64)
+    if not all(np.isfinite(a.astype(np.float64)).all() for a in params.values()):
+        return "its parameters hold NaN or inf values, which folding would spread into the layer"
+    if (var < 0).any():
+        return f"running_var is negative in {int((var < 0).sum())} channel(s): the statistics are corrupt"
+    return None
+
+
+def channels(flow: OnnxFlow, i: int) -> int:
+    return int(flow.constant(flow.input(i, 1)).size)
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _backward(flow: OnnxFlow, i: int) -> list[Site] | str:
+    value, reader, axis, end, repeat = flow.input(i, 0), i, 1, None, 1
+    while True:  # up through view ops, following the BN's channel axis
+        p = flow.producer(value)
+        if p is None:
+            if value.name in flow.inputs:
+                return f"{reasons.GRAPH_INPUT} (`{value.name}`)"
+            return "its input is a constant, with no layer producing it"
+        others = [r for r in flow.readers(value) if r != reader]
+        if others or flow.is_output(value):
+            return reasons.also_read(flow.label(p), _labels(flow, others, flow.is_output(value)))
+        end = p if end is None else end
+        if flow.op(p) not in VIEWS:
+            break
+        before = axis_before(flow, p, axis)
+        if before is None:
+            return _view_reason(flow, p)
+        value, reader, axis, repeat = flow.input(p, 0), p, before[0], repeat * before[1]
+    features = channels(flow, i)
+    if flow.op(p) == "Concat":
+        if repeat > 1:
+            return reasons.stands_between("Concat")
+        return _through_concat(flow, i, p, axis, end, features)
+    site = _producer_site(flow, i, p, axis, end)
+    if isinstance(site, str):
+        return site
+    out = out_channels(flow, site.layer)
+    if out != features * repeat and features > 1:
+        return reasons.channels_differ(flow.label(site.layer), out, "output", features * repeat)
+    return [dataclasses.replace(site, repeat=repeat if features > 1 else 1)]
+
+
+def _producer_site(flow: OnnxFlow, i: int, p: int, axis: int, end: int) -> Site | str:
+    """The layer ``p`` (or the MatMul under the bias ``Add`` ``p``) as a backward site, if the BN's channel axis is
+    its output channel axis."""
+    add = None
+    if flow.op(p) == "Add":
+        add, p = p, matmul_under_add(flow, p)
+        if p is None:
+            return reasons.stands_between(flow.op(add))
+    op = flow.op(p)
+    if op not in LAYERS:
+        return reasons.stands_between(op)
+    reason = weight_reason(flow, p)
+    if reason:
+        return reason
+    rank = flow.rank(flow.nodes[add if add is not None else p].outputs[0])
+    if op == "MatMul" or (op == "Gemm" and rank is not None):
+        if rank is None and channels(flow, i) > 1:
+            return reasons.UNKNOWN_SHAPE
+        if rank is not None and axis != rank - 1 and channels(flow, i) > 1:
+            return f"it normalizes axis {axis} of a {rank}-D input, but the {op}'s features are on the last axis"
+    elif axis != 1:
+        return f"it normalizes axis {axis} of `{flow.label(p)}`'s output, not its channels"
+    return Site(i, p, "backward", add, end)
+
+
+def _through_concat(flow: OnnxFlow, i: int, concat: int, axis: int, end: int, features: int) -> list[Site] | str:
+    """A BN after a ``Concat`` on its channel axis folds into every producer, each taking its own channels."""
+    rank = flow.rank(flow.nodes[concat].outputs[0])
+    along = int(flow.attr(concat, "axis", 1))
+    if rank is None or (along % rank) != axis:
+        return reasons.stands_between("Concat")
+    sites, start = [], 0
+    for value in flow.nodes[concat].inputs:
+        p = flow.producer(value)
+        if p is None:
+            return f"`{flow.label(concat)}` joins `{value.name}`, which no layer produces"
+        others = [r for r in flow.readers(value) if r != concat]
+        if others or flow.is_output(value):
+            return reasons.also_read(flow.label(p), _labels(flow, others, flow.is_output(value)))
+        site = _producer_site(flow, i, p, axis, end)
+        if isinstance(site, str):
+            return f"`{flow.label(concat)}` joins an input that cannot take a fold: {site}"
+        if any(s.layer == site.layer for s in sites):
+            return f"`{flow.label(concat)}` joins `{flow.label(site.layer)}` twice"
+        width = out_channels(flow, site.layer)
+        sites.append(Site(i, site.layer, "backward", site.add, end, (start, start + width)))
+        start += width
+    if start != features:
+        return reasons.channels_differ(flow.label(concat), start, "output", features)
+    return sites
+
+
+def _view_reason(flow: OnnxFlow, view: int) -> str:
+    return (f"the {flow.op(view)} `{flow.label(view)}` between the layer and the BN does not keep each channel "
+            "whole (or its shapes are unknown)")
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward(flow: OnnxFlow, i: int) -> list[Site] | str:
+    value, axis, first, repeat = flow.nodes[i].outputs[0], 1, None, 1
+    while True:  # down through view ops, following the BN's channel axis
+        if flow.is_output(value):
+            return reasons.MODEL_OUTPUT
+        readers = flow.readers(value)
+        if len(readers) != 1 or readers[0] == -1:
+            return reasons.read_by(_labels(flow, readers))
+        c = readers[0]
+        first = c if first is None else first
+        if flow.op(c) not in VIEWS or flow.nodes[c].inputs[0] is not value:
+            break
+        after = axis_after(flow, c, axis)
+        if after is None:
+            return _view_reason(flow, c)
+        value, axis, repeat = flow.nodes[c].outputs[0], after[0], repeat * after[1]
+    op, name = flow.op(c), flow.label(c)
+    if op == "ConvTranspose":
+        return reasons.transposed_forward(name)
+    if op not in LAYERS:
+        return reasons.goes_through(name)
+    node = flow.nodes[c]
+    if node.inputs[0] is not value or any(v is value for v in node.inputs[1:]):
+        return reasons.reads_others(name)
+    reason = weight_reason(flow, c)
+    if reason:
+        return reason
+    features, weight = channels(flow, i), flow.constant(flow.input(c, 1))
+    rank = flow.rank(value)
+    if op == "Conv":
+        width = weight.shape[1] * int(flow.attr(c, "group", 1))
+        if axis != 1 and features > 1:
+            return f"it normalizes axis {axis} of `{name}`'s input, not its channels"
+        if has_padding(flow, c):
+            return reasons.zero_pads(name)
+    else:
+        if op == "Gemm" and flow.attr(c, "transA", 0):
+            return f"`{name}` reads the BN's output transposed (transA=1)"
+        if rank is None and features > 1:
+            return reasons.UNKNOWN_SHAPE
+        if axis != rank - 1 and features > 1:
+            return f"it normalizes axis {axis} of a {rank}-D input, but the {op}'s features are on the last axis"
+        width = weight.shape[1] if op == "Gemm" and flow.attr(c, "transB", 0) else weight.shape[0]
+    if width != features * repeat and features > 1:
+        return reasons.channels_differ(name, width, "input", features * repeat)
+    return [Site(i, c, "forward", None, first, None, repeat if features > 1 else 1)]
+
+
+def _labels(flow: OnnxFlow, nodes: Sequence[int], output: bool = False) -> list[str]:
+    found = [flow.label(r) if r >= 0 else "a node inside a subgraph" for r in nodes]
+    return found + (["the graph's output"] if output else [])
