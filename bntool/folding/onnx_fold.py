@@ -110,8 +110,8 @@ def fold_onnx(
             break
         rejected.update(blamed)
     after = sum(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in iter_nodes(folded))
-    report = OnnxFoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), None, before, after,
-                            external, check, sites)
+    report = OnnxFoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), verified=verify,
+                            bn_before=before, bn_after=after, external_data=external, check=check, sites=sites)
     if comparison is not None and not comparison.passed:
         raise VerificationError(comparison.failure_message("the folded graph"), report)
     try:
