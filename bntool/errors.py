@@ -16,6 +16,7 @@ import re
 #: Python parameter, as library messages spell it -> the command-line flag that sets it
 FLAGS = {
     "`example_inputs`": "--input-shape",
+    "`input_shapes`": "--input-shape",
     "`allow_pickle=True`": "--allow-pickle",
     "`strip_prefix=False`": "--no-strip-prefix",
     "`model_args`": "--model-args",

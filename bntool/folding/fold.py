@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from ..errors import BntoolError, InputError, VerificationError, first_line, out_of_memory, require_module
 from ..graph.dataflow import dataflow
@@ -32,6 +33,7 @@ from ..runtime.shapes import make_inputs
 from ..verify.compare import Comparison, Reference, compare
 from .apply import Journal, Submodules, apply_plan
 from .plan import FoldPair, FoldPlan
+from .program_fold import fold_program
 from .rules import plan_from_dataflow
 
 __all__ = ["FoldReport", "fold"]
@@ -109,6 +111,9 @@ def fold(
     ``model`` itself (what it replaces is kept aside, on disk when large, to
     undo a rejected fold), so that no second model is held in memory.
     """
+    if isinstance(model, ExportedProgram):  # a torch.export program: folded into a new program (``program_fold``)
+        return fold_program(model, example_inputs, verify=verify, strict=strict, seed=seed, atol=atol, rtol=rtol,
+                            report_type=FoldReport)
     require_module(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

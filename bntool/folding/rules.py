@@ -39,7 +39,7 @@ from ..graph.dataflow import Dataflow, dataflow
 from ..graph.ops import is_layer_function
 from ..norms import bn_forward_is_standard, has_statistics, is_batchnorm
 from ..report import Skip
-from . import bnform
+from . import bnform, reasons
 from .layers import channel_reason, has_padding, layer_reason, parameter_owners, read_elsewhere_reason
 from .plan import CONVS, TRANSPOSED, FoldPair, FoldPlan
 
@@ -108,8 +108,7 @@ def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners, read: Se
         return (f"its tensors are also read outside its own call (`{outside}`), and folding would change or remove "
                 "them")
     if not has_statistics(bn):
-        return ("has no running statistics (track_running_stats=False), so eval mode normalizes with batch "
-                "statistics; run `bntool recalibrate` to give it statistics, then fold")
+        return reasons.NO_STATISTICS
     if bn._forward_pre_hooks:
         return "has a forward pre-hook, which would see its input already normalized after folding"
     rank = _rank(flow, calls, bn)
@@ -128,7 +127,7 @@ def _plan_bn(name: str, bn: nn.Module, flow: Dataflow, modules, owners, read: Se
     forward = _forward(name, bn, form, calls, flow, modules, owners)
     if not isinstance(forward, str):
         return [pair(target, "forward", through) for target, through in forward], form
-    return f"{backward}; folding forward is not exact either: {forward}"
+    return reasons.not_exact_either(backward, forward)
 
 
 def _called_ancestor(name: str, flow: Dataflow) -> str | None:
@@ -171,7 +170,7 @@ def _backward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tu
         if reason:
             return reason
         if group[0].through[0] == 0.0:
-            return f"the output of `{producer}` is multiplied by 0 before the BN"
+            return reasons.multiplied_by_zero(producer)
         if module._forward_hooks:
             return f"`{producer}` has forward hooks, which would see its output already normalized after folding"
         for link, call in zip(links, calls):
@@ -193,10 +192,9 @@ def _upstream(flow: Dataflow, call: int) -> _Link:
         source = flow.ops[index]
         others = [r for r in flow.readers_of(index) if r != current]
         if others:
-            shown = ", ".join(f"`{flow.ops[r].target}`" for r in others[:3])
-            return _Link(blocker=f"the output of `{source.target}` is also read by {shown}")
+            return _Link(blocker=reasons.also_read_by(source.target, [flow.ops[r].target for r in others]))
         if source.kind == "input":
-            return _Link(blocker="is applied to a model input, so no layer produces what it normalizes")
+            return _Link(blocker=reasons.MODEL_INPUT)
         if source.kind == "module" and source.affine is None and not source.reshape:
             return _Link(source.target, index, (a, s), reshaped)
         if source.affine is not None:
@@ -208,7 +206,7 @@ def _upstream(flow: Dataflow, call: int) -> _Link:
                                  "one layer's own (a weight computed in the forward, such as weight standardization), "
                                  "so folding into it would not be exact")
         else:
-            return _Link(blocker=f"an operation (`{source.target}`) stands between its input's producer and the BN")
+            return _Link(blocker=reasons.operation_between(source.target))
         if not source.inputs:
             return _Link(blocker=f"`{source.target}` makes its input from nothing bntool can fold into")
         current, index = index, source.inputs[0]
@@ -229,7 +227,7 @@ def _forward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tup
     for consumer, group in _by_module(links).items():
         module = modules[consumer]
         if isinstance(module, TRANSPOSED):
-            return f"`{consumer}` is a transposed conv, into which bntool folds only from the output side"
+            return reasons.FORWARD_TRANSPOSED.format(consumer)
         reason = (layer_reason(module, consumer, owners, _functional(flow, group))
                   or read_elsewhere_reason(flow, consumer)
                   or _all_calls_reason(flow, consumer, group, name)
@@ -244,7 +242,7 @@ def _forward(name, bn, form, calls, flow: Dataflow, modules, owners) -> list[tup
                 if reason:
                     return reason
         if isinstance(module, CONVS) and module.padding_mode == "zeros" and has_padding(module):
-            return f"`{consumer}` zero-pads its input, and the padding would not see the BN's shift"
+            return reasons.zero_pads(consumer)
         result.append((consumer, group[0].through))
     return result
 
@@ -255,21 +253,20 @@ def _downstream(flow: Dataflow, call: int) -> _Link:
     while True:
         readers = flow.readers_of(current)
         if len(readers) != 1:
-            shown = ", ".join(f"`{flow.ops[r].target}`" for r in readers[:3]) or "nothing"
-            return _Link(blocker=f"its output is read by {shown}, not by one layer it could fold into")
+            return _Link(blocker=reasons.read_by([flow.ops[r].target for r in readers]))
         reader = flow.ops[readers[0]]
         if reader.kind == "output":
-            return _Link(blocker="its output is a model output, with no layer after it")
+            return _Link(blocker=reasons.MODEL_OUTPUT)
         if reader.kind == "module" and reader.affine is None and not reader.reshape:
             if reader.inputs != (current,):
-                return _Link(blocker=f"`{reader.target}` reads other tensors besides the BN's output")
+                return _Link(blocker=reasons.reads_others(reader.target))
             return _Link(reader.target, reader.index, (a, s), reshaped)
         if reader.affine is not None and reader.inputs == (current,):
             a, s = reader.affine[0] * a, reader.affine[0] * s + reader.affine[1]
         elif reader.reshape:
             reshaped = True
         else:
-            return _Link(blocker=f"its output goes through `{reader.target}` before reaching a layer")
+            return _Link(blocker=reasons.goes_through(reader.target))
         current = reader.index
 
 
@@ -291,8 +288,7 @@ def _functional(flow: Dataflow, group: list[_Link]) -> bool:
 def _all_calls_reason(flow: Dataflow, layer: str, group: list[_Link], bn: str) -> str | None:
     calls = flow.calls.get(layer, ())
     if set(calls) - {link.op for link in group}:
-        return (f"`{layer}` is called {len(calls)} times in one forward pass, and folding would change every call, "
-                f"not only the ones next to `{bn}`")
+        return reasons.called_often(layer, len(calls), bn)
     return None
 
 

@@ -290,3 +290,8 @@ def _nonfinite(orig: torch.Tensor, cand: torch.Tensor) -> str | None:
             what = " and ".join(f"{n} {k}" for n, k in ((nan, "NaN"), (inf, "inf")) if n)
             parts.append(f"{what} of {tensor.numel()} in the {side}")
     return "; ".join(parts) or None
+
+
+#: one tensor against the original under the tolerance rule, for front ends that run their own candidates
+#: (``verify.program``)
+compare_one = _compare_one
