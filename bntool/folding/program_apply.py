@@ -44,6 +44,9 @@ def apply_program(program: ExportedProgram, links: tuple[ProgramFold, ...]) -> t
     pg = ProgramGraph(program)
     gm = copy.deepcopy(program.graph_module)
     graph = gm.graph
+    for old, new in zip(program.graph.nodes, graph.nodes):  # (a copy renames nodes that shadow builtins: `input`)
+        if new.name != old.name:
+            new.name = old.name
     nodes = {n.name: n for n in graph.nodes}
     specs = {s.arg.name: s for s in program.graph_signature.input_specs if hasattr(s.arg, "name")}
     state = dict(program.state_dict)
@@ -79,6 +82,7 @@ def apply_program(program: ExportedProgram, links: tuple[ProgramFold, ...]) -> t
             new = _set_bias(graph, node, placeholder, layer)
             if new is not node:
                 renamed[node.name] = new.name
+                nodes[node.name] = new
     touched: set[Node] = set()
     for link in links:
         bn = nodes[link.site.node.name]
@@ -116,6 +120,9 @@ def _fold_values(pg: ProgramGraph, layer, folds: list[ProgramFold]) -> tuple[tor
         site = fold.site
         k, c = bn_scale_shift(constant(pg, site.running_mean), constant(pg, site.running_var), site.eps,
                               constant(pg, site.weight), constant(pg, site.bias))
+        channels = _channels(weight, layer, backward=fold.direction == "backward")
+        if k.numel() != channels:  # one BN channel, or each a block of the layer's channels (across a reshape)
+            k, c = k.repeat_interleave(channels // k.numel()), c.repeat_interleave(channels // c.numel())
         if fold.direction == "backward":
             k, c = through_before(k, c, *fold.through)
             weight, bias = scale_producer(weight, bias, k, c, transposed=layer.kind == "transposed",
@@ -126,6 +133,15 @@ def _fold_values(pg: ProgramGraph, layer, folds: list[ProgramFold]) -> tuple[tor
     if flip:
         weight = weight.t().contiguous()
     return weight.contiguous(), bias
+
+
+def _channels(weight: torch.Tensor, layer, *, backward: bool) -> int:
+    """The layer's output (``backward``) or input channels, from a weight with output channels first."""
+    if layer.kind == "transposed":
+        return weight.shape[1] * layer.groups if backward else weight.shape[0]
+    if layer.kind == "conv":
+        return weight.shape[0] if backward else weight.shape[1] * layer.groups
+    return weight.shape[0] if backward else weight.shape[1]
 
 
 def _sole_reader(placeholder: Node, node: Node) -> bool:
