@@ -293,3 +293,28 @@ def test_inputs_from_shapes_when_the_program_stores_none():
         program_inputs(program, None, None, 0)
     (made,) = program_inputs(program, None, [(3, 3, 8, 8)], 0)
     assert made.shape == (3, 3, 8, 8)
+
+
+#: look-alikes that export quickly (examples/archs.py), each with the IR it is checked in
+ARCH_CASES = [("bn_act_net", "default"), ("bn_act_net", "decomposed"), ("levit_like", "decomposed"),
+              ("dcgan_generator", "default"), ("quant_conv_transpose_bn", "default"),
+              ("block_called_twice", "default"), ("bn_shared_by_two_convs", "decomposed"),
+              ("mmcv_fuse_conv_bn_model", "default"), ("resnetv2_like", "default"), ("dbb_net", "default"),
+              ("scalar_ops_between", "decomposed"), ("linear_bn1d_one_channel", "default")]
+
+
+@pytest.mark.parametrize(("arch", "ir"), ARCH_CASES, ids=[f"{a}-{i}" for a, i in ARCH_CASES])
+def test_look_alikes_fold_no_worse_than_the_module_fold(arch, ir):
+    from examples import archs
+
+    model = randomize_bn(getattr(archs, arch)(), seed=3)
+    x = torch.randn(*model.input_shape)
+    program = export(model, x, ir=ir)
+    folded, report = bntool.fold(program)
+    module_folded, _ = bntool.fold(model, (x,))
+    module_left = bn_nodes(torch.export.export(module_folded, (x,)))
+    assert bn_nodes(folded) <= module_left
+    assert bn_nodes(folded) == len(report.skipped) and all(s.reason for s in report.skipped)
+    assert report.passed
+    torch.testing.assert_close(folded.module()(x), model(x), atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(roundtrip(folded).module()(x), model(x), atol=5e-5, rtol=1e-4)

@@ -159,7 +159,7 @@ def _backward(pg: ProgramGraph, site: BnSite) -> ProgramFold | str:
     current, source = site.node, site.input
     a, s, reshaped = 1.0, 0.0, False
     while True:
-        others = [u for u in source.users if u is not current]
+        others = [u for u in source.users if u is not current and not pgraph.reads_shape_only(u, source)]
         if others:
             return reasons.also_read_by(_shown(pg, source), [_shown(pg, u) for u in others])
         if source.op == "placeholder":
@@ -195,7 +195,7 @@ def _forward(pg: ProgramGraph, site: BnSite) -> ProgramFold | str:
     current = site.output
     a, s, reshaped = 1.0, 0.0, False
     while True:
-        readers = list(current.users)
+        readers = [u for u in current.users if not pgraph.reads_shape_only(u, current)]
         if len(readers) != 1:
             return reasons.read_by([_shown(pg, r) for r in readers])
         reader = readers[0]

@@ -145,11 +145,14 @@ def _channels(weight: torch.Tensor, layer, *, backward: bool) -> int:
 
 
 def _sole_reader(placeholder: Node, node: Node) -> bool:
-    """Only ``node`` reads ``placeholder`` (directly, or through a permute that ``node`` alone reads)."""
-    users = list(placeholder.users)
-    if users == [node]:
-        return True
-    return len(users) == 1 and list(users[0].users) == [node] and len(users[0].all_input_nodes) == 1
+    """Only ``node`` reads ``placeholder``, directly or through a chain of nodes each read by the next alone."""
+    current = placeholder
+    while current is not node:
+        users = list(current.users)
+        if len(users) != 1:
+            return False
+        current = users[0]
+    return True
 
 
 def _store(spec: InputSpec, value: torch.Tensor, state: dict, constants: dict, like: torch.Tensor | None) -> None:
@@ -199,25 +202,34 @@ def _kind_of(node: Node, specs: dict, new_specs: dict) -> InputKind:
 
 
 def _rewire_weight(graph, node: Node, old: Node, placeholder: Node, layer) -> None:
-    """``node`` reads ``placeholder`` instead of ``old`` (through a copy of the layer's own permute)."""
-    if layer.weight_path:
-        permute = next(n for n in node.all_input_nodes if n.name == layer.weight_path[0].name)
-        with graph.inserting_before(node):
-            copied = graph.call_function(permute.target, (placeholder, *permute.args[1:]), dict(permute.kwargs))
-        copied.meta = dict(permute.meta)
-        node.replace_input_with(permute, copied)
-    else:
+    """``node`` reads ``placeholder`` instead of ``old`` (through copies of the nodes between: a permute, an
+    expand)."""
+    if not layer.weight_path:
         node.replace_input_with(old, placeholder)
+        return
+    names = {n.name for n in layer.weight_path}
+    path = [n for n in graph.nodes if n.name in names]  # (the copy's nodes, in graph order: placeholder side first)
+    previous = placeholder
+    with graph.inserting_before(node):
+        for step in path:
+            copied = graph.call_function(step.target, (previous, *step.args[1:]), dict(step.kwargs))
+            copied.meta = dict(step.meta)
+            previous = copied
+    node.replace_input_with(path[-1], previous)
 
 
 def _set_bias(graph, node: Node, bias: Node, layer) -> Node:
     """``node`` with ``bias`` as its bias; an ``mm`` is replaced by the ``addmm`` that adds it."""
-    if layer.bias_index is None:  # mm(x, W) -> addmm(b, x, W)
+    if layer.bias_index is None:  # mm(x, W) -> addmm(b, x, W); bmm(x, W) -> bmm(x, W) + b
         with graph.inserting_after(node):
-            new = graph.call_function(torch.ops.aten.addmm.default, (bias, node.args[0], node.args[1]))
+            if node.target == torch.ops.aten.mm.default:
+                new = graph.call_function(torch.ops.aten.addmm.default, (bias, node.args[0], node.args[1]))
+            else:
+                new = graph.call_function(torch.ops.aten.add.Tensor, (node, bias))
         new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        if new.target == torch.ops.aten.addmm.default:
+            graph.erase_node(node)
         return new
     if "bias" in node.kwargs:
         node.update_kwarg("bias", bias)

@@ -43,10 +43,15 @@ CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default:
 CONV_TRANSPOSE_OPS = {aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 2, aten.conv_transpose3d.input: 3}
 CONVOLUTION_OPS = {aten.convolution.default, aten._convolution.default}
 #: ops that pass a tensor on unchanged but for its shape (a reshape keeps row-major order)
-RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten.reshape_as.default, aten.view_as.default, aten._unsafe_view.default, aten.flatten.using_ints,
                aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
                aten.alias.default, aten.clone.default, aten.contiguous.default, aten.dropout.default,
                aten.detach.default, aten.view_copy.default, aten.alias_copy.default}
+#: ops that read only a tensor's shape (or dtype) from the given argument positions: a fold changes no reader here
+SHAPE_READERS = {aten.sym_size.int: (0,), aten.sym_stride.int: (0,), aten.sym_numel.default: (0,),
+                 aten.sym_storage_offset.default: (0,), aten.reshape_as.default: (1,), aten.view_as.default: (1,),
+                 aten.expand_as.default: (1,), aten.type_as.default: (1,), aten.empty_like.default: (0,),
+                 aten.zeros_like.default: (0,), aten.ones_like.default: (0,)}
 #: ``x -> a * x + s`` with a number: target -> (a, s) given the number
 SCALAR_OPS = {
     aten.mul.Tensor: lambda v: (v, 0.0), aten.mul.Scalar: lambda v: (v, 0.0),
@@ -79,10 +84,11 @@ class Layer:
     """A conv, transposed conv or linear node whose weight is a tensor of the program.
 
     ``weight`` is the placeholder; ``weight_path`` the nodes from it to the
-    layer (a ``permute`` for ``addmm``); ``out_axis``: the weight's axis of
+    layer, placeholder side first (a ``permute`` for ``addmm``; for a ``bmm``
+    also the expand over the batch); ``out_axis``: the weight's axis of
     output features (0 for conv and linear weights, 1 for an ``mm`` on an
     unpermuted ``(in, out)`` matrix); ``bias_index``: where the layer takes
-    its bias (``None``: an ``mm``, which has none).
+    its bias (``None``: an ``mm`` / ``bmm``, which has none).
     """
 
     node: Node
@@ -198,7 +204,7 @@ def bn_site(pg: ProgramGraph, node: Node) -> BnSite:
 def module_name(pg: ProgramGraph, node: Node, mean: object) -> str:
     """The BN's module, named as in the exported model: the owner of its running mean, else its module stack."""
     if isinstance(mean, Node) and pg.fqn(mean):
-        return pg.fqn(mean).rsplit(".", 1)[0] if "." in pg.fqn(mean) else pg.fqn(mean)
+        return pg.fqn(mean).rsplit(".", 1)[0] if "." in pg.fqn(mean) else ""  # (the model itself is a BN)
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path = list(stack.values())[-1][0]
@@ -226,18 +232,49 @@ def layer_of(pg: ProgramGraph, node: Node) -> Layer | None:
                       1 if transposed else 0, args[4])
     if target == aten.linear.default:
         return _layer(pg, node, "linear", arg(1, "weight"), (), arg(2, "bias"), 2, 1, 0)
-    if target in (aten.addmm.default, aten.mm.default):
+    if target in (aten.addmm.default, aten.mm.default, aten.bmm.default):
         if target == aten.addmm.default and (kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1):
             return None
         matrix = args[2] if target == aten.addmm.default else args[1]
-        path: tuple[Node, ...] = ()
-        out_axis = 1  # mm(x, W) with W (in, out)
-        if isinstance(matrix, Node) and matrix.op == "call_function" and _is_transpose(matrix):
-            path, matrix, out_axis = (matrix,), matrix.args[0], 0
+        found = _matrix_path(matrix, batched=target == aten.bmm.default)
+        if found is None:
+            return None
+        weight, path, out_axis = found
         bias = args[0] if target == aten.addmm.default else None
-        return _layer(pg, node, "linear", matrix, path, bias, 0 if bias is not None else None, 1, out_axis,
+        return _layer(pg, node, "linear", weight, path, bias, 0 if bias is not None else None, 1, out_axis,
                       data_index=1 if target == aten.addmm.default else 0)
     return None
+
+
+def _matrix_path(matrix: object, *, batched: bool) -> tuple[Node, tuple[Node, ...], int] | None:
+    """The weight behind an ``mm`` / ``bmm`` operand, the nodes from it to the layer (placeholder side first: a
+    transpose, and for ``bmm`` the expand over the batch and its views), and the weight's output axis."""
+    path: list[Node] = []
+    transposes = 0
+    while isinstance(matrix, Node) and matrix.op == "call_function":
+        if _is_transpose(matrix):
+            transposes += 1
+        elif not (batched and matrix.target in (aten.expand.default, aten.view.default, aten._unsafe_view.default,
+                                                 aten.reshape.default) and _keeps_matrix(matrix)):
+            return None
+        path.insert(0, matrix)
+        matrix = matrix.args[0]
+    if not isinstance(matrix, Node) or transposes > 1:
+        return None
+    return matrix, tuple(path), 0 if transposes else 1
+
+
+def _keeps_matrix(node: Node) -> bool:
+    """An expand / view that only adds or merges leading (batch) axes of one matrix: its last two sizes kept and
+    its input a 2-D matrix broadcast, or a tensor already of that shape."""
+    source, out = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(source, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return False
+    if tuple(source.shape[-2:]) != tuple(out.shape[-2:]):
+        return False
+    if node.target == aten.expand.default:
+        return source.dim() == 2
+    return all(int(d) == 1 for d in source.shape[:-2]) or tuple(source.shape) == tuple(out.shape)
 
 
 def _is_transpose(node: Node) -> bool:
@@ -246,7 +283,8 @@ def _is_transpose(node: Node) -> bool:
     if node.target == aten.permute.default:
         return list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
     if node.target == aten.transpose.int:
-        return {int(node.args[1]) % 2, int(node.args[2]) % 2} == {0, 1}
+        rank = node.args[0].meta["val"].dim() if isinstance(node.args[0], Node) and "val" in node.args[0].meta else 2
+        return rank == 2 and {int(node.args[1]) % 2, int(node.args[2]) % 2} == {0, 1}
     return False
 
 
@@ -260,6 +298,14 @@ def _layer(pg, node, kind, weight, path, bias, bias_index, groups, out_axis, pad
     name = pg.fqn(weight).rsplit(".", 1)[0] if "." in pg.fqn(weight) else pg.fqn(weight)
     return Layer(node, name, kind, weight, path, bias, bias_index, int(groups), out_axis,
                  padding if isinstance(padding, str) else tuple(int(p) for p in padding), data_index)
+
+
+def reads_shape_only(reader: Node, node: Node) -> bool:
+    """``reader`` reads ``node`` only for its shape or dtype (``reshape_as(y, node)``, ``sym_size(node, 0)``)."""
+    positions = SHAPE_READERS.get(reader.target)
+    if positions is None:
+        return False
+    return all(i in positions for i, a in enumerate(reader.args) if a is node) and node not in reader.kwargs.values()
 
 
 def static_shape(node: object) -> tuple[int, ...] | None:
