@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
-from ..errors import InputError, UnsafeFileError, first_line
+from ..errors import InputError, UnsafeFileError, VerificationError, first_line
 from ..verify.bits import same_bits
 from .inputs import require_regular_file
 from .outputs import atomic_write
@@ -174,8 +174,6 @@ def write_program(program: ExportedProgram, out: str | os.PathLike, *, force: bo
 
 
 def _same_program(program: ExportedProgram, loaded: ExportedProgram) -> None:
-    from ..errors import VerificationError
-
     if str(loaded.graph_signature) != str(program.graph_signature):
         raise VerificationError("the written program's signature differs from the verified one; nothing was written")
     for name, table, other in (("state dict", program.state_dict, loaded.state_dict),
