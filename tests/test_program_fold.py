@@ -22,7 +22,8 @@ import bntool
 from bntool.errors import InputError
 from bntool.folding.program import ProgramFold, plan_program
 from bntool.folding.program_apply import apply_program
-from bntool.graph.program import BN_OPS, TRAINING_BN_OPS, ProgramGraph, layer_of
+from bntool.graph.program import BN_OPS, TRAINING_BN_OPS, ProgramGraph
+from bntool.graph.program_layers import layer_of
 from examples.archs import BatchNormAct2d
 from tests.conftest import randomize_bn
 
@@ -147,7 +148,7 @@ class SecondReader(nn.Module):
 def test_a_producer_with_other_readers_is_refused(ir):
     x = torch.randn(2, 3, 6, 6)
     program = export(SecondReader(), x, ir=ir)
-    folded, report = bntool.fold(program)
+    _, report = bntool.fold(program)
     assert not report.done
     reason = report.skipped[0].reason
     assert "is also read by" in reason and "`conv`" in reason

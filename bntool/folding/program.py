@@ -31,7 +31,8 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from ..graph import program as pgraph
-from ..graph.program import BnSite, Layer, ProgramGraph, constant
+from ..graph.program import BnSite, ProgramGraph, constant
+from ..graph.program_layers import Layer, layer_of
 from ..report import Skip
 from . import reasons
 from .layers import same_channels
@@ -165,7 +166,7 @@ def _backward(pg: ProgramGraph, site: BnSite) -> ProgramFold | str:
         if source.op == "placeholder":
             return reasons.MODEL_INPUT if not pg.is_state(source) else (
                 f"it normalizes a tensor the program holds (`{pg.fqn(source)}`), which no layer produces")
-        layer = pgraph.layer_of(pg, source)
+        layer = layer_of(pg, source)
         if layer is not None:
             break
         step = _scalar(source, source.args[0]) if source.args and isinstance(source.args[0], Node) else None
@@ -179,7 +180,7 @@ def _backward(pg: ProgramGraph, site: BnSite) -> ProgramFold | str:
             reshaped = reshaped or source.target not in (torch.ops.aten.clone.default, torch.ops.aten.alias.default)
             current, source = source, source.args[0]
             continue
-        if source.op == "call_function" and pgraph.layer_of(pg, source) is None and _op_name(source) in (
+        if source.op == "call_function" and layer_of(pg, source) is None and _op_name(source) in (
                 "conv1d", "conv2d", "conv3d", "convolution", "linear", "addmm", "mm", "conv_transpose1d",
                 "conv_transpose2d", "conv_transpose3d"):
             return (f"its input comes from a `{_op_name(source)}` whose weight or bias is computed in the forward "
@@ -201,7 +202,7 @@ def _forward(pg: ProgramGraph, site: BnSite) -> ProgramFold | str:
         reader = readers[0]
         if reader.op == "output":
             return reasons.MODEL_OUTPUT
-        layer = pgraph.layer_of(pg, reader)
+        layer = layer_of(pg, reader)
         if layer is not None:
             inputs = [x for x in reader.all_input_nodes if x is current]
             if reader.args[layer.data_index] is not current or len(inputs) != 1:
@@ -269,7 +270,7 @@ def _channels(pg: ProgramGraph, site: BnSite, layer: Layer, near: Node, reshaped
 
 def _shown(pg: ProgramGraph, node: Node) -> str:
     """A node as the user knows it: a layer's name, a BN's module, else the aten op and node name."""
-    layer = pgraph.layer_of(pg, node)
+    layer = layer_of(pg, node)
     if layer is not None:
         return pg.layer_name(node)
     if node.op == "output":
