@@ -124,6 +124,28 @@ def export(
     out = out or checkpoint.with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise InputError(f"--out `{out}` has extension `{out.suffix}`; an ONNX file ends in .onnx")
+    if checkpoint.suffix.lower() == ".pt2":  # a torch.export program: its own front end (``cli/program``)
+        from .program import export_file
+
+        if data:
+            raise InputError("--data is not available for a torch.export program; drop it (the program's example "
+                             "inputs, or --input-shape, are used)")
+        result = {"command": "export", "input": str(checkpoint), "model": None}
+        try:
+            report = export_file(checkpoint, model=model, out=out, allow_pickle=allow_pickle, input_shape=input_shape,
+                                 seed=seed, atol=atol, rtol=rtol, force=force, fold=fold, options=dict(
+                                     opset=opset, dynamic_batch=dynamic_batch, input_names=_names(input_names),
+                                     output_names=_names(output_names),
+                                     verify_batch_sizes=parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int),
+                                     exporter=exporter, optimize=optimize, external_data=external_data, device=device,
+                                     keep_on_fail=keep_on_fail))
+        except VerificationError as exc:
+            if exc.report is not None:
+                result.update(exc.report.to_dict())
+                _render(result, exc.report, json)
+            raise
+        result.update(report.to_dict())
+        return _render(result, report, json)
     check_output_path(out, force=force, inputs=input_files(checkpoint, model=model, data=data))
     if input_shape and data:
         raise InputError("pass --input-shape or --data, not both")

@@ -67,6 +67,12 @@ def fold(
     from .common import load_source, output_path, verification_inputs, write_verified
 
     console.use_stderr_for_humans(json)
+    if checkpoint.suffix.lower() == ".pt2":  # a torch.export program: its own front end (``cli/program``)
+        from .program import fold_file
+
+        return fold_file(checkpoint, model=model, out=out, force=force, dry_run=dry_run, strict=strict,
+                         input_shape=input_shape, seed=seed, atol=atol, rtol=rtol, json=json,
+                         allow_pickle=allow_pickle, render=_render)
     out = output_path(checkpoint, out, "folded", force=force, dry_run=dry_run, model=model)
     target = resolve_device(device)
     source = load_source(

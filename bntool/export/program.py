@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +31,11 @@ class ProgramModule(nn.Module):
 
     def __init__(self, program: ExportedProgram):
         super().__init__()
-        self.program = program.module(check_guards=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # (torch's own pytree deprecation notes)
+            self.program = program.module(check_guards=False)
+        for module in self.modules():
+            module.training = False  # (a program's mode is the one it was exported in: eval, or refused by the fold)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.program(*args, **kwargs)

@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 
 import torch
 from torch import nn
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import (
-    ExportGraphSignature,
-    InputKind,
-    InputSpec,
-    OutputSpec,
-    TensorArgument,
-)
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
 from torch.fx import Node
 
 from ..graph.program import ProgramGraph, constant
@@ -41,6 +36,12 @@ _KIND_ORDER = [InputKind.TOKEN, InputKind.PARAMETER, InputKind.BUFFER, InputKind
 
 def apply_program(program: ExportedProgram, links: tuple[ProgramFold, ...]) -> tuple[ExportedProgram, dict[str, str]]:
     """The folded program, and the new name of every node the fold renamed (an ``mm`` that became ``addmm``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch's own pytree deprecation notes, on copying)
+        return _apply(program, links)
+
+
+def _apply(program: ExportedProgram, links: tuple[ProgramFold, ...]) -> tuple[ExportedProgram, dict[str, str]]:
     pg = ProgramGraph(program)
     gm = copy.deepcopy(program.graph_module)
     graph = gm.graph
@@ -176,7 +177,7 @@ def _new_placeholder(graph, like_spec: InputSpec, target: str, value: torch.Tens
         target = f"{base}{n}"
     kind = like_spec.kind
     anchor = [p for p in graph.nodes if p.op == "placeholder"
-              and _KIND_ORDER.index(_kind_of(p, specs, new_specs)) <= _KIND_ORDER.index(kind)]
+              and _KIND_ORDER.index(getattr(new_specs.get(p.name) or specs.get(p.name), "kind", InputKind.USER_INPUT)) <= _KIND_ORDER.index(kind)]
     prefix = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_", InputKind.CONSTANT_TENSOR: "c_"}[kind]
     name = prefix + target.replace(".", "_")
     if anchor:
@@ -194,11 +195,6 @@ def _new_placeholder(graph, like_spec: InputSpec, target: str, value: torch.Tens
     else:
         state[target] = tensor
     return node
-
-
-def _kind_of(node: Node, specs: dict, new_specs: dict) -> InputKind:
-    spec = new_specs.get(node.name) or specs.get(node.name)
-    return spec.kind if spec is not None else InputKind.USER_INPUT
 
 
 def _rewire_weight(graph, node: Node, old: Node, placeholder: Node, layer) -> None:

@@ -59,15 +59,17 @@ def fold_program(program: ExportedProgram, example_inputs: Any = None, *, report
         folded, renamed = apply_program(program, planned.links)
         if not verify:
             return folded, report_type(planned.plan, None)
-        probes = _after(planned.links, renamed)
+        pg = ProgramGraph(program)
+        labels = _labels(planned.links, pg)
+        probes = _after(planned.links, renamed, labels)
         if reference is None:
             reference = ProgramReference.of(program, flat, [p for p, _ in probes.values()],
                                             float64=atol is None and rtol is None)
         comparison = compare_program(reference, folded, flat, probes, atol=atol, rtol=rtol,
-                                     fan_in=fan_in(planned.links, ProgramGraph(program)))
+                                     fan_in=fan_in(planned.links, pg, labels))
         if comparison.passed:
             break
-        blamed = {} if strict else _blame(planned, comparison)
+        blamed = {} if strict else _blame(planned, comparison, labels)
         if not blamed:
             break
         rejected.update(blamed)
@@ -77,21 +79,28 @@ def fold_program(program: ExportedProgram, example_inputs: Any = None, *, report
     return folded, report
 
 
-def _after(links, renamed: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """Per check point: the original's node and the folded program's node that carries the same value (a folded
-    BN's output is carried by its input; an ``mm`` given a bias became an ``addmm``)."""
+def _labels(links, pg: ProgramGraph) -> dict[str, str]:
+    """Each check point (a node name) as the user knows it: the BN whose output it is, else the layer."""
+    labels = {link.layer.node.name: pg.layer_name(link.layer.node) for link in links}
+    labels.update({link.site.output.name: link.site.name for link in links if link.direction == "backward"})
+    return labels
+
+
+def _after(links, renamed: dict[str, str], labels: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Per check point (by label): the original's node and the folded program's node that carries the same value
+    (a folded BN's output is carried by its input; an ``mm`` given a bias became an ``addmm``)."""
     carried = {link.site.output.name: link.site.input.name for link in links if link.direction == "backward"}
-    return {link.point: (link.point, renamed.get(carried.get(link.point, link.point),
-                                                 carried.get(link.point, link.point))) for link in links}
+    return {labels[link.point]: (link.point, renamed.get(carried.get(link.point, link.point),
+                                                         carried.get(link.point, link.point))) for link in links}
 
 
-def _blame(planned: ProgramPlan, comparison) -> dict[str, str]:
+def _blame(planned: ProgramPlan, comparison, labels: dict[str, str]) -> dict[str, str]:
     """The folds behind the first failing layer check, with the reason."""
     for output in comparison.outputs:
         if output.passed or not output.name.startswith("layer `"):
             continue
         point = output.name.split("`")[1]
-        pairs = [link for link in planned.links if link.point == point]
+        pairs = [link for link in planned.links if labels[link.point] == point]
         if pairs:
             return {link.site.name: reasons.rejected(link.layer.name, point, output.max_abs_error, output.tolerance)
                     for link in pairs}
@@ -134,7 +143,7 @@ def plan_only(program: ExportedProgram) -> FoldPlan:
     return plan_program(program).plan
 
 
-def fan_in(links: tuple[ProgramFold, ...], pg: ProgramGraph) -> dict[str, int]:
+def fan_in(links: tuple[ProgramFold, ...], pg: ProgramGraph, labels: dict[str, str]) -> dict[str, int]:
     """Per check point (and ``""`` for the outputs): the largest fan-in of the folded weights it depends on."""
     sizes: dict[str, int] = {}
     for link in links:
@@ -146,6 +155,7 @@ def fan_in(links: tuple[ProgramFold, ...], pg: ProgramGraph) -> dict[str, int]:
             size = shape[1 - link.layer.out_axis]
         else:
             size = shape[1] * inner
-        sizes[link.point] = max(sizes.get(link.point, 0), size)
+        label = labels[link.point]
+        sizes[label] = max(sizes.get(label, 0), size)
     sizes[""] = max(sizes.values(), default=0)
     return sizes

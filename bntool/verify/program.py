@@ -13,6 +13,7 @@ replaced (a folded BN's output is its producer's in the folded program).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,9 @@ def flat_inputs(program: ExportedProgram, inputs: Any) -> list:
 def run_program(program: ExportedProgram, flat: Sequence[Any], keep: set[str] = frozenset(), *, double: bool = False,
                 device: torch.device | None = None) -> tuple[list, dict[str, torch.Tensor]]:
     """The program's flat outputs and the kept nodes' values, from ``module()`` run on ``flat`` inputs."""
-    module = program.module(check_guards=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch's own pytree deprecation notes)
+        module = program.module(check_guards=False)
     if device is not None:
         module = module.to(device)
     values = [(_wide(x) if double else x) for x in flat]
