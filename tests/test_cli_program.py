@@ -216,3 +216,21 @@ def test_dynamic_input_without_examples_needs_a_shape(cli, model, tmp_path):
     other = torch.randn(5, 3, 8, 8)
     torch.testing.assert_close(folded.module()(other), model(other), atol=2e-5, rtol=1e-4)
     assert os.path.exists(path)
+
+
+def test_the_loaded_graph_is_checked_for_calls_that_are_not_operators():
+    """The second fence behind torch's deserializer: a graph calling a Python function is refused."""
+    from types import SimpleNamespace
+
+    from bntool.io.programfile import _check_calls
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(os.getcwd, ()) and x)
+    module = torch.fx.GraphModule(nn.Module(), graph)
+    with pytest.raises(UnsafeFileError, match="calls `getcwd`, which is not a torch operator"):
+        _check_calls(Path("p.pt2"), SimpleNamespace(graph_module=module))
+    relu = torch.fx.Graph()
+    y = relu.placeholder("y")
+    relu.output(relu.call_function(torch.ops.aten.relu.default, (y,)))
+    _check_calls(Path("p.pt2"), SimpleNamespace(graph_module=torch.fx.GraphModule(nn.Module(), relu)))
