@@ -95,7 +95,7 @@ def main() -> None:
             program = exported if ir == "default" else exported.run_decompositions()
             before = bn_nodes(program.graph)
 
-            def row(tool: str, after, err, seconds, note: str = "") -> None:
+            def row(tool: str, after, err, seconds, note: str = "", name=name, ir=ir, before=before) -> None:
                 shown = f"{err:.2e}" if isinstance(err, float) else err
                 print(f"| {name} | {ir} | {tool} | {before} | {after} | {shown} | {seconds:.2f}{note} |")
 

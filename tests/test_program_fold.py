@@ -243,9 +243,11 @@ def test_dynamic_shapes_are_kept():
     torch.testing.assert_close(roundtrip(folded).module()(other), program.module()(other), atol=2e-5, rtol=1e-4)
 
 
-def test_a_program_in_train_mode_is_refused():
+@pytest.mark.parametrize("ir", IRS)
+def test_a_program_in_train_mode_is_refused(ir):
     x = torch.randn(4, 3, 8, 8)
     program = torch.export.export(randomize_bn(Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train(), (x,))
+    program = program.run_decompositions() if ir == "decomposed" else program  # (_native_batch_norm_legit_functional)
     with pytest.raises(InputError, match=r"BatchNorm `1` normalizes with each batch's statistics.*model.eval\(\)"):
         bntool.fold(program)
     assert plan_program(program).training
@@ -319,3 +321,24 @@ def test_look_alikes_fold_no_worse_than_the_module_fold(arch, ir):
     assert report.passed
     torch.testing.assert_close(folded.module()(x), model(x), atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(roundtrip(folded).module()(x), model(x), atol=5e-5, rtol=1e-4)
+
+
+def _fold_on(device: str, ir: str) -> None:
+    model = randomize_bn(Seq(nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 1),
+                             nn.BatchNorm2d(6, affine=False))).to(device)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    program = export(model, x, ir=ir)
+    folded, report = bntool.fold(program)
+    assert report.passed and bn_nodes(folded) == 0
+    assert all(t.device.type == device for t in folded.state_dict.values())
+    assert_valid_and_equal(program, folded, x)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ir", IRS)
+def test_a_program_exported_on_cuda_folds_there(ir):
+    _fold_on("cuda", ir)
+
+
+def test_a_program_folds_where_its_tensors_are():
+    _fold_on("cpu", "default")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-from ..errors import InputError, VerificationError
+from ..errors import InputError, VerificationError, first_line
 from ..graph.program import ProgramGraph
 from ..verify.program import ProgramReference, compare_program, flat_inputs
 from . import reasons
@@ -41,7 +41,8 @@ def fold_program(program: ExportedProgram, example_inputs: Any = None, *, report
     arguments, or ``(args, kwargs)``), else the example inputs stored in the
     program, else tensors of ``input_shapes``, else of the program's own
     input specs where they are static. A program with a BN in train mode is
-    refused (``InputError``). The report is a ``report_type`` (``fold.FoldReport``, which ``fold`` passes in:
+    refused (``InputError``). The program runs where its tensors are (a
+    program is exported for its device); it is never changed in place. The report is a ``report_type`` (``fold.FoldReport``, which ``fold`` passes in:
     one report shape for every front end).
     """
     first = plan_program(program)
@@ -65,8 +66,13 @@ def fold_program(program: ExportedProgram, example_inputs: Any = None, *, report
         if reference is None:
             reference = ProgramReference.of(program, flat, [p for p, _ in probes.values()],
                                             float64=atol is None and rtol is None)
-        comparison = compare_program(reference, folded, flat, probes, atol=atol, rtol=rtol,
-                                     fan_in=fan_in(planned.links, pg, labels))
+        try:
+            comparison = compare_program(reference, folded, flat, probes, atol=atol, rtol=rtol,
+                                         fan_in=fan_in(planned.links, pg, labels))
+        except Exception as exc:  # the original ran on these inputs: the fold broke the program
+            raise VerificationError(f"the folded program failed to run on inputs the original runs on "
+                                    f"({type(exc).__name__}: {first_line(exc, 200)}); nothing was folded",
+                                    report_type(planned.plan, None)) from exc
         if comparison.passed:
             break
         blamed = {} if strict else _blame(planned, comparison, labels)
@@ -133,9 +139,10 @@ def program_inputs(program: ExportedProgram, example_inputs: Any, input_shapes, 
                                  "inputs; pass `input_shapes` (one shape per input)")
             shapes.append(tuple(val.shape))
     generator = torch.Generator().manual_seed(seed)
-    dtypes = [placeholders[s.arg.name].meta["val"].dtype if isinstance(placeholders[s.arg.name].meta.get("val"),
-              torch.Tensor) else torch.float32 for s in users]
-    return tuple(torch.randn(shape, generator=generator).to(dtype) for shape, dtype in zip(shapes, dtypes))
+    vals = [placeholders[s.arg.name].meta.get("val") for s in users]
+    return tuple(torch.randn(shape, generator=generator).to(
+        dtype=val.dtype if isinstance(val, torch.Tensor) else torch.float32,
+        device=val.device if isinstance(val, torch.Tensor) else "cpu") for shape, val in zip(shapes, vals))
 
 
 def plan_only(program: ExportedProgram) -> FoldPlan:
