@@ -342,3 +342,14 @@ def test_a_program_exported_on_cuda_folds_there(ir):
 
 def test_a_program_folds_where_its_tensors_are():
     _fold_on("cpu", "default")
+
+
+def test_a_bn_without_running_statistics_is_left_with_its_reason():
+    x = torch.randn(4, 3, 8, 8)
+    model = randomize_bn(Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                             nn.BatchNorm2d(4, track_running_stats=False)))
+    program = torch.export.export(model, (x,))
+    folded, report = bntool.fold(program)
+    assert [p.bn for p in report.done] == ["1"] and report.skipped[0].bn == "3"
+    assert "track_running_stats=False" in report.skipped[0].reason
+    assert_valid_and_equal(program, folded, x)

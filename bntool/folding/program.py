@@ -73,7 +73,7 @@ def plan_program(program: ExportedProgram, rejected: dict[str, str] | None = Non
         result = _plan_site(pg, site)
         if isinstance(result, str):
             skips.append(Skip(site.name, result))
-            if site.training:
+            if result == TRAINING:
                 training.append(skips[-1])
         else:
             links.append(result)
@@ -99,10 +99,10 @@ def _op_name(node: Node) -> str:
 
 
 def _plan_site(pg: ProgramGraph, site: BnSite) -> ProgramFold | str:
+    if site.running_mean is None or site.running_var is None:
+        return reasons.NO_STATISTICS  # (normalizes with batch statistics in eval mode too: not a train-mode export)
     if site.training:
         return TRAINING
-    if site.running_mean is None or site.running_var is None:
-        return reasons.NO_STATISTICS
     for label, node in (("running mean", site.running_mean), ("running variance", site.running_var),
                         ("weight", site.weight), ("bias", site.bias)):
         if node is not None and constant(pg, node) is None:
