@@ -353,3 +353,12 @@ def test_a_bn_without_running_statistics_is_left_with_its_reason():
     assert [p.bn for p in report.done] == ["1"] and report.skipped[0].bn == "3"
     assert "track_running_stats=False" in report.skipped[0].reason
     assert_valid_and_equal(program, folded, x)
+
+
+def test_a_channel_keeping_reshape_folds_with_a_dynamic_batch():
+    z = torch.randn(4, 5)
+    program = export(ScalarsAndReshape(), z, dynamic_shapes=({0: Dim("batch", min=2, max=64)},))
+    folded, report = bntool.fold(program)
+    assert bn_nodes(folded) == 0 and report.passed
+    other = torch.randn(7, 5)
+    torch.testing.assert_close(roundtrip(folded).module()(other), program.module()(other), atol=2e-5, rtol=1e-4)

@@ -257,9 +257,10 @@ def _channels(pg: ProgramGraph, site: BnSite, layer: Layer, near: Node, reshaped
         if bn_rank == 2:
             return reasons.channel_count(layer.name, channels, features, backward=backward)
         return reasons.linear_axis(bn_rank or 0)
-    bn_shape = pgraph.static_shape(site.input)
-    layer_shape = pgraph.static_shape(near)
-    if bn_shape is None or layer_shape is None:
+    bn_shape = pgraph.symbolic_shape(site.input)
+    layer_shape = pgraph.symbolic_shape(near)
+    if bn_shape is None or layer_shape is None or not isinstance(bn_shape[1], int) or not all(
+            isinstance(d, int) for d in layer_shape[(len(layer_shape) - 1 if layer.kind == "linear" else 1):]):
         return ("a reshape stands between it and the layer, and the shapes on either side are not static, so "
                 "bntool cannot tell whether it keeps each channel whole")
     axis = len(layer_shape) - 1 if layer.kind == "linear" else 1

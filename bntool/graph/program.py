@@ -201,6 +201,15 @@ def static_shape(node: object) -> tuple[int, ...] | None:
     return tuple(val.shape) if all(isinstance(s, int) for s in val.shape) else None
 
 
+def symbolic_shape(node: object) -> tuple | None:
+    """The node's tensor shape, a dynamic size as its sympy expression (``s0``): two sizes written alike are equal
+    for every size the program accepts."""
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(s if isinstance(s, int) else s.node.expr for s in val.shape)
+
+
 def rank(node: object) -> int | None:
     val = node.meta.get("val") if isinstance(node, Node) else None
     return val.dim() if isinstance(val, torch.Tensor) else None
