@@ -95,6 +95,8 @@ def _at(link: ProgramFold, restored: dict[Node, str]) -> ProgramFold:
 
 
 def _op_name(node: Node) -> str:
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return getattr(node.target, "__name__", str(node.target))
     return str(node.target).replace("aten.", "").split(".")[0]
 
 
