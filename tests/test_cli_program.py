@@ -234,3 +234,9 @@ def test_the_loaded_graph_is_checked_for_calls_that_are_not_operators():
     y = relu.placeholder("y")
     relu.output(relu.call_function(torch.ops.aten.relu.default, (y,)))
     _check_calls(Path("p.pt2"), SimpleNamespace(graph_module=torch.fx.GraphModule(nn.Module(), relu)))
+
+
+def test_the_input_is_never_the_output(cli, program_file, tmp_path):
+    before = program_file.read_bytes()
+    assert_one_line_error(cli("fold", program_file, "--out", program_file, "--force"), "input program")
+    assert program_file.read_bytes() == before
