@@ -51,6 +51,9 @@ def fold_file(path: Path, *, model: str | None, out: Path | None, force: bool, d
         outputs.check_output_path(out, force=force, inputs=[(path, "the input program")])
     program = read_program(path, allow_pickle=allow_pickle)
     shapes = _shapes(input_shape)
+    if shapes and program.example_inputs is not None:
+        console.warning("the program stores its example inputs, which are used for verification; --input-shape "
+                        "is ignored")
     result: dict[str, Any] = {"command": "fold", "input": str(path), "model": None, "output": None,
                               "written": False, "dry_run": dry_run}
     try:
