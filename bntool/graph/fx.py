@@ -109,7 +109,7 @@ def fx_ops(model: nn.Module, graph: torch.fx.Graph) -> tuple[Op, ...]:
             source = node.args[0] if node.args else node.kwargs.get("input")
             op = Op(i, "module", owner, (index[source],) if source in index else (), functional=True)
         else:
-            is_data = lambda a: isinstance(a, torch.fx.Node) and a in index and a not in meta
+            is_data = lambda a: isinstance(a, torch.fx.Node) and a in index and a not in meta  # noqa: E731
             affine = affine_of(name, node.args, dict(node.kwargs), is_data)
             op = Op(i, "function", name, inputs, affine, is_reshape(name, node.args, len(inputs)))
         index[node] = i
