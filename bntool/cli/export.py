@@ -111,7 +111,7 @@ def export(
     the PyTorch model (eval mode, TF32 off) at every verification batch size.
     Nothing is written unless all of it passes.
     """
-    from ..errors import InputError
+    from ..errors import InputError, VerificationError
     from ..export.export_onnx import EXPORTERS, export_onnx
     from ..io.outputs import check_output_path
     from ..runtime.running import resolve_device
@@ -126,15 +126,45 @@ def export(
     )
 
     path = out or checkpoint.with_suffix(".onnx")
-    sizes = None
 
-    def output():
-        nonlocal sizes
+    def checked_options() -> None:
         if exporter not in EXPORTERS:
             raise InputError(f"--exporter `{exporter}`: pass dynamo (recommended) or torchscript")
         resolve_device(device)
         if path.suffix.lower() != ".onnx":
             raise InputError(f"--out `{path}` has extension `{path.suffix}`; an ONNX file ends in .onnx")
+
+    if checkpoint.suffix.lower() == ".pt2":  # a torch.export program: its own front end (``cli/program``)
+        from . import console
+        from .program import export_file
+
+        console.use_stderr_for_humans(json)
+        checked_options()
+
+        if data:
+            raise InputError("--data is not available for a torch.export program; drop it (the program's example "
+                             "inputs, or --input-shape, are used)")
+        result = {"command": "export", "input": str(checkpoint), "model": None}
+        try:
+            report = export_file(checkpoint, model=model, out=path, allow_pickle=allow_pickle, input_shape=input_shape,
+                                 seed=seed, atol=atol, rtol=rtol, force=force, fold=fold, options=dict(
+                                     opset=opset, dynamic_batch=dynamic_batch, input_names=_names(input_names),
+                                     output_names=_names(output_names),
+                                     verify_batch_sizes=parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int),
+                                     exporter=exporter, optimize=optimize, external_data=external_data, device=device,
+                                     keep_on_fail=keep_on_fail))
+        except VerificationError as exc:
+            if exc.report is not None:
+                result.update(exc.report.to_dict())
+                _render(result, exc.report, json)
+            raise
+        result.update(report.to_dict())
+        return _render(result, report, json)
+    sizes = None
+
+    def output():
+        nonlocal sizes
+        checked_options()
         check_output_path(path, force=force, inputs=input_files(checkpoint, model=model, data=data))
         if input_shape and data:
             raise InputError("pass --input-shape or --data, not both")

@@ -68,7 +68,9 @@ def fold(
     in the graph, verified in onnxruntime against the original (every output
     and every folded layer), and the file is written only if it passes
     onnx.checker and runs; --input-shape gives the shapes of inputs with
-    dynamic dimensions.
+    dynamic dimensions. A torch.export program (.pt2) needs no --model either:
+    it is folded as a program, verified through its module(), and written as
+    a program that torch.export.load reads back.
     """
     if checkpoint.suffix.lower() == ".onnx" and model is None:  # the graph is in the file
         from .fold_onnx import fold_file
@@ -76,6 +78,14 @@ def fold(
         fold_file(checkpoint, out=out, force=force, dry_run=dry_run, strict=strict, atol=atol, rtol=rtol,
                   input_shape=input_shape, seed=seed, json=json, render=_render)
         return
+    if checkpoint.suffix.lower() == ".pt2":  # a torch.export program: its own front end (``cli/program``)
+        from . import console
+        from .program import fold_file
+
+        console.use_stderr_for_humans(json)
+        return fold_file(checkpoint, model=model, out=out, force=force, dry_run=dry_run, strict=strict,
+                         input_shape=input_shape, seed=seed, atol=atol, rtol=rtol, json=json,
+                         allow_pickle=allow_pickle, render=_render)
     from ..folding.fold import fold as fold_model
     from .common import Loading, Operation, run_operation
 

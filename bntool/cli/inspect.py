@@ -68,6 +68,13 @@ def inspect_command(
     from .flags import PLOT_NAMED
 
     console.use_stderr_for_humans(json)
+    if checkpoint.suffix.lower() == ".pt2":  # a torch.export program: its own front end (``cli/program``)
+        from ..errors import InputError
+        from .program import inspect_file
+
+        if plot is not None:
+            raise InputError("--plot is not available for a torch.export program; drop --plot")
+        return inspect_file(checkpoint, model=model, allow_pickle=allow_pickle, json=json, render=_render)
     if plot is not None:
         _check_plot_path(plot, checkpoint, model, force)
     if checkpoint.suffix.lower() == ".onnx" and model is None:  # the graph is in the file

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from ..deprecation import UNSET, positional
 from ..errors import BntoolError, InputError, VerificationError, first_line, out_of_memory, require_module
@@ -35,6 +36,7 @@ from ..selection import select
 from ..verify.compare import Comparison, Reference, compare_layers
 from .apply import Journal, Submodules, apply_plan
 from .plan import FoldPair, FoldPlan
+from .program_fold import fold_program
 from .rules import plan_from_dataflow
 
 __all__ = ["FoldReport", "fold"]
@@ -128,8 +130,13 @@ def fold(
     ``model`` itself (what it replaces is kept aside, on disk when large, to
     undo a rejected fold), so that no second model is held in memory.
     """
-    require_module(model)
     example_inputs = positional("example_inputs", _example_inputs, example_inputs, "fold")
+    if isinstance(model, ExportedProgram):  # a torch.export program: folded into a new program (``program_fold``)
+        if include is not None or exclude is not None:
+            raise InputError("`include` / `exclude` are not available for a torch.export program; fold it whole")
+        return fold_program(model, example_inputs, verify=verify, strict=strict, seed=seed, atol=atol, rtol=rtol,
+                            report_type=FoldReport)
+    require_module(model)
     unselected = selection_skips(model, include, exclude)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

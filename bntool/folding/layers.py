@@ -92,14 +92,14 @@ def channel_reason(bn: nn.Module, layer: nn.Module, name: str, reshaped: bool, l
     if bn_shape is None or layer_shape is None:
         return reasons.UNKNOWN_SHAPE
     axis = len(layer_shape) - 1 if linear else 1
-    if _same_channels(layer_shape, axis, bn_shape):
+    if same_channels(layer_shape, axis, bn_shape):
         return None
     if linear and not reshaped:
-        return f"it normalizes axis 1 of a {len(bn_shape)}-D input, but the Linear's features are on the last axis"
-    return f"the reshape between `{name}` and the BN does not map each channel of `{name}` into one channel of the BN"
+        return reasons.linear_axis(len(bn_shape))
+    return reasons.reshape_channels(name)
 
 
-def _same_channels(layer_shape: tuple[int, ...], axis: int, bn_shape: tuple[int, ...]) -> bool:
+def same_channels(layer_shape: tuple[int, ...], axis: int, bn_shape: tuple[int, ...]) -> bool:
     """Whether a row-major reshape from ``layer_shape`` to ``bn_shape`` maps every element of the layer's channel
     ``f`` (on ``axis``) to the BN's channel (axis 1) ``f // m``, the same for all of them.
 

@@ -1,8 +1,10 @@
-"""The reasons a BN is left, worded once for every front end (module dataflow and ONNX graph alike).
+"""The reasons a BN is left, worded once for every front end (module dataflow, ONNX graph, torch.export program).
 
 Each function returns the words ``Skip.reason`` carries; the rules of
-``rules`` / ``layers`` (modules) and ``onnx_rules`` (ONNX graphs) call the
-same ones, so a situation reads the same whatever the BN came from.
+``rules`` / ``layers`` (modules), ``onnx_rules`` (ONNX graphs) and
+``program`` (programs) call the same ones, so a situation reads the same
+whatever the BN came from. Names are shown as the front end names layers
+(a module's qualified name, a node's name, or a program's tensor owner).
 """
 
 from __future__ import annotations
@@ -57,8 +59,25 @@ def zero_pads(consumer: str) -> str:
     return f"`{consumer}` zero-pads its input, and the padding would not see the BN's shift"
 
 
+NO_STATISTICS = ("has no running statistics (track_running_stats=False), so eval mode normalizes with batch "
+                 "statistics; run `bntool recalibrate` to give it statistics, then fold")
+
+
 def multiplied_by_zero(producer: str) -> str:
     return f"the output of `{producer}` is multiplied by 0 before the BN"
+
+
+def linear_axis(rank: int) -> str:
+    return f"it normalizes axis 1 of a {rank}-D input, but the Linear's features are on the last axis"
+
+
+def reshape_channels(layer: str) -> str:
+    return f"the reshape between `{layer}` and the BN does not map each channel of `{layer}` into one channel of the BN"
+
+
+def called_often(layer: str, calls: int, bn: str) -> str:
+    return (f"`{layer}` is called {calls} times in one forward pass, and folding would change every call, "
+            f"not only the ones next to `{bn}`")
 
 
 def not_exact_either(backward: str, forward: str) -> str:
@@ -66,3 +85,8 @@ def not_exact_either(backward: str, forward: str) -> str:
 
 
 UNKNOWN_SHAPE = "the shape of its input is unknown; pass example inputs"
+
+
+def rejected(into: str, point: str, error: float, tolerance: float) -> str:
+    return (f"rejected by verification: folded into `{into}`, layer `{point}` differed from the "
+            f"original by {error:.3g} (tolerance {tolerance:.3g})")

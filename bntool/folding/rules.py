@@ -117,8 +117,7 @@ class _Planner:
             return (f"its tensors are also read outside its own call (`{outside}`), and folding would change or "
                     "remove them")
         if not has_statistics(module):
-            return ("has no running statistics (track_running_stats=False), so eval mode normalizes with batch "
-                    "statistics; run `bntool recalibrate` to give it statistics, then fold")
+            return reasons.NO_STATISTICS
         if module._forward_pre_hooks:
             return "has a forward pre-hook, which would see its input already normalized after folding"
         rank = _rank(flow, calls, module)
@@ -241,8 +240,7 @@ def _rank(flow: Dataflow, calls: tuple[int, ...], bn: nn.Module) -> int | None:
 def _all_calls_reason(flow: Dataflow, layer: str, group: list[Link], bn: str) -> str | None:
     calls = flow.calls.get(layer, ())
     if set(calls) - {link.op for link in group}:
-        return (f"`{layer}` is called {len(calls)} times in one forward pass, and folding would change every call, "
-                f"not only the ones next to `{bn}`")
+        return reasons.called_often(layer, len(calls), bn)
     return None
 
 
