@@ -30,6 +30,12 @@ StrictOpt = Annotated[
     typer.Option("--strict", help="Fail (exit 1, nothing written) if verification rejects any fold, instead of "
                  "leaving those BatchNorms as they are and writing the verified rest."),
 ]
+MergeBranchesOpt = Annotated[
+    bool,
+    typer.Option("--merge-branches/--no-merge-branches", help="First merge parallel conv / BN / identity branches "
+                 "of one input that are summed (RepVGG, MobileOne, FastViT...) into one conv, verified; "
+                 "--no-merge-branches leaves them to the fold alone."),
+]
 
 
 @app.command()
@@ -49,6 +55,7 @@ def fold(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     strict: StrictOpt = False,
+    merge_branches: MergeBranchesOpt = True,
     json: JsonOpt = False,
 ) -> None:
     """Fold every BatchNorm that can be folded exactly into the conv / linear next to it.
@@ -77,10 +84,13 @@ def fold(
     try:
         # in place: the original's outputs are computed first, so one model is held (undone if it fails)
         folded, report = fold_model(source.model, inputs, device=target, atol=atol, rtol=rtol, strict=strict,
-                                    inplace=True)
+                                    inplace=True, merge_branches=merge_branches)
     except VerificationError as exc:
         result.update(exc.report.to_dict())
-        _render(result, exc.report, json)
+        if hasattr(exc.report, "plan"):
+            _render(result, exc.report, json)
+        else:  # the merge of branches failed verification, before any fold
+            _render_merge(exc.report, json, result)
         raise
     result.update(report.to_dict())
     source.model = None  # the original is not needed any more: its memory goes before the write
@@ -104,6 +114,8 @@ def _render(result: dict, report, as_json: bool) -> None:
     if as_json:
         console.print_json(result)
         return
+    if report.merge is not None:
+        _render_merge(report.merge, as_json, result)
     plan = report.plan
     rows = [[p.bn, p.into, p.into_type, p.direction, _becomes(p)] for p in plan.pairs]
     if rows:
@@ -115,7 +127,8 @@ def _render(result: dict, report, as_json: bool) -> None:
         console.table(f"Left {len(plan.skips)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
                       [[s.bn, s.reason] for s in plan.skips])
     if not plan.pairs and not plan.skips:
-        console.line("The model has no BatchNorm layers; nothing to fold.")
+        console.line("No BatchNorm layers left; nothing to fold." if report.merge is not None and report.merge.merges
+                     else "The model has no BatchNorm layers; nothing to fold.")
     if plan.note:
         console.line(f"Note: {plan.note}", style="yellow")
 
@@ -132,6 +145,30 @@ def _render(result: dict, report, as_json: bool) -> None:
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):
         console.line("Dry run: nothing written.")
+
+
+def _render_merge(merge, as_json: bool, result: dict) -> None:
+    from . import console
+    from .common import render_comparison
+
+    for skip in merge.rejected:
+        console.warning(f"{skip.name} was not merged: {skip.reason}; the rest was verified without it")
+    if as_json:
+        console.print_json(result)
+        return
+    if merge.merges:
+        console.table(f"Merged the branches of {len(merge.merges)} block(s) into one conv each",
+                      ["block", "branches", "became"],
+                      [[m.block, "\n".join(m.branches),
+                        f"{m.conv}: {'x'.join(map(str, m.kernel))} conv, {m.in_channels}->{m.out_channels}, "
+                        f"stride {'x'.join(map(str, m.stride))}, groups {m.groups}"] for m in merge.merges])
+    if merge.skipped:
+        console.table(f"Left {len(merge.skipped)} add(s) of branches as they are", ["where", "reason"],
+                      [[s.name, s.reason] for s in merge.skipped])
+    if merge.comparison is not None:
+        render_comparison(merge.comparison, "Verification: merged branches vs original (eval mode)")
+        if merge.merges and merge.comparison.passed:
+            console.line("The fold below is verified against the model with merged branches.")
 
 
 def _becomes(pair) -> str:

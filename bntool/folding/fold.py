@@ -32,6 +32,7 @@ from ..runtime.shapes import make_inputs
 from ..verify.compare import Comparison, Reference, compare
 from .apply import Journal, Submodules, apply_plan
 from .plan import FoldPair, FoldPlan
+from .reparam import MergeReport, merge_branches as merge_into_convs
 from .rules import plan_from_dataflow
 
 __all__ = ["FoldReport", "fold"]
@@ -50,6 +51,8 @@ class FoldReport:
     #: the original's outputs on the example inputs (own dtype, and float64 for the derived tolerance; no layers),
     #: for later checks on the same inputs (export's onnxruntime check) without running the original again
     reference: Reference | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: the parallel branches merged into one conv before folding (``merge_branches``)
+    merge: MergeReport | None = None
 
     @property
     def done(self) -> tuple[FoldPair, ...]:
@@ -74,6 +77,7 @@ class FoldReport:
             "dataflow": self.plan.method,
             "note": self.plan.note,
             "verification": self.comparison.to_dict() if self.comparison else None,
+            **({"merge": self.merge.to_dict()} if self.merge is not None else {}),
         }
 
 
@@ -92,6 +96,7 @@ def fold(
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
+    merge_branches: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BN that can be folded exactly; return the folded model and a report.
 
@@ -108,11 +113,22 @@ def fold(
     the original's outputs are computed first and the fold is made on
     ``model`` itself (what it replaces is kept aside, on disk when large, to
     undo a rejected fold), so that no second model is held in memory.
+    With ``merge_branches`` (the default), parallel branches of one input that
+    are summed (RepVGG, MobileOne, ...) are first merged into one conv in the
+    module that adds them and verified (``reparam.merge_branches``; the
+    report's ``merge``); the fold then runs on that model.
     """
     require_module(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs) if example_inputs is not None else make_inputs(model, seed=seed)
+    merged = None
+    if merge_branches:
+        user, (model, merged) = model, merge_into_convs(model, inputs, verify=verify, strict=strict, device=device,
+                                                        atol=atol, rtol=rtol)
+        if inplace and merged.merges:
+            _transplant(user, model, merged)
+            model = user
     flow = dataflow(model, inputs)
     rejected: dict[str, str] = {}
     reference = None
@@ -159,12 +175,20 @@ def fold(
     if inplace:
         gc.collect()  # the dataflow's traced structures hold the replaced tensors in reference cycles: free them now
     outputs_only = dataclasses.replace(reference, layers={}, layer_deltas={}) if reference is not None else None
-    report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), outputs_only)
+    report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), outputs_only, merged)
     if comparison is not None and not comparison.passed:
         if journal is not None:
             journal.undo()  # a failed in-place fold leaves the model as it was
         raise VerificationError(comparison.failure_message("the folded model"), report)
     return with_step(folded, plan.recipe_step()), report
+
+
+def _transplant(user: nn.Module, merged_model: nn.Module, report: MergeReport) -> None:
+    """Fold in place: the verified merged blocks go into the user's model, which then carries the merge step."""
+    for m in report.merges:
+        parent, _, key = m.block.rpartition(".")
+        user.get_submodule(parent)._modules[key] = merged_model.get_submodule(m.block)
+    with_step(user, report.recipe_step())
 
 
 def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:
