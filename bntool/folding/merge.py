@@ -40,7 +40,7 @@ _SUB = frozenset({"sub", "sub_", "subtract", "__sub__", "__isub__", "isub"})
 _RSUB = frozenset({"__rsub__", "rsub"})
 _MUL = frozenset({"mul", "mul_", "multiply", "__mul__", "__imul__", "imul", "__rmul__"})
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,18 @@ def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: di
     count each average pool reads, by name, where ``flow`` measures no shapes (a module traced alone).
     """
     modules = dict(model.named_modules())
+    cut: set[int] = set()  # values that start a region of their own: a linear step reads them as its input
+    for _ in range(16):
+        forms, broken, skips, nd_hint = _walk(model, flow, modules, cut, prefix, channels)
+        more = {i for i in forms if i not in cut and any(
+            r in forms and forms[r][0] == i for r in flow.readers_of(i))}
+        if not more:
+            break
+        cut |= more
+    return _regions(flow, forms, skips, nd_hint, prefix)
+
+
+def _walk(model, flow, modules, cut, prefix, channels):
     ops = flow.ops
     forms: dict[int, tuple[int, Linear, frozenset[int], tuple[str, ...]]] = {}  # op -> source, form, members, branches
     broken: dict[int, str] = {}  # non-linear ops: what they are, for the reasons
@@ -76,7 +88,7 @@ def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: di
     nd_hint: list[int] = []
 
     def operand(i: int) -> tuple[int, Linear | None, frozenset[int], tuple[str, ...]]:
-        if i in forms:
+        if i in forms and i not in cut:
             return forms[i]
         op = ops[i]
         if op.affine == (1.0, 0.0) and len(op.inputs) == 1 and op.kind == "module":  # nn.Identity, dropout
@@ -102,6 +114,11 @@ def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: di
             broken[op.index] = f"`{prefix}{op.target}` ({type(modules[op.target]).__name__}) is not linear"
         elif op.kind == "function":
             broken[op.index] = f"`{op.target}` is not linear"
+    return forms, broken, skips, nd_hint
+
+
+def _regions(flow, forms, skips, nd_hint, prefix) -> MergePlan:
+    ops = flow.ops
     regions = []
     for i, (source, form, members, branches) in forms.items():
         if not any(_is_sum(ops[m]) and len(ops[m].inputs) == 2 for m in members):
@@ -153,10 +170,10 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
             if inner is not None:
                 return op.inputs[0], outer, frozenset({op.index}), (name,)
             return source, outer, members | {op.index}, (name,)
-        if isinstance(module, _POOLS):
+        if isinstance(module, POOLS):
             if not module.count_include_pad or module.ceil_mode or getattr(module, "divisor_override", None):
                 return None
-            nd = _POOLS.index(type(module)) + 1 if type(module) in _POOLS else None
+            nd = POOLS.index(type(module)) + 1 if type(module) in POOLS else None
             count = (channels or {}).get(name)
             if count is None and channels is None:
                 shape = flow.shape(op.index)[0]
@@ -185,9 +202,9 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
     if op.kind != "function":
         return None
     if op.affine is not None and len(op.inputs) == 1:
-        if op.inputs[0] not in forms:
+        source, inner, members, branches = operand(op.inputs[0])
+        if inner is None:
             return None
-        source, inner, members, branches = forms[op.inputs[0]]
         a, s = op.affine
         return source, merge_math.then_affine(inner, torch.tensor(a), torch.tensor(s)), members | {op.index}, branches
     if len(op.inputs) != 2:
@@ -195,9 +212,11 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
     if op.target in _MUL:
         const = [j for j in op.inputs if _constant(j, ops, modules) is not None]
         data = [j for j in op.inputs if j not in const]
-        if len(const) != 1 or len(data) != 1 or data[0] not in forms:
+        if len(const) != 1 or len(data) != 1:
             return None
-        source, inner, members, branches = forms[data[0]]
+        source, inner, members, branches = operand(data[0])
+        if inner is None:
+            return None
         tensor = _constant(const[0], ops, modules)
         if tensor.numel() != inner.out_channels:
             return None
@@ -283,13 +302,3 @@ def common(names) -> str:
 def _label(op: Op, prefix: str) -> str:
     return f"{prefix}{op.target}" if op.kind == "module" else f"{op.target} #{op.index}"
 
-
-def pool_channels(model: nn.Module, flow: Dataflow) -> dict[str, int]:
-    """The channel count each average pool of the model reads (measured by one forward pass, when there are any)."""
-    names = [n for n in flow.calls if isinstance(model.get_submodule(n), _POOLS)] if flow.calls else []
-    channels = {}
-    for name in names:
-        shape = flow.shape(flow.calls[name][0])[0]
-        if shape is not None and len(shape) > 2:
-            channels[name] = shape[1]
-    return channels

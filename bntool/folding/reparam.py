@@ -25,7 +25,7 @@ from ..graph.dataflow import dataflow
 from ..report import Skip, with_step
 from ..runtime.cloning import clone
 from ..verify.compare import Comparison, Reference, compare
-from .merge import common, plan_merges, pool_channels
+from .merge import POOLS, common, plan_merges
 from .merge_apply import Merge, merge_region
 from .merge_math import NotMergeable
 
@@ -134,3 +134,14 @@ def _blame(merges: Sequence[Merge], comparison: Comparison) -> dict[tuple[str, .
         if found:
             return found
     return {}
+
+
+def pool_channels(model: nn.Module, flow) -> dict[str, int]:
+    """The channel count each average pool of the model reads (measured by one forward pass, when there are any)."""
+    names = [n for n in flow.calls if isinstance(model.get_submodule(n), POOLS)] if flow.calls else []
+    channels = {}
+    for name in names:
+        shape = flow.shape(flow.calls[name][0])[0]
+        if shape is not None and len(shape) > 2:
+            channels[name] = shape[1]
+    return channels
