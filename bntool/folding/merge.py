@@ -63,11 +63,8 @@ class MergePlan:
 
 def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: dict[str, int] | None = None
                 ) -> MergePlan:
-    """The regions of ``flow`` that merge into one conv each, and the adds that do not, with the reason.
-
-    ``prefix``: the qualified name of ``model`` in a larger model (for the reasons); ``channels``: the channel
-    count each average pool reads, by name, where ``flow`` measures no shapes (a module traced alone).
-    """
+    """The regions of ``flow`` that merge into one conv each, and the adds that do not, with the reason. ``prefix``: the qualified name of ``model`` in a larger model (for the reasons); ``channels``: the channel
+    count each average pool reads, by name, where ``flow`` measures no shapes (a module traced alone)."""
     modules = dict(model.named_modules())
     cut: set[int] = set()  # values that start a region of their own: a linear step reads them as its input
     for _ in range(16):
@@ -131,8 +128,8 @@ def _regions(flow, forms, skips, nd_hint, prefix) -> MergePlan:
         outside = [(m, r) for m in members if m != i for r in flow.readers_of(m) if r not in members]
         if outside:
             m, r = outside[0]
-            skips[where] = (f"not merged: `{_label(ops[m], prefix)}` inside the branches is also read by "
-                            f"`{_label(ops[r], prefix)}`")
+            label = [f"{prefix}{ops[j].target}" if ops[j].kind == "module" else f"{ops[j].target} #{j}" for j in (m, r)]
+            skips[where] = f"not merged: `{label[0]}` inside the branches is also read by `{label[1]}`"
             continue
         called = [n for n in names if len(flow.calls.get(n, ())) > 1]
         if called:
@@ -297,8 +294,3 @@ def common(names) -> str:
             break
         common.append(column[0])
     return ".".join(common)
-
-
-def _label(op: Op, prefix: str) -> str:
-    return f"{prefix}{op.target}" if op.kind == "module" else f"{op.target} #{op.index}"
-
