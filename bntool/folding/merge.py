@@ -212,9 +212,9 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
         if len(const) != 1 or len(data) != 1:
             return None
         source, inner, members, branches = operand(data[0])
-        if inner is None:
-            return None
         tensor = _constant(const[0], ops, modules)
+        if inner is None:  # a scale of the input itself
+            inner = merge_math.identity(tensor.numel())
         if tensor.numel() != inner.out_channels:
             return None
         chain = _chain(const[0], ops)
@@ -266,14 +266,13 @@ def _is_sum(op: Op) -> bool:
 
 def _why_not(op: Op, ops, forms, broken: dict[int, str], modules) -> str | None:
     """Why an add of two values is not linear in one input, when a branch of it is (else None: nothing to say)."""
-    linear = [j for j in op.inputs if j in forms]
-    for j in op.inputs:
-        if j in forms or j not in broken:
+    sources = {j: forms[j][0] if j in forms else j for j in op.inputs}  # where each operand's linear part starts
+    for j, start in sources.items():
+        if start not in broken:
             continue
-        inputs = ops[j].inputs
-        for other in linear:
-            if any(forms.get(k, (k,))[0] == forms[other][0] for k in inputs):
-                return f"a branch passes through a step that is not linear: {broken[j]}"
+        for other, other_start in sources.items():
+            if other != j and any(other_start in (k, forms.get(k, (k,))[0]) for k in ops[start].inputs):
+                return f"a branch passes through a step that is not linear: {broken[start]}"
     return None
 
 

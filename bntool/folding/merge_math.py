@@ -1,12 +1,14 @@
 """The arithmetic of merging parallel branches: linear maps of one input as one convolution, in float64.
 
 A ``Linear`` is what a branch computes from the input ``x`` it starts at:
-either ``scale * x + bias`` per channel (``weight`` None: an identity, a BN
-of the input, a per-channel scale) or ``conv(x, weight) + bias`` with its
-stride, padding, dilation and groups. Branches add up (``add``) when their
-kernels can be laid on one grid: the same stride, each kernel centred in the
-largest (the same offset of the kernel's centre from the padding, and an
-even difference of sizes), one dilation where a kernel is wider than one tap.
+either ``scale * x + bias``
+per channel (``weight`` None: an identity, a BN of the input, a per-channel
+scale) or ``conv(x, weight) + bias`` with its stride, padding, dilation and
+groups. Branches add up (``add``) when their kernels lie on one grid: the
+same stride, and along each dimension one kernel whose taps
+(``-padding + j * dilation``) hold the other's, which is then placed at its
+own taps (centred when the paddings centre it; a 1x1 at index 1 of a 4x4
+with padding 1, say).
 Groups meet at their greatest common divisor; an identity or per-channel
 branch sits at the centre tap of each channel's own group slot. A per-channel
 affine after a branch (a BN, a layer scale) scales its output channels
@@ -109,23 +111,38 @@ def add(a: Linear, b: Linear, sign: float = 1.0, nd: int | None = None) -> Linea
     a, b = (as_conv(f, nd, stride) for f in (a, b))
     if a.stride != b.stride:
         raise NotMergeable(f"branches with different strides ({a.stride} and {b.stride})")
-    kernel = tuple(max(x, y) for x, y in zip(a.kernel, b.kernel))
-    dilation, padding = [], []
+    kernel, padding, dilation, place = [], [], [], {id(a): [], id(b): []}
     for d in range(nd):
-        wide = [f for f in (a, b) if f.kernel[d] > 1]
-        if len({f.dilation[d] for f in wide}) > 1:
-            raise NotMergeable(f"branches with different dilations ({a.dilation} and {b.dilation})")
-        dil = wide[0].dilation[d] if wide else 1
-        offsets = {f.padding[d] - f.dilation[d] * (f.kernel[d] - 1) / 2 for f in (a, b)}
-        if len(offsets) > 1 or any((kernel[d] - f.kernel[d]) % 2 for f in (a, b)):
-            raise NotMergeable(f"paddings that do not centre the kernels (kernel {a.kernel} padding {a.padding}, "
-                               f"kernel {b.kernel} padding {b.padding})")
-        dilation.append(dil)
-        padding.append(max(a, b, key=lambda f: f.kernel[d]).padding[d])
+        frame = _frame(a, b, d)  # the kernel whose taps cover the other's, on its grid
+        if frame is None:
+            raise NotMergeable(f"kernels that do not lie on one grid: the paddings do not centre them (kernel "
+                               f"{a.kernel} padding {a.padding} dilation {a.dilation}, kernel {b.kernel} padding "
+                               f"{b.padding} dilation {b.dilation})")
+        kernel.append(frame.kernel[d])
+        padding.append(frame.padding[d])
+        dilation.append(frame.dilation[d] if frame.kernel[d] > 1 else 1)
+        for f in (a, b):
+            before = (frame.padding[d] - f.padding[d]) // max(dilation[-1], 1)
+            place[id(f)].append((before, kernel[-1] - f.kernel[d] - before))
     groups = math.gcd(a.groups, b.groups)
-    wa, wb = (_centred(_regroup(f.weight, f.groups, groups), kernel) for f in (a, b))
+    wa, wb = (_placed(_regroup(f.weight, f.groups, groups), place[id(f)]) for f in (a, b))
     return Linear(a.bias + sign * b.bias, a.in_channels, weight=wa + sign * wb, stride=stride,
                   padding=tuple(padding), dilation=tuple(dilation), groups=groups)
+
+
+def _frame(a: Linear, b: Linear, d: int) -> Linear | None:
+    """Of two kernels along dimension ``d``, the one whose taps (``-padding + j * dilation``) hold the other's."""
+    for outer, inner in ((a, b), (b, a)):
+        start, step, size = -outer.padding[d], outer.dilation[d], outer.kernel[d]
+        taps = [-inner.padding[d] + j * inner.dilation[d] for j in range(inner.kernel[d])]
+        if size == 1:
+            if all(t == start for t in taps):
+                return outer
+            continue
+        if all((t - start) % step == 0 and 0 <= (t - start) // step < size for t in taps) and (
+                inner.kernel[d] == 1 or inner.dilation[d] == step):
+            return outer
+    return None
 
 
 def as_conv(form: Linear, nd: int, stride: tuple[int, ...] | None = None) -> Linear:
@@ -153,10 +170,9 @@ def _regroup(weight: torch.Tensor, groups: int, to: int) -> torch.Tensor:
     return wide
 
 
-def _centred(weight: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
-    pads: list[int] = []
-    for have, want in reversed(list(zip(weight.shape[2:], kernel))):
-        pads += [(want - have) // 2] * 2
+def _placed(weight: torch.Tensor, pads_per_dim: list[tuple[int, int]]) -> torch.Tensor:
+    """``weight`` zero-padded to the merged kernel, ``(before, after)`` taps per spatial dimension."""
+    pads = [p for pair in reversed(pads_per_dim) for p in pair]
     return torch.nn.functional.pad(weight, pads) if any(pads) else weight
 
 
