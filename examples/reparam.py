@@ -382,7 +382,7 @@ class DBBStyleBlock(nn.Module):
 def _family(block, widths=(8, 16, 16), num_classes=10, image_size=32):
     parts, cin = [], 3
     for i, width in enumerate(widths):
-        parts.append(block(cin, width, stride=2 if i == 0 else 1))
+        parts.append(block(cin, width, stride=2 if width != cin else 1))
         cin = width
     return _with_shape(nn.Sequential(*parts, ClassifierHead(cin, num_classes)), (2, 3, image_size, image_size))
 

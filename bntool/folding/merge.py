@@ -1,26 +1,21 @@
 """Which parallel branches merge into one convolution: found in the dataflow, from its facts alone.
 
-Walking the ops in execution order, each op that is linear in one earlier
-value (its *source*) gets the ``Linear`` it computes from that source
-(``merge_math``): a conv or average pool reading it, a BN in eval form, a
-per-channel scale (a model tensor of one value per channel) or a number
-(``a * x + s``), an identity module, and the sum or difference of two such
-values of the same source. A *region* is the set of ops behind one such value
-that something non-linear (or the output) reads; a region holding an add of
-two branches becomes one convolution of its source. No method of the model
-is called and no class is looked up by name: a branch is what the dataflow
-shows.
-
-A region is refused, with the reason, when a value inside it is also read
-outside it, when its layers are called more than once, when the add is in the
-model's own forward (bntool replaces the module that computes it), or when
-the branches cannot be one kernel (``merge_math.NotMergeable``: strides,
-paddings that do not centre, ...). An add that a non-linear step (an
-activation, a BN that does more than normalize) keeps from being linear in
-one input is reported too: the branch it breaks is named.
+Walking the ops in execution order, each op linear in one earlier value (its
+*source*) gets the ``Linear`` it computes from it (``merge_math``): a conv or
+average pool, a BN in eval form, a per-channel scale (a model tensor) or a
+number, an identity module, the sum or difference of two such values of one
+source. A *region* is the set of ops behind one such value that something
+non-linear (or the output) reads; one holding an add of two branches becomes
+one conv of its source. No method of the model is called and no class is
+looked up by name. Refused, with the reason: a region with a value also read
+outside it, or layers called more than once, or branches that cannot be one
+kernel (``NotMergeable``); an add that a non-linear step (an activation, a BN
+doing more than normalize) keeps from being linear in one input.
 """
 
 from __future__ import annotations
+
+import os
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,8 +62,10 @@ def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: di
     count each average pool reads, by name, where ``flow`` measures no shapes (a module traced alone)."""
     modules = dict(model.named_modules())
     cut: set[int] = set()  # values that start a region of their own: a linear step reads them as its input
+    near = _near_sums(flow)
+    norms: dict[str, bnform.NormForm] = {}  # (each BN-like module analyzed once, and only near an add)
     for _ in range(16):
-        forms, broken, skips, nd_hint = _walk(model, flow, modules, cut, prefix, channels)
+        forms, broken, skips, nd_hint = _walk(model, flow, modules, cut, prefix, (channels, near, norms))
         more = {i for i in forms if i not in cut and any(
             r in forms and forms[r][0] == i for r in flow.readers_of(i))}
         if not more:
@@ -77,7 +74,21 @@ def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: di
     return _regions(flow, forms, skips, nd_hint, prefix)
 
 
-def _walk(model, flow, modules, cut, prefix, channels):
+def _near_sums(flow: Dataflow, depth: int = 8) -> set[int]:
+    """The ops within ``depth`` steps of an add of two values (before it, or after it)."""
+    near: set[int] = set()
+    for op in flow.ops:
+        if not (_is_sum(op) and len(op.inputs) == 2):
+            continue
+        front, back = [op.index], [op.index]
+        for _ in range(depth):
+            back = [j for i in back for j in flow.ops[i].inputs if j not in near]
+            front = [j for i in front for j in flow.readers_of(i) if j not in near]
+            near.update(back, front)
+    return near
+
+
+def _walk(model, flow, modules, cut, prefix, context):
     ops = flow.ops
     forms: dict[int, tuple[int, Linear, frozenset[int], tuple[str, ...]]] = {}  # op -> source, form, members, branches
     broken: dict[int, str] = {}  # non-linear ops: what they are, for the reasons
@@ -95,7 +106,7 @@ def _walk(model, flow, modules, cut, prefix, channels):
 
     for op in ops:
         try:
-            result = _linear(op, flow, modules, forms, operand, nd_hint, channels)
+            result = _linear(op, flow, modules, forms, operand, nd_hint, context)
         except NotMergeable as exc:
             if _is_sum(op):
                 skips[_where(op, ops, forms, prefix)] = f"not merged: {exc}"
@@ -142,9 +153,9 @@ def _regions(flow, forms, skips, nd_hint, prefix) -> MergePlan:
     return MergePlan(tuple(regions), tuple(Skip(k, v) for k, v in skips.items()))
 
 
-def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: list[int], channels):
+def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: list[int], context):
     """``(source, Linear, members, branches)`` when ``op`` is linear in one earlier value, else None."""
-    ops = flow.ops
+    ops, (channels, near, norms) = flow.ops, context
     if op.kind == "module" and op.target in modules and len(op.inputs) == 1:
         module = modules[op.target]
         source, inner, members, branches = operand(op.inputs[0])
@@ -180,7 +191,9 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
             form = merge_math.pool(count, module.kernel_size, module.stride, module.padding, nd)
             return source, form, members | {op.index}, (name,)
         if is_batchnorm(module):
-            form = bnform.analyze(module)
+            if op.index not in near:
+                return None
+            form = norms[name] if name in norms else norms.setdefault(name, bnform.analyze(module))
             if not (form.kind == "standard" or (form.kind == "traced" and form.removable)):
                 raise NotMergeable(f"`{name}` does more than normalize ({form.reason or 'its forward keeps running'})")
             if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None:
@@ -284,12 +297,4 @@ def _where(op: Op, ops, forms, prefix: str) -> str:
 
 def common(names) -> str:
     """The module that holds every one of ``names`` (their longest common dotted prefix)."""
-    parts = [n.split(".") for n in names]
-    if not parts:
-        return ""
-    common = []
-    for column in zip(*parts):
-        if len(set(column)) > 1:
-            break
-        common.append(column[0])
-    return ".".join(common)
+    return ".".join(os.path.commonprefix([n.split(".") for n in names])) if names else ""
