@@ -343,3 +343,17 @@ def test_each_look_alike_merges_to_no_more_convs_than_its_own_method_and_no_bn(n
         model.float()
         assert (merged(x).double() - want).abs().max() <= report.merge.comparison.outputs[-1].tolerance
         torch.testing.assert_close(own(x), merged(x), atol=1e-3, rtol=1e-3)  # (the look-alike's own merge agrees)
+
+
+def test_a_block_fx_cannot_trace_keeps_its_branches_with_the_reason():
+    """DingXiaoH's DiverseBranchBlock pads with slice assignments (examples/archs.py): its forward cannot be
+    rewritten, so even the branches that do add up linearly (k x k + 1 x 1) stay, and the report says why."""
+    from examples import archs
+
+    model = _prepare(archs.dbb_net())
+    x = torch.randn(model.input_shape)
+    merged, report = bntool.fold(model, x)
+    assert report.merge.merges == () and {s.name for s in report.merge.skipped} == {"`0`", "`1`"}
+    assert all("torch.fx cannot trace" in s.reason for s in report.merge.skipped)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), atol=1e-4, rtol=1e-4)

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..graph.dataflow import Dataflow
 from ..graph.fx import fx_ops, op_nodes, trace
 from .merge import Region, common, plan_merges
@@ -62,29 +62,31 @@ def merge_region(model: nn.Module, region: Region, channels: dict[str, int] | No
     and the region must have them.
     """
     names = region.modules
-    owner = common(names)
-    while True:
-        if owner == "":
-            raise NotMergeable("the add is in the model's own forward; bntool replaces the module that computes "
-                               "it, and cannot replace the model itself")
+    owner, why = common(names), None
+    while owner:
         done = _try_owner(model, owner, names, channels, recorded)
-        if done is not None:
+        if isinstance(done, Merge):
             return done
+        why = why or done  # (the innermost module's reason)
         owner = owner.rpartition(".")[0]
+    raise NotMergeable(why or "the add is in the model's own forward; bntool replaces the module that computes "
+                       "it, and cannot replace the model itself")
 
 
-def _try_owner(model, owner: str, names, channels, recorded) -> Merge | None:
+def _try_owner(model, owner: str, names, channels, recorded) -> Merge | str:
+    """The merge made in ``owner``'s forward, else why it cannot be made there."""
     module = model.get_submodule(owner)
     try:
         graph = trace(module)
-    except Exception:  # noqa: BLE001 - fx raises many types: a module higher up may trace
-        return None
+    except Exception as exc:  # noqa: BLE001 - fx raises many types: a module higher up may trace
+        return (f"torch.fx cannot trace `{owner}` ({first_line(exc, 120)}), so its forward cannot be rewritten "
+                "with one conv")
     flow = Dataflow(fx_ops(module, graph), "fx")
     local = {n[len(owner) + 1:]: c for n, c in (channels or {}).items() if n.startswith(owner + ".")}
     want = tuple(n[len(owner) + 1:] for n in names)
     found = [r for r in plan_merges(module, flow, channels=local).regions if r.modules == want]
     if len(found) != 1:
-        return None
+        return f"`{owner}` traced alone does not add up these branches the same way"
     region = found[0]
     form = region.form
     if recorded is not None:
@@ -173,10 +175,9 @@ def replay(model: nn.Module, step: dict[str, Any]) -> None:
         try:
             done = _try_owner(model, block, removed, entry.get("pools") or {}, entry)
         except NotMergeable as exc:
-            done, why = None, f" ({exc})"
-        else:
-            why = ""
-        if done is None:
+            done = str(exc)
+        why = f" ({done})" if isinstance(done, str) else ""
+        if not isinstance(done, Merge):
             raise InputError(f"the file's recipe merges the branches of `{block}`, but this model's forward does not "
                              f"add them up the same way{why}; build the model from the code the checkpoint was "
                              "made from")
