@@ -10,6 +10,8 @@ convs as their own reparameterize and no BN.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import pytest
 import torch
@@ -357,3 +359,31 @@ def test_a_block_fx_cannot_trace_keeps_its_branches_with_the_reason():
     assert all("torch.fx cannot trace" in s.reason for s in report.merge.skipped)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+REPARAM_FILE = str(Path(reparam.__file__).resolve())
+
+
+def test_the_cli_merges_by_default_reports_each_block_and_no_merge_branches_turns_it_off(cli, tmp_path):
+    import json
+
+    model = _prepare(reparam.yolov6_net())
+    torch.save(model.state_dict(), tmp_path / "ckpt.pth")
+    spec = f"{REPARAM_FILE}:yolov6_net"
+    result = cli("fold", tmp_path / "ckpt.pth", "--model", spec, "--out", tmp_path / "m.safetensors", "--json")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert [m["block"] for m in data["merge"]["merged"]] == ["0", "1", "2"]
+    assert data["merge"]["merged"][2]["kernel"] == [3, 3] and "rbr_identity" in data["merge"]["merged"][2]["branches"]
+    loaded = bntool.load(tmp_path / "m.safetensors", reparam.yolov6_net()).eval()
+    assert _counts(loaded) == (3, 0)
+    x = torch.randn(model.input_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
+    human = cli("fold", tmp_path / "ckpt.pth", "--model", spec, "--dry-run")
+    assert human.code == 0 and "Merged the branches of 3 block(s)" in human.out + human.err
+    off = cli("fold", tmp_path / "ckpt.pth", "--model", spec, "--dry-run", "--json", "--no-merge-branches")
+    data = json.loads(off.out)
+    assert off.code == 0 and "merge" not in data and "1.rbr_identity" in [s["bn"] for s in data["skipped"]]
