@@ -386,4 +386,4 @@ def test_the_cli_merges_by_default_reports_each_block_and_no_merge_branches_turn
     assert human.code == 0 and "Merged the branches of 3 block(s)" in human.out + human.err
     off = cli("fold", tmp_path / "ckpt.pth", "--model", spec, "--dry-run", "--json", "--no-merge-branches")
     data = json.loads(off.out)
-    assert off.code == 0 and "merge" not in data and "1.rbr_identity" in [s["bn"] for s in data["skipped"]]
+    assert off.code == 0 and "merge" not in data and "2.rbr_identity" in [s["bn"] for s in data["skipped"]]
