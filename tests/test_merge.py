@@ -376,7 +376,7 @@ def test_the_cli_merges_by_default_reports_each_block_and_no_merge_branches_turn
     assert result.code == 0, result.err
     data = json.loads(result.out)
     assert [m["block"] for m in data["merge"]["merged"]] == ["0", "1", "2"]
-    assert data["merge"]["merged"][2]["kernel"] == [3, 3] and "rbr_identity" in data["merge"]["merged"][2]["branches"]
+    assert data["merge"]["merged"][2]["kernel"] == [3, 3] and "2.rbr_identity" in data["merge"]["merged"][2]["branches"]
     loaded = bntool.load(tmp_path / "m.safetensors", reparam.yolov6_net()).eval()
     assert _counts(loaded) == (3, 0)
     x = torch.randn(model.input_shape)

@@ -113,7 +113,9 @@ def _try_owner(model, owner: str, names, channels, recorded) -> Merge | str:
     replacement.train(module.training)
     _put(model, owner, module, replacement)
     pools = tuple((n, c) for n, c in (channels or {}).items() if n in names)
-    return Merge(owner, f"{owner}.{conv_name}", region.branches, tuple(names), form.in_channels,
+    branches = tuple("->".join(p if p == "identity" else f"{owner}.{p}" for p in b.split("->"))
+                     for b in region.branches)
+    return Merge(owner, f"{owner}.{conv_name}", branches, tuple(names), form.in_channels,
                  form.out_channels, form.kernel, form.stride, form.padding, form.dilation, form.groups, pools)
 
 
