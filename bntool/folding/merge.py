@@ -56,16 +56,16 @@ class MergePlan:
     skips: tuple[Skip, ...]
 
 
-def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: dict[str, int] | None = None
-                ) -> MergePlan:
+def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: dict[str, int] | None = None,
+                shared: dict | None = None) -> MergePlan:
     """The regions of ``flow`` that merge into one conv each, and the adds that do not, with the reason. ``prefix``: the qualified name of ``model`` in a larger model (for the reasons); ``channels``: the channel
-    count each average pool reads, by name, where ``flow`` measures no shapes (a module traced alone)."""
+    count each average pool reads, where ``flow`` measures none; ``shared``: ``bnform.analyze``'s cache."""
     modules = dict(model.named_modules())
     cut: set[int] = set()  # values that start a region of their own: a linear step reads them as its input
     near = _near_sums(flow)
     norms: dict[str, bnform.NormForm] = {}  # (each BN-like module analyzed once, and only near an add)
     for _ in range(16):
-        forms, broken, skips, nd_hint = _walk(model, flow, modules, cut, prefix, (channels, near, norms))
+        forms, broken, skips, nd_hint = _walk(model, flow, modules, cut, prefix, (channels, near, norms, shared))
         more = {i for i in forms if i not in cut and any(
             r in forms and forms[r][0] == i for r in flow.readers_of(i))}
         if not more:
@@ -155,7 +155,7 @@ def _regions(flow, forms, skips, nd_hint, prefix) -> MergePlan:
 
 def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: list[int], context):
     """``(source, Linear, members, branches)`` when ``op`` is linear in one earlier value, else None."""
-    ops, (channels, near, norms) = flow.ops, context
+    ops, (channels, near, norms, shared) = flow.ops, context
     if op.kind == "module" and op.target in modules and len(op.inputs) == 1:
         module = modules[op.target]
         source, inner, members, branches = operand(op.inputs[0])
@@ -193,7 +193,7 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
         if is_batchnorm(module):
             if op.index not in near:
                 return None
-            form = norms[name] if name in norms else norms.setdefault(name, bnform.analyze(module))
+            form = norms[name] if name in norms else norms.setdefault(name, bnform.analyze(module, None, shared))
             if not (form.kind == "standard" or (form.kind == "traced" and form.removable)):
                 raise NotMergeable(f"`{name}` does more than normalize ({form.reason or 'its forward keeps running'})")
             if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None:

@@ -55,7 +55,7 @@ class Merge:
 
 
 def merge_region(model: nn.Module, region: Region, channels: dict[str, int] | None = None,
-                 recorded: dict[str, Any] | None = None) -> Merge:
+                 recorded: dict[str, Any] | None = None, shared: dict | None = None) -> Merge:
     """Replace ``region`` (found in ``model``'s dataflow) by one conv, in place; NotMergeable with the reason.
 
     ``recorded``: a merge step from a file (``Merge.step``): the conv is built with its hyper-parameters,
@@ -64,7 +64,7 @@ def merge_region(model: nn.Module, region: Region, channels: dict[str, int] | No
     names = region.modules
     owner, why = common(names), None
     while owner:
-        done = _try_owner(model, owner, names, channels, recorded)
+        done = _try_owner(model, owner, names, channels, recorded, shared)
         if isinstance(done, Merge):
             return done
         why = why or done  # (the innermost module's reason)
@@ -73,7 +73,7 @@ def merge_region(model: nn.Module, region: Region, channels: dict[str, int] | No
                        "it, and cannot replace the model itself")
 
 
-def _try_owner(model, owner: str, names, channels, recorded) -> Merge | str:
+def _try_owner(model, owner: str, names, channels, recorded, shared=None) -> Merge | str:
     """The merge made in ``owner``'s forward, else why it cannot be made there."""
     module = model.get_submodule(owner)
     try:
@@ -84,7 +84,7 @@ def _try_owner(model, owner: str, names, channels, recorded) -> Merge | str:
     flow = Dataflow(fx_ops(module, graph), "fx")
     local = {n[len(owner) + 1:]: c for n, c in (channels or {}).items() if n.startswith(owner + ".")}
     want = tuple(n[len(owner) + 1:] for n in names)
-    found = [r for r in plan_merges(module, flow, channels=local).regions if r.modules == want]
+    found = [r for r in plan_merges(module, flow, channels=local, shared=shared).regions if r.modules == want]
     if len(found) != 1:
         return f"`{owner}` traced alone does not add up these branches the same way"
     region = found[0]

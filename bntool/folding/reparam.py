@@ -75,14 +75,16 @@ def merge_branches(
     none), and the report. Raises ``VerificationError`` when the merged model fails at the outputs and no
     merge can be blamed (or any fails, with ``strict``)."""
     flow = dataflow(model, inputs)
-    plan = plan_merges(model, flow)
+    shared: dict = {}  # BN forms by structure, traced once for every plan
+    plan = plan_merges(model, flow, shared=shared)
     if not plan.regions:
         return model, MergeReport((), plan.skips, None)
     channels = pool_channels(model, flow)
     rejected: dict[tuple[str, ...], str] = {}
     reference = None
     for _ in range(MAX_ROUNDS):
-        merged, merges, skips = _apply(model, [r for r in plan.regions if r.modules not in rejected], channels)
+        merged, merges, skips = _apply(model, [r for r in plan.regions if r.modules not in rejected], channels,
+                                       shared)
         if not merges:
             return model, _report((), plan, skips, None, rejected)
         if not verify:
@@ -106,12 +108,12 @@ def merge_branches(
     raise VerificationError("merging branches did not verify after leaving out every merge it blamed", report)
 
 
-def _apply(model: nn.Module, regions, channels) -> tuple[nn.Module, list[Merge], list[Skip]]:
+def _apply(model: nn.Module, regions, channels, shared) -> tuple[nn.Module, list[Merge], list[Skip]]:
     merged = clone(model)
     merges, skips = [], []
     for region in regions:
         try:
-            merges.append(merge_region(merged, region, channels))
+            merges.append(merge_region(merged, region, channels, shared=shared))
         except NotMergeable as exc:
             skips.append(Skip(f"`{common(region.modules)}`", f"not merged: {exc}"))
     return merged, merges, skips
