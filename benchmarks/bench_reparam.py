@@ -1,6 +1,6 @@
 """Branch-merge benchmark: bntool's fold (with its branch merge) beside each model's own reparameterize.
 
-    python benchmarks/bench_reparam.py [--repeats 7] [--size 224] [--models repvgg_a0,...]
+    python benchmarks/bench_reparam.py [--repeats 15] [--size 224] [--models repvgg_a0,...]
 
 For the training-form look-alikes of examples/reparam.py at full width (BN
 statistics, affine parameters and layer scales randomized), it prints per net:
@@ -11,8 +11,8 @@ statistics, affine parameters and layer scales randomized), it prints per net:
   the three families with no such method show ``-``;
 * the max abs error of each against the original run in float64, beside the
   tolerance bntool derived for its output;
-* eval latency (median of ``--repeats``) of the original, bntool's result and
-  the model's own, measured interleaved;
+* eval latency (the best of ``--repeats``: the least disturbed run on a shared
+  machine) of the original, bntool's result and the model's own, interleaved;
 * the time of ``bntool.fold`` itself (merge, fold, both verified).
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from collections import Counter
@@ -118,7 +117,7 @@ def bench(name: str, size: int, repeats: int) -> dict:
         "own": counts(own, x) if own is not None else None, "err_bntool": err_ours, "err_own": err_own,
         "tolerance": report.merge.comparison.outputs[-1].tolerance if report.merge.comparison else None,
         "merged": len(report.merge.merges), "not_merged": len(report.merge.skipped) + len(report.merge.rejected),
-        "ms": {k: statistics.median(v) * 1e3 if v else None for k, v in runs.items()}, "fold_s": fold_s,
+        "ms": {k: min(v) * 1e3 if v else None for k, v in runs.items()}, "fold_s": fold_s,
     }
 
 
@@ -128,7 +127,7 @@ def _c(c) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", default=",".join(NETS), help="comma-separated subset of: " + ", ".join(NETS))
@@ -137,7 +136,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-          f"threads, 1x3x{args.size}x{args.size}, median of {args.repeats}")
+          f"threads, 1x3x{args.size}x{args.size}, best of {args.repeats}")
     rows = [bench(name, args.size, args.repeats) for name in args.models.split(",")]
     print()
     print("| net | BN / conv / add: original | after bntool | after own method | blocks merged (left) | "
