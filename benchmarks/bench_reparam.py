@@ -32,12 +32,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _progress import start, step  # noqa: E402
+from _progress import start, step
 
-import bntool  # noqa: E402
-from bntool.norms import is_batchnorm  # noqa: E402
-from examples import models as zoo  # noqa: E402
-from examples import reparam  # noqa: E402
+import bntool
+from bntool.norms import is_batchnorm
+from examples import models as zoo
+from examples import reparam
 
 FAMILY = (32, 64, 64, 128, 128, 256, 256)
 NETS = {

@@ -20,7 +20,6 @@ from torch.nn import functional as F
 
 import bntool
 from bntool.folding import merge_math
-from bntool.folding.reparam import merge_branches
 from bntool.norms import is_batchnorm
 from examples import reparam
 from tests.conftest import randomize_bn
@@ -238,6 +237,7 @@ def test_a_branch_read_elsewhere_is_refused():
     merged, report = bntool.fold(model, x)
     assert report.merge.merges == ()
     assert any("is also read by" in s.reason for s in report.merge.skipped)
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in merged.modules())
 
 
 def test_a_bn_not_in_eval_form_is_refused_and_merging_it_with_identity_statistics_changes_the_output():
@@ -246,7 +246,7 @@ def test_a_bn_not_in_eval_form_is_refused_and_merging_it_with_identity_statistic
     model = _prepare(Branches(a, b))
     x = torch.randn(model.input_shape)
     merged, report = bntool.fold(model, x)
-    assert report.merge.merges == ()
+    assert report.merge.merges == () and isinstance(merged.block, Block)
     assert any("not in eval form" in s.reason or "more than normalize" in s.reason for s in report.merge.skipped)
     fa = merge_math.conv_module(a[0])
     fa = merge_math.then_affine(fa, a[1].weight.double() / (1 + a[1].eps) ** 0.5, a[1].bias.double())
@@ -261,7 +261,8 @@ def test_no_merge_branches_leaves_the_branches_to_the_fold():
 
 
 def test_a_merge_that_verification_blames_is_left_out_and_the_rest_kept(monkeypatch):
-    from bntool.folding import merge_apply, reparam as reparam_module
+    from bntool.folding import merge_apply
+    from bntool.folding import reparam as reparam_module
 
     real = merge_apply.merge_region
 
@@ -279,17 +280,19 @@ def test_a_merge_that_verification_blames_is_left_out_and_the_rest_kept(monkeypa
     assert [m.block for m in report.merge.merges] == ["0", "1"]
     assert [s.name for s in report.merge.rejected] == ["`2`"] and "rejected by verification" in \
         report.merge.rejected[0].reason
-    assert report.passed and report.merge.passed
+    assert report.passed and report.merge.passed and _counts(merged) == (4, 1)  # (block 2: two convs, its identity BN)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- files
 
 
 def test_the_merged_model_round_trips_through_save_and_load(tmp_path):
-    build = lambda: reparam.fastvit_t8(pos_emb=True, layers=(1, 1, 1, 1))  # noqa: E731
+    build = lambda: reparam.fastvit_t8(pos_emb=True, layers=(1, 1, 1, 1))
     model = _prepare(build())
     x = torch.randn(model.input_shape)
-    merged, report = bntool.fold(model, x)
+    merged, _ = bntool.fold(model, x)
     out = bntool.save(merged, tmp_path / "merged.safetensors", build=build)
     loaded = bntool.load(out, build()).eval()
     assert _counts(loaded) == _counts(merged) and _counts(loaded)[1] == 0
@@ -336,7 +339,7 @@ def test_each_look_alike_merges_to_no_more_convs_than_its_own_method_and_no_bn(n
     merged, report = bntool.fold(model, x)
     own = reparam.reparameterize_model(model).eval()
     convs, bns = _counts(merged)
-    own_convs, own_bns = _counts(own)
+    own_convs, _ = _counts(own)
     assert bns == 0 and convs <= own_convs and report.merge.skipped == () and report.merge.rejected == ()
     if name in ("acnet", "yolov6", "dbb_style"):  # no method of their own: every block is one conv
         assert convs == len(model) - 1

@@ -160,8 +160,8 @@ def _render_merge(merge, as_json: bool, result: dict) -> None:
         console.table(f"Merged the branches of {len(merge.merges)} block(s) into one conv each",
                       ["block", "branches", "became"],
                       [[m.block, "\n".join(m.branches),
-                        f"{m.conv}: {'x'.join(map(str, m.kernel))} conv, {m.in_channels}->{m.out_channels}, "
-                        f"stride {'x'.join(map(str, m.stride))}, groups {m.groups}"] for m in merge.merges])
+                        (f"{m.conv}: {'x'.join(map(str, m.kernel))} conv, {m.in_channels}->{m.out_channels}, "
+                         f"stride {'x'.join(map(str, m.stride))}, groups {m.groups}")] for m in merge.merges])
     if merge.skipped:
         console.table(f"Left {len(merge.skipped)} add(s) of branches as they are", ["where", "reason"],
                       [[s.name, s.reason] for s in merge.skipped])

@@ -32,7 +32,8 @@ from ..runtime.shapes import make_inputs
 from ..verify.compare import Comparison, Reference, compare
 from .apply import Journal, Submodules, apply_plan
 from .plan import FoldPair, FoldPlan
-from .reparam import MergeReport, merge_branches as merge_into_convs
+from .reparam import MergeReport
+from .reparam import merge_branches as merge_into_convs
 from .rules import plan_from_dataflow
 
 __all__ = ["FoldReport", "fold"]

@@ -16,7 +16,6 @@ doing more than normalize) keeps from being linear in one input.
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,16 +57,17 @@ class MergePlan:
 
 def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: dict[str, int] | None = None,
                 shared: dict | None = None) -> MergePlan:
-    """The regions of ``flow`` that merge into one conv each, and the adds that do not, with the reason. ``prefix``: the qualified name of ``model`` in a larger model (for the reasons); ``channels``: the channel
-    count each average pool reads, where ``flow`` measures none; ``shared``: ``bnform.analyze``'s cache."""
+    """The regions of ``flow`` that merge into one conv each, and the adds that do not, with the reason.
+
+    ``prefix``: ``model``'s name in a larger model (for the reasons); ``channels``: the channel count each average
+    pool reads, where ``flow`` measures none; ``shared``: ``bnform.analyze``'s cache."""
     modules = dict(model.named_modules())
     cut: set[int] = set()  # values that start a region of their own: a linear step reads them as its input
     near = _near_sums(flow)
-    norms: dict[str, bnform.NormForm] = {}  # (each BN-like module analyzed once, and only near an add)
+    norms: dict[str, bnform.NormForm] = {}  # each BN analyzed once, and only near an add
     for _ in range(16):
-        forms, broken, skips, nd_hint = _walk(model, flow, modules, cut, prefix, (channels, near, norms, shared))
-        more = {i for i in forms if i not in cut and any(
-            r in forms and forms[r][0] == i for r in flow.readers_of(i))}
+        forms, _, skips, nd_hint = _walk(model, flow, modules, cut, prefix, (channels, near, norms, shared))
+        more = {i for i in forms if i not in cut and any(forms.get(r, (None,))[0] == i for r in flow.readers_of(i))}
         if not more:
             break
         cut |= more
@@ -78,10 +78,8 @@ def _near_sums(flow: Dataflow, depth: int = 8) -> set[int]:
     """The ops within ``depth`` steps of an add of two values (before it, or after it)."""
     near: set[int] = set()
     for op in flow.ops:
-        if not (_is_sum(op) and len(op.inputs) == 2):
-            continue
-        front, back = [op.index], [op.index]
-        for _ in range(depth):
+        front = back = [op.index] if _is_sum(op) and len(op.inputs) == 2 else []
+        for _ in range(depth if front else 0):
             back = [j for i in back for j in flow.ops[i].inputs if j not in near]
             front = [j for i in front for j in flow.readers_of(i) if j not in near]
             near.update(back, front)
@@ -228,9 +226,11 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
         tensor = _constant(const[0], ops, modules)
         if inner is None:  # a scale of the input itself
             inner = merge_math.identity(tensor.numel())
-        if tensor.numel() != inner.out_channels:
-            return None
         chain = _chain(const[0], ops)
+        nd = inner.weight.dim() - 2 if inner.weight is not None else (nd_hint[0] if nd_hint else None)
+        shape = list(tensor.shape)[next((k for k, n in enumerate(tensor.shape) if n != 1), tensor.dim()):]
+        if tensor.numel() != inner.out_channels or (len(chain) == 1 and shape != [tensor.numel()] + [1] * (nd or -1)):
+            return None  # (a model tensor read as it is must lie along the channels: (C, 1, 1) for a 2-d conv)
         return source, merge_math.then_affine(inner, tensor.detach().double().reshape(-1), torch.zeros(())), \
             members | {op.index, *chain}, branches
     if not _is_sum(op):
