@@ -390,3 +390,32 @@ def test_the_cli_merges_by_default_reports_each_block_and_no_merge_branches_turn
     off = cli("fold", tmp_path / "ckpt.pth", "--model", spec, "--dry-run", "--json", "--no-merge-branches")
     data = json.loads(off.out)
     assert off.code == 0 and "merge" not in data and "2.rbr_identity" in [s["bn"] for s in data["skipped"]]
+
+
+def test_a_1x1_then_kxk_branch_merges_when_exact_and_is_refused_when_a_shift_meets_the_padding():
+    """DBB's 1x1 -> kxk: the kxk conv's zero padding pads the 1x1's output, so a shift between them (a BN) would
+    be seen at the border: exact with no shift, refused with one (and forcing it changes the border)."""
+    seq = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.Conv2d(16, 8, 3, padding=1, groups=2, bias=False), _bn(8))
+    model = _prepare(Branches(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _bn(8)), seq, _bn(8)))
+    x = torch.randn(model.input_shape)
+    merged, report = bntool.fold(model, x)
+    assert len(report.merge.merges) == 1 and _counts(merged.block) == (1, 0)
+    _assert_same(model, merged, x)
+    shifted = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), _bn(16), nn.Conv2d(16, 8, 3, padding=1, bias=False))
+    model = _prepare(Branches(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _bn(8)), shifted))
+    _refused(model, x, "padded border")
+    first = merge_math.then_affine(merge_math.conv_module(shifted[0]), *_k_c(shifted[1]))
+    forced = merge_math.conv_after(merge_math.Linear(first.bias, 8, weight=first.weight, stride=(1, 1),
+                                                     padding=(0, 0), dilation=(1, 1)),
+                                   merge_math.conv_module(shifted[2]).__class__(
+                                       torch.zeros(8, dtype=torch.float64), 16,
+                                       weight=shifted[2].weight.detach().double(), stride=(1, 1), padding=(0, 0),
+                                       dilation=(1, 1)))
+    forced = merge_math.Linear(forced.bias, 8, weight=forced.weight, stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    assert not torch.allclose(_forced(model, x, _conv_bn_form(model.block.branches[0]), forced),
+                              model.double()(x.double()), atol=1e-3)
+
+
+def _k_c(bn):
+    k = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    return k, bn.bias.double() - k * bn.running_mean.double()

@@ -65,8 +65,9 @@ def plan_merges(model: nn.Module, flow: Dataflow, prefix: str = "", channels: di
     cut: set[int] = set()  # values that start a region of their own: a linear step reads them as its input
     near = _near_sums(flow)
     norms: dict[str, bnform.NormForm] = {}  # each BN analyzed once, and only near an add
+    broken: dict[int, str] = {}  # why an op is not linear in its branches' input (kept across the rounds)
     for _ in range(16):
-        forms, _, skips, nd_hint = _walk(model, flow, modules, cut, prefix, (channels, near, norms, shared))
+        forms, skips, nd_hint = _walk(model, flow, modules, cut, prefix, (channels, near, norms, shared, broken))
         more = {i for i in forms if i not in cut and any(forms.get(r, (None,))[0] == i for r in flow.readers_of(i))}
         if not more:
             break
@@ -89,8 +90,7 @@ def _near_sums(flow: Dataflow, depth: int = 8) -> set[int]:
 def _walk(model, flow, modules, cut, prefix, context):
     ops = flow.ops
     forms: dict[int, tuple[int, Linear, frozenset[int], tuple[str, ...]]] = {}  # op -> source, form, members, branches
-    broken: dict[int, str] = {}  # non-linear ops: what they are, for the reasons
-    skips: dict[str, str] = {}
+    broken, skips = context[4], {}
     nd_hint: list[int] = []
 
     def operand(i: int) -> tuple[int, Linear | None, frozenset[int], tuple[str, ...]]:
@@ -120,7 +120,7 @@ def _walk(model, flow, modules, cut, prefix, context):
             broken[op.index] = f"`{prefix}{op.target}` ({type(modules[op.target]).__name__}) is not linear"
         elif op.kind == "function":
             broken[op.index] = f"`{op.target}` is not linear"
-    return forms, broken, skips, nd_hint
+    return forms, skips, nd_hint
 
 
 def _regions(flow, forms, skips, nd_hint, prefix) -> MergePlan:
@@ -153,7 +153,7 @@ def _regions(flow, forms, skips, nd_hint, prefix) -> MergePlan:
 
 def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: list[int], context):
     """``(source, Linear, members, branches)`` when ``op`` is linear in one earlier value, else None."""
-    ops, (channels, near, norms, shared) = flow.ops, context
+    ops, (channels, near, norms, shared, broken) = flow.ops, context
     if op.kind == "module" and op.target in modules and len(op.inputs) == 1:
         module = modules[op.target]
         source, inner, members, branches = operand(op.inputs[0])
@@ -167,12 +167,12 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
         if isinstance(module, _CONVS):
             outer = merge_math.conv_module(module)
             nd_hint.append(module.weight.dim() - 2)
-            if inner is not None and inner.weight is None:
+            if inner is not None and (inner.weight is None or len(flow.readers_of(op.inputs[0])) == 1):
                 try:
                     return source, merge_math.conv_after(inner, outer), members | {op.index}, \
                         tuple(f"{b}->{name}" for b in branches)
-                except NotMergeable:
-                    return op.inputs[0], outer, frozenset({op.index}), (name,)
+                except NotMergeable as exc:  # (the reason, for an add this keeps from merging)
+                    broken[op.inputs[0]] = f"`{name}` reads it: {exc}"
             if inner is not None:
                 return op.inputs[0], outer, frozenset({op.index}), (name,)
             return source, outer, members | {op.index}, (name,)
@@ -285,7 +285,7 @@ def _why_not(op: Op, ops, forms, broken: dict[int, str], modules) -> str | None:
             continue
         for other, other_start in sources.items():
             if other != j and any(other_start in (k, forms.get(k, (k,))[0]) for k in ops[start].inputs):
-                return f"a branch passes through a step that is not linear: {broken[start]}"
+                return f"a branch is not linear in the input of the others: {broken[start]}"
     return None
 
 

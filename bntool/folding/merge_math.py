@@ -81,13 +81,20 @@ def then_affine(form: Linear, k: torch.Tensor, c: torch.Tensor) -> Linear:
 
 
 def conv_after(inner: Linear, outer: Linear) -> Linear:
-    """``outer(inner(x))`` for a per-channel ``inner``; exact at the borders only when ``inner`` adds nothing there."""
-    if inner.weight is not None:
-        raise NotMergeable("a convolution after another convolution in one branch")
+    """``outer(inner(x))`` for a per-channel or 1x1 ``inner`` (DBB's 1x1 -> kxk); exact at the borders only when
+    ``inner`` adds nothing there (no shift, or no padding in ``outer``)."""
     if outer.weight is None:
         raise NotMergeable("internal: outer is not a convolution")
     if any(outer.padding) and bool((inner.bias != 0).any()):
         raise NotMergeable("a convolution with padding after a shift: the padded border would differ")
+    if inner.weight is not None:
+        if set(inner.kernel) | set(inner.stride) != {1} or any(inner.padding):
+            raise NotMergeable("a convolution after another convolution that is not 1x1 with stride 1")
+        dense = _regroup(outer.weight, outer.groups, 1)  # (out, mid, *kernel)
+        first = _regroup(inner.weight, inner.groups, 1).flatten(1)  # (mid, in)
+        weight = torch.einsum("om...,mi->oi...", dense, first)
+        bias = outer.bias + dense.flatten(2).sum(2) @ inner.bias
+        return replace(outer, weight=weight, bias=bias, groups=1, in_channels=inner.in_channels)
     w = outer.weight
     per_group = w.shape[1]
     index = (torch.arange(w.shape[0]) // (w.shape[0] // outer.groups) * per_group)[:, None] + torch.arange(per_group)
