@@ -10,10 +10,10 @@ same stride, and along each dimension one kernel whose taps
 own taps (centred when the paddings centre it; a 1x1 at index 1 of a 4x4
 with padding 1, say).
 Groups meet at their greatest common divisor; an identity or per-channel
-branch sits at the centre tap of each channel's own group slot. A per-channel
+branch sits at the tap of offset 0 in each channel's own group slot. A per-channel
 affine after a branch (a BN, a layer scale) scales its output channels
-(``then_affine``); a conv after a per-channel map with no shift (or with no
-padding) absorbs it (``conv_after``). Everything is float64; the caller rounds
+(``then_affine``); a conv after a per-channel map or a 1x1 conv with no
+shift (or with no padding of its own) absorbs it (``conv_after``). Everything is float64; the caller rounds
 the merged weight and bias once, to the layer's dtype.
 """
 
