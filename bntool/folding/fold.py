@@ -123,14 +123,15 @@ def fold(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs) if example_inputs is not None else make_inputs(model, seed=seed)
-    merged = None
+    flow, merged = dataflow(model, inputs), None
     if merge_branches:
         user, (model, merged) = model, merge_into_convs(model, inputs, verify=verify, strict=strict, device=device,
-                                                        atol=atol, rtol=rtol)
-        if inplace and merged.merges:
-            _transplant(user, model, merged)
-            model = user
-    flow = dataflow(model, inputs)
+                                                        atol=atol, rtol=rtol, flow=flow)
+        if merged.merges:
+            if inplace:
+                _transplant(user, model, merged)
+                model = user
+            flow = dataflow(model, inputs)
     rejected: dict[str, str] = {}
     reference = None
     journal = Journal() if inplace else None

@@ -33,7 +33,7 @@ _ADD = frozenset({"add", "add_", "__add__", "__iadd__", "iadd", "__radd__"})
 _SUB = frozenset({"sub", "sub_", "subtract", "__sub__", "__isub__", "isub"})
 _RSUB = frozenset({"__rsub__", "rsub"})
 _MUL = frozenset({"mul", "mul_", "multiply", "__mul__", "__imul__", "imul", "__rmul__"})
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
@@ -79,7 +79,7 @@ def _near_sums(flow: Dataflow, depth: int = 8) -> set[int]:
     """The ops within ``depth`` steps of an add of two values (before it, or after it)."""
     near: set[int] = set()
     for op in flow.ops:
-        front = back = [op.index] if _is_sum(op) and len(op.inputs) == 2 else []
+        front = back = [op.index] if is_sum(op) and len(op.inputs) == 2 else []
         for _ in range(depth if front else 0):
             back = [j for i in back for j in flow.ops[i].inputs if j not in near]
             front = [j for i in front for j in flow.readers_of(i) if j not in near]
@@ -106,13 +106,13 @@ def _walk(model, flow, modules, cut, prefix, context):
         try:
             result = _linear(op, flow, modules, forms, operand, nd_hint, context)
         except NotMergeable as exc:
-            if _is_sum(op):
+            if is_sum(op):
                 skips[_where(op, ops, forms, prefix)] = f"not merged: {exc}"
             broken[op.index] = str(exc)
             continue
         if result is not None:
             forms[op.index] = result
-        elif _is_sum(op) and len(op.inputs) == 2:
+        elif is_sum(op) and len(op.inputs) == 2:
             why = _why_not(op, ops, forms, broken, modules)
             if why:
                 skips[_where(op, ops, forms, prefix)] = f"not merged: {why}"
@@ -127,7 +127,7 @@ def _regions(flow, forms, skips, nd_hint, prefix) -> MergePlan:
     ops = flow.ops
     regions = []
     for i, (source, form, members, branches) in forms.items():
-        if not any(_is_sum(ops[m]) and len(ops[m].inputs) == 2 for m in members):
+        if not any(is_sum(ops[m]) and len(ops[m].inputs) == 2 for m in members):
             continue
         readers = flow.readers_of(i)
         if readers and all(r in forms and i in forms[r][2] for r in readers):
@@ -164,7 +164,7 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
             a, s = op.affine
             return source, merge_math.then_affine(inner, torch.tensor(a), torch.tensor(s)), members | {op.index}, \
                 branches
-        if isinstance(module, _CONVS):
+        if isinstance(module, CONVS):
             outer = merge_math.conv_module(module)
             nd_hint.append(module.weight.dim() - 2)
             if inner is not None and (inner.weight is None or len(flow.readers_of(op.inputs[0])) == 1):
@@ -226,14 +226,14 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
         tensor = _constant(const[0], ops, modules)
         if inner is None:  # a scale of the input itself
             inner = merge_math.identity(tensor.numel())
-        chain = _chain(const[0], ops)
+        steps = chain(const[0], ops)
         nd = inner.weight.dim() - 2 if inner.weight is not None else (nd_hint[0] if nd_hint else None)
         shape = list(tensor.shape)[next((k for k, n in enumerate(tensor.shape) if n != 1), tensor.dim()):]
-        if tensor.numel() != inner.out_channels or (len(chain) == 1 and shape != [tensor.numel()] + [1] * (nd or -1)):
+        if tensor.numel() != inner.out_channels or (len(steps) == 1 and shape != [tensor.numel()] + [1] * (nd or -1)):
             return None  # (a model tensor read as it is must lie along the channels: (C, 1, 1) for a 2-d conv)
         return source, merge_math.then_affine(inner, tensor.detach().double().reshape(-1), torch.zeros(())), \
-            members | {op.index, *chain}, branches
-    if not _is_sum(op):
+            members | {op.index, *steps}, branches
+    if not is_sum(op):
         return None
     (sa, fa, ma, ba), (sb, fb, mb, bb) = (operand(j) for j in op.inputs)
     if sa != sb or (fa is None and fb is None):
@@ -250,30 +250,30 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
 
 def _constant(i: int, ops, modules) -> torch.Tensor | None:
     """The model tensor an op reads (through reshapes), else None."""
-    chain = _chain(i, ops)
-    if not chain:
+    steps = chain(i, ops)
+    if not steps:
         return None
-    op = ops[chain[-1]]
+    op = ops[steps[-1]]
     owner, _, attr = op.target.rpartition(".")
     module = modules.get(owner)
     value = getattr(module, attr, None) if module is not None else None
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _chain(i: int, ops) -> list[int]:
+def chain(i: int, ops) -> list[int]:
     """``i`` and the reshapes back to a model tensor read directly (``gamma.view(1, -1, 1, 1)``), else []."""
-    chain = []
+    found = []
     while True:
         op = ops[i]
-        chain.append(i)
+        found.append(i)
         if op.kind == "attr":
-            return chain
+            return found
         if op.kind != "function" or not op.reshape or len(op.inputs) != 1:
             return []
         i = op.inputs[0]
 
 
-def _is_sum(op: Op) -> bool:
+def is_sum(op: Op) -> bool:
     return op.kind == "function" and op.target in (_ADD | _SUB | _RSUB) and op.affine is None
 
 

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from ..errors import VerificationError
-from ..graph.dataflow import dataflow
+from ..graph.dataflow import Dataflow, dataflow
+from ..norms import is_batchnorm
 from ..report import Skip, with_step
 from ..runtime.cloning import clone
 from ..verify.compare import Comparison, Reference, compare
-from .merge import POOLS, common, plan_merges
+from .merge import CONVS, POOLS, chain, common, is_sum, plan_merges
 from .merge_apply import Merge, merge_region
 from .merge_math import NotMergeable
 
@@ -70,11 +71,14 @@ def merge_branches(
     device: str | torch.device = "auto",
     atol: float | None = None,
     rtol: float | None = None,
+    flow: Dataflow | None = None,
 ) -> tuple[nn.Module, MergeReport]:
     """A copy of ``model`` with every mergeable add of parallel branches as one conv (``model`` when there is
     none), and the report. Raises ``VerificationError`` when the merged model fails at the outputs and no
     merge can be blamed (or any fails, with ``strict``)."""
-    flow = dataflow(model, inputs)
+    flow = flow if flow is not None else dataflow(model, inputs)
+    if not _worth_planning(model, flow):
+        return model, MergeReport((), (), None)
     shared: dict = {}  # BN forms by structure, traced once for every plan
     plan = plan_merges(model, flow, shared=shared)
     if not plan.regions:
@@ -106,6 +110,25 @@ def merge_branches(
             raise VerificationError(comparison.failure_message("the model with merged branches"), report)
         rejected.update(blamed)
     raise VerificationError("merging branches did not verify after leaving out every merge it blamed", report)
+
+
+def _worth_planning(model: nn.Module, flow: Dataflow) -> bool:
+    """Whether some add's two operands lead back, through steps that may be linear, to one value (a look at the
+    structure alone, so that a model with none pays no arithmetic: a ResNet's residual adds do not)."""
+    modules, start = dict(model.named_modules()), {}
+    for op in flow.ops:
+        data = [j for j in op.inputs if not chain(j, flow.ops)]
+        step = op.affine is not None or (op.kind == "module" and isinstance(
+            modules.get(op.target), (*CONVS, *POOLS)) or is_batchnorm(modules.get(op.target)))
+        if is_sum(op) and len(op.inputs) == 2:
+            a, b = (start.get(j, j) for j in op.inputs)
+            before = [start.get(flow.ops[s].inputs[0]) if len(flow.ops[s].inputs) == 1 else None for s in (a, b)]
+            if a == b or before[0] == b or before[1] == a:  # (or one step that is not linear stands between: to say so)
+                return True
+            start[op.index] = op.index
+        elif len(data) == 1 and (step or (op.kind == "function" and op.target in ("mul", "mul_", "__mul__"))):
+            start[op.index] = start.get(data[0], data[0])
+    return False
 
 
 def _apply(model: nn.Module, regions, channels, shared) -> tuple[nn.Module, list[Merge], list[Skip]]:
