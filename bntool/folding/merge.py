@@ -32,7 +32,7 @@ from .merge_math import Linear, NotMergeable
 _ADD = frozenset({"add", "add_", "__add__", "__iadd__", "iadd", "__radd__"})
 _SUB = frozenset({"sub", "sub_", "subtract", "__sub__", "__isub__", "isub"})
 _RSUB = frozenset({"__rsub__", "rsub"})
-_MUL = frozenset({"mul", "mul_", "multiply", "__mul__", "__imul__", "imul", "__rmul__"})
+MUL = frozenset({"mul", "mul_", "multiply", "__mul__", "__imul__", "imul", "__rmul__"})
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
@@ -217,7 +217,7 @@ def _linear(op: Op, flow: Dataflow, modules, forms, operand: Callable, nd_hint: 
         return source, merge_math.then_affine(inner, torch.tensor(a), torch.tensor(s)), members | {op.index}, branches
     if len(op.inputs) != 2:
         return None
-    if op.target in _MUL:
+    if op.target in MUL:
         const = [j for j in op.inputs if _constant(j, ops, modules) is not None]
         data = [j for j in op.inputs if j not in const]
         if len(const) != 1 or len(data) != 1:

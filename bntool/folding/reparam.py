@@ -26,7 +26,7 @@ from ..norms import is_batchnorm
 from ..report import Skip, with_step
 from ..runtime.cloning import clone
 from ..verify.compare import Comparison, Reference, compare
-from .merge import CONVS, POOLS, chain, common, is_sum, plan_merges
+from .merge import CONVS, MUL, POOLS, chain, common, is_sum, plan_merges
 from .merge_apply import Merge, merge_region
 from .merge_math import NotMergeable
 
@@ -126,7 +126,7 @@ def _worth_planning(model: nn.Module, flow: Dataflow) -> bool:
             if a == b or before[0] == b or before[1] == a:  # (or one step that is not linear stands between: to say so)
                 return True
             start[op.index] = op.index
-        elif len(data) == 1 and (step or (op.kind == "function" and op.target in ("mul", "mul_", "__mul__"))):
+        elif len(data) == 1 and (step or (op.kind == "function" and op.target in MUL)):
             start[op.index] = start.get(data[0], data[0])
     return False
 
