@@ -35,6 +35,7 @@ from . import recipe
 from .deprecation import plumbing
 from .errors import VerificationError, require_module
 from .folding import apply as fold_apply
+from .folding import merge_apply
 from .freezing import freeze as freezing
 from .io import checkpoint, matching, tensorfile, torchfile, writing
 from .recalibration import state as recalibration_state
@@ -44,6 +45,7 @@ from .verify.bits import same_bits
 #: op name -> ``replay(model, step)``: the structural change of each operation's recipe step
 REPLAYERS: dict[str, recipe.Replayer] = {
     "fold": fold_apply.replay,
+    "merge": merge_apply.replay,
     "freeze": freezing.replay,
     "unfreeze": freezing.replay,
     "recalibrate": recalibration_state.replay,

@@ -32,6 +32,12 @@ StrictOpt = Annotated[
     typer.Option("--strict", help="Fail (exit 1, nothing written) if verification rejects any fold, instead of "
                  "leaving those BatchNorms as they are and writing the verified rest."),
 ]
+MergeBranchesOpt = Annotated[
+    bool,
+    typer.Option("--merge-branches/--no-merge-branches", help="First merge parallel conv / BN / identity branches "
+                 "of one input that are summed (RepVGG, MobileOne, FastViT...) into one conv, verified; "
+                 "--no-merge-branches leaves them to the fold alone."),
+]
 
 
 @app.command()
@@ -53,6 +59,7 @@ def fold(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     strict: StrictOpt = False,
+    merge_branches: MergeBranchesOpt = True,
     json: JsonOpt = False,
 ) -> None:
     """Fold every BatchNorm that can be folded exactly into the conv / linear next to it.
@@ -92,12 +99,20 @@ def fold(
     def operate(source, inputs, target):
         # in place: the original's outputs are computed first, so one model is held (undone if it fails)
         return fold_model(source.model, include=include or None, exclude=exclude or None, example_inputs=inputs,
-                          inplace=True, device=target, atol=atol, rtol=rtol, strict=strict)
+                          inplace=True, device=target, atol=atol, rtol=rtol, strict=strict,
+                          merge_branches=merge_branches)
 
     run_operation(Operation(
         "fold", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,
-        lambda result, report: _render(result, report, json), as_json=json, device=device, out=out, suffix="folded",
+        lambda result, report: _render_any(result, report, json), as_json=json, device=device, out=out, suffix="folded",
         force=force, dry_run=dry_run, input_shape=input_shape, seed=seed))
+
+
+def _render_any(result: dict, report, as_json: bool) -> None:
+    if hasattr(report, "plan"):
+        _render(result, report, as_json)
+    else:  # the merge of branches failed verification, before any fold
+        _render_merge(report, as_json, result)
 
 
 def _render(result: dict, report, as_json: bool) -> None:
@@ -110,6 +125,8 @@ def _render(result: dict, report, as_json: bool) -> None:
     if as_json:
         console.print_json(result)
         return
+    if report.merge is not None:
+        _render_merge(report.merge, as_json, result)
     plan = report.plan
     rows = [[p.bn, p.into, p.into_type, p.direction, _becomes(p)] for p in plan.pairs]
     if rows:
@@ -121,7 +138,8 @@ def _render(result: dict, report, as_json: bool) -> None:
         console.table(f"Left {len(plan.skips)} BatchNorm layer(s) as they are", ["BatchNorm", "reason"],
                       [[s.bn, s.reason] for s in plan.skips])
     if not plan.pairs and not plan.skips:
-        console.line("The model has no BatchNorm layers; nothing to fold.")
+        console.line("No BatchNorm layers left; nothing to fold." if report.merge is not None and report.merge.merges
+                     else "The model has no BatchNorm layers; nothing to fold.")
     if plan.note:
         console.line(f"Note: {plan.note}", style="yellow")
 
@@ -138,6 +156,30 @@ def _render(result: dict, report, as_json: bool) -> None:
         console.success(f"Wrote {result['output']} (reloaded and verified before it was renamed into place).")
     elif result.get("dry_run", False):
         console.line("Dry run: nothing written.")
+
+
+def _render_merge(merge, as_json: bool, result: dict) -> None:
+    from . import console
+    from .common import render_comparison
+
+    for skip in merge.rejected:
+        console.warning(f"{skip.name} was not merged: {skip.reason}; the rest was verified without it")
+    if as_json:
+        console.print_json(result)
+        return
+    if merge.merges:
+        console.table(f"Merged the branches of {len(merge.merges)} block(s) into one conv each",
+                      ["block", "branches", "became"],
+                      [[m.block, "\n".join(m.branches),
+                        (f"{m.conv}: {'x'.join(map(str, m.kernel))} conv, {m.in_channels}->{m.out_channels}, "
+                         f"stride {'x'.join(map(str, m.stride))}, groups {m.groups}")] for m in merge.merges])
+    if merge.skipped:
+        console.table(f"Left {len(merge.skipped)} add(s) of branches as they are", ["where", "reason"],
+                      [[s.name, s.reason] for s in merge.skipped])
+    if merge.comparison is not None:
+        render_comparison(merge.comparison, "Verification: merged branches vs original (eval mode)")
+        if merge.merges and merge.comparison.passed:
+            console.line("The fold below is verified against the model with merged branches.")
 
 
 def _becomes(pair) -> str:

@@ -37,6 +37,8 @@ from ..verify.compare import Comparison, Reference, compare_layers
 from .apply import Journal, Submodules, apply_plan
 from .plan import FoldPair, FoldPlan
 from .program_fold import fold_program
+from .reparam import MergeReport
+from .reparam import merge_branches as merge_into_convs
 from .rules import plan_from_dataflow
 
 __all__ = ["FoldReport", "fold"]
@@ -59,6 +61,8 @@ class FoldReport:
     #: for later checks on the same inputs (export's onnxruntime check) without running the original again
     reference: Reference | None = dataclasses.field(default=None, repr=False, compare=False)
     verified: bool = True
+    #: the parallel branches merged into one conv before folding (``merge_branches``)
+    merge: MergeReport | None = None
 
     @property
     def done(self) -> tuple[FoldPair, ...]:
@@ -87,6 +91,7 @@ class FoldReport:
             "rejected_by_verification": skip_entries(self.rejected, old_name="bn"),
             "dataflow": self.plan.method,
             "note": self.plan.note,
+            **({"merge": self.merge.to_dict()} if self.merge is not None else {}),
         }
 
 
@@ -109,6 +114,7 @@ def fold(
     atol: float | None = None,
     rtol: float | None = None,
     strict: bool = False,
+    merge_branches: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every selected BN that can be folded exactly; return the folded model and a report.
 
@@ -129,6 +135,11 @@ def fold(
     the original's outputs are computed first and the fold is made on
     ``model`` itself (what it replaces is kept aside, on disk when large, to
     undo a rejected fold), so that no second model is held in memory.
+    With ``merge_branches`` (the default), parallel branches of one input that
+    are summed (RepVGG, MobileOne, ...) are first merged into one conv in the
+    module that adds them and verified (``reparam.merge_branches``; the
+    report's ``merge``); the fold then runs on that model. A selection
+    (``include`` / ``exclude``) that leaves a BN out turns merging off.
     """
     example_inputs = positional("example_inputs", _example_inputs, example_inputs, "fold")
     if isinstance(model, ExportedProgram):  # a torch.export program: folded into a new program (``program_fold``)
@@ -141,7 +152,15 @@ def fold(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs) if example_inputs is not None else make_inputs(model, seed=seed)
-    flow = dataflow(model, inputs)
+    flow, merged = dataflow(model, inputs), None
+    if merge_branches and not unselected:  # (a merge takes whole blocks: not under a selection of BNs)
+        user, (model, merged) = model, merge_into_convs(model, inputs, verify=verify, strict=strict, device=device,
+                                                        atol=atol, rtol=rtol, flow=flow)
+        if merged.merges:
+            if inplace:
+                _transplant(user, model, merged)
+                model = user
+            flow = dataflow(model, inputs)
     rejected: dict[str, str] = {}
     reference = None
     journal = Journal() if inplace else None
@@ -188,7 +207,7 @@ def fold(
         gc.collect()  # the dataflow's traced structures hold the replaced tensors in reference cycles: free them now
     outputs_only = dataclasses.replace(reference, layers={}, layer_deltas={}) if reference is not None else None
     report = FoldReport(plan, comparison, tuple(s for s in plan.skips if s.bn in rejected), outputs_only,
-                        verified=verify)
+                        verified=verify, merge=merged)
     if comparison is not None and not comparison.passed:
         if journal is not None:
             journal.undo()  # a failed in-place fold leaves the model as it was
@@ -202,6 +221,14 @@ def selection_skips(model: nn.Module, include: Any, exclude: Any) -> dict[str, s
         return {}
     candidates = [n for n, m in model.named_modules() if is_batchnorm(m)]
     return select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)[1]
+
+
+def _transplant(user: nn.Module, merged_model: nn.Module, report: MergeReport) -> None:
+    """Fold in place: the verified merged blocks go into the user's model, which then carries the merge step."""
+    for m in report.merges:
+        parent, _, key = m.block.rpartition(".")
+        user.get_submodule(parent)._modules[key] = merged_model.get_submodule(m.block)
+    with_step(user, report.recipe_step())
 
 
 def _copy_for(model: nn.Module, plan: FoldPlan) -> nn.Module:

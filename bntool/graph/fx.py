@@ -210,3 +210,16 @@ def measure_shapes(model: nn.Module, example_inputs, calls: dict[str, tuple[int,
             shapes.update({i: (s[0], s[1]) for i, s in zip(indices, seen[name])})
     return shapes
 
+
+
+def op_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The fx nodes behind ``fx_ops``'s ops, in the same order (op ``i`` is node ``i``): every node but the
+    shape queries."""
+    meta: set[torch.fx.Node] = set()
+    nodes = []
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") and _fx_is_metadata(node, meta):
+            meta.add(node)
+            continue
+        nodes.append(node)
+    return nodes
