@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
 from .errors import InputError
+from .norms import is_batchnorm
 
 
 def patterns(value: str | Iterable[str] | None) -> list[str]:
@@ -59,3 +60,11 @@ def select(
         else:
             selected.append(name)
     return selected, left
+
+
+def unselected_bns(model, include: str | Iterable[str] | None, exclude: str | Iterable[str] | None) -> dict[str, str]:
+    """The BNs of ``model`` that ``include`` / ``exclude`` leave, each with the reason (``select``'s one rule)."""
+    if include is None and exclude is None:
+        return {}
+    candidates = [n for n, m in model.named_modules() if is_batchnorm(m)]
+    return select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)[1]

@@ -28,11 +28,10 @@ from torch.export import ExportedProgram
 from ..deprecation import UNSET, positional
 from ..errors import BntoolError, InputError, VerificationError, first_line, out_of_memory, require_module
 from ..graph.dataflow import dataflow
-from ..norms import is_batchnorm
 from ..report import Skip, contract, skip_entries, with_step
 from ..runtime.cloning import clone
 from ..runtime.shapes import make_inputs
-from ..selection import select
+from ..selection import unselected_bns
 from ..verify.compare import Comparison, Reference, compare_layers
 from .apply import Journal, Submodules, apply_plan
 from .plan import FoldPair, FoldPlan
@@ -148,7 +147,7 @@ def fold(
         return fold_program(model, example_inputs, verify=verify, strict=strict, seed=seed, atol=atol, rtol=rtol,
                             report_type=FoldReport)
     require_module(model)
-    unselected = selection_skips(model, include, exclude)
+    unselected = unselected_bns(model, include, exclude)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs) if example_inputs is not None else make_inputs(model, seed=seed)
@@ -213,14 +212,6 @@ def fold(
             journal.undo()  # a failed in-place fold leaves the model as it was
         raise VerificationError(comparison.failure_message("the folded model"), report)
     return with_step(folded, plan.recipe_step()), report
-
-
-def selection_skips(model: nn.Module, include: Any, exclude: Any) -> dict[str, str]:
-    """The BNs ``include`` / ``exclude`` leave, each with the reason (``selection.select``'s one rule)."""
-    if include is None and exclude is None:
-        return {}
-    candidates = [n for n, m in model.named_modules() if is_batchnorm(m)]
-    return select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)[1]
 
 
 def _transplant(user: nn.Module, merged_model: nn.Module, report: MergeReport) -> None:
