@@ -40,6 +40,8 @@ _EXPORTS = {
     "Finding": "bntool.inspection.findings",
     "freeze": "bntool.freezing.freeze",
     "unfreeze": "bntool.freezing.freeze",
+    "convert": "bntool.converting.convert",
+    "ConvertReport": "bntool.converting.convert",
     "FrozenBatchNorm1d": "bntool.frozen",
     "FrozenBatchNorm2d": "bntool.frozen",
     "FrozenBatchNorm3d": "bntool.frozen",
@@ -67,6 +69,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .converting.convert import ConvertReport, convert
     from .errors import BntoolError, InputError, VerificationError
     from .export.export_onnx import ExportReport, export_onnx
     from .folding.fold import FoldReport, fold

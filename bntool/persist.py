@@ -33,6 +33,7 @@ from torch import nn
 
 from . import recipe
 from .errors import VerificationError, require_module
+from .converting import convert as converting
 from .folding import apply as fold_apply
 from .freezing import freeze as freezing
 from .io import checkpoint, matching, tensorfile, torchfile, writing
@@ -47,6 +48,7 @@ REPLAYERS: dict[str, recipe.Replayer] = {
     "freeze": freezing.replay,
     "unfreeze": freezing.replay,
     "recalibrate": recalibration_state.replay,
+    "convert": converting.replay,
 }
 
 def load(

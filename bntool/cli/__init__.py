@@ -23,6 +23,7 @@ from . import fold  # noqa: E402,F401,I001
 from . import inspect  # noqa: E402,F401
 from . import freeze  # noqa: E402,F401
 from . import unfreeze  # noqa: E402,F401
+from . import convert  # noqa: E402,F401
 from . import recalibrate  # noqa: E402,F401
 from . import export  # noqa: E402,F401
 

@@ -37,7 +37,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     name="bntool",
     cls=_Group,
-    help="BatchNorm surgery for PyTorch checkpoints: fold, recalibrate, freeze, unfreeze, export, inspect. "
+    help="BatchNorm surgery for PyTorch checkpoints: fold, recalibrate, freeze, unfreeze, convert, export, inspect. "
     "Every command verifies its result numerically before writing anything.",
     no_args_is_help=True,
     add_completion=False,
