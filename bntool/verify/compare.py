@@ -241,11 +241,13 @@ def _compare_one(
     if not orig.is_floating_point():
         equal = bool(torch.equal(orig, cand))
         return OutputComparison(name, tuple(orig.shape), 0.0 if equal else float("inf"), 0.0, 0.0, equal)
-    o64, c64 = orig.double(), cand.double()
-    nonfinite = _nonfinite(o64, c64)
+    nonfinite = _nonfinite(orig, cand)
     finite = nonfinite is None
-    both = torch.isfinite(c64) & torch.isfinite(o64)
-    o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
+    o64, c64 = orig.double(), cand.double()
+    both = None
+    if not finite:  # compare where both are finite; the non-finite values fail the output already
+        both = torch.isfinite(c64) & torch.isfinite(o64)
+        o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
     diff = (c64 - o64).abs()
     scale = o64.abs().max().item() if o64.numel() else 0.0
     max_abs = diff.max().item() if diff.numel() else 0.0
@@ -254,7 +256,8 @@ def _compare_one(
     if ref is None and delta is not None:
         ref = o64 + delta.to(o64.device)
     if ref is not None:
-        r64 = torch.where(both, ref.double().to(o64.device), 0.0)
+        r64 = ref.double().to(o64.device)
+        r64 = r64 if both is None else torch.where(both, r64, 0.0)
         original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
         candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
         floor = FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
@@ -283,6 +286,8 @@ def _compare_one(
 
 def _nonfinite(orig: torch.Tensor, cand: torch.Tensor) -> str | None:
     """``None`` if both are finite, else which side holds how many NaN / inf values."""
+    if bool(torch.isfinite(cand).all()) and bool(torch.isfinite(orig).all()):
+        return None
     parts = []
     for side, tensor in (("candidate", cand), ("original", orig)):
         nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
