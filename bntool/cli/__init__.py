@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         argv = ["--help"]  # bare `bntool`: the help, on stdout, exit 0
     _give_freed_memory_back()
+    if "--verbose" in argv[1:] and "--" not in argv:  # a root option, accepted after the command name too
+        argv = ["--verbose", *(a for a in argv if a != "--verbose")]
     state["debug"] = "--debug" in argv
     outputs.committed.clear()
     try:
