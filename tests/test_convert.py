@@ -300,3 +300,14 @@ def test_bad_target_and_pickled_converted_model():
     assert type(again.bn1) is type(synced.bn1)
     x = images((4, 3, 32, 32))
     assert torch.equal(again(x), synced(x))
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_both_ways_verified():
+    # where torch's SyncBatchNorm has its synchronized kernels: one process, so both checks still run
+    model = randomize_bn_(archs.bn_act_net(), 0).eval().cuda()
+    x = images((4, 3, 32, 32)).cuda()
+    synced, report = convert(model, "syncbatchnorm", example_inputs=x, device="cuda")
+    assert report.passed and report.train_check.passed and report.train_check.device.startswith("cuda")
+    back, report = convert(synced, "batchnorm", example_inputs=x, device="cuda")
+    assert report.passed and torch.equal(back(x), model(x))

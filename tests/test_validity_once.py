@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bntool.errors import InputError
+from bntool.verify import validity
 from bntool.verify.validity import require_valid
 from examples.models import randomize_bn_
 
@@ -18,8 +19,8 @@ def _model() -> nn.Module:
 
 def _scans(monkeypatch) -> list[int]:
     seen: list[int] = []
-    real = torch.isfinite
-    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or real(t))
+    real = validity.all_finite
+    monkeypatch.setattr(validity, "all_finite", lambda t: seen.append(t.numel()) or real(t))
     return seen
 
 
@@ -51,6 +52,21 @@ def test_a_tensor_changed_after_a_clean_scan_is_scanned_again(change):
             model[0].weight.data = torch.full_like(model[0].weight, float("inf"))
     with pytest.raises(InputError, match="`0.weight` holds"):
         require_valid(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_one_reduction_sees_every_nan_and_inf_and_an_overflowing_sum_is_not_taken_for_one(dtype):
+    # catches: a finite-sum shortcut that misses inf + -inf (NaN), or calls large finite values infinite
+    big = torch.finfo(dtype).max
+    values = torch.full((64,), big / 2, dtype=dtype)
+    assert validity.all_finite(values)  # the sum overflows in the dtype, the values are finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = values.clone()
+        broken[7] = bad
+        assert not validity.all_finite(broken)
+    pair = values.clone()
+    pair[1], pair[2] = float("inf"), -float("inf")
+    assert not validity.all_finite(pair)
 
 
 def test_negative_variance_is_checked_even_for_a_tensor_seen_under_another_name():

@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import InputError, require_module
 from ..runtime.running import flatten_outputs, resolve_device, run_on, tf32_disabled
 from ..runtime.spill import TensorStore
+from .validity import all_finite
 
 #: The candidate may be this many times further from the float64 reference
 #: than the original model in its own dtype is. Folded weights are rounded
@@ -286,7 +287,7 @@ def _compare_one(
 
 def _nonfinite(orig: torch.Tensor, cand: torch.Tensor) -> str | None:
     """``None`` if both are finite, else which side holds how many NaN / inf values."""
-    if bool(torch.isfinite(cand).all()) and bool(torch.isfinite(orig).all()):
+    if all_finite(cand) and all_finite(orig):
         return None
     parts = []
     for side, tensor in (("candidate", cand), ("original", orig)):

@@ -58,6 +58,15 @@ def _remember(tensor: torch.Tensor, now: tuple[int, int], non_negative: bool) ->
     _CLEAN[key] = (weakref.ref(tensor, lambda _, key=key: _CLEAN.pop(key, None)), now, non_negative)
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """No NaN and no inf: a NaN or an inf makes the sum NaN or inf, so a finite sum proves it in one
+    reduction; a sum that overflows (or a non-finite one) is settled element by element."""
+    if values.numel() == 0:
+        return True
+    total = values.sum() if values.is_complex() or values.dtype == torch.float64 else values.sum(dtype=torch.float64)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
+
+
 def problems(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[BadTensor]:
     """Every tensor with NaN, inf (parameters and statistics) or a negative ``running_var``, in state-dict order."""
     if isinstance(model_or_state, nn.Module):
@@ -77,10 +86,10 @@ def problems(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[Bad
             continue
         statistic = _kind(name) in STATISTICS
         values = tensor.detach()
-        if bool(torch.isfinite(values).all()):
-            non_negative = bool((values >= 0).all()) if not tensor.is_complex() else False
+        if all_finite(values):
+            non_negative = negative_matters and bool((values >= 0).all())
             if non_negative or not negative_matters:
-                _remember(tensor, now, non_negative)
+                _remember(tensor, now, non_negative)  # (non_negative: known only where it was asked)
                 continue
         nan = int(torch.isnan(values).sum())
         if nan:
