@@ -249,18 +249,23 @@ def _compare_one(
     if not finite:  # compare where both are finite; the non-finite values fail the output already
         both = torch.isfinite(c64) & torch.isfinite(o64)
         o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
-    diff = (c64 - o64).abs()
+    difference = c64 - o64
+    diff = difference.abs()
     scale = o64.abs().max().item() if o64.numel() else 0.0
     max_abs = diff.max().item() if diff.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
     original_error = candidate_error = None
-    if ref is None and delta is not None:
-        ref = o64 + delta.to(o64.device)
-    if ref is not None:
+    if ref is None and delta is not None:  # the reference is orig + delta: its errors are |delta|, |c - o - delta|
+        d64 = delta.to(o64.device, torch.float64)
+        d64 = d64 if both is None else torch.where(both, d64, 0.0)
+        original_error = d64.abs().max().item() if o64.numel() else 0.0
+        candidate_error = difference.sub_(d64).abs_().max().item() if c64.numel() else 0.0
+    elif ref is not None:
         r64 = ref.double().to(o64.device)
         r64 = r64 if both is None else torch.where(both, r64, 0.0)
         original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
         candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
+    if original_error is not None:
         floor = FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
         tolerance = widen * max(SLACK * original_error, floor)
         passed = finite and candidate_error <= tolerance
