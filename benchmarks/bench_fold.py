@@ -235,37 +235,45 @@ def coverage() -> list[tuple[str, int, int, str]]:
     return rows
 
 
-#: the architectures of examples/archs.py, at full resolution: (label, factory, full-resolution input shape)
+#: the architectures of examples/archs.py: (label, factory, small input shape (None: the one the model declares),
+#: full-resolution input shape (None: the model takes one size only))
 REFERENCE_ARCHS = [
-    ("EfficientNet-B0 (BatchNormAct2d)", lambda: archs.efficientnet_like(width=1.0, depth=1.0, image_size=224,
-                                                                        num_classes=1000), (1, 3, 224, 224)),
-    ("MobileNetV2 (BatchNormAct2d)", lambda: archs.mobilenetv2_like(width=1.0, depth=1.0, image_size=224,
-                                                                    num_classes=1000), (1, 3, 224, 224)),
-    ("EfficientNet, timm frozen BNs", lambda: archs.timm_frozen_efficientnet(), (1, 3, 224, 224)),
-    ("RegNetY (timm)", lambda: archs.regnet_like(), (1, 3, 224, 224)),
-    ("ResNetV2 pre-activation (timm)", lambda: archs.resnetv2_like(), (1, 3, 224, 224)),
-    ("DenseNet (torchvision)", lambda: archs.densenet_like(), (1, 3, 224, 224)),
-    ("DPN (timm)", lambda: archs.dpn_like(), (1, 3, 224, 224)),
-    ("RepVGG (timm)", lambda: archs.repvgg_like(), (1, 3, 224, 224)),
-    ("MobileOne (timm)", lambda: archs.mobileone_like(), (1, 3, 224, 224)),
-    ("LeViT (timm)", lambda: archs.levit_like(), None),  # attention over a fixed number of positions
-    ("ResNet, FrozenBatchNorm2d (torchvision)", lambda: archs.torchvision_frozen_resnet(), (1, 3, 224, 224)),
-    ("ResNet, FrozenBN (detectron2)", lambda: archs.detectron2_frozen_resnet(), (1, 3, 224, 224)),
-    ("YOLOv8 (ultralytics)", lambda: archs.yolov8_like(), (1, 3, 320, 320)),
-    ("DCGAN discriminator (PyTorch-GAN)", lambda: archs.dcgan_discriminator(), None),  # a fixed image size
+    ("EfficientNet-B0 (BatchNormAct2d)", lambda: archs.efficientnet_like(
+        width=1.0, depth=1.0, image_size=224, num_classes=1000), (1, 3, 96, 96), (1, 3, 224, 224)),
+    ("MobileNetV2 (BatchNormAct2d)", lambda: archs.mobilenetv2_like(
+        width=1.0, depth=1.0, image_size=224, num_classes=1000), (1, 3, 96, 96), (1, 3, 224, 224)),
+    ("EfficientNet, timm frozen BNs", lambda: archs.timm_frozen_efficientnet(), None, (1, 3, 224, 224)),
+    ("RegNetY (timm)", lambda: archs.regnet_like(), None, (1, 3, 224, 224)),
+    ("ResNetV2 pre-activation (timm)", lambda: archs.resnetv2_like(), None, (1, 3, 224, 224)),
+    ("DenseNet (torchvision)", lambda: archs.densenet_like(), None, (1, 3, 224, 224)),
+    ("DPN (timm)", lambda: archs.dpn_like(), None, (1, 3, 224, 224)),
+    ("RepVGG (timm)", lambda: archs.repvgg_like(), None, (1, 3, 224, 224)),
+    ("MobileOne (timm)", lambda: archs.mobileone_like(), None, (1, 3, 224, 224)),
+    ("LeViT (timm)", lambda: archs.levit_like(), None, None),  # attention over a fixed number of positions
+    ("ResNet, FrozenBatchNorm2d (torchvision)", lambda: archs.torchvision_frozen_resnet(), None, (1, 3, 224, 224)),
+    ("ResNet, FrozenBN (detectron2)", lambda: archs.detectron2_frozen_resnet(), None, (1, 3, 224, 224)),
+    ("YOLOv8 (ultralytics)", lambda: archs.yolov8_like(), None, (1, 3, 320, 320)),
+    ("DCGAN discriminator (PyTorch-GAN)", lambda: archs.dcgan_discriminator(), None, None),  # a fixed image size
 ]
+
+
+def cpu_seconds(fn) -> float:
+    began = time.process_time()
+    fn()
+    return time.process_time() - began
 
 
 def reference_cost(repeats: int) -> list[tuple[str, str, float, float]]:
     """The float64 reference (``run_on`` in float64: lent layer by layer, what every verified command runs) beside
-    one float32 forward, at the model's declared (small) shape and at full resolution: medians of paired runs."""
+    one float32 forward, at the model's declared (small) shape and at full resolution: medians of paired runs,
+    in CPU time of this process (a busy machine's waits do not count; with --threads 1 it is the work itself)."""
     from bntool.runtime.running import run_model, run_on
 
     rows = []
     cpu = torch.device("cpu")
-    for label, build, full in REFERENCE_ARCHS:
+    for label, build, small, full in REFERENCE_ARCHS:
         model = zoo.randomize_bn_(build(), seed=0).eval()
-        for resolution, shape in (("small", tuple(model.input_shape)), ("full", full)):
+        for resolution, shape in (("small", small or tuple(model.input_shape)), ("full", full)):
             if shape is None:
                 continue
             step(f"float64 reference: {label}, {resolution} {shape}")
@@ -273,8 +281,8 @@ def reference_cost(repeats: int) -> list[tuple[str, str, float, float]]:
             run_model(model, [x]), run_on(model, [x], cpu, torch.float64)  # warm-up
             low, high = [], []
             for _ in range(repeats):  # paired: both see the same machine
-                low.append(median_seconds(lambda: run_model(model, [x]), 1))
-                high.append(median_seconds(lambda: run_on(model, [x], cpu, torch.float64), 1))
+                low.append(cpu_seconds(lambda model=model, x=x: run_model(model, [x])))
+                high.append(cpu_seconds(lambda model=model, x=x: run_on(model, [x], cpu, torch.float64)))
             rows.append((label, "x".join(map(str, shape)), statistics.median(low), statistics.median(high)))
     return rows
 
@@ -317,7 +325,7 @@ def main() -> None:
             print(f"| {label} | {before} | {ours} | {fx_text} |")
     if args.only in (None, "reference"):
         print()
-        print("| architecture | input | float32 forward | float64 reference | ratio |")
+        print("| architecture | input | float32 forward (CPU) | float64 reference (CPU) | ratio |")
         print("|---|---|---|---|---|")
         for label, shape, low, high in reference_cost(args.repeats):
             print(f"| {label} | {shape} | {low * 1e3:.1f} ms | {high * 1e3:.1f} ms | {high / low:.1f}× |")

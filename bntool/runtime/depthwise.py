@@ -65,7 +65,7 @@ def depthwise_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         before = after = _tuple(padding, dims)
     pads = [p for b, a in zip(reversed(before), reversed(after)) for p in (b, a)]
     padded = F.pad(input, pads) if any(pads) else input
-    channels, multiplier = input.shape[1], weight.shape[0] // input.shape[1]
+    multiplier = weight.shape[0] // input.shape[1]
     if multiplier > 1:
         padded = padded.repeat_interleave(multiplier, dim=1)
     last = padded.movedim(1, -1).contiguous()  # channels innermost: each tap is a run of whole channel vectors
@@ -99,6 +99,12 @@ class _ExactDepthwise(TorchFunctionMode):
 def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict:
     return {"input": input, "weight": weight, "bias": bias, "stride": stride, "padding": padding,
             "dilation": dilation, "groups": groups}
+
+
+def has_grouped_convolutions(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has a module with more than one group (a depthwise conv among them): the mode's
+    per-call cost is paid only where it can help."""
+    return any(isinstance(getattr(m, "groups", None), int) and m.groups > 1 for m in model.modules())
 
 
 @contextlib.contextmanager
