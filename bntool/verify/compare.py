@@ -245,9 +245,8 @@ def _compare_one(
     nonfinite = _nonfinite(orig, cand)
     finite = nonfinite is None
     o64, c64 = orig.double(), cand.double()
-    both = None
-    if not finite:  # compare where both are finite; the non-finite values fail the output already
-        both = torch.isfinite(c64) & torch.isfinite(o64)
+    both = None if finite else torch.isfinite(c64) & torch.isfinite(o64)  # the non-finite fail the output already
+    if both is not None:  # compare where both are finite
         o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
     difference = c64 - o64
     diff = difference.abs()
@@ -256,13 +255,11 @@ def _compare_one(
     max_rel = max_abs / scale if scale > 0 else max_abs
     original_error = candidate_error = None
     if ref is None and delta is not None:  # the reference is orig + delta: its errors are |delta|, |c - o - delta|
-        d64 = delta.to(o64.device, torch.float64)
-        d64 = d64 if both is None else torch.where(both, d64, 0.0)
+        d64 = _where_finite(delta.to(o64.device, torch.float64), both)
         original_error = d64.abs().max().item() if o64.numel() else 0.0
         candidate_error = difference.sub_(d64).abs_().max().item() if c64.numel() else 0.0
     elif ref is not None:
-        r64 = ref.double().to(o64.device)
-        r64 = r64 if both is None else torch.where(both, r64, 0.0)
+        r64 = _where_finite(ref.double().to(o64.device), both)
         original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
         candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
     if original_error is not None:
@@ -276,18 +273,13 @@ def _compare_one(
     agreement = None
     if orig.dim() == 2 and orig.shape[1] > 1:
         agreement = (orig.argmax(dim=1) == cand.argmax(dim=1)).double().mean().item()
-    return OutputComparison(
-        name=name,
-        shape=tuple(orig.shape),
-        max_abs_error=max_abs,
-        max_rel_error=max_rel,
-        tolerance=tolerance,
-        passed=passed,
-        original_error=original_error,
-        candidate_error=candidate_error,
-        argmax_agreement=agreement,
-        nonfinite=nonfinite,
-    )
+    return OutputComparison(name=name, shape=tuple(orig.shape), max_abs_error=max_abs, max_rel_error=max_rel,
+                            tolerance=tolerance, passed=passed, original_error=original_error,
+                            candidate_error=candidate_error, argmax_agreement=agreement, nonfinite=nonfinite)
+
+
+def _where_finite(values: torch.Tensor, both: torch.Tensor | None) -> torch.Tensor:
+    return values if both is None else torch.where(both, values, 0.0)
 
 
 def _nonfinite(orig: torch.Tensor, cand: torch.Tensor) -> str | None:
