@@ -138,7 +138,8 @@ def bench(name: str, batch: int, repeats: int) -> dict:
 
 
 def _run(cmd: list[str]) -> dict[str, float]:
-    """One child process: wall seconds, user and system CPU seconds, peak RSS in MB."""
+    """One child process: wall seconds, user and system CPU seconds, peak RSS in MB (a forked child's peak starts
+    at this process's own size: below it, the figure says nothing; ``bench_memory.py`` measures memory)."""
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
