@@ -131,19 +131,69 @@ def bench(name: str, batch: int, repeats: int) -> dict:
         row["eval_original_ms"] = 1e3 * statistics.median(original)
         row["eval_folded_ms"] = 1e3 * statistics.median(after)
 
+    step(f"{name}: the whole `bntool fold` command beside `import torch`")
+    times = command_times(model, spec, spec_args, f"{batch},3,224,224", ("fold",), max(3, repeats // 4))
+    row["cli_s"], row["cli_ratio"] = times["fold"]["wall"], times["fold"]["wall"] / times["import torch"]["wall"]
+    return row
+
+
+def _run(cmd: list[str]) -> dict[str, float]:
+    """One child process: wall seconds, user and system CPU seconds, peak RSS in MB (a forked child's peak starts
+    at this process's own size: below it, the figure says nothing; ``bench_memory.py`` measures memory)."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - began
+    if status != 0:
+        raise RuntimeError(f"{cmd[3:6]} failed: {proc.stderr.read().decode()[-2000:]}")
+    proc.stderr.close()
+    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024}
+
+
+def command_times(model: nn.Module, spec: str, spec_args: str, shape: str, commands: tuple[str, ...],
+                  repeats: int, mmap_threshold: int | None = None) -> dict[str, dict[str, float]]:
+    """``python -c "import torch"`` and each ``bntool`` command on a checkpoint of ``model``, run in turn
+    ``repeats`` times (paired: every round runs each once), each figure the median of its runs.
+    ``mmap_threshold`` replaces the CLI's glibc mmap threshold for the run."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.safetensors"
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
-        cmd = [sys.executable, "-m", "bntool", "fold", str(ckpt), "--model", str(ROOT / spec), "--model-args", spec_args,
-               "--input-shape", f"{batch},3,224,224", "--out", str(Path(tmp) / "folded.safetensors"), "--force",
-               "--device", "cpu", "--strict"]
-        step(f"{name}: the whole `bntool fold` command")
-        began = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        row["cli_s"] = time.perf_counter() - began
-    return row
+        main = "import sys, bntool.cli as c"
+        if mmap_threshold is not None:
+            main += f"; c.MMAP_THRESHOLD = {mmap_threshold}"
+        main += "; c.main(sys.argv[1:])"
+        runs = {"import torch": [sys.executable, "-c", "import torch"]}
+        for command in commands:
+            out = Path(tmp) / (f"out.{command}." + ("onnx" if command == "export" else "safetensors"))
+            runs[command] = [sys.executable, "-c", main, command, str(ckpt), "--model", str(ROOT / spec),
+                             "--model-args", spec_args, "--input-shape", shape, "--out", str(out), "--force",
+                             "--device", "cpu"] + (["--strict"] if command == "fold" else [])
+        seen: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, cmd in runs.items():
+                seen[name].append(_run(cmd))
+    return {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
+            for name, results in seen.items()}
+
+
+def cli_table(repeats: int, thresholds: tuple[int | None, ...]) -> None:
+    """ResNet-50 at batch 1: ``bntool fold``, ``freeze``, ``export`` against ``import torch``, in the same run."""
+    spec, spec_args, build = MODELS["resnet50"]
+    model = zoo.randomize_bn_(build(), seed=0).eval()
+    print()
+    print("| glibc mmap threshold | command | wall | × `import torch` | user | system | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for threshold in thresholds:
+        step(f"commands, mmap threshold {threshold or 'as the CLI sets it'}")
+        times = command_times(model, spec, spec_args, "1,3,224,224", ("fold", "freeze", "export"), repeats, threshold)
+        base = times["import torch"]["wall"]
+        label = "CLI's own" if threshold is None else f"{threshold >> 20} MB"
+        for name, t in times.items():
+            print(f"| {label} | {name} | {t['wall']:.2f} s | {t['wall'] / base:.2f}× | {t['user']:.2f} s | "
+                  f"{t['sys']:.2f} s | {t['rss_mb']:.0f} MB |")
 
 
 COVERAGE = [
@@ -186,12 +236,69 @@ def coverage() -> list[tuple[str, int, int, str]]:
     return rows
 
 
+#: the architectures of examples/archs.py: (label, factory, small input shape (None: the one the model declares),
+#: full-resolution input shape (None: the model takes one size only))
+REFERENCE_ARCHS = [
+    ("EfficientNet-B0 (BatchNormAct2d)", lambda: archs.efficientnet_like(
+        width=1.0, depth=1.0, image_size=224, num_classes=1000), (1, 3, 96, 96), (1, 3, 224, 224)),
+    ("MobileNetV2 (BatchNormAct2d)", lambda: archs.mobilenetv2_like(
+        width=1.0, depth=1.0, image_size=224, num_classes=1000), (1, 3, 96, 96), (1, 3, 224, 224)),
+    ("EfficientNet, timm frozen BNs", lambda: archs.timm_frozen_efficientnet(), None, (1, 3, 224, 224)),
+    ("RegNetY (timm)", lambda: archs.regnet_like(), None, (1, 3, 224, 224)),
+    ("ResNetV2 pre-activation (timm)", lambda: archs.resnetv2_like(), None, (1, 3, 224, 224)),
+    ("DenseNet (torchvision)", lambda: archs.densenet_like(), None, (1, 3, 224, 224)),
+    ("DPN (timm)", lambda: archs.dpn_like(), None, (1, 3, 224, 224)),
+    ("RepVGG (timm)", lambda: archs.repvgg_like(), None, (1, 3, 224, 224)),
+    ("MobileOne (timm)", lambda: archs.mobileone_like(), None, (1, 3, 224, 224)),
+    ("LeViT (timm)", lambda: archs.levit_like(), None, None),  # attention over a fixed number of positions
+    ("ResNet, FrozenBatchNorm2d (torchvision)", lambda: archs.torchvision_frozen_resnet(), None, (1, 3, 224, 224)),
+    ("ResNet, FrozenBN (detectron2)", lambda: archs.detectron2_frozen_resnet(), None, (1, 3, 224, 224)),
+    ("YOLOv8 (ultralytics)", lambda: archs.yolov8_like(), None, (1, 3, 320, 320)),
+    ("DCGAN discriminator (PyTorch-GAN)", lambda: archs.dcgan_discriminator(), None, None),  # a fixed image size
+]
+
+
+def cpu_seconds(fn) -> float:
+    began = time.process_time()
+    fn()
+    return time.process_time() - began
+
+
+def reference_cost(repeats: int) -> list[tuple[str, str, float, float]]:
+    """The float64 reference (``run_on`` in float64: lent layer by layer, what every verified command runs) beside
+    one float32 forward, at the model's declared (small) shape and at full resolution: medians of paired runs,
+    in CPU time of this process (a busy machine's waits do not count; with --threads 1 it is the work itself)."""
+    from bntool.runtime.running import run_model, run_on
+
+    rows = []
+    cpu = torch.device("cpu")
+    for label, build, small, full in REFERENCE_ARCHS:
+        model = zoo.randomize_bn_(build(), seed=0).eval()
+        for resolution, shape in (("small", small or tuple(model.input_shape)), ("full", full)):
+            if shape is None:
+                continue
+            step(f"float64 reference: {label}, {resolution} {shape}")
+            x = torch.randn(shape)
+            run_model(model, [x]), run_on(model, [x], cpu, torch.float64)  # warm-up
+            low, high = [], []
+            for _ in range(repeats):  # paired: both see the same machine
+                low.append(cpu_seconds(lambda model=model, x=x: run_model(model, [x])))
+                high.append(cpu_seconds(lambda model=model, x=x: run_on(model, [x], cpu, torch.float64)))
+            rows.append((label, "x".join(map(str, shape)), statistics.median(low), statistics.median(high)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    parser.add_argument("--only", choices=("fold", "reference", "cli"), default=None,
+                        help="run one section: the fold table, the float64 reference's cost, or the commands' times")
+    parser.add_argument("--mmap-thresholds", default="",
+                        help="with the commands' times: also run them with these glibc mmap thresholds, in MB "
+                             "(e.g. 1,128), to compare with the CLI's own")
     args = parser.parse_args()
     start()
     if args.threads:
@@ -199,22 +306,33 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, median of {args.repeats}")
-    rows = [bench(name, args.batch, args.repeats) for name in args.models.split(",")]
-    print()
-    print("| model | BN layers | bntool fold | fx fuse | bntool / fx | folded: bntool / fx | "
-          "normalizations per forward: original → bntool (fx) | eval original → folded | `bntool fold` CLI |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['bn']} | {r['bntool_fold_s'] * 1e3:.0f} ms | {r['fx_fuse_s'] * 1e3:.0f} ms | "
-              f"{r['bntool_fold_s'] / r['fx_fuse_s']:.2f}× | {r['bntool_folded']} / {r['fx_folded']} | "
-              f"{r['kernels_original']} → {r['kernels_folded']} ({r['kernels_fx']}) | "
-              f"{r['eval_original_ms']:.1f} → {r['eval_folded_ms']:.1f} ms | {r['cli_s']:.1f} s |")
-    print()
-    print("| architecture | normalizations per forward | after bntool fold | after fx fuse |")
-    print("|---|---|---|---|")
-    for label, before, ours, fx_text in coverage():
-        print(f"| {label} | {before} | {ours} | {fx_text} |")
-
+    if args.only in (None, "fold"):
+        rows = [bench(name, args.batch, args.repeats) for name in args.models.split(",")]
+        print()
+        print("| model | BN layers | bntool fold | fx fuse | bntool / fx | folded: bntool / fx | "
+              "normalizations per forward: original → bntool (fx) | eval original → folded | "
+              "`bntool fold` CLI (× `import torch`) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['bn']} | {r['bntool_fold_s'] * 1e3:.0f} ms | {r['fx_fuse_s'] * 1e3:.0f} ms | "
+                  f"{r['bntool_fold_s'] / r['fx_fuse_s']:.2f}× | {r['bntool_folded']} / {r['fx_folded']} | "
+                  f"{r['kernels_original']} → {r['kernels_folded']} ({r['kernels_fx']}) | "
+                  f"{r['eval_original_ms']:.1f} → {r['eval_folded_ms']:.1f} ms | "
+                  f"{r['cli_s']:.1f} s ({r['cli_ratio']:.2f}×) |")
+        print()
+        print("| architecture | normalizations per forward | after bntool fold | after fx fuse |")
+        print("|---|---|---|---|")
+        for label, before, ours, fx_text in coverage():
+            print(f"| {label} | {before} | {ours} | {fx_text} |")
+    if args.only in (None, "reference"):
+        print()
+        print("| architecture | input | float32 forward (CPU) | float64 reference (CPU) | ratio |")
+        print("|---|---|---|---|---|")
+        for label, shape, low, high in reference_cost(args.repeats):
+            print(f"| {label} | {shape} | {low * 1e3:.1f} ms | {high * 1e3:.1f} ms | {high / low:.1f}× |")
+    if args.only in (None, "cli"):
+        extra = tuple(int(mb) << 20 for mb in args.mmap_thresholds.split(",") if mb)
+        cli_table(max(3, args.repeats // 4), (None, *extra))
 
 if __name__ == "__main__":
     main()

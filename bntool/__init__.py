@@ -43,6 +43,8 @@ _EXPORTS = {
     "unfreeze": "bntool.freezing.freeze",
     "FreezeReport": "bntool.freezing.freeze",
     "UnfreezeReport": "bntool.freezing.freeze",
+    "convert": "bntool.converting.convert",
+    "ConvertReport": "bntool.converting.convert",
     "FrozenBatchNorm1d": "bntool.frozen",
     "FrozenBatchNorm2d": "bntool.frozen",
     "FrozenBatchNorm3d": "bntool.frozen",
@@ -73,6 +75,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .converting.convert import ConvertReport, convert
     from .errors import BntoolError, InputError, VerificationError
     from .export.export_onnx import export_onnx
     from .export.report import ExportReport

@@ -32,6 +32,7 @@ import torch.fx
 from torch import nn
 
 from . import recipe
+from .converting import convert as converting
 from .deprecation import plumbing
 from .errors import VerificationError, require_module
 from .folding import apply as fold_apply
@@ -49,6 +50,7 @@ REPLAYERS: dict[str, recipe.Replayer] = {
     "freeze": freezing.replay,
     "unfreeze": freezing.replay,
     "recalibrate": recalibration_state.replay,
+    "convert": converting.replay,
 }
 
 def load(

@@ -67,7 +67,7 @@ LAYERS = [
     {"onnxio"},
     {"graph"},
     {"data"},
-    {"folding", "recalibration", "freezing", "inspection", "export"},  # the operations
+    {"folding", "recalibration", "freezing", "converting", "inspection", "export"},  # the operations
     {"face"},
     {"cli"},
     {"entry"},  # __main__: `python -m bntool`

@@ -365,6 +365,7 @@ def _library_calls(tmp_path):
         "recalibrate": lambda m: bntool.recalibrate(m, [x]),
         "freeze": lambda m: bntool.freeze(m),
         "unfreeze": lambda m: bntool.unfreeze(m),
+        "convert": lambda m: bntool.convert(m, "batchnorm"),
         "export_onnx": lambda m: bntool.export_onnx(m, x, tmp_path / "out.onnx"),
     }
 
@@ -379,7 +380,7 @@ NOT_MODELS = {  # what gets passed instead of a built model, and what the messag
 
 @pytest.mark.parametrize("what", list(NOT_MODELS))
 @pytest.mark.parametrize("call", ["load", "save", "fold", "plan_fold", "compare", "recalibrate", "freeze", "unfreeze",
-                                  "export_onnx"])
+                                  "convert", "export_onnx"])
 def test_library_calls_given_something_other_than_a_model_say_so(call, what, tmp_path):
     from bntool.errors import InputError
 

@@ -51,16 +51,19 @@ def _run(op: str, verify: bool, tmp_path):
     if op == "unfreeze":
         frozen, _ = bntool.freeze(model, example_inputs=X)
         return bntool.unfreeze(frozen, exclude="13", example_inputs=X, verify=verify)[1]
+    if op == "convert":
+        return bntool.convert(model, "syncbatchnorm", exclude="13", example_inputs=X, verify=verify)[1]
     return bntool.export_onnx(model, tmp_path / f"{verify}.onnx", exclude="13", example_inputs=X, verify=verify,
                               device="cpu")
 
 
-OPS = ["fold", "recalibrate", "freeze", "unfreeze", "export_onnx"]
+OPS = ["fold", "recalibrate", "freeze", "unfreeze", "convert", "export_onnx"]
 #: the key each operation's skip entries had before ``layer`` (kept one release); unfreeze skips nothing
 OLD_SKIP_KEY = {"fold": "bn", "export_onnx": "bn", "freeze": "name", "recalibrate": "name"}
 #: the layer each operation leaves in ``_run``, and why
 SKIPPED = {"fold": ("13", "exclude pattern `13`"), "export_onnx": ("13", "exclude pattern `13`"),
-           "recalibrate": ("13", "exclude pattern `13`"), "freeze": ("1", "already frozen")}
+           "recalibrate": ("13", "exclude pattern `13`"), "freeze": ("1", "already frozen"),
+           "convert": ("13", "exclude pattern `13`")}
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verified", "not-verified"])
@@ -88,7 +91,8 @@ def test_every_report_satisfies_the_protocol(op, verify, tmp_path):
         layer, why = SKIPPED[op]
         left = {s["layer"]: s for s in data["skipped"]}
         assert set(left) == {layer} and why in left[layer]["reason"]
-        assert left[layer][OLD_SKIP_KEY[op]] == layer  # the older key, beside `layer`, for one release
+        if op in OLD_SKIP_KEY:  # (convert is new: it has no older key)
+            assert left[layer][OLD_SKIP_KEY[op]] == layer  # the older key, beside `layer`, for one release
         assert [s.name for s in report.skipped] == [layer]
     if verify and op not in ("recalibrate",):
         assert report.comparison is not None and report.comparison.passed

@@ -37,7 +37,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     name="bntool",
     cls=_Group,
-    help="BatchNorm surgery for PyTorch checkpoints: fold, recalibrate, freeze, unfreeze, export, inspect. "
+    help="BatchNorm surgery for PyTorch checkpoints: fold, recalibrate, freeze, unfreeze, convert, export, inspect. "
     "Every command verifies its result numerically before writing anything.",
     no_args_is_help=True,
     add_completion=False,
@@ -47,7 +47,7 @@ app = typer.Typer(
 )
 
 #: what the root options set (``--debug``), read by ``bntool.cli.main``
-state = {"debug": False}
+state = {"debug": False, "verbose": False}
 
 
 def _version(value: bool) -> None:
@@ -60,5 +60,8 @@ def _version(value: bool) -> None:
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    verbose: bool = typer.Option(False, "--verbose", help="Say more about how the command ran (how the model was "
+                                                           "built). Accepted after the command name too."),
 ) -> None:
     state["debug"] = debug
+    state["verbose"] = verbose

@@ -25,6 +25,7 @@ from ..io import (
     checkpoint,  # persist: the ops' recipe replays
     matching,
     modelspec,
+    onmeta,
     outputs,
     writing,
 )
@@ -33,6 +34,7 @@ from ..runtime.running import resolve_device
 from ..runtime.shapes import make_inputs, parse_shape
 from ..verify.validity import require_valid
 from . import console
+from .app import state
 from .tables import comparison_rows, render_comparison, worst, worst_summary  # noqa: F401 (their old home)
 
 
@@ -87,8 +89,14 @@ def load_source(
             f"`{path}` holds weights only; pass --model with the code that builds the network, "
             "e.g. --model mypkg.models:resnet50 or --model path/to/models.py:resnet50"
         )
-    model = build_fresh()
-    resolved = matching.load_state(model, loaded, replayers=persist.REPLAYERS, strip_prefix=strip_prefix)
+    if model_spec is not None:  # on the meta device, the file's tensors assigned, where the factory allows
+        model, resolved, normally = onmeta.build_loaded(build_fresh, loaded, replayers=persist.REPLAYERS,
+                                                        strip_prefix=strip_prefix)
+        if normally is not None and state["verbose"]:
+            console.line(f"Built --model `{model_spec}` with its own weights before loading the file's: {normally}.")
+    else:
+        model = build_fresh()
+        resolved = matching.load_state(model, loaded, replayers=persist.REPLAYERS, strip_prefix=strip_prefix)
     set_recipe(model, loaded.recipe)
     loaded, resolved = loaded.without_tensors(), dataclasses.replace(resolved, state_dict={})  # freed once loaded
     model.eval()

@@ -36,6 +36,7 @@ FLAGS = {
     "`keep_on_fail=True`": "--keep-on-fail",
     "`opset`": "--opset",
     "`std`": "--std",
+    "`to`": "--to",
 }
 #: parameters given a value in messages, ``device="cpu"`` -> ``--device cpu``
 VALUED = ("device", "key", "exporter")

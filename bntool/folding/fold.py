@@ -171,6 +171,8 @@ def fold(
             reference = Reference.of(model, inputs, device=device, probes=points, float64=atol is None and rtol is None)
         fan_in = plan.fan_in(model) if verify else None
         folded = apply_plan(model if inplace else _copy_for(model, plan), plan, journal, forms)
+        if inplace:  # the replaced tensors sit in reference cycles (the traced structures): free them before the check
+            gc.collect()
         comparison = None
         if not verify:
             break

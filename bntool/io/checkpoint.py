@@ -122,9 +122,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     from safetensors.torch import load_file, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # (validates the header: offsets, sizes, dtypes)
             raw_meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            names = set(f.keys())
+        try:
+            tensors = tensorfile.read_mapped(path)  # memory-mapped: no copy of the file in memory
+        except (KeyError, ValueError, TypeError, RuntimeError, OSError):
+            tensors = None
+        if tensors is None or set(tensors) != names:  # a dtype or layout bntool does not map: read it whole
+            tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"cannot read `{path}` as safetensors: {exc}") from None
     metadata = {}

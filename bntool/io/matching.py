@@ -101,9 +101,10 @@ def _mismatch(path, model, state, expected, prefix, strip_prefix) -> CheckpointM
 
 
 def load_state(model: nn.Module, loaded: Loaded, *, replayers: Mapping[str, Replayer],
-               strip_prefix: bool = True) -> Resolved:
+               strip_prefix: bool = True, assign: bool = False) -> Resolved:
     """Replay the file's recipe on ``model`` (in place, with the operations' ``replayers``), then load its
-    weights strictly.
+    weights strictly. With ``assign`` (a model built on the meta device) the model takes the file's tensors
+    themselves, cast where the model's dtype differs and copied where two of them share memory.
 
     Returns which state dict of the file was loaded and what prefix was removed.
     """
@@ -121,5 +122,23 @@ def load_state(model: nn.Module, loaded: Loaded, *, replayers: Mapping[str, Repl
             f"cannot load `{loaded.path}` into `{type(model).__name__}`: {'; '.join(wrong[:2])}{more}; "
             "check the model's sizes (`model_args`: widths, number of classes)"
         )
-    model.load_state_dict(resolved.state_dict, strict=True)
+    if assign:
+        model.load_state_dict(_own_tensors(resolved.state_dict, own), strict=True, assign=True)
+    else:
+        model.load_state_dict(resolved.state_dict, strict=True)
     return resolved
+
+
+def _own_tensors(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors as the model's own: in the model's dtypes, none sharing memory with another."""
+    result, storages = {}, set()
+    for key, tensor in state.items():
+        if key in own and tensor.dtype != own[key].dtype:
+            tensor = tensor.to(own[key].dtype)
+        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if storage is not None and storage in storages:
+            tensor = tensor.clone()
+        elif storage is not None:
+            storages.add(storage)
+        result[key] = tensor
+    return result

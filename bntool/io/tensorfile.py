@@ -75,6 +75,35 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata
         os.fsync(f.fileno())
 
 
+def read_mapped(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The file's tensors, each memory-mapped copy-on-write on its own: pages are read when used, a tensor
+    changed in place changes a private copy of its pages, never the file, and a tensor let go unmaps its pages
+    (one mapping for the whole file would keep every page it ever read for as long as any tensor lives). A
+    tensor whose bytes are not aligned to its element size is copied. The header must have been validated
+    (``safetensors.safe_open`` does)."""
+    import mmap
+
+    start, entries = read_header(path)
+    dtypes = {code: dtype for dtype, code in DTYPES.items()}
+    tensors = {}
+    with open(path, "rb") as f:
+        for name, entry in entries.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape = dtypes[entry["dtype"]], entry["shape"]
+            begin, end = (start + o for o in entry["data_offsets"])
+            if end == begin:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+                continue
+            page = begin - begin % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(f.fileno(), end - page, access=mmap.ACCESS_COPY, offset=page)
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - page)
+            if begin % torch.empty((), dtype=dtype).element_size():
+                raw = raw.clone()
+            tensors[name] = raw.view(dtype).reshape(shape)
+    return tensors
+
+
 def read_header(path: str | os.PathLike) -> tuple[int, dict[str, Any]]:
     """``(offset of the data, header dict)`` of a safetensors file."""
     with open(path, "rb") as f:

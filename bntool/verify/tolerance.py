@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validity import all_finite
+
 #: The candidate may be this many times further from the float64 reference
 #: than the original model in its own dtype is. Folded weights are rounded
 #: once more than the original's, so a folded layer can sit several times
@@ -69,22 +71,27 @@ def compare_one(
     if not orig.is_floating_point():
         equal = bool(torch.equal(orig, cand))
         return OutputComparison(name, tuple(orig.shape), 0.0 if equal else float("inf"), 0.0, 0.0, equal)
-    o64, c64 = orig.double(), cand.double()
-    found = nonfinite(o64, c64)
+    found = nonfinite(orig, cand)
     finite = found is None
-    both = torch.isfinite(c64) & torch.isfinite(o64)
-    o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
-    diff = (c64 - o64).abs()
+    o64, c64 = orig.double(), cand.double()
+    both = None if finite else torch.isfinite(c64) & torch.isfinite(o64)  # the non-finite fail the output already
+    if both is not None:  # compare where both are finite
+        o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
+    difference = c64 - o64
+    diff = difference.abs()
     scale = o64.abs().max().item() if o64.numel() else 0.0
     max_abs = diff.max().item() if diff.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
     original_error = candidate_error = None
-    if ref is None and delta is not None:
-        ref = o64 + delta.to(o64.device)
-    if ref is not None:
-        r64 = torch.where(both, ref.double().to(o64.device), 0.0)
+    if ref is None and delta is not None:  # the reference is orig + delta: its errors are |delta|, |c - o - delta|
+        d64 = _where_finite(delta.to(o64.device, torch.float64), both)
+        original_error = d64.abs().max().item() if o64.numel() else 0.0
+        candidate_error = difference.sub_(d64).abs_().max().item() if c64.numel() else 0.0
+    elif ref is not None:
+        r64 = _where_finite(ref.double().to(o64.device), both)
         original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
         candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
+    if original_error is not None:
         floor = FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
         tolerance = widen * max(SLACK * original_error, floor)
         passed = finite and candidate_error <= tolerance
@@ -109,8 +116,14 @@ def compare_one(
     )
 
 
+def _where_finite(values: torch.Tensor, both: torch.Tensor | None) -> torch.Tensor:
+    return values if both is None else torch.where(both, values, 0.0)
+
+
 def nonfinite(orig: torch.Tensor, cand: torch.Tensor) -> str | None:
     """``None`` if both are finite, else which side holds how many NaN / inf values."""
+    if all_finite(cand) and all_finite(orig):
+        return None
     parts = []
     for side, tensor in (("candidate", cand), ("original", orig)):
         nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())

@@ -7,10 +7,17 @@ recomputed by ``bntool recalibrate``; broken weights cannot be repaired.
 An infinite value in a buffer that is neither a parameter nor a BatchNorm
 statistic (an attention mask filled with -inf) is legitimate and allowed;
 NaN never is.
+
+A tensor found clean is remembered (weakly, with its version counter, which
+every in-place change bumps, and its data pointer, which a new ``.data``
+changes), so a command that checks what it loaded and
+then what it is about to write scans each tensor once: the second scan
+reads only the tensors the operation created or changed.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -42,10 +49,28 @@ def _kind(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+#: tensors found finite: their (version, data pointer) when scanned, and whether no value was negative
+_CLEAN: dict[int, tuple[weakref.ref, tuple[int, int], bool]] = {}
+
+
+def _remember(tensor: torch.Tensor, now: tuple[int, int], non_negative: bool) -> None:
+    key = id(tensor)
+    _CLEAN[key] = (weakref.ref(tensor, lambda _, key=key: _CLEAN.pop(key, None)), now, non_negative)
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """No NaN and no inf: a NaN or an inf makes the sum NaN or inf, so a finite sum proves it in one
+    reduction; a sum that overflows (or a non-finite one) is settled element by element."""
+    if values.numel() == 0:
+        return True
+    total = values.sum() if values.is_complex() or values.dtype == torch.float64 else values.sum(dtype=torch.float64)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
+
+
 def problems(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[BadTensor]:
     """Every tensor with NaN, inf (parameters and statistics) or a negative ``running_var``, in state-dict order."""
     if isinstance(model_or_state, nn.Module):
-        state = model_or_state.state_dict()
+        state = model_or_state.state_dict(keep_vars=True)  # the tensors themselves: their versions tell changes
         params = {name for name, _ in model_or_state.named_parameters()}
     else:
         state = dict(model_or_state)
@@ -54,8 +79,18 @@ def problems(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[Bad
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
             continue
+        negative_matters = _kind(name) == "running_var" and not tensor.is_complex()
+        seen = _CLEAN.get(id(tensor))
+        now = (tensor._version, tensor.data_ptr())
+        if seen is not None and seen[0]() is tensor and seen[1] == now and (seen[2] or not negative_matters):
+            continue
         statistic = _kind(name) in STATISTICS
         values = tensor.detach()
+        if all_finite(values):
+            non_negative = negative_matters and bool((values >= 0).all())
+            if non_negative or not negative_matters:
+                _remember(tensor, now, non_negative)  # (non_negative: known only where it was asked)
+                continue
         nan = int(torch.isnan(values).sum())
         if nan:
             found.append(BadTensor(name, "NaN", nan, values.numel(), statistic))
@@ -63,7 +98,7 @@ def problems(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[Bad
             inf = int(torch.isinf(values).sum())
             if inf:
                 found.append(BadTensor(name, "inf", inf, values.numel(), statistic))
-        if _kind(name) == "running_var" and not tensor.is_complex():
+        if negative_matters:
             negative = int((values < 0).sum())
             if negative:
                 found.append(BadTensor(name, "negative", negative, values.numel(), True))

@@ -1,0 +1,1 @@
+"""Converting BatchNorm layers between ``nn.BatchNorm*`` and ``nn.SyncBatchNorm``, both ways, verified."""
