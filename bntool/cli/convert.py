@@ -62,40 +62,31 @@ def convert(
     """
     from ..converting.convert import TARGETS
     from ..converting.convert import convert as convert_model
-    from ..errors import InputError, VerificationError
-    from ..runtime.running import resolve_device
-    from . import console
-    from .common import load_source, output_path, verification_inputs
-    from .freeze import finish_verified
+    from ..errors import InputError
+    from .common import Loading, Operation, run_operation
 
     if to not in TARGETS:
         raise InputError(f"--to must be `batchnorm` or `syncbatchnorm`, got {to!r}")
-    console.use_stderr_for_humans(json)
-    out = output_path(checkpoint, out, to, force=force, dry_run=dry_run, model=model)
-    target = resolve_device(device)
-    source = load_source(
-        checkpoint, model_spec=model, model_args=model_args, key=key, allow_pickle=allow_pickle, strip_prefix=strip_prefix
-    )
-    inputs = verification_inputs(source.model, input_shape, seed)
-    result: dict = {"command": "convert", **source.describe(), "output": None, "written": False, "dry_run": dry_run}
-    try:  # in place: the original's outputs are computed first, so one model is held
-        converted, report = convert_model(source.model, to, include=include, exclude=exclude, inplace=True,
-                                          example_inputs=inputs, device=target, atol=atol, rtol=rtol)
-    except VerificationError as exc:
-        result.update(exc.report.to_dict())
-        _render(result, exc.report, json)
-        raise
-    if not report.converted:
-        why = "; ".join(f"`{s.name}`: {s.reason}" for s in report.skipped)
-        now = "SyncBatchNorm" if to == "syncbatchnorm" else "plain BatchNorm"
-        raise InputError(f"nothing to convert in `{checkpoint}`: " + (why or f"every BatchNorm layer is {now} already"))
-    finish_verified(result, source, converted, out, report, lambda: _render(result, report, json), force=force,
-                    dry_run=dry_run)
 
+    def operate(source, inputs, target):  # in place: the original's outputs are computed first, so one model is held
+        return convert_model(source.model, to, include=include, exclude=exclude, inplace=True, example_inputs=inputs,
+                             device=target, atol=atol, rtol=rtol)
+
+    def check(report):
+        if not report.converted:
+            why = "; ".join(f"`{s.name}`: {s.reason}" for s in report.skipped)
+            now = "SyncBatchNorm" if to == "syncbatchnorm" else "plain BatchNorm"
+            raise InputError(f"nothing to convert in `{checkpoint}`: "
+                             + (why or f"every BatchNorm layer is {now} already"))
+
+    run_operation(Operation(
+        "convert", Loading(checkpoint, model, model_args, key, allow_pickle, strip_prefix), operate,
+        lambda result, report: _render(result, report, json), as_json=json, device=device, out=out, suffix=to,
+        force=force, dry_run=dry_run, input_shape=input_shape, seed=seed, check=check))
 
 def _render(result: dict, report, as_json: bool) -> None:
     from . import console
-    from .common import render_comparison, worst_summary
+    from .tables import render_comparison, worst_summary
 
     if as_json:
         console.print_json(result)

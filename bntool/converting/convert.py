@@ -133,9 +133,10 @@ def convert(model: nn.Module, to: str, *, process_group: Any = None, include: st
         raise InputError(f"`{lazy[0]}` is an uninitialized lazy module; run one forward pass before converting")
     candidates = [n for n, m in model.named_modules()
                   if isinstance(m, _BatchNorm) or has_fixed_statistics(m) or is_foreign_batchnorm(m)]
-    selected, _ = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)
+    selected, unselected = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)
     modules = dict(model.named_modules())
     plan, skipped = _plan(modules, selected, to)
+    skipped = [*(Skip(name, reason) for name, reason in unselected.items()), *skipped]
     inputs = _inputs(model, example_inputs, seed) if verify or any(needs for _, needs in plan.values()) else None
     ranks = _ranks(model, [n for n, (_, needs) in plan.items() if needs], inputs) if inputs is not None else {}
     targets: dict[str, type] = {}
