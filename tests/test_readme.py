@@ -181,6 +181,8 @@ def test_long_commands_name_real_programs_and_options():
                     words.pop(0)
                 assert words[0] == "python", f"{block.where}: `{cmd}`: only `python ...` commands are checked"
                 program = tuple(words[1:3]) if words[1] == "-m" else (words[1],)
+                if program[0] == "-m" and len(words) > 3 and not words[3].startswith("-"):
+                    program = (*program, words[3])  # a subcommand: `python -m pip install`
                 if program[0] != "-m":
                     assert (ROOT / program[0]).is_file(), f"{block.where}: `{cmd}`: no file {program[0]}"
                 if program not in helps:
