@@ -146,6 +146,25 @@ def test_set_up_is_two_commands_and_ci_runs_them():
     assert all(line in ci for line in lines), "`.ci/run` must run the README's set-up exactly as written"
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = FENCE.sub("", path.read_text())
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+ (.*)$", text, re.M)}
+
+
+def test_links_lead_somewhere():
+    for path in [README, *PAGES]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", path.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            assert dest.exists(), f"{path.relative_to(ROOT)} links to {target}, which is not there"
+            if anchor:
+                assert anchor in _anchors(dest), f"{path.relative_to(ROOT)} links to {target}: no such heading"
+
+
 @pytest.mark.slow
 def test_readme_runs_as_written(tmp_path):
     _need_console_script()
