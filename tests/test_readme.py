@@ -25,7 +25,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,12 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = sorted((ROOT / "docs").rglob("*.md"))
 KINDS = {"bash": "run", "console": "run", "python": "run", "bash long": "long", "text": "shown"}
-FENCE = re.compile(r"^```([^`\n]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+FENCE = re.compile(r"^```([^`\n]*)\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 
 # Each Python block in a fresh namespace, compiled under the page's name and line numbers (tracebacks point there).
 PYTHON_DRIVER = """
 import json, sys
-for page, line, source in json.load(sys.stdin):
+for page, line, source in json.load(open(sys.argv[1])):
     exec(compile("\\n" * (line - 1) + source, page, "exec"), {"__name__": "__main__"})
 """
 
@@ -100,8 +99,9 @@ def run_page(page: list[Block], cwd: Path) -> str:
             output.append(result.stdout)
     python = [(b.page, b.line, b.text) for b in page if b.info == "python"]
     if python:
-        result = subprocess.run([sys.executable, "-c", PYTHON_DRIVER], input=json.dumps(python), cwd=cwd,
-                                env=_env(), capture_output=True, text=True, timeout=600)
+        listing = cwd / ".python-blocks.json"
+        listing.write_text(json.dumps(python))
+        result = run([sys.executable, "-c", PYTHON_DRIVER, str(listing)], cwd=cwd, env=_env(), timeout=600)
         assert result.returncode == 0, f"a Python block of {page[0].page} failed:\n{result.stderr}"
         output.append(result.stdout)
     return "\n".join(output)
@@ -150,7 +150,7 @@ def _anchors(path: Path) -> set[str]:
     """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
     text = FENCE.sub("", path.read_text())
     return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
-            for m in re.finditer(r"^#+ (.*)$", text, re.M)}
+            for m in re.finditer(r"^#+ (.*)$", text, re.MULTILINE)}
 
 
 def test_links_lead_somewhere():
