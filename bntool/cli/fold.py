@@ -83,13 +83,16 @@ def fold(
         from .fold_onnx import fold_file
 
         fold_file(checkpoint, out=out, force=force, dry_run=dry_run, strict=strict, atol=atol, rtol=rtol,
-                  input_shape=input_shape, seed=seed, json=json, render=_render)
+                  input_shape=input_shape, seed=seed, json=json, render=_render, include=include, exclude=exclude)
         return
     if checkpoint.suffix.lower() == ".pt2":  # a torch.export program: its own front end (``cli/program``)
+        from ..errors import InputError
         from . import console
         from .program import fold_file
 
         console.use_stderr_for_humans(json)
+        if include or exclude:
+            raise InputError("--include / --exclude are not available for a torch.export program; fold it whole")
         return fold_file(checkpoint, model=model, out=out, force=force, dry_run=dry_run, strict=strict,
                          input_shape=input_shape, seed=seed, atol=atol, rtol=rtol, json=json,
                          allow_pickle=allow_pickle, render=_render)

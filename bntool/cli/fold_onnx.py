@@ -7,7 +7,8 @@ from typing import Any
 
 
 def fold_file(path: Path, *, out: Path | None, force: bool, dry_run: bool, strict: bool, atol: float | None,
-              rtol: float | None, input_shape: list[str] | None, seed: int, json: bool, render) -> None:
+              rtol: float | None, input_shape: list[str] | None, seed: int, json: bool, render,
+              include: list[str] | None = None, exclude: list[str] | None = None) -> None:
     """Fold the graph in ``path``; ``render(result, report, json)`` is ``bntool fold``'s own report."""
     from ..errors import InputError, VerificationError
     from ..folding.onnx_fold import fold_onnx, prove_file
@@ -30,7 +31,8 @@ def fold_file(path: Path, *, out: Path | None, force: bool, dry_run: bool, stric
     try:
         if not json:
             console.line(f"Folding {path.name} and verifying it in onnxruntime...")
-        folded, report = fold_onnx(path, input_shapes=shapes, atol=atol, rtol=rtol, strict=strict, seed=seed)
+        folded, report = fold_onnx(path, input_shapes=shapes, atol=atol, rtol=rtol, strict=strict, seed=seed,
+                                   include=include or None, exclude=exclude or None)
     except VerificationError as exc:
         if exc.report is not None:
             result.update(exc.report.to_dict())

@@ -32,7 +32,7 @@ from ..runtime.cloning import clone
 from ..runtime.running import model_device, run_model, training_flags
 from ..runtime.shapes import make_inputs
 from ..selection import select
-from ..verify.compare import Comparison, Reference, compare
+from ..verify.compare import Comparison, Reference, compare_layers
 from .check import TrainCheck, train_check, train_step, why_no_train_check
 from .forms import PLAIN_FOR_RANK, converted, converted_type
 from .places import replace_all
@@ -164,8 +164,8 @@ def convert(model: nn.Module, to: str, *, process_group: Any = None, include: st
         with_step(result, report.recipe_step())
     if checked:
         exact = atol is None and rtol is None
-        comparison = compare(None, result, inputs, device=device, reference=reference,
-                             atol=0.0 if exact else atol, rtol=0.0 if exact else rtol)
+        comparison = compare_layers(None, result, inputs, device=device, reference=reference,
+                                    atol=0.0 if exact else atol, rtol=0.0 if exact else rtol)
         check = None
         if no_train is None:
             check = train_check(train_original, train_step(result, list(targets), inputs), list(targets), result)

@@ -59,7 +59,7 @@ def export_program(program: ExportedProgram, path: str | os.PathLike, *, example
         raise InputError("the program takes inputs that are not tensors; ONNX export needs tensor inputs")
     report = None
     if fold:
-        program, report = fold_any(program, tuple(args), seed=seed, atol=atol, rtol=rtol)
-    exported = export_onnx(ProgramModule(program), tuple(args), path, fold=False, seed=seed, atol=atol, rtol=rtol,
-                           **options)
+        program, report = fold_any(program, example_inputs=tuple(args), seed=seed, atol=atol, rtol=rtol)
+    exported = export_onnx(ProgramModule(program), path, example_inputs=tuple(args), fold=False, seed=seed, atol=atol,
+                           rtol=rtol, **options)
     return dataclasses.replace(exported, fold=report)

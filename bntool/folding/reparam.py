@@ -25,7 +25,7 @@ from ..graph.dataflow import Dataflow, dataflow
 from ..norms import is_batchnorm
 from ..report import Skip, with_step
 from ..runtime.cloning import clone
-from ..verify.compare import Comparison, Reference, compare
+from ..verify.compare import Comparison, Reference, compare_layers
 from .merge import CONVS, MUL, POOLS, chain, common, is_sum, plan_merges
 from .merge_apply import Merge, merge_region
 from .merge_math import NotMergeable
@@ -100,8 +100,8 @@ def merge_branches(
                                      float64=atol is None and rtol is None)
         fan_in = {m.block: m.in_channels // m.groups * math.prod(m.kernel) for m in merges}
         fan_in[""] = max(fan_in.values())
-        comparison = compare(None, merged, inputs, atol=atol, rtol=rtol, probes=blocks, reference=reference,
-                             fan_in=fan_in)
+        comparison = compare_layers(None, merged, inputs, atol=atol, rtol=rtol, probes=blocks, reference=reference,
+                                    fan_in=fan_in)
         report = _report(merges, plan, skips, comparison, rejected)
         if comparison.passed:
             return with_step(merged, report.recipe_step()), report
