@@ -26,6 +26,7 @@ import re
 import shlex
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,9 @@ def _need_console_script() -> None:
         pytest.skip("the bntool console script is not installed in this environment")
 
 
+RUNNABLE_PAGES = [p for p in PAGES if any(KINDS.get(b.info) == "run" for b in blocks(p))]
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     """``examples/out`` as ``python examples/make_checkpoints.py`` writes it, once for every page."""
@@ -166,10 +170,10 @@ def test_links_lead_somewhere():
 
 
 @pytest.mark.slow
-def test_readme_runs_as_written(tmp_path):
-    _need_console_script()
-    work = _copy_examples(tmp_path)  # no checkpoints: the quick start makes its own
-    out = run_page(blocks(README), work)
+def test_readme_runs_as_written(page_runs):
+    failure, out, work = page_runs[README]
+    if failure is not None:
+        raise failure
     assert (work / "examples" / "out" / "lenet.folded.safetensors").exists()
     assert (work / "examples" / "out" / "lenet.deploy.safetensors").exists()
     # The quick start's output, as shown, is what it prints: the folds, the file written, the model loaded back.
@@ -181,12 +185,31 @@ def test_readme_runs_as_written(tmp_path):
         assert line in out, f"the README shows {line!r}, which the quick start no longer prints"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if any(KINDS.get(b.info) == "run" for b in blocks(p))],
-                         ids=lambda p: str(p.relative_to(ROOT)))
-def test_docs_page_runs_as_written(page, checkpoints, tmp_path):
+@pytest.fixture(scope="module")
+def page_runs(checkpoints, tmp_path_factory) -> dict[Path, tuple[AssertionError | None, str, Path]]:
+    """The README (in a folder with no checkpoints: its quick start makes them) and every runnable page of docs/
+    (with the examples' checkpoints), each in a folder of its own, two at a time (the commands are processes that
+    mostly wait on their own start-up): what each run raised (or None), what it printed, and its folder."""
     _need_console_script()
-    run_page(blocks(page), _copy_examples(tmp_path, checkpoints))
+    folders = {README: _copy_examples(tmp_path_factory.mktemp("readme"))}
+    folders.update({page: _copy_examples(tmp_path_factory.mktemp(page.stem), checkpoints) for page in RUNNABLE_PAGES})
+
+    def one(page: Path) -> tuple[AssertionError | None, str, Path]:
+        try:
+            return None, run_page(blocks(page), folders[page]), folders[page]
+        except AssertionError as failure:
+            return failure, "", folders[page]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(folders, pool.map(one, folders)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_page_runs_as_written(page, page_runs):
+    failure = page_runs[page][0]
+    if failure is not None:
+        raise failure
 
 
 @pytest.mark.slow
