@@ -162,7 +162,7 @@ def freeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     if lazy:
         raise InputError(f"`{lazy[0]}` is an uninitialized lazy module; run one forward pass before freezing")
     candidates = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) or has_fixed_statistics(m)]
-    selected, _ = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)
+    selected, unselected = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)
     chosen = set(selected)
     checking = Verify(example_inputs, device, seed, atol, rtol) if verify else None
     per_layer = checking is not None and checking.per_layer(model)
@@ -170,7 +170,7 @@ def freeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     shapes = shapes_of((n, m) for n, m in model.named_modules() if n in chosen and why_not_freezable(m) is None
                        ) if per_layer else None
     frozen: list[FrozenLayer] = []
-    skipped: list[Skip] = []
+    skipped = [Skip(name, reason) for name, reason in unselected.items()]  # left by the selection, then refused
     pairs: list[tuple[str, nn.Module, nn.Module]] = []  # (name, original, frozen): what a per-layer check compares
 
     def decide(name: str, module: nn.Module) -> nn.Module:
