@@ -10,7 +10,8 @@ import dataclasses
 import importlib.machinery
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,19 @@ def run_operation(op: Operation) -> dict[str, Any]:
     if lead:
         op.render(result, report)
     return result
+
+
+@contextmanager
+def shown_on_failure(result: dict[str, Any], render: Callable[[dict[str, Any], Any], None]) -> Iterator[None]:
+    """Run the block; a ``VerificationError`` that carries a report is rendered first (its ``to_dict()`` in
+    ``result``), then raised: a failed check shows what failed, with --json too."""
+    try:
+        yield
+    except VerificationError as exc:
+        if exc.report is not None:
+            result.update(exc.report.to_dict())
+            render(result, exc.report)
+        raise
 
 
 def verification_inputs(model: nn.Module, shapes: list[str] | None, seed: int) -> tuple[torch.Tensor, ...]:

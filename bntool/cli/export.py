@@ -111,7 +111,7 @@ def export(
     the PyTorch model (eval mode, TF32 off) at every verification batch size.
     Nothing is written unless all of it passes.
     """
-    from ..errors import InputError, VerificationError
+    from ..errors import InputError
     from ..export.export_onnx import EXPORTERS, export_onnx
     from ..io.outputs import check_output_path
     from ..runtime.running import resolve_device
@@ -122,6 +122,7 @@ def export(
         input_files,
         parse_numbers,
         run_operation,
+        shown_on_failure,
         verification_inputs,
     )
 
@@ -145,7 +146,7 @@ def export(
             raise InputError("--data is not available for a torch.export program; drop it (the program's example "
                              "inputs, or --input-shape, are used)")
         result = {"command": "export", "input": str(checkpoint), "model": None}
-        try:
+        with shown_on_failure(result, lambda result, report: _render(result, report, json)):
             report = export_file(checkpoint, model=model, out=path, allow_pickle=allow_pickle, input_shape=input_shape,
                                  seed=seed, atol=atol, rtol=rtol, force=force, fold=fold, options=dict(
                                      opset=opset, dynamic_batch=dynamic_batch, input_names=_names(input_names),
@@ -153,11 +154,6 @@ def export(
                                      verify_batch_sizes=parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int),
                                      exporter=exporter, optimize=optimize, external_data=external_data, device=device,
                                      keep_on_fail=keep_on_fail))
-        except VerificationError as exc:
-            if exc.report is not None:
-                result.update(exc.report.to_dict())
-                _render(result, exc.report, json)
-            raise
         result.update(report.to_dict())
         return _render(result, report, json)
     sizes = None

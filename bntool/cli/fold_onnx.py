@@ -17,6 +17,7 @@ def fold_file(path: Path, *, out: Path | None, force: bool, dry_run: bool, stric
     from ..onnxio.save import save_onnx
     from ..runtime.shapes import parse_shape
     from . import console
+    from .common import shown_on_failure
 
     console.use_stderr_for_humans(json)
     require_regular_file(path, "the ONNX file")  # (before anything opens it: a FIFO would block)
@@ -28,16 +29,11 @@ def fold_file(path: Path, *, out: Path | None, force: bool, dry_run: bool, stric
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     result: dict[str, Any] = {"command": "fold", "input": str(path), "model": None, "output": None, "written": False,
                               "dry_run": dry_run}
-    try:
-        if not json:
-            console.line(f"Folding {path.name} and verifying it in onnxruntime...")
+    if not json:
+        console.line(f"Folding {path.name} and verifying it in onnxruntime...")
+    with shown_on_failure(result, lambda result, report: render(result, report, json)):
         folded, report = fold_onnx(path, input_shapes=shapes, atol=atol, rtol=rtol, strict=strict, seed=seed,
                                    include=include or None, exclude=exclude or None)
-    except VerificationError as exc:
-        if exc.report is not None:
-            result.update(exc.report.to_dict())
-            render(result, exc.report, json)
-        raise
     result.update(report.to_dict())
     if not dry_run:
         try:

@@ -24,10 +24,7 @@ from ..io.programfile import is_program_file, read_program, write_program
 from ..runtime.shapes import parse_shape
 from ..verify.program import flat_inputs, run_program
 from . import console
-
-
-def is_program(path: Path) -> bool:
-    return is_program_file(path)
+from .common import shown_on_failure
 
 
 def _no_model(path: Path, model: str | None) -> None:
@@ -56,13 +53,9 @@ def fold_file(path: Path, *, model: str | None, out: Path | None, force: bool, d
                         "is ignored")
     result: dict[str, Any] = {"command": "fold", "input": str(path), "model": None, "output": None,
                               "written": False, "dry_run": dry_run}
-    try:
+    with shown_on_failure(result, lambda result, report: render(result, report, json)):
         folded, report = fold_program(program, None, input_shapes=shapes, seed=seed, atol=atol, rtol=rtol,
                                       strict=strict, report_type=FoldReport)
-    except VerificationError as exc:
-        result.update(exc.report.to_dict())
-        render(result, exc.report, json)
-        raise
     result.update(report.to_dict())
     if not dry_run:
         flat = flat_inputs(program, program_inputs(program, None, shapes, seed))
