@@ -79,11 +79,15 @@ def as_float64(model: Any) -> Any:
             tensor.data_type = TensorProto.DOUBLE
             tensor.raw_data = wide.tobytes()
 
-    for tensor in graph.initializer:
-        widen(tensor)
-    for info in [*graph.input, *graph.output, *graph.value_info]:
-        if info.type.tensor_type.elem_type in FLOATS:
-            info.type.tensor_type.elem_type = TensorProto.DOUBLE
+    graphs = [graph]  # (and every If / Loop / Scan body: their weights, inputs and outputs too)
+    graphs += [g for node in iter_nodes(copy) for a in node.attribute
+               for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+    for each in graphs:
+        for tensor in each.initializer:
+            widen(tensor)
+        for info in [*each.input, *each.output, *each.value_info]:
+            if info.type.tensor_type.elem_type in FLOATS:
+                info.type.tensor_type.elem_type = TensorProto.DOUBLE
     for node in iter_nodes(copy):
         for attribute in node.attribute:
             if attribute.HasField("t"):
