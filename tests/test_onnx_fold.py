@@ -516,7 +516,7 @@ def test_initializers_listed_as_graph_inputs_are_folded_and_the_inputs_kept_cons
     assert_same_outputs(original, folded)
 
 
-def test_a_bn_inside_an_if_branch_is_named_and_left_while_the_main_graph_folds():
+def test_a_bn_inside_an_if_branch_fed_from_the_main_graph_is_named_and_left_while_the_main_graph_folds():
     rng = np.random.default_rng(20)
     inner = helper.make_graph([bn("inner_bn", "cc", "out")], "then", [], [helper.make_tensor_value_info("out", F, None)],
                               bn_inits("inner_bn", 6, rng))
@@ -529,7 +529,8 @@ def test_a_bn_inside_an_if_branch_is_named_and_left_while_the_main_graph_folds()
     original.graph.node.append(helper.make_node("If", ["flag"], ["y"], then_branch=inner, else_branch=other))
     original = with_shapes(original)
     folded, report = fold_onnx(original)
-    assert [p.bn for p in report.done] == ["bn"] and "If / Loop / Scan" in report.plan.reason_for("inner_bn")
+    reason = report.plan.reason_for("If (output `y`)/then_branch/inner_bn")
+    assert [p.bn for p in report.done] == ["bn"] and "comes from outside the If body" in reason
     assert report.bn_before == 2 and report.bn_after == 1
     assert_same_outputs(original, folded)
 

@@ -9,42 +9,64 @@ name; one that another node also reads (a weight shared by two layers) is
 left for them, and the layer gets a copy of its own. A backward fold makes the
 layer (or its bias ``Add``) produce the BN's output name; a forward fold
 makes the layer read the BN's input. A MatMul gains its bias as an ``Add``.
+A multiply or add by a number kept between the two (``Site.through``) is
+folded through (``arithmetic.through_before`` / ``through_after``). A BN inside
+an ``If`` / ``Loop`` / ``Scan`` body is folded in that body (``onnx_writer``:
+a weight of an enclosing graph that something else reads is copied into it).
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..graph.onnxflow import CONSTANT_OPS
-from ..onnxio.check import iter_nodes
-from .arithmetic import bn_scale_shift, scale_consumer, scale_producer
-from .onnx_rules import Site, bn_parameters
+from .arithmetic import bn_scale_shift, scale_consumer, scale_producer, through_after, through_before
+from .onnx_layers import bn_parameters
+from .onnx_rules import Site
+from .onnx_writer import Initializers, Names, drop_unread, graphs_on, subgraph_reads
 from .plan import FoldPlan
 
 
 def apply_onnx(proto: Any, flow: Any, plan: FoldPlan, sites: dict[str, list[Site]]) -> Any:
-    """A copy of ``proto`` with ``plan`` applied (``sites``: ``onnx_rules.plan_onnx``'s positions per BN)."""
+    """A copy of ``proto`` with ``plan`` applied (``sites``: ``onnx_rules.plan_onnx``'s positions per BN), each
+    subgraph's pairs in that subgraph (the deepest first, so the routes to the others stay as planned)."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
-    graph = model.graph
+    names = Names(model)
+    by_graph: dict[str, list[str]] = {"": []}
+    for bn_label in dict.fromkeys(p.bn for p in plan.pairs):
+        by_graph.setdefault(sites[bn_label][0].graph, []).append(bn_label)
+    dropped: set[str] = set()
+    for path in sorted(by_graph, key=lambda path: -len(flow.graph_flow(path).route)):
+        inner = flow.graph_flow(path)
+        scope = graphs_on(model, inner.route)
+        dropped |= _apply_graph(scope, inner, by_graph[path], sites, Initializers(scope, names))
+    drop_unread(model, dropped)
+    return model
+
+
+def _apply_graph(scope: list[Any], flow: Any, bns: list[str], sites: dict[str, list[Site]], writer: Any) -> set[str]:
+    """Fold the BNs ``bns`` of the graph ``scope[-1]`` (``flow``'s); the names of the initializers they read."""
+    graph = scope[-1]
     nodes = list(graph.node)
-    writer = _Initializers(model)
     by_layer: dict[int, dict[str, Any]] = defaultdict(dict)
     removed: set[int] = set()
     stale: set[str] = set()  # value names that no longer exist
-    for bn_label in dict.fromkeys(p.bn for p in plan.pairs):
+    for bn_label in bns:
         bn_sites = sites[bn_label]
         b = bn_sites[0].bn
         params = bn_parameters(flow, b)
         eps = float(flow.attr(b, "epsilon", 1e-5))
         k, c = bn_scale_shift(*(_tensor(params[n]) for n in ("mean", "var")), eps, _tensor(params["scale"]),
                               _tensor(params["B"]))
+        a, s = bn_sites[0].through  # (the steps kept between the BN and its layer)
+        k, c = through_before(k, c, a, s) if bn_sites[0].direction == "backward" else through_after(k, c, a, s)
         for site in bn_sites:
             start, stop = site.channels or (0, k.numel())
             by_layer[site.layer][site.direction] = (k[start:stop].repeat_interleave(site.repeat),
@@ -90,38 +112,26 @@ def apply_onnx(proto: Any, flow: Any, plan: FoldPlan, sites: dict[str, list[Site
         kept.append(node)
         if i in added:
             kept.append(added[i])
-    dropped = {n for i in removed for n in nodes[i].input[1:]}
     kept = _without_dead_constants(kept, graph)
     copies = [_copy(n) for n in kept]
     del graph.node[:]
     graph.node.extend(copies)
-    writer.drop_unread(dropped)
     live = {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
     for info in [v for v in graph.value_info if v.name in stale and v.name not in live]:
         graph.value_info.remove(info)
-    return model
+    return {n for i in removed for n in nodes[i].input[1:]}
 
 
 def _without_dead_constants(nodes: list[Any], graph: Any) -> list[Any]:
     """``nodes`` less the constant-computing nodes (``CONSTANT_OPS``) whose outputs nothing reads any more."""
     while True:
         reads = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
-        reads |= {name for n in nodes for name in _subgraph_reads(n)}
+        reads |= {name for n in nodes for name in subgraph_reads(n)}
         dead = [n for n in nodes if n.op_type in CONSTANT_OPS and n.domain in ("", "ai.onnx")
                 and not any(o in reads for o in n.output)]
         if not dead:
             return nodes
         nodes = [n for n in nodes if all(n is not d for d in dead)]
-
-
-def _subgraph_reads(node: Any) -> set[str]:
-    found: set[str] = set()
-    for attribute in node.attribute:
-        for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-            for inner in graph.node:
-                found.update(inner.input)
-                found |= _subgraph_reads(inner)
-    return found
 
 
 def _copy(node: Any) -> Any:
@@ -218,75 +228,3 @@ def _array(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     if dtype.name == "bfloat16":
         return tensor.to(torch.bfloat16).view(torch.uint16).numpy().view(dtype)
     return np.ascontiguousarray(tensor.numpy().astype(dtype, copy=False))
-
-
-class _Initializers:
-    """The model's initializers, rewritten in place where only the folded layer reads them, else copied."""
-
-    def __init__(self, model: Any):
-        self.graph = model.graph
-        self.by_name = {t.name: t for t in self.graph.initializer}
-        self.reads = Counter(name for node in iter_nodes(model) for name in node.input if name)
-        self.reads.update(o.name for o in self.graph.output)
-        self.names = set(self.by_name) | {o for n in iter_nodes(model) for o in n.output} | \
-            {v.name for v in self.graph.input}
-        self.node_names = {n.name for n in iter_nodes(model) if n.name}
-        inputs = {v.name for v in self.graph.input}
-        self.listed_as_inputs = bool(self.by_name) and all(name in inputs for name in self.by_name)
-
-    def fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.names:
-            n += 1
-            name = f"{base}_{n}"
-        self.names.add(name)
-        return name
-
-    def fresh_node(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.node_names:
-            n += 1
-            name = f"{base}_{n}"
-        self.node_names.add(name)
-        return name
-
-    def add(self, name: str, array: np.ndarray) -> str:
-        self.graph.initializer.append(numpy_helper.from_array(array, name))
-        tensor = self.graph.initializer[-1]
-        self.by_name[name] = tensor
-        self.reads[name] += 1
-        if self.listed_as_inputs:  # (the oldest IR versions list every initializer as a graph input)
-            self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-        return name
-
-    def put(self, node: Any, slot: int, array: np.ndarray) -> None:
-        """``node``'s input ``slot`` becomes ``array``: rewritten in place when only this read uses it."""
-        old = node.input[slot] if slot < len(node.input) else ""
-        if old and old in self.by_name and self.reads[old] == 1:
-            tensor = self.by_name[old]
-            if tuple(array.shape) != tuple(tensor.dims):
-                array = array.reshape(tuple(tensor.dims)) if array.size == np.prod(tensor.dims) else array
-            tensor.CopyFrom(numpy_helper.from_array(array, old))
-            return
-        name = self.add(self.fresh(f"{old}_folded" if old else f"{node.name or node.output[0]}_bias"), array)
-        if old:
-            self.reads[old] -= 1
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = name
-
-    def drop_unread(self, candidates: set[str]) -> None:
-        """Remove the initializers among ``candidates`` that no node reads any more."""
-        reads = Counter(name for node in self.graph.node for name in node.input if name)
-        reads.update(o.name for o in self.graph.output)
-        inner = {name for node in self.graph.node for name in _subgraph_reads(node)}
-        doomed = {name for name in candidates if name in self.by_name and not reads[name] and name not in inner}
-        if doomed:
-            kept = [t for t in self.graph.initializer if t.name not in doomed]
-            if len(kept) != len(self.graph.initializer):
-                for index in reversed([i for i, t in enumerate(self.graph.initializer) if t.name in doomed]):
-                    del self.graph.initializer[index]
-            for index in reversed([i for i, v in enumerate(self.graph.input) if v.name in doomed]):
-                del self.graph.input[index]  # (an initializer listed as an input: gone with it)
-
-

@@ -14,6 +14,7 @@ passes ``onnx.checker`` (full check) or is not returned.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,8 @@ from ..onnxio.reference import run_float64, run_ort, with_outputs
 from ..verify.compare import Comparison, _compare_one, rounding_factor
 from .fold import MAX_ROUNDS, FoldReport, _blame
 from .onnx_apply import apply_onnx
+from .onnx_blame import blame_bodies
+from .onnx_branches import Branches
 from .onnx_layers import fan_in
 from .onnx_rules import plan_onnx
 from .plan import FoldPlan
@@ -105,7 +108,8 @@ def fold_onnx(
         comparison = check.compare(folded, plan, sites)
         if comparison.passed:
             break
-        blamed = {} if strict else _blame(plan, comparison)
+        blamed = {} if strict else _blame(plan, comparison) or blame_bodies(
+            plan, sites, comparison, functools.partial(_trial, proto, flow, check, dict(rejected), include, exclude))
         if not blamed:
             break
         rejected.update(blamed)
@@ -124,6 +128,12 @@ def fold_onnx(
     except Exception as exc:
         raise VerificationError(f"the folded graph fails onnx.checker: {first_line(exc, 200)}", report) from exc
     return folded, report
+
+
+def _trial(proto: Any, flow: OnnxFlow, check: _Check, rejected: dict[str, str], include, exclude,
+           more: dict[str, str]) -> Comparison:
+    plan, sites = plan_onnx(flow, {**rejected, **more}, include=include, exclude=exclude)
+    return check.compare(apply_onnx(proto, flow, plan, sites), plan, sites)
 
 
 def prove_file(report: OnnxFoldReport, path: str | os.PathLike) -> None:
@@ -160,9 +170,9 @@ class _Check:
         self.outputs = [o.name for o in proto.graph.output]
         plan, sites = plan_onnx(flow)
         self.types = _value_types(flow)
-        names = [self.value_of(label) for label in plan.probes()]
+        names = [self.value_of(label) for label in plan.probes() if label in flow.positions]
         names += [flow.nodes[s.layer].outputs[0].name for group in sites.values() for s in group
-                  if s.direction == "forward"]
+                  if s.direction == "forward" and not s.graph]  # (a subgraph's values are checked at the outputs)
         self.points = [n for n in dict.fromkeys(names) if n in self.types]
         try:
             self.original = run_ort(with_outputs(serialized or proto, self.points, self.types), self.feeds)
@@ -170,6 +180,7 @@ class _Check:
             raise InputError(f"onnxruntime cannot run the original graph ({first_line(exc, 200)}); bntool proves a "
                              "fold by running both graphs, so it cannot fold this one") from None
         self.high = run_float64(proto, self.feeds, self.points) if self.derived else {}
+        self.branches = Branches(proto, flow, self.feeds, self.derived)  # (folds inside If branches)
         self.serialized: tuple[int, bytes] | None = None  # the last candidate, serialized (for the checker)
 
     def value_of(self, label: str) -> str:
@@ -181,7 +192,8 @@ class _Check:
             points = False
         if points:
             for label in plan.probes():
-                values[self.value_of(label)] = label
+                if label in self.flow.positions:
+                    values[self.value_of(label)] = label
         try:
             if points:
                 payload = folded.SerializeToString()
@@ -192,7 +204,7 @@ class _Check:
             out = run_ort(graph, self.feeds)
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot run the folded graph ({first_line(exc, 200)})") from exc
-        sizes = {p.bn: max(fan_in(self.flow, s.layer) for s in sites[p.bn]) for p in plan.pairs}
+        sizes = {p.bn: max(fan_in(self.flow.graph_flow(s.graph), s.layer) for s in sites[p.bn]) for p in plan.pairs}
         results = []
         widest = max(sizes.values(), default=0)
         for name in self.outputs:
@@ -203,6 +215,10 @@ class _Check:
             size = max((sizes[p.bn] for p in plan.pairs_checked_at(label)), default=0)
             results.append(self._one(f"layer `{label}`", value, self.original[value], out[value],
                                      self.high.get(value), size))
+        if points:
+            results += self.branches.compare(
+                plan, sites, lambda variant: apply_onnx(variant, self.flow, plan, sites),
+                lambda label, orig, cand, high: self._one(label, label, orig, cand, high, widest))
         rule = "derived" if self.derived else f"atol={self.atol or 0.0:g} rtol={self.rtol or 0.0:g}"
         return Comparison(tuple(results), "cpu (onnxruntime)", rule)
 

@@ -4,7 +4,8 @@ producer or consumer it finds (``folding.layers``' counterpart for graphs).
 A layer's weight (and bias) must be constants no graph input overrides, not
 dequantized from a Q/DQ pair, of a rank that fits its op; a forward fold
 needs a conv without zero padding. ``fan_in`` is how many rounded weights sum
-into one of its outputs (the tolerance widens with it).
+into one of its outputs (the tolerance widens with it). The BN itself must
+hold constant, finite statistics and be in inference mode (``bn_reason``).
 """
 
 from __future__ import annotations
@@ -102,3 +103,49 @@ def fan_in(flow: OnnxFlow, layer: int) -> int:
     if op == "Gemm" and flow.attr(layer, "transB", 0):
         return int(weight.shape[1])
     return int(weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- the BN itself
+
+PARAMETERS = ("scale", "B", "mean", "var")
+
+
+def bn_parameters(flow: OnnxFlow, i: int) -> dict[str, np.ndarray] | str:
+    """The BN's four parameters as arrays, or why they are not constants."""
+    found = {}
+    for k, key in enumerate(PARAMETERS, start=1):
+        value = flow.input(i, k)
+        array = flow.constant(value)
+        if array is None:
+            return f"its {key} is {not_constant(flow, value)}, so folding cannot take its values"
+        found[key] = array
+    return found
+
+
+def bn_reason(flow: OnnxFlow, i: int) -> str | None:
+    """Why the BN node cannot be folded whatever surrounds it (mode, parameters, statistics), or None."""
+    node = flow.nodes[i]
+    if flow.attr(i, "training_mode", 0):
+        return "training_mode=1: normalizes with batch statistics, not a fixed affine map"
+    if flow.attr(i, "is_test", 1) == 0:
+        return "is_test=0: normalizes with batch statistics, not a fixed affine map"
+    if len([o for o in node.outputs if o is not None and o.name]) > 1:
+        return f"{len(node.outputs)} outputs: it also updates running statistics (a training op)"
+    if flow.attr(i, "spatial", 1) == 0:
+        return "spatial=0: it normalizes each position with statistics of its own, not per channel"
+    params = bn_parameters(flow, i)
+    if isinstance(params, str):
+        return params
+    sizes = {a.size for a in params.values()}
+    if len(sizes) != 1 or any(a.ndim != 1 for a in params.values()):
+        return "its scale, bias, mean and variance are not one vector per channel each"
+    var = params["var"].astype(np.float64)
+    if not all(np.isfinite(a.astype(np.float64)).all() for a in params.values()):
+        return "its parameters hold NaN or inf values, which folding would spread into the layer"
+    if (var < 0).any():
+        return f"running_var is negative in {int((var < 0).sum())} channel(s): the statistics are corrupt"
+    return None
+
+
+def channels(flow: OnnxFlow, i: int) -> int:
+    return int(flow.constant(flow.input(i, 1)).size)

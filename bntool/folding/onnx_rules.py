@@ -10,11 +10,18 @@ each folded BN: the node positions ``onnx_apply`` rewrites.
   with a constant 2-D weight, alone or followed by an ``Add`` of a constant
   bias), through view ops that keep each channel whole (``Reshape``,
   ``Flatten``, ``Transpose``...: LeViT's ``flatten(0, 1)``, a DCGAN
-  generator's ``view``) and through a ``Concat`` on the channel axis (the BN
-  split per producer), when nothing else reads what lies between;
+  generator's ``view``), through multiplies and adds by a constant number
+  (``onnx_steps``: they stay, and the BN folds through them) and through a
+  ``Concat`` on the channel axis (the BN split per producer), when nothing
+  else reads what lies between;
 * **forward** into the one node that reads the BN's output (``Conv`` with
-  no padding, ``Gemm``, ``MatMul``), through view ops likewise, when
-  backward is not possible.
+  no padding, ``Gemm``, ``MatMul``), through view ops and steps likewise,
+  when backward is not possible.
+
+Each ``If`` / ``Loop`` / ``Scan`` body is planned the same way with its own
+producers and readers (``OnnxFlow.subflows``); a BN whose input comes into
+its body from outside, or whose output leaves it, has nothing there to fold
+into on that side.
 
 What a layer must be is ``onnx_layers``'. The BN's parameters must be
 constants; a BN in training mode, with ``spatial=0`` or corrupt statistics
@@ -27,21 +34,22 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..graph.onnxflow import VIEWS, OnnxFlow, axis_after, axis_before
 from ..report import Skip
 from ..selection import select
 from . import reasons
-from .onnx_layers import LAYERS, has_padding, matmul_under_add, not_constant, out_channels, weight_reason
+from .onnx_layers import LAYERS, bn_reason, channels, has_padding, matmul_under_add, out_channels, weight_reason
+from .onnx_steps import leaves, no_producer, scalar_step
 from .plan import FoldPair, FoldPlan
 
 
 @dataclass(frozen=True)
 class Site:
     """Where one pair lives in the graph (node positions): the BN, the layer, a bias ``Add`` after a MatMul, the node
-    whose output the BN reads (backward: a view op, a ``Concat``, the Add or the layer) or the first node reading the
-    BN's output (forward), and the BN channels this layer takes (all, or a slice of a ``Concat``)."""
+    whose output the BN reads (backward: a view op, a step, a ``Concat``, the Add or the layer) or the first node
+    reading the BN's output (forward), the BN channels this layer takes (all, or a slice of a ``Concat``), the
+    ``a * x + s`` steps kept between the two (``through``), and the path of the graph they sit in (``""``: the main
+    graph; ``OnnxFlow.graph_flow``)."""
 
     bn: int
     layer: int
@@ -50,33 +58,34 @@ class Site:
     end: int = -1
     channels: tuple[int, int] | None = None
     repeat: int = 1  # each BN channel is this many consecutive layer channels (a reshape between them)
+    through: tuple[float, float] = (1.0, 0.0)
+    graph: str = ""
 
 
 def plan_onnx(flow: OnnxFlow, rejected: Mapping[str, str] | None = None, *, include: Sequence[str] | None = None,
               exclude: Sequence[str] | None = None) -> tuple[FoldPlan, dict[str, list[Site]]]:
-    """The plan for the graph, and each folded BN's ``Site`` s (by BN label). BNs in ``rejected`` are left with that
-    reason; ``include`` / ``exclude`` select BNs by label (``selection``'s rule)."""
+    """The plan for the graph and its subgraphs, and each folded BN's ``Site`` s (by BN label). BNs in ``rejected``
+    are left with that reason; ``include`` / ``exclude`` select BNs by label (``selection``'s rule)."""
     pairs: list[FoldPair] = []
     skips: list[Skip] = []
     sites: dict[str, list[Site]] = {}
-    labels = [flow.label(i) for i in flow.bns()]
+    found = [(graph, i) for graph in flow.flows() for i in graph.bns()]
+    labels = [graph.label(i) for graph, i in found]
     _, unselected = select(labels, include, exclude, what="BatchNormalization", owner="the graph")
-    for i, name in zip(flow.bns(), labels):
+    for (graph, i), name in zip(found, labels):
         if rejected and name in rejected:
             skips.append(Skip(name, rejected[name]))
             continue
         if name in unselected:
             skips.append(Skip(name, unselected[name]))
             continue
-        result = _plan_bn(flow, i)
+        result = _plan_bn(graph, i)
         if isinstance(result, str):
             skips.append(Skip(name, result))
             continue
-        sites[name] = result
-        pairs.extend(FoldPair(name, flow.label(site.layer), site.direction, "removed", flow.op(site.layer))
-                     for site in result)
-    for label in flow.subgraph_bns():
-        skips.append(Skip(label, "sits inside an If / Loop / Scan body, which bntool does not fold into yet"))
+        sites[name] = [dataclasses.replace(site, graph=graph.path) for site in result]
+        pairs.extend(FoldPair(name, graph.label(site.layer), site.direction, "removed", graph.op(site.layer),
+                              site.through) for site in result)
     listed = flow.overridable()
     note = (f"{len(listed)} initializer(s) are also listed as graph inputs (a caller could feed them); bntool "
             "treats them as the constants they hold" if listed and pairs else "")
@@ -96,84 +105,45 @@ def _plan_bn(flow: OnnxFlow, i: int) -> list[Site] | str:
     return reasons.not_exact_either(backward, forward)
 
 
-# ----------------------------------------------------------------------------- the BN itself
-
-PARAMETERS = ("scale", "B", "mean", "var")
-
-
-def bn_parameters(flow: OnnxFlow, i: int) -> dict[str, np.ndarray] | str:
-    """The BN's four parameters as arrays, or why they are not constants."""
-    found = {}
-    for k, key in enumerate(PARAMETERS, start=1):
-        value = flow.input(i, k)
-        array = flow.constant(value)
-        if array is None:
-            return f"its {key} is {not_constant(flow, value)}, so folding cannot take its values"
-        found[key] = array
-    return found
-
-
-def bn_reason(flow: OnnxFlow, i: int) -> str | None:
-    """Why the BN node cannot be folded whatever surrounds it (mode, parameters, statistics), or None."""
-    node = flow.nodes[i]
-    if flow.attr(i, "training_mode", 0):
-        return "training_mode=1: normalizes with batch statistics, not a fixed affine map"
-    if flow.attr(i, "is_test", 1) == 0:
-        return "is_test=0: normalizes with batch statistics, not a fixed affine map"
-    if len([o for o in node.outputs if o is not None and o.name]) > 1:
-        return f"{len(node.outputs)} outputs: it also updates running statistics (a training op)"
-    if flow.attr(i, "spatial", 1) == 0:
-        return "spatial=0: it normalizes each position with statistics of its own, not per channel"
-    params = bn_parameters(flow, i)
-    if isinstance(params, str):
-        return params
-    sizes = {a.size for a in params.values()}
-    if len(sizes) != 1 or any(a.ndim != 1 for a in params.values()):
-        return "its scale, bias, mean and variance are not one vector per channel each"
-    var = params["var"].astype(np.float64)
-    if not all(np.isfinite(a.astype(np.float64)).all() for a in params.values()):
-        return "its parameters hold NaN or inf values, which folding would spread into the layer"
-    if (var < 0).any():
-        return f"running_var is negative in {int((var < 0).sum())} channel(s): the statistics are corrupt"
-    return None
-
-
-def channels(flow: OnnxFlow, i: int) -> int:
-    return int(flow.constant(flow.input(i, 1)).size)
-
-
 # ----------------------------------------------------------------------------- backward
 
 def _backward(flow: OnnxFlow, i: int) -> list[Site] | str:
-    value, reader, axis, end, repeat = flow.input(i, 0), i, 1, None, 1
-    while True:  # up through view ops, following the BN's channel axis
+    value, reader, axis, end, repeat, (a, s) = flow.input(i, 0), i, 1, None, 1, (1.0, 0.0)
+    while True:  # up through view ops and steps, following the BN's channel axis
         p = flow.producer(value)
         if p is None:
-            if value.name in flow.inputs:
-                return f"{reasons.GRAPH_INPUT} (`{value.name}`)"
-            return "its input is a constant, with no layer producing it"
+            return no_producer(flow, value)
         others = [r for r in flow.readers(value) if r != reader]
         if others or flow.is_output(value):
             return reasons.also_read(flow.label(p), _labels(flow, others, flow.is_output(value)))
         end = p if end is None else end
+        step = scalar_step(flow, p)
+        if isinstance(step, str):
+            return step
+        if step is not None:  # (y -> a * y + s, kept)
+            a, s, value, reader = a * step[0], a * step[1] + s, step[2], p
+            continue
         if flow.op(p) not in VIEWS:
             break
         before = axis_before(flow, p, axis)
         if before is None:
             return _view_reason(flow, p)
         value, reader, axis, repeat = flow.input(p, 0), p, before[0], repeat * before[1]
+    if a == 0.0:
+        return reasons.multiplied_by_zero(flow.label(p))
     features = channels(flow, i)
     if flow.op(p) == "Concat":
         if repeat > 1:
             return reasons.stands_between("Concat")
-        return _through_concat(flow, i, p, axis, end, features)
+        found = _through_concat(flow, i, p, axis, end, features)
+        return [dataclasses.replace(site, through=(a, s)) for site in found] if isinstance(found, list) else found
     site = _producer_site(flow, i, p, axis, end)
     if isinstance(site, str):
         return site
     out = out_channels(flow, site.layer)
     if out != features * repeat and features > 1:
         return reasons.channels_differ(flow.label(site.layer), out, "output", features * repeat)
-    return [dataclasses.replace(site, repeat=repeat if features > 1 else 1)]
+    return [dataclasses.replace(site, repeat=repeat if features > 1 else 1, through=(a, s))]
 
 
 def _producer_site(flow: OnnxFlow, i: int, p: int, axis: int, end: int) -> Site | str:
@@ -237,15 +207,21 @@ def _view_reason(flow: OnnxFlow, view: int) -> str:
 
 
 def _forward(flow: OnnxFlow, i: int) -> list[Site] | str:
-    value, axis, first, repeat = flow.nodes[i].outputs[0], 1, None, 1
-    while True:  # down through view ops, following the BN's channel axis
+    value, axis, first, repeat, (a, s) = flow.nodes[i].outputs[0], 1, None, 1, (1.0, 0.0)
+    while True:  # down through view ops and steps, following the BN's channel axis
         if flow.is_output(value):
-            return reasons.MODEL_OUTPUT
+            return leaves(flow)
         readers = flow.readers(value)
         if len(readers) != 1 or readers[0] == -1:
             return reasons.read_by(_labels(flow, readers))
         c = readers[0]
         first = c if first is None else first
+        step = scalar_step(flow, c, value)
+        if isinstance(step, str):
+            return step
+        if step is not None:  # (z -> a * z + s, kept)
+            a, s, value = step[0] * a, step[0] * s + step[1], flow.nodes[c].outputs[0]
+            continue
         if flow.op(c) not in VIEWS or flow.nodes[c].inputs[0] is not value:
             break
         after = axis_after(flow, c, axis)
@@ -281,7 +257,7 @@ def _forward(flow: OnnxFlow, i: int) -> list[Site] | str:
         width = weight.shape[1] if op == "Gemm" and flow.attr(c, "transB", 0) else weight.shape[0]
     if width != features * repeat and features > 1:
         return reasons.channels_differ(name, width, "input", features * repeat)
-    return [Site(i, c, "forward", None, first, None, repeat if features > 1 else 1)]
+    return [Site(i, c, "forward", None, first, None, repeat if features > 1 else 1, (a, s))]
 
 
 def _labels(flow: OnnxFlow, nodes: Sequence[int], output: bool = False) -> list[str]:

@@ -6,6 +6,12 @@ weights); node ``i`` of the flow is node ``i`` of the proto, so a plan made
 here is applied to the proto itself, leaving every other node and
 initializer as it was. A node is named by its ``name``, or, when it has
 none, by its type and first output (``label``), as in every report.
+
+Each ``If`` / ``Loop`` / ``Scan`` body (nested ones too) is a flow of its own
+(``subflows``), reached from the main graph by its ``route``: its nodes are
+its graph's, a value from an enclosing graph has no producer among them, and
+its labels carry the path to it (``If_0/then_branch/Conv_3``), unique in the
+model.
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ class OnnxFlow:
     labels: list[str]
     positions: dict[str, int]
     _computed: dict[str, Any] = field(default_factory=dict)
+    #: the path to this graph (``""`` for the main graph, else ``If_0/then_branch``), the steps that reach its
+    #: proto from the main graph's (node position, attribute name, index in a GRAPHS attribute or None), the
+    #: flow of the graph that holds it, and every subgraph's flow (main graph only), by path
+    path: str = ""
+    route: tuple[tuple[int, str, int | None], ...] = ()
+    parent: OnnxFlow | None = None
+    subflows: dict[str, OnnxFlow] = field(default_factory=dict)
 
     @classmethod
     def of(cls, proto: Any) -> OnnxFlow:
@@ -47,16 +60,55 @@ class OnnxFlow:
             model = ShapeInferencePass(strict_mode=False)(model).model
         except Exception:  # noqa: BLE001, S110 - shapes stay unknown: the rules that need one say so
             pass
-        nodes = list(model.graph)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        taken: set[str] = set()
+        main = cls._of_graph(model, model.graph, opset, taken)
+        pending = [main]
+        while pending:  # (breadth first: a body's flow after the graph that holds it)
+            flow = pending.pop(0)
+            for i, node in enumerate(flow.nodes):
+                for attribute in node.attributes.values():
+                    graphs = ([(attribute.value, None)] if attribute.type == ir.AttributeType.GRAPH else
+                              [(g, j) for j, g in enumerate(attribute.value)]
+                              if attribute.type == ir.AttributeType.GRAPHS else [])
+                    for graph, j in graphs:
+                        path = f"{flow.label(i)}/{attribute.name}" + (f"[{j}]" if j is not None else "")
+                        sub = cls._of_graph(model, graph, opset, taken, path, (*flow.route, (i, attribute.name, j)),
+                                            flow)
+                        main.subflows[path] = sub
+                        pending.append(sub)
+        return main
+
+    @classmethod
+    def _of_graph(cls, model: Any, graph: Any, opset: int, taken: set[str], path: str = "",
+                  route: tuple = (), parent: OnnxFlow | None = None) -> OnnxFlow:
+        nodes = list(graph)
         labels: list[str] = []
         for i, node in enumerate(nodes):
             label = node.name or f"{node.op_type} (output `{node.outputs[0].name if node.outputs else '?'}`)"
-            labels.append(label if label not in labels else f"{label} #{i}")
+            label = f"{path}/{label}" if path else label
+            labels.append(label if label not in taken else f"{label} #{i}")
+            taken.add(labels[-1])
         return cls(model, nodes, {id(n): i for i, n in enumerate(nodes)},
-                   frozenset(v.name for v in model.graph.outputs),
-                   frozenset(v.name for v in model.graph.inputs if not v.is_initializer()),
-                   opset, labels, {label: i for i, label in enumerate(labels)})
+                   frozenset(v.name for v in graph.outputs),
+                   frozenset(v.name for v in graph.inputs if not v.is_initializer()),
+                   opset, labels, {label: i for i, label in enumerate(labels)}, path=path, route=route, parent=parent)
+
+    def flows(self) -> list[OnnxFlow]:
+        """This graph's flow and every subgraph's (main graph), bodies after the graphs that hold them."""
+        return [self, *self.subflows.values()]
+
+    def graph_flow(self, path: str) -> OnnxFlow:
+        """The flow of the graph at ``path`` (``""``: the main graph's)."""
+        return self if path == self.path else self.subflows[path]
+
+    def outer(self, value: Any) -> bool:
+        """Whether ``value`` comes from an enclosing graph: made by a node there, or one of its inputs (a
+        subgraph's flow only; an initializer of an enclosing graph is a constant, not ``outer``)."""
+        if self.parent is None or value is None or value.is_initializer() or value.name in self.inputs:
+            return False
+        producer = value.producer()
+        return self.index.get(id(producer)) is None if producer is not None else True
 
     # ------------------------------------------------------------------ nodes
 
@@ -109,6 +161,8 @@ class OnnxFlow:
         if value.is_initializer():
             return value.const_value.numpy() if value.const_value is not None else None
         producer = self.producer(value)
+        if producer is None and self.parent is not None and value.producer() is not None:
+            return self.parent.constant(value, depth)  # (computed in an enclosing graph)
         if producer is None or depth > 8 or self.op(producer) not in CONSTANT_OPS:
             return None
         if value.name not in self._computed:
@@ -156,19 +210,6 @@ class OnnxFlow:
     def bns(self) -> list[int]:
         return [i for i, n in enumerate(self.nodes)
                 if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
-
-    def subgraph_bns(self) -> list[str]:
-        """BatchNormalization nodes inside If / Loop / Scan bodies (labels), which the main-graph rules do not fold."""
-        found = []
-        for node in self.nodes:
-            for attribute in node.attributes.values():
-                graphs = ([attribute.value] if attribute.type == ir.AttributeType.GRAPH
-                          else list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else [])
-                for graph in graphs:
-                    for inner in ir.traversal.RecursiveGraphIterator(graph):
-                        if inner.op_type == "BatchNormalization":
-                            found.append(inner.name or f"BatchNormalization (output `{inner.outputs[0].name}`)")
-        return found
 
 
 def static_dims(shape: Sequence[int | None] | None) -> bool:

@@ -1,5 +1,9 @@
 """``inspect`` for an ONNX file: every BatchNormalization node, what feeds it, whether it folds and why not, and the
-statistics findings that need no model code (NaN / inf, negative variance, dead channels, never updated)."""
+statistics findings that need no model code (NaN / inf, negative variance, dead channels, never updated).
+
+A BN inside an ``If`` / ``Loop`` / ``Scan`` body is listed with the path to
+it (``loop/body/bn``), as fold names it; what feeds it from outside its body
+is named as such."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import onnx
 import torch
 
 from ..errors import InputError
-from ..folding.onnx_rules import PARAMETERS, plan_onnx
+from ..folding.onnx_layers import PARAMETERS
+from ..folding.onnx_rules import plan_onnx
 from ..graph.onnxflow import OnnxFlow
 from ..onnxio.load import read_onnx
 from .findings import by_severity, nonfinite_weights, statistics_findings
@@ -19,7 +24,8 @@ from .inspect import InspectReport, _row
 
 
 def inspect_onnx(model_or_path: Any) -> InspectReport:
-    """One row per BatchNormalization node of the main graph, with fold's plan and the statistics findings."""
+    """One row per BatchNormalization node (of the main graph, then of each subgraph), with fold's plan and the
+    statistics findings."""
     if isinstance(model_or_path, (str, os.PathLike)):
         proto, _ = read_onnx(model_or_path)
     elif isinstance(model_or_path, onnx.ModelProto):
@@ -29,25 +35,26 @@ def inspect_onnx(model_or_path: Any) -> InspectReport:
     flow = OnnxFlow.of(proto)
     plan, _ = plan_onnx(flow)
     rows, own = [], set()
-    for i in flow.bns():
-        label = flow.label(i)
+    for graph, i in [(g, i) for g in flow.flows() for i in g.bns()]:
+        label = graph.label(i)
         tensors: dict[str, Any] = {}
         for k, key in enumerate(PARAMETERS, start=1):
-            value = flow.input(i, k)
-            array = flow.constant(value)
+            value = graph.input(i, k)
+            array = graph.constant(value)
             own.add(value.name if value is not None else "")
             tensors[{"scale": "weight", "B": "bias", "mean": "running_mean", "var": "running_var"}[key]] = \
                 torch.from_numpy(array.astype(np.float64)) if array is not None else None
-        source = flow.producer(flow.input(i, 0))
-        feeds = [flow.label(r) if r >= 0 else "(subgraph)" for r in flow.readers(flow.nodes[i].outputs[0])]
+        source = graph.producer(graph.input(i, 0))
+        feeds = [graph.label(r) if r >= 0 else "(subgraph)" for r in graph.readers(graph.nodes[i].outputs[0])]
         pair = next((p for p in plan.pairs if p.bn == label), None)
         reason = plan.reason_for(label)
         mean = tensors["running_mean"]
         rows.append(_row(
             label, "BatchNormalization", "model", tensors, features=int(mean.numel()) if mean is not None else 0,
-            eps=float(flow.attr(i, "epsilon", 1e-5)), momentum=float(flow.attr(i, "momentum", 0.9)), affine=True,
-            track=not flow.attr(i, "training_mode", 0), tracked=None,
-            fed_by=flow.label(source) if source is not None else "input", feeds=tuple(feeds),
+            eps=float(graph.attr(i, "epsilon", 1e-5)), momentum=float(graph.attr(i, "momentum", 0.9)), affine=True,
+            track=not graph.attr(i, "training_mode", 0), tracked=None,
+            fed_by=graph.label(source) if source is not None else _fed_from(graph, graph.input(i, 0)),
+            feeds=tuple(feeds),
             foldable=pair is not None, fold_into=f"{pair.into} ({pair.into_type}, {pair.direction})" if pair else None,
             fold_reason=reason,
         ))
@@ -55,6 +62,11 @@ def inspect_onnx(model_or_path: Any) -> InspectReport:
              for t in proto.graph.initializer
              if t.data_type in (1, 10, 11, 16) and t.name not in own}
     findings = statistics_findings(rows, eps_known=True) + nonfinite_weights(state, rows)
-    inner = flow.subgraph_bns()
-    note = (f"{len(inner)} BatchNormalization node(s) inside If / Loop / Scan bodies are not listed" if inner else "")
-    return InspectReport(tuple(rows), by_severity(findings), "onnx", note)
+    return InspectReport(tuple(rows), by_severity(findings), "onnx", "")
+
+
+def _fed_from(graph: OnnxFlow, value) -> str:
+    """What feeds a BN that no node of its own graph feeds: the input, or the value from an enclosing graph."""
+    if graph.parent is None:
+        return "input"
+    return f"`{value.name}` ({'input of' if value.name in graph.inputs else 'from outside'} `{graph.path}`)"

@@ -1,0 +1,114 @@
+"""Each ``If`` branch that holds a fold is run in verification, whichever branch the verification inputs take.
+
+The inputs drawn for a check take one branch of each ``If``; a fold in the
+other would go unproven. So for every branch holding a fold, the original
+and the folded graph run once more with each ``If`` on the way to it forced
+to that branch (its condition replaced by a constant: same nodes, same
+positions, so the fold applies to the forced copy as planned), and every
+graph output is judged as in the plain run. A forced original that cannot
+run (a branch not meant for these inputs) fails that check: the folds that
+need it are not proven, and verification rejects them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import first_line
+from ..onnxio.reference import run_float64, run_ort
+from ..verify.tolerance import OutputComparison
+from .onnx_writer import all_graphs, graphs_on
+
+Choice = tuple[tuple[tuple[int, str, Any], ...], bool]  # (the route to a branch, then_branch?)
+
+
+def choices(flow: Any, path: str) -> tuple[Choice, ...]:
+    """The ``If`` s on the way to the graph at ``path`` and the branch taken at each (empty: none)."""
+    found: list[Choice] = []
+    sub = flow.graph_flow(path)
+    while sub.parent is not None:
+        if sub.parent.op(sub.route[-1][0]) == "If":
+            found.append((sub.route, sub.route[-1][1] == "then_branch"))
+        sub = sub.parent
+    return tuple(reversed(found))
+
+
+def forced(proto: Any, choice: tuple[Choice, ...]) -> Any:
+    """A copy of ``proto`` with each ``If`` of ``choice`` reading a constant condition."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    taken = {t.name for g in all_graphs(copy) for t in g.initializer} | \
+        {o for g in all_graphs(copy) for n in g.node for o in [*n.input, *n.output]}
+    names = {}
+    for value in (True, False):
+        name, n = f"bntool_branch_{str(value).lower()}", 1
+        while name in taken:
+            n += 1
+            name = f"bntool_branch_{str(value).lower()}_{n}"
+        names[value] = name
+        copy.graph.initializer.append(numpy_helper.from_array(np.array(value), name))
+        if copy.ir_version < 4:  # (initializers were graph inputs then)
+            copy.graph.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, []))
+    for route, then in choice:
+        holder = graphs_on(copy, route[:-1])[-1].node[route[-1][0]]
+        holder.input[0] = names[then]
+    return copy
+
+
+def _label(choice: tuple[Choice, ...], flow: Any) -> str:
+    paths = []
+    for route, _ in choice:
+        sub = next(f for f in flow.subflows.values() if f.route == route)
+        paths.append(sub.path)
+    return ", ".join(f"`{p}`" for p in paths)
+
+
+class Branches:
+    """The original run with its ``If`` s forced (once per choice), and each candidate's forced runs against it."""
+
+    def __init__(self, proto: Any, flow: Any, feeds: Mapping[str, np.ndarray], derived: bool):
+        self.proto, self.flow, self.feeds, self.derived = proto, flow, feeds, derived
+        self.runs: dict[tuple[Choice, ...], Any] = {}
+
+    def _original(self, choice: tuple[Choice, ...]) -> Any:
+        if choice not in self.runs:
+            variant = forced(self.proto, choice)
+            try:
+                out = run_ort(variant, self.feeds)
+                high = run_float64(variant, self.feeds) if self.derived else {}
+                self.runs[choice] = (variant, out, high)
+            except Exception as exc:  # noqa: BLE001 - the branch cannot run on these inputs: not proven
+                self.runs[choice] = first_line(exc, 160)
+        return self.runs[choice]
+
+    def compare(self, plan: Any, sites: Mapping[str, Any], fold: Callable[[Any], Any],
+                judge: Callable[..., OutputComparison]) -> list[OutputComparison]:
+        """Every output of every forced run (``fold(variant)``: the forced original, folded by the same plan;
+        ``judge(label, original, candidate, float64)``: one output's comparison)."""
+        wanted = dict.fromkeys(choices(self.flow, sites[p.bn][0].graph) for p in plan.pairs)
+        results = []
+        for choice in [c for c in wanted if c]:
+            where = f"with the If branch(es) {_label(choice, self.flow)} taken"
+            run = self._original(choice)
+            if isinstance(run, str):
+                results.append(_failed(f"the original cannot run {where} ({run}), so the folds there are not "
+                                       "proven"))
+                continue
+            variant, out, high = run
+            try:
+                folded = run_ort(fold(variant), self.feeds)
+            except Exception as exc:  # noqa: BLE001 - a fold there broke the graph
+                results.append(_failed(f"the folded graph cannot run {where} ({first_line(exc, 160)})"))
+                continue
+            for name in out:
+                results.append(judge(f"output `{name}` {where}", out[name], folded[name], high.get(name)))
+        return results
+
+
+def _failed(what: str) -> OutputComparison:
+    return OutputComparison(what, (), float("inf"), float("inf"), 0.0, False)
