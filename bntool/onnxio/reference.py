@@ -19,7 +19,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 from onnx.reference.op_run import OpRun
-from onnx.reference.ops import op_conv, op_conv_transpose
+from onnx.reference.ops import op_conv, op_conv_transpose, op_loop
 
 from ..errors import InputError, first_line
 from .check import iter_nodes
@@ -110,7 +110,7 @@ def run_float64(model: Any, feeds: Mapping[str, np.ndarray], extra: Sequence[str
     inputs = {k: (v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
               for k, v in feeds.items()}
     try:
-        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose, BatchNormalization, MaxPool])
+        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose, BatchNormalization, MaxPool, Loop])
         results = evaluator.run(None, inputs)
     except Exception as exc:  # noqa: BLE001 - an op the reference does not implement, or a graph it cannot run
         raise InputError(f"cannot run the graph in float64 to derive the tolerance ({first_line(exc, 160)}); "
@@ -210,3 +210,29 @@ class MaxPool(OpRun):
         y = fn(torch.from_numpy(np.array(X, dtype=np.float64)), list(kernel_shape), stride=list(strides or [1] * n),
                padding=pads[:n], dilation=list(dilations or [1] * n))
         return (y.numpy().astype(X.dtype),)
+
+
+class Loop(op_loop.Loop):
+    """onnx's Loop, its scan outputs stacked on a new first axis as ONNX and onnxruntime do (the reference joins
+    them on their own first axis), and empty when no trip ran (where the reference fails)."""
+
+    op_domain = ""
+
+    def _run(self, M, cond, *args, context=None, body=None, attributes=None, bindings=None):
+        trips, scans, run_body = [], self.K, self._run_body
+
+        def record(inputs, **kwargs):
+            outputs = run_body(inputs, **kwargs)
+            trips.append(outputs[len(outputs) - scans:])
+            return outputs
+
+        self._run_body, self.K = record, 0  # (the reference then gathers no scan output: placeholders)
+        try:
+            res = op_loop.Loop._run(self, M, cond, *args, context=context, body=body, attributes=attributes,
+                                    bindings=bindings)
+        finally:
+            self._run_body, self.K = run_body, scans
+        if not scans:
+            return res
+        stacked = [np.stack([t[k] for t in trips]) if trips else np.empty((0,)) for k in range(scans)]
+        return (*res[:len(res) - scans], *stacked)
