@@ -125,7 +125,7 @@ def test_a_wrong_fold_in_the_branch_the_inputs_do_not_take_is_caught_and_only_th
 # ----------------------------------------------------------------------------- Loop, Scan, nested
 
 
-def loop_model(weight="inside", seed=0):
+def loop_model(weight="inside", seed=0, scan_output=False):
     """``Loop`` twice over ``h = Relu(BN(Conv(h)))`` from ``h = x``; the body conv's weight is the body's own
     (``inside``), the main graph's read only in the body (``outer``), or the main graph's read also by a main-graph
     conv (``shared``)."""
@@ -133,11 +133,14 @@ def loop_model(weight="inside", seed=0):
     outer = weight != "inside"
     nodes, inits = conv_bn("l", "h", "hb", rng, weight="W" if outer else None)
     nodes += [helper.make_node("Relu", ["hb"], ["h_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])]
+    nodes += [helper.make_node("Sigmoid", ["hb"], ["each"])] if scan_output else []
     body = helper.make_graph(nodes, "body", [vi("i", I64, []), vi("cond_in", B, []), vi("h", F, SHAPE)],
-                             [vi("cond_out", B, []), vi("h_out", F, SHAPE)], inits)
-    main = [helper.make_node("Loop", ["trips", "go", "x"], ["y"], name="loop", body=body)]
+                             [vi("cond_out", B, []), vi("h_out", F, SHAPE)] + ([vi("each")] if scan_output else []),
+                             inits)
+    outputs = ["y"] + ([("trace", [2, *SHAPE])] if scan_output else [])
+    main = [helper.make_node("Loop", ["trips", "go", "x"], [o if isinstance(o, str) else o[0] for o in outputs],
+                             name="loop", body=body)]
     main_inits = [numpy_helper.from_array(np.array(2, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go")]
-    outputs = ["y"]
     if outer:
         main_inits.append(tensor("W", rng.normal(size=(4, 4, 3, 3)) * 0.3))
     if weight == "shared":
@@ -346,3 +349,36 @@ def test_inspect_lists_the_bns_inside_subgraphs_with_where_they_sit(cli, tmp_pat
     rows = {r["name"]: r for r in json.loads(result.out)["layers"]}
     assert set(rows) == {"loop/body/pick/then_branch/t.bn", "loop/body/pick/else_branch/e.bn"}
     assert rows["loop/body/pick/then_branch/t.bn"]["fold_into"].startswith("loop/body/pick/then_branch/t.conv")
+
+
+def test_a_loop_that_runs_no_trip_on_the_verification_inputs_proves_nothing_and_its_bn_is_left():
+    original = loop_model("inside", seed=12)
+    trips = next(t for t in original.graph.initializer if t.name == "trips")
+    trips.CopyFrom(numpy_helper.from_array(np.array(0, np.int64), "trips"))
+    _, report = folded_ok(original)
+    assert report.bn_after == 1 and not report.plan.pairs
+    assert "the body `loop/body` ran no trip on the verification inputs" in report.plan.reason_for("loop/body/l.bn")
+
+
+def test_a_wrong_fold_in_a_loop_body_is_caught_at_its_layer_on_every_trip(monkeypatch):
+    from bntool.folding import onnx_apply
+
+    original = loop_model("inside", seed=13)
+    real = onnx_apply._fold_layer
+
+    def broken(flow, layer, sides):
+        weight, bias = real(flow, layer, sides)
+        return weight, bias * 1.01
+
+    monkeypatch.setattr(onnx_apply, "_fold_layer", broken)
+    _, report = folded_ok(original)
+    assert report.bn_after == 1  # (named by its layer check, not by the graph output's: onnx_blame words differ)
+    assert report.plan.reason_for("loop/body/l.bn").startswith(
+        "rejected by verification: folded into `loop/body/l.conv`, layer `loop/body/l.bn` differed")
+
+
+def test_a_loop_with_a_scan_output_folds_and_its_stacked_output_is_compared_trip_by_trip():
+    original = loop_model("inside", seed=14, scan_output=True)
+    folded, report = folded_ok(original)
+    assert report.bn_after == 0 and run_ort(folded, feeds_of(original, np.random.default_rng(0)))["trace"].shape == \
+        (2, *SHAPE)

@@ -37,7 +37,7 @@ from ..verify.compare import Comparison, _compare_one, rounding_factor
 from .fold import MAX_ROUNDS, FoldReport, _blame
 from .onnx_apply import apply_onnx
 from .onnx_blame import blame_bodies
-from .onnx_branches import Branches
+from .onnx_branches import Branches, Trips
 from .onnx_layers import fan_in
 from .onnx_rules import plan_onnx
 from .plan import FoldPlan
@@ -181,6 +181,7 @@ class _Check:
                              "fold by running both graphs, so it cannot fold this one") from None
         self.high = run_float64(proto, self.feeds, self.points) if self.derived else {}
         self.branches = Branches(proto, flow, self.feeds, self.derived)  # (folds inside If branches)
+        self.trips = Trips(proto, flow, self.feeds, self.derived)  # (folds inside Loop / Scan bodies)
         self.serialized: tuple[int, bytes] | None = None  # the last candidate, serialized (for the checker)
 
     def value_of(self, label: str) -> str:
@@ -219,6 +220,9 @@ class _Check:
             results += self.branches.compare(
                 plan, sites, lambda variant: apply_onnx(variant, self.flow, plan, sites),
                 lambda label, orig, cand, high: self._one(label, label, orig, cand, high, widest))
+            results += self.trips.compare(plan, folded, lambda label, orig, cand, high: self._one(
+                label, label, orig, cand, high, max((sizes[p.bn] for p in plan.pairs_checked_at(label.split("`")[1])),
+                                                    default=0)))
         rule = "derived" if self.derived else f"atol={self.atol or 0.0:g} rtol={self.rtol or 0.0:g}"
         return Comparison(tuple(results), "cpu (onnxruntime)", rule)
 
