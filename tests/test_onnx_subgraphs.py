@@ -382,3 +382,12 @@ def test_a_loop_with_a_scan_output_folds_and_its_stacked_output_is_compared_trip
     folded, report = folded_ok(original)
     assert report.bn_after == 0 and run_ort(folded, feeds_of(original, np.random.default_rng(0)))["trace"].shape == \
         (2, *SHAPE)
+
+
+def test_folds_in_an_if_inside_a_loop_that_runs_no_trip_are_not_taken_as_proven():
+    original = nested_model(15)
+    next(t for t in original.graph.initializer if t.name == "trips").CopyFrom(
+        numpy_helper.from_array(np.array(0, np.int64), "trips"))
+    _, report = folded_ok(original)
+    assert report.bn_after == 2 and not report.plan.pairs
+    assert all("the body `loop/body` ran no trip" in s.reason for s in report.plan.skips)

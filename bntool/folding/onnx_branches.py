@@ -116,55 +116,67 @@ def _failed(what: str) -> OutputComparison:
 
 class Trips:
     """The folded layers inside a ``Loop`` / ``Scan`` body of the main graph, checked on every trip: each one's
-    output stacked as an extra scan output (in verification copies only), judged as a main-graph layer is, and a
-    body that ran no trip on the verification inputs not taken for proof."""
+    output stacked as an extra scan output (in verification copies only), judged as a main-graph layer is (for a
+    fold in a body deeper inside, the output of the body's node that holds it); a body that ran no trip on the
+    verification inputs is not taken for proof."""
 
     def __init__(self, proto: Any, flow: Any, feeds: Mapping[str, np.ndarray], derived: bool):
         self.proto, self.flow, self.feeds, self.derived = proto, flow, feeds, derived
-        self.probes: dict[str, list[tuple[str, str, int]]] | None = None  # loop output -> (label, value, type)
+        self.probes: dict[str, list[tuple[str, str, int, str]]] | None = None
         self.original: Any = None
 
-    def _points(self, plan: Any) -> dict[str, list[tuple[str, str, int]]]:
-        found: dict[str, list[tuple[str, str, int]]] = {}
+    def _points(self, plan: Any) -> dict[str, list[tuple[str, str, int, str]]]:
+        """Per Loop / Scan of the main graph (by first output): (what is checked, body value, its type, body path)
+        for each folded layer in its body, and for the node in its body holding a deeper body with folds."""
+        found: dict[str, list[tuple[str, str, int, str]]] = {}
         for sub in self.flow.subflows.values():
-            holder = sub.route[0][0]
-            if len(sub.route) != 1 or self.flow.op(holder) not in ("Loop", "Scan"):
+            top = sub
+            while top.parent is not None and top.parent.parent is not None:
+                top = top.parent
+            holder = top.route[0][0]
+            if self.flow.op(holder) not in ("Loop", "Scan"):
                 continue
             for label in plan.probes():
-                if label in sub.positions:
-                    value = sub.nodes[sub.positions[label]].outputs[0]
-                    if value.dtype is not None:
-                        found.setdefault(self.flow.nodes[holder].outputs[0].name, []).append(
-                            (label, value.name, int(value.dtype)))
+                if label not in sub.positions:
+                    continue
+                if sub is top:  # the layer itself
+                    what, value = f"layer `{label}`", sub.nodes[sub.positions[label]].outputs[0]
+                else:  # the body's node that holds it: it ran on every trip
+                    position = sub.route[len(top.route)][0]
+                    what, value = f"output of `{top.label(position)}`", top.nodes[position].outputs[0]
+                point = (what, value.name, int(value.dtype), top.path) if value.dtype is not None else None
+                points = found.setdefault(self.flow.nodes[holder].outputs[0].name, [])
+                if point is not None and point not in points:
+                    points.append(point)
         return found
 
     def compare(self, plan: Any, folded: Any, judge: Callable[..., OutputComparison]) -> list[OutputComparison]:
         if self.probes is None:  # (the first, fullest plan: later ones check a part of it)
             self.probes = self._points(plan)
-            if self.probes:
+            if any(self.probes.values()):
                 out = run_ort(stacked(self.proto, self.probes), self.feeds)
                 ran = {loop: [p for p in points if out[_stacked_name(p[1])].shape[:1] != (0,)]
                        for loop, points in self.probes.items()}  # (the float64 run: the bodies that ran)
                 ran = {loop: points for loop, points in ran.items() if points}
                 high = run_float64(stacked(self.proto, ran), self.feeds) if self.derived and ran else {}
                 self.original = (out, high)
-        checked = {label for labels in self._points(plan).values() for label, _, _ in labels}
+        checked = {p for points in self._points(plan).values() for p in points}
         if not checked:
             return []
         out, high = self.original
         cand = run_ort(stacked(folded, self.probes), self.feeds)
         results = []
         for points in self.probes.values():
-            for label, value, _ in points:
-                if label not in checked:
+            for point in points:
+                what, value, _, path = point
+                if point not in checked:
                     continue
                 name = _stacked_name(value)
                 if out[name].shape[:1] == (0,):
-                    path = next(f.path for f in self.flow.subflows.values() if label in f.positions)
                     results.append(_failed(f"the body `{path}` ran no trip on the verification inputs, so the folds "
                                            "there are not proven"))
                     continue
-                results.append(judge(f"layer `{label}` (on every trip)", out[name], cand[name], high.get(name)))
+                results.append(judge(f"{what} (on every trip)", out[name], cand[name], high.get(name)))
         return results
 
 
@@ -172,7 +184,7 @@ def _stacked_name(value: str) -> str:
     return f"{value}__bntool_trips"
 
 
-def stacked(proto: Any, probes: Mapping[str, list[tuple[str, str, int]]]) -> Any:
+def stacked(proto: Any, probes: Mapping[str, list[tuple[str, str, int, str]]]) -> Any:
     """A copy of ``proto`` whose ``Loop`` / ``Scan`` nodes (by first output) also output the given body values,
     stacked over the trips (an ``Identity`` in the body makes each a scan output of its own)."""
     copy = onnx.ModelProto()
@@ -182,7 +194,7 @@ def stacked(proto: Any, probes: Mapping[str, list[tuple[str, str, int]]]) -> Any
         if not points:
             continue
         body = next(a.g for a in node.attribute if a.name == "body")
-        for _, value, elem in points:
+        for _, value, elem, _ in points:
             inner, outer = f"{value}__bntool_trip", _stacked_name(value)
             body.node.append(helper.make_node("Identity", [value], [inner]))
             body.output.append(helper.make_tensor_value_info(inner, elem, None))
