@@ -80,17 +80,19 @@ def folded_ok(original, **given):
 # ----------------------------------------------------------------------------- If
 
 
-def if_model(seed=0):
-    """``x -> Conv -> h``; ``If(flag)``: each branch its own ``Conv -> BN`` on ``h``."""
+def if_model(seed=0, shared=False):
+    """``x -> Conv -> h``; ``If(flag)``: each branch its own ``Conv -> BN`` on ``h`` (``shared``: both convs read
+    one weight of the main graph, ``W``)."""
     rng = np.random.default_rng(seed)
-    then_nodes, then_inits = conv_bn("t", "h", "yt", rng)
-    else_nodes, else_inits = conv_bn("e", "h", "ye", rng)
+    then_nodes, then_inits = conv_bn("t", "h", "yt", rng, weight="W" if shared else None)
+    else_nodes, else_inits = conv_bn("e", "h", "ye", rng, weight="W" if shared else None)
     then_g = helper.make_graph(then_nodes, "then", [], [vi("yt")], then_inits)
     else_g = helper.make_graph(else_nodes, "else", [], [vi("ye")], else_inits)
     nodes = [conv("stem", "x", "w0", "h"),
              helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
-    return make(nodes, [tensor("w0", rng.normal(size=(4, 4, 3, 3)) * 0.3)], ["y"],
-                [("x", F, SHAPE), ("flag", B, [])])
+    inits = [tensor("w0", rng.normal(size=(4, 4, 3, 3)) * 0.3)]
+    inits += [tensor("W", rng.normal(size=(4, 4, 3, 3)) * 0.3)] if shared else []
+    return make(nodes, inits, ["y"], [("x", F, SHAPE), ("flag", B, [])])
 
 
 def test_bns_in_both_branches_of_an_if_fold_into_their_convs_and_each_branch_stays_equal():
@@ -101,6 +103,20 @@ def test_bns_in_both_branches_of_an_if_fold_into_their_convs_and_each_branch_sta
         ("branch/then_branch/t.bn", "branch/then_branch/t.conv"),
         ("branch/else_branch/e.bn", "branch/else_branch/e.conv")}
     for flag in (True, False):  # (each branch, whichever the verification inputs took)
+        assert same(original, folded, flag=np.array(flag))
+
+
+def test_one_main_graph_weight_read_by_the_convs_of_both_branches_gets_one_folded_version_per_branch():
+    original = if_model(3, shared=True)
+    folded, report = folded_ok(original)
+    assert report.bn_after == 0
+    branches = {a.name: a.g for a in next(n for n in folded.graph.node if n.op_type == "If").attribute}
+    weights = {}
+    for name, graph in branches.items():
+        held = {t.name: t for g in (graph, folded.graph) for t in g.initializer}
+        weights[name] = numpy_helper.to_array(held[next(n for n in graph.node if n.op_type == "Conv").input[1]])
+    assert not np.array_equal(weights["then_branch"], weights["else_branch"])  # (each its own BN's scale)
+    for flag in (True, False):
         assert same(original, folded, flag=np.array(flag))
 
 
