@@ -222,7 +222,7 @@ class _Check:
                 lambda label, orig, cand, high: self._one(label, label, orig, cand, high, widest))
             results += self.trips.compare(plan, folded, lambda label, orig, cand, high: self._one(
                 label, label, orig, cand, high, max((sizes[p.bn] for p in plan.pairs_checked_at(label.split("`")[1])),
-                                                    default=0)))
+                                                    default=widest)))
         rule = "derived" if self.derived else f"atol={self.atol or 0.0:g} rtol={self.rtol or 0.0:g}"
         return Comparison(tuple(results), "cpu (onnxruntime)", rule)
 
