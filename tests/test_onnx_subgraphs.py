@@ -407,3 +407,13 @@ def test_folds_in_an_if_inside_a_loop_that_runs_no_trip_are_not_taken_as_proven(
     _, report = folded_ok(original)
     assert report.bn_after == 2 and not report.plan.pairs
     assert all("the body `loop/body` ran no trip" in s.reason for s in report.plan.skips)
+
+
+def test_a_bn_after_a_product_of_two_computed_tensors_is_refused_and_both_are_named():
+    rng = np.random.default_rng(16)
+    inits = [tensor("w", rng.normal(size=(4, 4, 3, 3)) * 0.3), *bn_inits("bn", 4, rng)]
+    nodes = [conv("conv", "x", "w", "c"), helper.make_node("Sigmoid", ["c"], ["gate"]),
+             helper.make_node("Mul", ["c", "gate"], ["m"], name="se"), bn("bn", "m", "y")]
+    _, report = folded_ok(make(nodes, inits, ["y"]))
+    assert report.bn_after == 1
+    assert "`se` (Mul) combines `c` and `gate`, two computed tensors" in report.plan.reason_for("bn")

@@ -25,7 +25,7 @@ from . import reasons
 from .onnx_layers import matmul_under_add, not_constant
 
 STEPS = ("Mul", "Add", "Sub", "Div")
-VERBS = {"Mul": "multiplies", "Add": "adds", "Sub": "subtracts", "Div": "divides"}
+VERBS = {"Mul": "multiplies by", "Add": "adds", "Sub": "subtracts", "Div": "divides by"}
 
 
 def scalar_step(flow: OnnxFlow, node: int, value: Any = None) -> tuple[float, float, Any] | str | None:
@@ -42,6 +42,11 @@ def scalar_step(flow: OnnxFlow, node: int, value: Any = None) -> tuple[float, fl
         return reasons.stands_between(op)
     if value is None:
         computed = [v for v in inputs if flow.constant(v) is None]
+        if len(computed) == 2 and sum(flow.producer(v) is not None for v in inputs) == 1:
+            computed = [v for v in inputs if flow.producer(v) is not None]  # (the other: an input, say)
+        if len(computed) == 2 and op in ("Mul", "Div"):
+            return (f"`{name}` ({op}) combines `{inputs[0].name}` and `{inputs[1].name}`, two computed tensors; folding "
+                    "carries a BN only through a multiply or add by a constant number")
         value = computed[0] if len(computed) == 1 else inputs[0]
     if sum(v is value for v in inputs) != 1:
         return f"`{name}` ({op}) reads the same tensor twice, which is not a multiply or add by a number"
@@ -51,17 +56,17 @@ def scalar_step(flow: OnnxFlow, node: int, value: Any = None) -> tuple[float, fl
     if array is None:
         if op in ("Add", "Sub"):
             return None
-        return (f"`{name}` {VERBS[op]} by `{other.name}`, which is {not_constant(flow, other)}; folding carries a "
+        return (f"`{name}` {VERBS[op]} `{other.name}`, which is {not_constant(flow, other)}; folding carries a "
                 "BN only through a multiply or add by a constant number")
     if array.size != 1:
-        return (f"`{name}` {VERBS[op]} by a constant of {array.size} elements (shape {list(array.shape)}), not one "
+        return (f"`{name}` {VERBS[op]} a constant of {array.size} elements (shape {list(array.shape)}), not one "
                 "number; folding carries a BN only through a multiply or add by a constant number")
     number = float(array.reshape(-1)[0])
     rank = flow.rank(value)
     if array.ndim > 1 and (rank is None or array.ndim > rank):
-        return f"`{name}` {VERBS[op]} by a constant of rank {array.ndim}, which may change the rank of its input"
+        return f"`{name}` {VERBS[op]} a constant of rank {array.ndim}, which may change the rank of its input"
     if not math.isfinite(number):
-        return f"`{name}` {VERBS[op]} by {number}, which folding would spread into the layer"
+        return f"`{name}` {VERBS[op]} {number}, which folding would spread into the layer"
     if op == "Div" and k == 1:
         return f"`{name}` divides a number by its input, which is not a multiply by a number"
     if op == "Div" and number == 0.0:
