@@ -184,7 +184,7 @@ class Trips:
                 name = _stacked_name(value)
                 if out[name].shape[:1] == (0,):
                     results.append(_failed(f"the body `{path}` ran no trip on the verification inputs, so the folds "
-                                           "there are not proven"))
+                                           "there are not proven (`example_inputs` that make it run would)"))
                     continue
                 results.append(judge(f"{what} (on every trip)", out[name], cand[name], high.get(name)))
         return results

@@ -86,7 +86,7 @@ class OnnxFlow:
         labels: list[str] = []
         for i, node in enumerate(nodes):
             label = node.name or f"{node.op_type} (output `{node.outputs[0].name if node.outputs else '?'}`)"
-            label = f"{path}/{label}" if path else label
+            label = (f"{path}{label}" if label.startswith("/") else f"{path}/{label}") if path else label
             labels.append(label if label not in taken else f"{label} #{i}")
             taken.add(labels[-1])
         return cls(model, nodes, {id(n): i for i, n in enumerate(nodes)},
