@@ -417,3 +417,36 @@ def test_a_bn_after_a_product_of_two_computed_tensors_is_refused_and_both_are_na
     _, report = folded_ok(make(nodes, inits, ["y"]))
     assert report.bn_after == 1
     assert "`se` (Mul) combines `c` and `gate`, two computed tensors" in report.plan.reason_for("bn")
+
+
+def test_a_raw_export_of_a_scripted_net_folds_the_bns_of_its_loop_and_its_branch():
+    import io
+
+    import torch
+    from torch import nn
+
+    from examples.models import randomize_bn_
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x, n: int):
+            for _ in range(n):
+                x = torch.relu(self.bn(self.conv(x)))
+            if bool(x.sum() > 0):
+                x = self.bn2(self.conv2(x))
+            return x
+
+    buffer = io.BytesIO()
+    torch.onnx.export(torch.jit.script(randomize_bn_(Net(), seed=17).eval()), (torch.randn(1, 4, 6, 6), 3), buffer,
+                      dynamo=False, do_constant_folding=False, input_names=["x", "n"])
+    original = onnx.load_from_string(buffer.getvalue())
+    x = np.random.default_rng(0).normal(size=(1, 4, 6, 6)).astype(np.float32)
+    folded, report = fold_onnx(original, example_inputs={"x": x, "n": np.array(3)})
+    check_valid(folded)
+    assert report.passed and report.bn_after == 0
+    assert {p.into for p in report.plan.pairs} == {"/Loop/body/conv/Conv", "/If/then_branch/conv2/Conv"}
+    assert same(original, folded, x=x, n=np.array(3))
