@@ -450,3 +450,23 @@ def test_a_raw_export_of_a_scripted_net_folds_the_bns_of_its_loop_and_its_branch
     assert report.passed and report.bn_after == 0
     assert {p.into for p in report.plan.pairs} == {"/Loop/body/conv/Conv", "/If/then_branch/conv2/Conv"}
     assert same(original, folded, x=x, n=np.array(3))
+
+
+def test_a_body_value_too_large_for_memory_is_refused_before_anything_runs():
+    from bntool.errors import InputError
+
+    huge = [1 << 16, 1 << 16, 4, 4]
+
+    def branch(tag):
+        nodes = [helper.make_node("Expand", ["h", f"shape_{tag}"], [f"big_{tag}"], name=f"grow_{tag}"),
+                 helper.make_node("ReduceSum", [f"big_{tag}"], [f"sum_{tag}"], keepdims=0)]
+        graph = helper.make_graph(nodes, tag, [], [vi(f"sum_{tag}", F, [])], [tensor(f"shape_{tag}", huge, np.int64)])
+        graph.value_info.append(vi(f"big_{tag}", F, huge))
+        return graph
+
+    original = if_model(18)
+    original.graph.node.append(helper.make_node("If", ["flag"], ["z"], name="blow", then_branch=branch("then"),
+                                                else_branch=branch("else")))
+    original.graph.output.append(vi("z", F, []))
+    with pytest.raises(InputError, match=r"`big_else` \(made by `blow/else_branch/grow_else`\) would take .* GiB"):
+        fold_onnx(original)

@@ -237,7 +237,7 @@ def _fits_in_memory(flow: OnnxFlow) -> None:
     available = _available_memory()
     if available is None:
         return
-    for node in flow.nodes:
+    for graph, node in [(g, n) for g in flow.flows() for n in g.nodes]:  # (the bodies too)
         for value in node.outputs:
             shape = flow.shape(value)
             if shape is None or any(d is None for d in shape) or value.dtype in (None, ir.DataType.UNDEFINED,
@@ -245,7 +245,7 @@ def _fits_in_memory(flow: OnnxFlow) -> None:
                 continue
             size = math.prod(shape) * max(1, value.dtype.itemsize)
             if size > available // 2:
-                raise InputError(f"`{value.name}` (made by `{flow.label(flow.index[id(node)])}`) would take "
+                raise InputError(f"`{value.name}` (made by `{graph.label(graph.index[id(node)])}`) would take "
                                  f"{size / 2**30:.1f} GiB, more than half the memory available "
                                  f"({available / 2**30:.1f} "
                                  "GiB); bntool verifies a fold by running the graph, so it cannot fold this one here")
