@@ -31,7 +31,9 @@ from ..graph.onnxflow import OnnxFlow
 from ..onnxio.check import iter_nodes
 from ..onnxio.feeds import make_feeds
 from ..onnxio.load import read_onnx
-from ..onnxio.reference import run_float64, run_ort, with_outputs
+from ..onnxio.reference import run_ort
+from ..onnxio.skeleton import Skeleton
+from ..onnxio.wide import run_wide
 from ..verify.compare import Comparison, _compare_one, rounding_factor
 from .fold import MAX_ROUNDS, FoldReport, _blame
 from .onnx_apply import apply_onnx
@@ -87,7 +89,7 @@ def fold_onnx(
         proto = model_or_path
     else:
         raise InputError(f"fold_onnx takes an onnx.ModelProto or a path, got a {type(model_or_path).__name__}")
-    serialized = _check_original(proto)
+    original = _check_original(proto)
     flow = OnnxFlow.of(proto)
     feeds = make_feeds(proto, example_inputs, input_shapes, seed) if verify else {}
     before = sum(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in iter_nodes(proto))
@@ -101,7 +103,7 @@ def fold_onnx(
             comparison = None
             break
         if check is None:  # the original, run once, with every point the first (fullest) plan checks
-            check = _Check(proto, flow, feeds, atol, rtol, serialized)
+            check = _Check(original, flow, feeds, atol, rtol, plan, sites)
         comparison = check.compare(folded, plan, sites)
         if comparison.passed:
             break
@@ -115,9 +117,9 @@ def fold_onnx(
     if comparison is not None and not comparison.passed:
         raise VerificationError(comparison.failure_message("the folded graph"), report)
     try:
-        serialized = check.serialized if check is not None else None
-        onnx.checker.check_model(serialized[1] if serialized and serialized[0] == id(folded) else folded,
-                                 full_check=True)
+        candidate = check.candidate if check is not None else None
+        (candidate if candidate is not None and candidate.model is folded else Skeleton.of(folded)).check(
+            full_check=True)
     except ValueError as exc:  # (over 2 GB in memory: checked on the written file)
         if "2GB" not in str(exc) and "2 GB" not in str(exc):
             raise VerificationError(f"the folded graph fails onnx.checker: {first_line(exc, 200)}", report) from exc
@@ -135,15 +137,17 @@ def prove_file(report: OnnxFoldReport, path: str | os.PathLike) -> None:
         raise VerificationError(comparison.failure_message("the written file"), report)
 
 
-def _check_original(proto: Any) -> bytes | None:
-    """The model's bytes (None over 2 GB), after ``onnx.checker`` found it valid."""
+def _check_original(proto: Any) -> Skeleton:
+    """The model split for checking and running (``Skeleton``), after ``onnx.checker`` found it valid."""
+    original = Skeleton.of(proto)
     try:
-        payload = proto.SerializeToString()
-    except ValueError:
-        return None  # over 2 GB in memory
-    try:
-        onnx.checker.check_model(payload, full_check=False)
-        return payload
+        original.check(full_check=False)
+        return original
+    except ValueError as exc:
+        if "2GB" in str(exc) or "2 GB" in str(exc) or "exceeds" in str(exc):
+            return original  # (over 2 GB in memory, and its cut copy failed: the written file is checked)
+        raise InputError(f"the ONNX model is not valid ({first_line(exc, 200)}); bntool folds only models that "
+                         "pass onnx.checker") from None
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"the ONNX model is not valid ({first_line(exc, 200)}); bntool folds only models that "
                          "pass onnx.checker") from None
@@ -152,25 +156,34 @@ def _check_original(proto: Any) -> bytes | None:
 class _Check:
     """The original run once (onnxruntime, and float64 for the derived tolerance), then each candidate against it."""
 
-    def __init__(self, proto: Any, flow: OnnxFlow, feeds: Mapping[str, np.ndarray], atol, rtol,
-                 serialized: bytes | None = None):
+    def __init__(self, original: Skeleton, flow: OnnxFlow, feeds: Mapping[str, np.ndarray], atol, rtol,
+                 plan: FoldPlan, sites: Mapping[str, Any]):
         self.flow, self.feeds, self.atol, self.rtol = flow, dict(feeds), atol, rtol
         _fits_in_memory(flow)
         self.derived = atol is None and rtol is None
-        self.outputs = [o.name for o in proto.graph.output]
-        plan, sites = plan_onnx(flow)
+        self.skeleton = original
+        self.outputs = [o.name for o in original.model.graph.output]
         self.types = _value_types(flow)
+        self.threads = torch.get_num_threads()
         names = [self.value_of(label) for label in plan.probes()]
         names += [flow.nodes[s.layer].outputs[0].name for group in sites.values() for s in group
                   if s.direction == "forward"]
-        self.points = [n for n in dict.fromkeys(names) if n in self.types]
+        self.points: list[str] = []
+        self.original: dict[str, np.ndarray] = {}
+        self.high: dict[str, Any] = {}
+        self._run_original(names)
+        self.candidate: Skeleton | None = None  # the last candidate, split (for the checker)
+
+    def _run_original(self, names: Sequence[str]) -> None:
+        """The original's runs (onnxruntime, and float64 when the tolerance is derived) with ``names`` exposed."""
+        self.points = [n for n in dict.fromkeys([*self.points, *names]) if n in self.types]
         try:
-            self.original = run_ort(with_outputs(serialized or proto, self.points, self.types), self.feeds)
+            self.original = self.skeleton.run(self.feeds, self.points, self.types, self.threads)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"onnxruntime cannot run the original graph ({first_line(exc, 200)}); bntool proves a "
                              "fold by running both graphs, so it cannot fold this one") from None
-        self.high = run_float64(proto, self.feeds, self.points) if self.derived else {}
-        self.serialized: tuple[int, bytes] | None = None  # the last candidate, serialized (for the checker)
+        if self.derived:
+            self.high = run_wide(self.skeleton.model, self.feeds, self.points, arrays=self.skeleton.arrays)
 
     def value_of(self, label: str) -> str:
         return self.flow.nodes[self.flow.position(label)].outputs[0].name
@@ -182,14 +195,16 @@ class _Check:
         if points:
             for label in plan.probes():
                 values[self.value_of(label)] = label
+        missing = [v for v in values if v in self.types and v not in self.points]
+        if missing:  # (a point the first plan did not check: the original is run again with it)
+            self._run_original(missing)
         try:
             if points:
-                payload = folded.SerializeToString()
-                self.serialized = (id(folded), payload)
-                graph = with_outputs(payload, [v for v in values if v in self.types], self.types)
+                self.candidate = Skeleton.of(folded)
+                out = self.candidate.run(self.feeds, [v for v in values if v in self.types], self.types,
+                                         self.threads)
             else:
-                graph = folded
-            out = run_ort(graph, self.feeds)
+                out = run_ort(folded, self.feeds, self.threads)
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot run the folded graph ({first_line(exc, 200)})") from exc
         sizes = {p.bn: max(fan_in(self.flow, s.layer) for s in sites[p.bn]) for p in plan.pairs}

@@ -19,7 +19,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 from onnx.reference.op_run import OpRun
-from onnx.reference.ops import op_conv, op_conv_transpose
+from onnx.reference.ops import op_conv, op_conv_transpose, op_max_pool
 
 from ..errors import InputError, first_line
 from .check import iter_nodes
@@ -56,8 +56,8 @@ def session(model: Any, threads: int = 0) -> Any:
     return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
 
 
-def run_ort(model: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(model)
+def run_ort(model: Any, feeds: Mapping[str, np.ndarray], threads: int = 0) -> dict[str, np.ndarray]:
+    sess = session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(feeds))))
 
@@ -71,26 +71,33 @@ def as_float64(model: Any) -> Any:
     copy.CopyFrom(model)
     graph = copy.graph
 
-    def widen(tensor: Any) -> None:
-        if tensor.data_type in FLOATS and tensor.data_location != TensorProto.EXTERNAL:
-            wide = numpy_helper.to_array(tensor).astype(np.float64)
-            for field in ("raw_data", "float_data", "int32_data", "double_data"):
-                tensor.ClearField(field)
-            tensor.data_type = TensorProto.DOUBLE
-            tensor.raw_data = wide.tobytes()
-
     for tensor in graph.initializer:
-        widen(tensor)
+        _widen(tensor)
     for info in [*graph.input, *graph.output, *graph.value_info]:
         if info.type.tensor_type.elem_type in FLOATS:
             info.type.tensor_type.elem_type = TensorProto.DOUBLE
     for node in iter_nodes(copy):
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                widen(attribute.t)
-            if node.op_type == "Cast" and attribute.name == "to" and attribute.i in FLOATS:
-                attribute.i = TensorProto.DOUBLE
+        widen_node(node)
     return copy
+
+
+def widen_node(node: Any) -> None:
+    """``node`` made to compute in float64, in place: its tensor attributes and its cast targets (its subgraphs'
+    nodes are widened apart)."""
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            _widen(attribute.t)
+        if node.op_type == "Cast" and attribute.name == "to" and attribute.i in FLOATS:
+            attribute.i = TensorProto.DOUBLE
+
+
+def _widen(tensor: Any) -> None:
+    if tensor.data_type in FLOATS and tensor.data_location != TensorProto.EXTERNAL:
+        wide = numpy_helper.to_array(tensor).astype(np.float64)
+        for field in ("raw_data", "float_data", "int32_data", "double_data"):
+            tensor.ClearField(field)
+        tensor.data_type = TensorProto.DOUBLE
+        tensor.raw_data = wide.tobytes()
 
 
 def run_float64(model: Any, feeds: Mapping[str, np.ndarray], extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -106,7 +113,7 @@ def run_float64(model: Any, feeds: Mapping[str, np.ndarray], extra: Sequence[str
     inputs = {k: (v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
               for k, v in feeds.items()}
     try:
-        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose, BatchNormalization, MaxPool])
+        evaluator = ReferenceEvaluator(wide, new_ops=NEW_OPS)
         results = evaluator.run(None, inputs)
     except Exception as exc:  # noqa: BLE001 - an op the reference does not implement, or a graph it cannot run
         raise InputError(f"cannot run the graph in float64 to derive the tolerance ({first_line(exc, 160)}); "
@@ -124,7 +131,7 @@ def _pads(x: np.ndarray, w_spatial: Sequence[int], auto_pad: str, dilations, pad
     return None
 
 
-class Conv(OpRun):
+class Conv(op_conv.Conv):
     """onnx's Conv in float64 through torch (same semantics; onnx's own kernel for SAME_* padding)."""
 
     op_domain = ""
@@ -145,7 +152,7 @@ class Conv(OpRun):
         return (y.numpy().astype(X.dtype),)
 
 
-class ConvTranspose(OpRun):
+class ConvTranspose(op_conv_transpose.ConvTranspose):
     """onnx's ConvTranspose in float64 through torch (onnx's own kernel for auto_pad / output_shape)."""
 
     op_domain = ""
@@ -186,7 +193,7 @@ class BatchNormalization(OpRun):
         return (y.astype(X.dtype),)
 
 
-class MaxPool(OpRun):
+class MaxPool(op_max_pool.MaxPool):
     """onnx's MaxPool through torch for the plain case (one output, explicit pads, no ceil mode)."""
 
     op_domain = ""
@@ -198,11 +205,13 @@ class MaxPool(OpRun):
         plain = (auto_pad in (None, "", "NOTSET") and not ceil_mode and n in (1, 2, 3) and len(self.output) == 1
                  and pads[:n] == pads[n:] and all(2 * p <= k for p, k in zip(pads[:n], kernel_shape)))
         if not plain:
-            from onnx.reference.ops.op_max_pool import MaxPool as Reference
-
-            return Reference._run(self, X, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+            return op_max_pool.MaxPool._run(self, X, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
                                   kernel_shape=kernel_shape, pads=pads, storage_order=storage_order, strides=strides)
         fn = (torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d)[n - 1]
         y = fn(torch.from_numpy(np.array(X, dtype=np.float64)), list(kernel_shape), stride=list(strides or [1] * n),
                padding=pads[:n], dilation=list(dilations or [1] * n))
         return (y.numpy().astype(X.dtype),)
+
+
+#: the float64 kernels ``onnx.reference`` runs in place of its own
+NEW_OPS = [Conv, ConvTranspose, BatchNormalization, MaxPool]
