@@ -98,7 +98,7 @@ def fold_onnx(
     comparison = None
     for _ in range(MAX_ROUNDS):
         plan, sites = plan_onnx(flow, rejected, include=include, exclude=exclude)
-        folded = apply_onnx(proto, flow, plan, sites)
+        folded = _drop_left_behind(proto, apply_onnx(proto, flow, plan, sites))
         if not verify or not plan.pairs:  # (nothing folded: the graph is the original's)
             comparison = None
             break
@@ -135,6 +135,19 @@ def prove_file(report: OnnxFoldReport, path: str | os.PathLike) -> None:
     comparison = report.check.compare(Path(path), report.plan, report.sites)
     if not comparison.passed:
         raise VerificationError(comparison.failure_message("the written file"), report)
+
+
+def _drop_left_behind(original: Any, folded: Any) -> Any:
+    """``folded`` without the initializers the fold left unread: read by a node of the original, by none now (a
+    weight whose folded layer took a copy of its own, its other reader gone with the BN). An initializer the
+    original did not read, or still read, stays as it was."""
+    read_before = {name for node in iter_nodes(original) for name in node.input}
+    read_now = {name for node in iter_nodes(folded) for name in node.input}
+    keep = read_now | {v.name for v in [*folded.graph.input, *folded.graph.output]}
+    left = [i for i, t in enumerate(folded.graph.initializer) if t.name in read_before and t.name not in keep]
+    for i in reversed(left):
+        del folded.graph.initializer[i]
+    return folded
 
 
 def _check_original(proto: Any) -> Skeleton:
@@ -200,7 +213,7 @@ class _Check:
             self._run_original(missing)
         try:
             if points:
-                self.candidate = Skeleton.of(folded)
+                self.candidate = Skeleton.of(folded, like=self.skeleton)
                 out = self.candidate.run(self.feeds, [v for v in values if v in self.types], self.types,
                                          self.threads)
             else:
@@ -274,7 +287,8 @@ def _value_types(flow: OnnxFlow) -> dict[str, int]:
 
 
 def _torch(array: Any) -> torch.Tensor:
+    """``array`` as a tensor: shared when numpy owns it writable (the runs' own results), else copied."""
     array = np.asarray(array)
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.array(array, copy=True))
+    return torch.from_numpy(array if array.flags.writeable and array.flags.c_contiguous else np.array(array))

@@ -1,4 +1,4 @@
-"""A ModelProto run in onnxruntime without serializing its weights again.
+"""A ModelProto run in onnxruntime and checked without serializing its weights again.
 
 Serializing a model copies every weight's bytes (a third of a second per
 100 MB on a loaded machine), and onnxruntime then parses and copies them
@@ -8,8 +8,11 @@ and small initializers as they are) and its large raw-data initializers as
 arrays (``APART`` bytes and more, read by a node: onnxruntime drops an
 initializer nothing reads, so one is left in the structure). Then:
 
-- ``check`` runs ``onnx.checker`` on the model itself (the checker reads
-  every tensor's bytes: it is given the whole model, serialized once).
+- ``check`` gives ``onnx.checker`` the structure with each weight (read
+  only where shape inference reads its type and shape, never its data) as a
+  typed graph input; what the checker asks of the weight's own tensor, ``of``
+  established when it read the bytes. A failure there is never the verdict:
+  the whole model is then serialized and checked as it is.
 - ``session`` builds an onnxruntime session on the structure with the large
   tensors marked external and handed over from memory
   (``add_external_initializers``): the same values, not copied, not parsed.
@@ -45,18 +48,24 @@ class Skeleton:
     model: Any
     structure: Any
     arrays: dict[str, np.ndarray]
+    tensors: dict[str, Any]  # the initializers kept apart, by name (the model's own TensorProtos)
 
     @classmethod
-    def of(cls, model: Any) -> Skeleton:
+    def of(cls, model: Any, like: Skeleton | None = None) -> Skeleton:
+        """``model`` split; an initializer equal to one ``like`` kept apart (name, type, dims and bytes) shares
+        its array."""
         structure = onnx.ModelProto()
         _copy_fields(model, structure, skip="graph")
         _copy_fields(model.graph, structure.graph, skip="initializer")
-        arrays = {}
+        arrays, tensors = {}, {}
         read = {name for node in iter_nodes(model) for name in node.input} | {o.name for o in model.graph.output}
         for tensor in model.graph.initializer:
             array = None
-            if tensor.name in read and tensor.data_location != TensorProto.EXTERNAL and \
-                    tensor.data_type in _NUMPY and sys.byteorder == "little":
+            if tensor.name not in read:
+                pass
+            elif like is not None and tensor.name in like.tensors and tensor == like.tensors[tensor.name]:
+                array = like.arrays[tensor.name]  # (the same bytes: compared without copying them out)
+            elif _plain(tensor):
                 raw = tensor.raw_data
                 if len(raw) >= APART and len(raw) == math.prod(tensor.dims) * _NUMPY[tensor.data_type]().itemsize:
                     array = np.frombuffer(raw, _NUMPY[tensor.data_type]).reshape(tuple(tensor.dims))
@@ -64,13 +73,51 @@ class Skeleton:
                 structure.graph.initializer.append(tensor)
                 continue
             stub = structure.graph.initializer.add()
-            _copy_fields(tensor, stub, skip="raw_data")
-            arrays[tensor.name] = array
-        return cls(model, structure, arrays)
+            stub.name, stub.data_type, stub.doc_string = tensor.name, tensor.data_type, tensor.doc_string
+            stub.dims.extend(tensor.dims)
+            stub.metadata_props.extend(tensor.metadata_props)
+            arrays[tensor.name], tensors[tensor.name] = array, tensor
+        return cls(model, structure, arrays, tensors)
 
     def check(self, full_check: bool) -> None:
-        """``onnx.checker.check_model`` of the model itself, serialized once (raises what it raises)."""
-        onnx.checker.check_model(self.model.SerializeToString(), full_check=full_check)
+        """``onnx.checker.check_model``'s verdict on the model (raises what it raises).
+
+        The checker is first given the structure with each weight kept apart
+        that only reads as a weight (``WEIGHT_SLOTS``) declared as a graph
+        input of its exact type and shape instead: shape inference sees the
+        same types and shapes, and what the checker's tensor rule asks of the
+        weight itself (a numeric type, raw data alone, of exactly its size)
+        ``of`` established when it read it. Any failure there is not taken as
+        the verdict: the whole model is then serialized and checked as it is.
+        """
+        try:
+            onnx.checker.check_model(self._as_inputs().SerializeToString(), full_check=full_check)
+        except Exception:  # noqa: BLE001 - the verdict comes from the model itself
+            onnx.checker.check_model(self.model.SerializeToString(), full_check=full_check)
+
+    def _as_inputs(self) -> Any:
+        """The structure with its weights as typed graph inputs (the other tensors kept apart given back whole)."""
+        model = self.model
+        weights = set(self.tensors) if model.ir_version >= 4 else set()
+        weights -= {i.name for i in model.graph.input}
+        counts: dict[str, int] = {}
+        for tensor in model.graph.initializer:
+            counts[tensor.name] = counts.get(tensor.name, 0) + 1
+        for node in model.graph.node:
+            for k, name in enumerate(node.input):
+                if name in weights and ((node.op_type, k) not in WEIGHT_SLOTS or node.domain not in ("", "ai.onnx")):
+                    weights.discard(name)
+        weights -= {o.name for o in model.graph.output} | _read_in_subgraphs(model)
+        weights = {n for n in weights if counts[n] == 1}
+        cut = onnx.ModelProto()
+        _copy_fields(self.structure, cut, skip="graph")
+        _copy_fields(self.structure.graph, cut.graph, skip="initializer")
+        for tensor in self.structure.graph.initializer:
+            if tensor.name in weights:
+                cut.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+            else:
+                cut.graph.initializer.append(self.tensors.get(tensor.name, tensor))
+        return cut
 
     def session(self, outputs: Sequence[str] = (), types: Mapping[str, int] | None = None, threads: int = 0) -> Any:
         """An onnxruntime CPU session on the model (graph optimizations off), with the values ``outputs`` as extra
@@ -106,6 +153,33 @@ class Skeleton:
         sess = self.session(outputs, types, threads)
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, dict(feeds))))
+
+
+#: (op, input position) where a value is read for its type and shape only, never its data, by shape inference
+WEIGHT_SLOTS = frozenset({("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2), ("Gemm", 0),
+                          ("Gemm", 1), ("Gemm", 2), ("MatMul", 0), ("MatMul", 1), ("BatchNormalization", 1),
+                          ("BatchNormalization", 2), ("BatchNormalization", 3), ("BatchNormalization", 4),
+                          ("Add", 0), ("Add", 1), ("Mul", 0), ("Mul", 1), ("Sub", 0), ("Sub", 1), ("Div", 0),
+                          ("Div", 1), ("Shape", 0), ("Size", 0), ("CastLike", 1)})
+
+
+def _plain(tensor: Any) -> bool:
+    """A tensor whose value is its raw data alone, of a type numpy reads as it is (little-endian here)."""
+    return (tensor.data_location != TensorProto.EXTERNAL and tensor.data_type in _NUMPY and sys.byteorder == "little"
+            and not (tensor.float_data or tensor.int32_data or tensor.string_data or tensor.int64_data
+                     or tensor.double_data or tensor.uint64_data or tensor.external_data or tensor.HasField("segment")))
+
+
+def _read_in_subgraphs(model: Any) -> set[str]:
+    """The names that nodes inside the main graph's subgraphs (If / Loop / Scan, at any depth) read."""
+    names: set[str] = set()
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                inner = onnx.ModelProto()
+                inner.graph.node.extend(graph.node)
+                names.update(name for n in iter_nodes(inner) for name in n.input)
+    return names
 
 
 def _copy_fields(source: Any, target: Any, skip: str) -> None:

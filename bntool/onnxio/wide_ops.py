@@ -233,7 +233,6 @@ def _batch_norm(inputs, attrs, opset, outputs):
     if attrs.get("training_mode", 0) or attrs.get("is_test", 1) == 0 or attrs.get("spatial", 1) != 1:
         raise Unsupported
     x, scale, bias, mean, var = inputs[:5]
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    eps = float(attrs.get("epsilon", 1e-5))
-    y = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps) * scale.reshape(shape) + bias.reshape(shape)
-    return (y,)
+    if x.dim() < 2 or any(v.shape != (x.shape[1],) for v in (scale, bias, mean, var)):
+        raise Unsupported
+    return (F.batch_norm(x, mean, var, scale, bias, False, 0.0, float(attrs.get("epsilon", 1e-5))),)
