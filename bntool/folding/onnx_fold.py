@@ -5,7 +5,7 @@ reasons), applies with ``onnx_apply``, and verifies: onnxruntime runs the
 original and the folded graph on the same inputs, each exposing the output
 of every folded layer (in a verification copy only), and every graph output
 and folded layer is judged by ``verify.compare``'s rule, the tolerance derived
-from the original's own distance to a float64 run of it (``onnxio.reference``).
+from the original's own distance to a float64 run of it (``onnxio.wide``).
 A pair the check blames is dropped and the rest planned, applied and
 verified again (``fold._blame``); non-finite values never verify. The result
 passes ``onnx.checker`` (full check) or is not returned.

@@ -1,4 +1,5 @@
-"""Running an ONNX graph: in onnxruntime (its own dtype), and in float64 for the derived tolerance.
+"""Running an ONNX graph: in onnxruntime (its own dtype), and in float64 by ``onnx.reference`` (what ``wide``
+falls back to for the nodes, or the graphs, its torch ops do not cover).
 
 onnxruntime has no float64 kernel for Conv and many other ops, so the
 float64 run is ``onnx.reference`` on a float64 copy of the graph

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -183,7 +184,7 @@ def _concat(inputs, attrs, opset, outputs):
 @op("Expand")
 def _expand(inputs, attrs, opset, outputs):
     x, shape = inputs[0], ints(inputs[1])
-    return (x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape))).clone(),)
+    return (x.expand(np.broadcast_shapes(tuple(x.shape), tuple(shape))).clone(),)
 
 
 @op("Gather")
