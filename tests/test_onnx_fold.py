@@ -373,6 +373,9 @@ def test_raw_exports_fold_every_bn_and_stay_equal(arch, dynamo):
     assert report.bn_after == 0, report.skipped
     check_valid(folded)
     assert_same_outputs(original, folded, rtol=1e-3, atol=1e-4)
+    unread_before = {t.name for t in original.graph.initializer} - {i for n in original.graph.node for i in n.input}
+    unread_now = {t.name for t in folded.graph.initializer} - {i for n in folded.graph.node for i in n.input}
+    assert unread_now <= unread_before  # (no weight left behind: the dynamo exporter's Shape readers go)
 
 
 # ----------------------------------------------------------------------------- through view ops and Concat

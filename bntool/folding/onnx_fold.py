@@ -5,7 +5,7 @@ reasons), applies with ``onnx_apply``, and verifies: onnxruntime runs the
 original and the folded graph on the same inputs, each exposing the output
 of every folded layer (in a verification copy only), and every graph output
 and folded layer is judged by ``verify.compare``'s rule, the tolerance derived
-from the original's own distance to a float64 run of it (``onnxio.reference``).
+from the original's own distance to a float64 run of it (``onnxio.wide``).
 A pair the check blames is dropped and the rest planned, applied and
 verified again (``fold._blame``); non-finite values never verify. The result
 passes ``onnx.checker`` (full check) or is not returned.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import torch
 
 from ..errors import InputError, VerificationError, first_line
@@ -32,13 +30,16 @@ from ..graph.onnxflow import OnnxFlow
 from ..onnxio.check import iter_nodes
 from ..onnxio.feeds import make_feeds
 from ..onnxio.load import read_onnx
-from ..onnxio.reference import run_float64, run_ort, with_outputs
+from ..onnxio.reference import run_ort
+from ..onnxio.skeleton import Skeleton
+from ..onnxio.wide import run_wide
 from ..verify.compare import Comparison, _compare_one, rounding_factor
 from .fold import MAX_ROUNDS, FoldReport, _blame
 from .onnx_apply import apply_onnx
 from .onnx_blame import blame_bodies
 from .onnx_branches import Branches, Trips
 from .onnx_layers import fan_in
+from .onnx_memory import fits_in_memory
 from .onnx_rules import plan_onnx
 from .plan import FoldPlan
 
@@ -90,7 +91,7 @@ def fold_onnx(
         proto = model_or_path
     else:
         raise InputError(f"fold_onnx takes an onnx.ModelProto or a path, got a {type(model_or_path).__name__}")
-    serialized = _check_original(proto)
+    original = _check_original(proto)
     flow = OnnxFlow.of(proto)
     feeds = make_feeds(proto, example_inputs, input_shapes, seed) if verify else {}
     before = sum(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in iter_nodes(proto))
@@ -99,12 +100,12 @@ def fold_onnx(
     comparison = None
     for _ in range(MAX_ROUNDS):
         plan, sites = plan_onnx(flow, rejected, include=include, exclude=exclude)
-        folded = apply_onnx(proto, flow, plan, sites)
+        folded = _drop_left_behind(proto, apply_onnx(proto, flow, plan, sites))
         if not verify or not plan.pairs:  # (nothing folded: the graph is the original's)
             comparison = None
             break
         if check is None:  # the original, run once, with every point the first (fullest) plan checks
-            check = _Check(proto, flow, feeds, atol, rtol, serialized)
+            check = _Check(original, flow, feeds, atol, rtol, plan, sites)
         comparison = check.compare(folded, plan, sites)
         if comparison.passed:
             break
@@ -119,9 +120,9 @@ def fold_onnx(
     if comparison is not None and not comparison.passed:
         raise VerificationError(comparison.failure_message("the folded graph"), report)
     try:
-        serialized = check.serialized if check is not None else None
-        onnx.checker.check_model(serialized[1] if serialized and serialized[0] == id(folded) else folded,
-                                 full_check=True)
+        candidate = check.candidate if check is not None else None
+        (candidate if candidate is not None and candidate.model is folded else Skeleton.of(folded)).check(
+            full_check=True)
     except ValueError as exc:  # (over 2 GB in memory: checked on the written file)
         if "2GB" not in str(exc) and "2 GB" not in str(exc):
             raise VerificationError(f"the folded graph fails onnx.checker: {first_line(exc, 200)}", report) from exc
@@ -145,15 +146,30 @@ def prove_file(report: OnnxFoldReport, path: str | os.PathLike) -> None:
         raise VerificationError(comparison.failure_message("the written file"), report)
 
 
-def _check_original(proto: Any) -> bytes | None:
-    """The model's bytes (None over 2 GB), after ``onnx.checker`` found it valid."""
+def _drop_left_behind(original: Any, folded: Any) -> Any:
+    """``folded`` without the initializers the fold left unread: read by a node of the original, by none now (a
+    weight whose folded layer took a copy of its own, its other reader gone with the BN). An initializer the
+    original did not read, or still read, stays as it was."""
+    read_before = {name for node in iter_nodes(original) for name in node.input}
+    read_now = {name for node in iter_nodes(folded) for name in node.input}
+    keep = read_now | {v.name for v in [*folded.graph.input, *folded.graph.output]}
+    left = [i for i, t in enumerate(folded.graph.initializer) if t.name in read_before and t.name not in keep]
+    for i in reversed(left):
+        del folded.graph.initializer[i]
+    return folded
+
+
+def _check_original(proto: Any) -> Skeleton:
+    """The model split for checking and running (``Skeleton``), after ``onnx.checker`` found it valid."""
+    original = Skeleton.of(proto)
     try:
-        payload = proto.SerializeToString()
-    except ValueError:
-        return None  # over 2 GB in memory
-    try:
-        onnx.checker.check_model(payload, full_check=False)
-        return payload
+        original.check(full_check=False)
+        return original
+    except ValueError as exc:
+        if "2GB" in str(exc) or "2 GB" in str(exc):
+            return original  # (over 2 GB in memory, and its cut copy failed: the written file is checked)
+        raise InputError(f"the ONNX model is not valid ({first_line(exc, 200)}); bntool folds only models that "
+                         "pass onnx.checker") from None
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"the ONNX model is not valid ({first_line(exc, 200)}); bntool folds only models that "
                          "pass onnx.checker") from None
@@ -162,27 +178,37 @@ def _check_original(proto: Any) -> bytes | None:
 class _Check:
     """The original run once (onnxruntime, and float64 for the derived tolerance), then each candidate against it."""
 
-    def __init__(self, proto: Any, flow: OnnxFlow, feeds: Mapping[str, np.ndarray], atol, rtol,
-                 serialized: bytes | None = None):
+    def __init__(self, original: Skeleton, flow: OnnxFlow, feeds: Mapping[str, np.ndarray], atol, rtol,
+                 plan: FoldPlan, sites: Mapping[str, Any]):
         self.flow, self.feeds, self.atol, self.rtol = flow, dict(feeds), atol, rtol
-        _fits_in_memory(flow)
+        fits_in_memory(flow)
         self.derived = atol is None and rtol is None
-        self.outputs = [o.name for o in proto.graph.output]
-        plan, sites = plan_onnx(flow)
+        self.skeleton = original
+        self.outputs = [o.name for o in original.model.graph.output]
         self.types = _value_types(flow)
+        self.threads = torch.get_num_threads()
         names = [self.value_of(label) for label in plan.probes() if label in flow.positions]
         names += [flow.nodes[s.layer].outputs[0].name for group in sites.values() for s in group
                   if s.direction == "forward" and not s.graph]  # (a subgraph's values are checked at the outputs)
-        self.points = [n for n in dict.fromkeys(names) if n in self.types]
+        self.points: list[str] = []
+        self.original: dict[str, np.ndarray] = {}
+        self.high: dict[str, Any] = {}
+        self._run_original(names)
+        proto = original.model
+        self.branches = Branches(proto, flow, self.feeds, self.derived)  # (folds inside If branches)
+        self.trips = Trips(proto, flow, self.feeds, self.derived)  # (folds inside Loop / Scan bodies)
+        self.candidate: Skeleton | None = None  # the last candidate, split (for the checker)
+
+    def _run_original(self, names: Sequence[str]) -> None:
+        """The original's runs (onnxruntime, and float64 when the tolerance is derived) with ``names`` exposed."""
+        self.points = [n for n in dict.fromkeys([*self.points, *names]) if n in self.types]
         try:
-            self.original = run_ort(with_outputs(serialized or proto, self.points, self.types), self.feeds)
+            self.original = self.skeleton.run(self.feeds, self.points, self.types, self.threads)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"onnxruntime cannot run the original graph ({first_line(exc, 200)}); bntool proves a "
                              "fold by running both graphs, so it cannot fold this one") from None
-        self.high = run_float64(proto, self.feeds, self.points) if self.derived else {}
-        self.branches = Branches(proto, flow, self.feeds, self.derived)  # (folds inside If branches)
-        self.trips = Trips(proto, flow, self.feeds, self.derived)  # (folds inside Loop / Scan bodies)
-        self.serialized: tuple[int, bytes] | None = None  # the last candidate, serialized (for the checker)
+        if self.derived:
+            self.high = run_wide(self.skeleton.model, self.feeds, self.points, arrays=self.skeleton.arrays)
 
     def value_of(self, label: str) -> str:
         return self.flow.nodes[self.flow.position(label)].outputs[0].name
@@ -195,14 +221,16 @@ class _Check:
             for label in plan.probes():
                 if label in self.flow.positions:
                     values[self.value_of(label)] = label
+        missing = [v for v in values if v in self.types and v not in self.points]
+        if missing:  # (a point the first plan did not check: the original is run again with it)
+            self._run_original(missing)
         try:
             if points:
-                payload = folded.SerializeToString()
-                self.serialized = (id(folded), payload)
-                graph = with_outputs(payload, [v for v in values if v in self.types], self.types)
+                self.candidate = Skeleton.of(folded, like=self.skeleton)
+                out = self.candidate.run(self.feeds, [v for v in values if v in self.types], self.types,
+                                         self.threads)
             else:
-                graph = folded
-            out = run_ort(graph, self.feeds)
+                out = run_ort(folded, self.feeds, self.threads)
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot run the folded graph ({first_line(exc, 200)})") from exc
         sizes = {p.bn: max(fan_in(self.flow.graph_flow(s.graph), s.layer) for s in sites[p.bn]) for p in plan.pairs}
@@ -232,39 +260,6 @@ class _Check:
                             widen=rounding_factor(size))
 
 
-def _fits_in_memory(flow: OnnxFlow) -> None:
-    """Refuse, before anything runs, a graph one of whose values (by its inferred shape) would not fit in memory."""
-    available = _available_memory()
-    if available is None:
-        return
-    for graph, node in [(g, n) for g in flow.flows() for n in g.nodes]:  # (the bodies too)
-        for value in node.outputs:
-            shape = flow.shape(value)
-            if shape is None or any(d is None for d in shape) or value.dtype in (None, ir.DataType.UNDEFINED,
-                                                                                  ir.DataType.STRING):
-                continue
-            size = math.prod(shape) * max(1, value.dtype.itemsize)
-            if size > available // 2:
-                raise InputError(f"`{value.name}` (made by `{graph.label(graph.index[id(node)])}`) would take "
-                                 f"{size / 2**30:.1f} GiB, more than half the memory available "
-                                 f"({available / 2**30:.1f} "
-                                 "GiB); bntool verifies a fold by running the graph, so it cannot fold this one here")
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _value_types(flow: OnnxFlow) -> dict[str, int]:
     """Element type of every value whose type is known (graph inputs, outputs, inferred)."""
     types = {}
@@ -279,7 +274,8 @@ def _value_types(flow: OnnxFlow) -> dict[str, int]:
 
 
 def _torch(array: Any) -> torch.Tensor:
+    """``array`` as a tensor: shared when numpy owns it writable (the runs' own results), else copied."""
     array = np.asarray(array)
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.array(array, copy=True))
+    return torch.from_numpy(array if array.flags.writeable and array.flags.c_contiguous else np.array(array))

@@ -1,4 +1,5 @@
-"""Running an ONNX graph: in onnxruntime (its own dtype), and in float64 for the derived tolerance.
+"""Running an ONNX graph: in onnxruntime (its own dtype), and in float64 by ``onnx.reference`` (what ``wide``
+falls back to for the nodes, or the graphs, its torch ops do not cover).
 
 onnxruntime has no float64 kernel for Conv and many other ops, so the
 float64 run is ``onnx.reference`` on a float64 copy of the graph
@@ -19,7 +20,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 from onnx.reference.op_run import OpRun
-from onnx.reference.ops import op_conv, op_conv_transpose, op_loop
+from onnx.reference.ops import op_conv, op_conv_transpose, op_loop, op_max_pool
 
 from ..errors import InputError, first_line
 from .check import iter_nodes
@@ -56,8 +57,8 @@ def session(model: Any, threads: int = 0) -> Any:
     return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
 
 
-def run_ort(model: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(model)
+def run_ort(model: Any, feeds: Mapping[str, np.ndarray], threads: int = 0) -> dict[str, np.ndarray]:
+    sess = session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(feeds))))
 
@@ -71,30 +72,37 @@ def as_float64(model: Any) -> Any:
     copy.CopyFrom(model)
     graph = copy.graph
 
-    def widen(tensor: Any) -> None:
-        if tensor.data_type in FLOATS and tensor.data_location != TensorProto.EXTERNAL:
-            wide = numpy_helper.to_array(tensor).astype(np.float64)
-            for field in ("raw_data", "float_data", "int32_data", "double_data"):
-                tensor.ClearField(field)
-            tensor.data_type = TensorProto.DOUBLE
-            tensor.raw_data = wide.tobytes()
-
     graphs = [graph]  # (and every If / Loop / Scan body: their weights, inputs and outputs too)
     graphs += [g for node in iter_nodes(copy) for a in node.attribute
                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
     for each in graphs:
         for tensor in each.initializer:
-            widen(tensor)
+            _widen(tensor)
         for info in [*each.input, *each.output, *each.value_info]:
             if info.type.tensor_type.elem_type in FLOATS:
                 info.type.tensor_type.elem_type = TensorProto.DOUBLE
     for node in iter_nodes(copy):
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                widen(attribute.t)
-            if node.op_type == "Cast" and attribute.name == "to" and attribute.i in FLOATS:
-                attribute.i = TensorProto.DOUBLE
+        widen_node(node)
     return copy
+
+
+def widen_node(node: Any) -> None:
+    """``node`` made to compute in float64, in place: its tensor attributes and its cast targets (its subgraphs'
+    nodes are widened apart)."""
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            _widen(attribute.t)
+        if node.op_type == "Cast" and attribute.name == "to" and attribute.i in FLOATS:
+            attribute.i = TensorProto.DOUBLE
+
+
+def _widen(tensor: Any) -> None:
+    if tensor.data_type in FLOATS and tensor.data_location != TensorProto.EXTERNAL:
+        wide = numpy_helper.to_array(tensor).astype(np.float64)
+        for field in ("raw_data", "float_data", "int32_data", "double_data"):
+            tensor.ClearField(field)
+        tensor.data_type = TensorProto.DOUBLE
+        tensor.raw_data = wide.tobytes()
 
 
 def run_float64(model: Any, feeds: Mapping[str, np.ndarray], extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -110,7 +118,7 @@ def run_float64(model: Any, feeds: Mapping[str, np.ndarray], extra: Sequence[str
     inputs = {k: (v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
               for k, v in feeds.items()}
     try:
-        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, ConvTranspose, BatchNormalization, MaxPool, Loop])
+        evaluator = ReferenceEvaluator(wide, new_ops=NEW_OPS)
         results = evaluator.run(None, inputs)
     except Exception as exc:  # noqa: BLE001 - an op the reference does not implement, or a graph it cannot run
         raise InputError(f"cannot run the graph in float64 to derive the tolerance ({first_line(exc, 160)}); "
@@ -128,7 +136,7 @@ def _pads(x: np.ndarray, w_spatial: Sequence[int], auto_pad: str, dilations, pad
     return None
 
 
-class Conv(OpRun):
+class Conv(op_conv.Conv):
     """onnx's Conv in float64 through torch (same semantics; onnx's own kernel for SAME_* padding)."""
 
     op_domain = ""
@@ -149,7 +157,7 @@ class Conv(OpRun):
         return (y.numpy().astype(X.dtype),)
 
 
-class ConvTranspose(OpRun):
+class ConvTranspose(op_conv_transpose.ConvTranspose):
     """onnx's ConvTranspose in float64 through torch (onnx's own kernel for auto_pad / output_shape)."""
 
     op_domain = ""
@@ -190,7 +198,7 @@ class BatchNormalization(OpRun):
         return (y.astype(X.dtype),)
 
 
-class MaxPool(OpRun):
+class MaxPool(op_max_pool.MaxPool):
     """onnx's MaxPool through torch for the plain case (one output, explicit pads, no ceil mode)."""
 
     op_domain = ""
@@ -202,9 +210,7 @@ class MaxPool(OpRun):
         plain = (auto_pad in (None, "", "NOTSET") and not ceil_mode and n in (1, 2, 3) and len(self.output) == 1
                  and pads[:n] == pads[n:] and all(2 * p <= k for p, k in zip(pads[:n], kernel_shape)))
         if not plain:
-            from onnx.reference.ops.op_max_pool import MaxPool as Reference
-
-            return Reference._run(self, X, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+            return op_max_pool.MaxPool._run(self, X, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
                                   kernel_shape=kernel_shape, pads=pads, storage_order=storage_order, strides=strides)
         fn = (torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d)[n - 1]
         y = fn(torch.from_numpy(np.array(X, dtype=np.float64)), list(kernel_shape), stride=list(strides or [1] * n),
@@ -236,3 +242,7 @@ class Loop(op_loop.Loop):
             return res
         stacked = [np.stack([t[k] for t in trips]) if trips else np.empty((0,)) for k in range(scans)]
         return (*res[:len(res) - scans], *stacked)
+
+
+#: the float64 kernels ``onnx.reference`` runs in place of its own
+NEW_OPS = [Conv, ConvTranspose, BatchNormalization, MaxPool, Loop]
