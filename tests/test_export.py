@@ -19,7 +19,7 @@ from bntool.onnxio.check import training_mode_bns
 from bntool.onnxio.ort import verify_onnx
 from bntool.runtime.shapes import make_inputs
 from examples import models as zoo
-from tests.conftest import randomize_bn, run_python
+from tests.conftest import randomize_bn
 
 
 def _model(factory, seed: int = 0) -> nn.Module:
@@ -268,10 +268,9 @@ def test_an_existing_file_is_replaced_only_with_force(tmp_path):
     assert onnx.load(out).graph.node and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_import_bntool_does_not_import_onnx():
-    code = ("import sys, bntool; bntool.export_onnx; "
-            "print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))")
-    assert run_python(code).strip() == "[]"
+def test_import_bntool_does_not_import_onnx(imported_by_bntool):
+    assert "bntool.export.export_onnx" in imported_by_bntool  # (`bntool.export_onnx` was looked up)
+    assert sorted(m for m in ("onnx", "onnxruntime") if m in imported_by_bntool) == []
 
 
 def test_replacing_an_external_data_export_removes_its_old_weights_file(tmp_path):

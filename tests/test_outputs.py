@@ -295,12 +295,21 @@ def test_write_errno_reads_every_writer_s_way_of_saying_it():
 # ----------------------------------------------------------------------------- ONNX external data
 
 
-@pytest.fixture
-def exported(checkpoint, tmp_path):
-    """``a.onnx`` with its weights in ``a.onnx.data``, and ``b.onnx`` a copy that uses the same weights file."""
+@pytest.fixture(scope="module")
+def exported_once(tmp_path_factory) -> Path:
+    """A folder holding ``a.onnx`` with its weights in ``a.onnx.data`` (exported once; tests get copies)."""
+    folder = tmp_path_factory.mktemp("exported")
     model = randomize_bn(zoo.lenet(), seed=3)
-    bntool.export_onnx(model, tmp_path / "a.onnx", example_inputs=(torch.randn(2, 1, 28, 28),), external_data=True,
+    bntool.export_onnx(model, folder / "a.onnx", example_inputs=(torch.randn(2, 1, 28, 28),), external_data=True,
                        device="cpu")
+    return folder
+
+
+@pytest.fixture
+def exported(checkpoint, tmp_path, exported_once):
+    """``a.onnx`` with its weights in ``a.onnx.data``, and ``b.onnx`` a copy that uses the same weights file."""
+    for name in ("a.onnx", "a.onnx.data"):
+        (tmp_path / name).write_bytes((exported_once / name).read_bytes())
     (tmp_path / "b.onnx").write_bytes((tmp_path / "a.onnx").read_bytes())
     return tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "a.onnx.data"
 
