@@ -19,6 +19,7 @@ The child's stdout and stderr go to the files named, its stdin is ``/dev/null``;
 
 import atexit
 import contextlib
+import gc
 import json
 import os
 import runpy
@@ -112,6 +113,7 @@ def serve() -> None:
         channel.flush()
         sys.stderr.flush()
         before = set(sys.modules)
+        gc.freeze()  # what is imported lives as long as the process: no child's gc.collect() walks it again
         pid = os.fork()
         if pid == 0:
             status = 1
