@@ -53,7 +53,6 @@ def test_the_message_of_every_deprecation_helper_is_made_an_error():
 def test_other_libraries_warnings_stay_warnings():
     # torch's own FutureWarning (as `torch.nn.utils.weight_norm` writes it) and a DeprecationWarning, attributed to
     # torch, are shown, not raised; no registry, so each is shown whatever ran before.
-    seen = []
     with warnings.catch_warnings(record=True) as seen:
         for message, category in [
             ("`torch.nn.utils.weight_norm` is deprecated in favor of `torch.nn.utils.parametrizations.weight_norm`.",
