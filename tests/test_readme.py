@@ -103,7 +103,8 @@ class Forks:
         self.idle: queue.SimpleQueue[subprocess.Popen] = queue.SimpleQueue()
         self.started: list[subprocess.Popen] = []
         self.folder = Path(tempfile.mkdtemp(prefix="bntool-forks-"))
-        self.script = shutil.which("bntool", path=str(Path(sys.executable).parent))
+        # (where the console script is, or would be: a forked command only takes its name and folder)
+        self.script = str(Path(sys.executable).parent / "bntool")
 
     def _server(self) -> subprocess.Popen:
         try:
