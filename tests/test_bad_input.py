@@ -359,7 +359,7 @@ def _library_calls(tmp_path):
     return {
         "load": lambda m: bntool.load(tmp_path / "missing.safetensors", m),
         "save": lambda m: bntool.save(m, tmp_path / "out.safetensors"),
-        "fold": lambda m: bntool.fold(m, x),
+        "fold": lambda m: bntool.fold(m, example_inputs=x),
         "plan_fold": lambda m: bntool.plan_fold(m, x),
         "compare": lambda m: bntool.compare(m, torch.nn.Identity(), (x,)),
         "recalibrate": lambda m: bntool.recalibrate(m, [x]),

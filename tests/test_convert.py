@@ -281,7 +281,7 @@ def test_recipe_replays_in_load_and_other_operations_accept_the_output(tmp_path)
         bntool.load(tmp_path / "sync.safetensors", plain())
 
     y = images((4, 3, 32, 32))
-    _, report = bntool.fold(synced, y)
+    _, report = bntool.fold(synced, example_inputs=y)
     assert report.passed and len(report.done) == 7 and not report.skipped
     _, report = bntool.freeze(synced, example_inputs=y)
     assert report.passed and len(report.frozen) == 7

@@ -110,8 +110,8 @@ def test_the_library_runs_the_original_twice_per_batch_size_and_leaves_it_as_it_
                         or real(x, *a, **k))
     for fold in (True, False):
         forwards.clear()
-        report = bntool.export_onnx(model, (torch.randn(1, 3, 32, 32),), tmp_path / f"{fold}.onnx", fold=fold,
-                                    dynamic_batch=True, device="cpu")
+        report = bntool.export_onnx(model, tmp_path / f"{fold}.onnx", example_inputs=(torch.randn(1, 3, 32, 32),),
+                                    fold=fold, dynamic_batch=True, device="cpu")
         assert report.passed and [c.batch_size for c in report.verification.checks] == [1, 2]
         assert sorted(forwards, key=str) == sorted([(torch.float32, 1), (torch.float64, 1), (torch.float32, 2),
                                                     (torch.float64, 2)], key=str)
@@ -123,7 +123,8 @@ def test_the_library_runs_the_original_twice_per_batch_size_and_leaves_it_as_it_
 def test_a_consumed_model_is_folded_exported_and_released(tmp_path):
     torch.manual_seed(0)
     model = randomize_bn(zoo.resnet_small(), seed=3)
-    report = bntool.export_onnx(model, (torch.randn(2, 3, 32, 32),), tmp_path / "m.onnx", device="cpu", consume=True)
+    report = bntool.export_onnx(model, tmp_path / "m.onnx", example_inputs=(torch.randn(2, 3, 32, 32),), device="cpu",
+                                inplace=True)
     assert report.passed and report.bn_left == 0 and report.initializers_checked > 10
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # folded in place
     assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}  # its memory given back
@@ -134,7 +135,8 @@ def test_a_consumed_model_is_folded_exported_and_released(tmp_path):
 
 def test_the_streamed_file_is_byte_for_byte_what_the_exporter_saves(tmp_path):
     torch.manual_seed(0)
-    model, _ = bntool.fold(randomize_bn(zoo.resnet_small(), seed=4), (torch.randn(1, 3, 32, 32),), device="cpu")
+    model, _ = bntool.fold(randomize_bn(zoo.resnet_small(), seed=4), example_inputs=(torch.randn(1, 3, 32, 32),),
+                           device="cpu")
     program = torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), dynamo=True, verbose=False)
     onnx_write.save_onnx(program, tmp_path / "streamed.onnx", external_data=None)
     program.save(str(tmp_path / "whole.onnx"))
@@ -230,8 +232,8 @@ def test_a_large_tensor_of_the_wrong_size_fails_the_check_as_on_the_whole_file(t
 def test_export_with_external_data_is_checked_on_the_file_itself(tmp_path):
     torch.manual_seed(0)
     model = randomize_bn(zoo.resnet_small(), seed=5)
-    report = bntool.export_onnx(model, (torch.randn(1, 3, 32, 32),), tmp_path / "e.onnx", external_data=True,
-                                device="cpu")
+    report = bntool.export_onnx(model, tmp_path / "e.onnx", example_inputs=(torch.randn(1, 3, 32, 32),),
+                                external_data=True, device="cpu")
     assert report.passed and report.facts.external_data == ("e.onnx.data",) and report.initializers_checked > 3
     found = onnx_scanning.scan(tmp_path / "e.onnx")
     assert found.stored and not any(s.embedded for s in found.stored.values())

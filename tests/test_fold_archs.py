@@ -228,7 +228,7 @@ def _folded(name: str) -> Folded:
             model.eval()(*inputs)
         attributes = {n: set(vars(m)) for n, m in model.named_modules()}
         # the fold rules alone: merging parallel branches (on by default) is tests/test_merge.py's
-        folded, report = bntool.fold(model, inputs, strict=True, merge_branches=False)
+        folded, report = bntool.fold(model, example_inputs=inputs, strict=True, merge_branches=False)
         _FOLDED[name] = Folded(model, folded, inputs, report, before, attributes)
     return _FOLDED[name]
 
@@ -350,7 +350,7 @@ def test_exported_bn_act_network_has_no_batchnorm_and_every_activation(tmp_path)
     """The exporter's own BN fusion is off: what is left in the file is what bntool folded."""
     f = _folded("bn-act-relu-hardswish-silu-drop")
     path = tmp_path / "net.onnx"
-    report = bntool.export_onnx(f.original, f.inputs, path, optimize=False)
+    report = bntool.export_onnx(f.original, path, example_inputs=f.inputs, optimize=False)
     assert report.written and report.passed
     nodes = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert nodes["BatchNormalization"] == 0
@@ -441,7 +441,7 @@ def test_a_users_hook_on_a_folded_bn_sees_what_it_saw_before():
     model.bn1.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
     model.conv_head.register_forward_hook(lambda m, args, out: None)  # a hook on a producer: that BN stays
     inputs = _inputs(model)
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert "bn1" in {p.bn for p in report.plan.pairs}
     assert "forward hooks" in report.plan.reason_for("bn2")
     seen.clear()
@@ -469,6 +469,6 @@ def test_a_float64_model_folds_without_a_false_rejection(name, seed):
     torch.manual_seed(seed)
     model = randomize_bn(ARCHS[name].build(), seed=seed).eval().double()
     x = torch.randn(*model.input_shape, dtype=torch.float64)
-    folded, report = bntool.fold(model, (x,))
+    folded, report = bntool.fold(model, example_inputs=(x,))
     assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
     assert report.comparison.passed

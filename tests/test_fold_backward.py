@@ -36,7 +36,7 @@ def test_fold_each_producer_kind(kind, bias, affine):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = random_inputs(shape)
 
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
 
     assert [(p.bn, p.into, p.direction, p.bn_becomes) for p in report.plan.pairs] == [("1", "0", "backward", "removed")]
     assert report.plan.skips == ()
@@ -73,7 +73,7 @@ def test_narrow_weights_are_multiplied_in_float32_and_rounded_once_float64_ones_
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), seed=1).to(dtype)
     inputs = (torch.randn(2, 3, 8, 8).to(dtype),)
     original = copy.deepcopy(model)
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert report.comparison.passed and folded[0].weight.dtype == dtype
     bn = original[1]
     k = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
@@ -119,7 +119,7 @@ def test_float64_layers_of_one_size_each_own_their_new_weights():
                                        nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), seed=4).double().eval()
     expected = [fold_into_producer(model[i].weight, model[i].bias, model[i + 1].running_mean, model[i + 1].running_var,
                                    model[i + 1].eps, model[i + 1].weight, model[i + 1].bias)[0] for i in (0, 2, 4)]
-    folded, report = bntool.fold(model, random_inputs((2, 4, 9, 9))[0].double(), strict=True)
+    folded, report = bntool.fold(model, example_inputs=random_inputs((2, 4, 9, 9))[0].double(), strict=True)
     assert len(report.done) == 3
     for i, weight in zip((0, 2, 4), expected):
         assert torch.equal(folded[i].weight, weight), i
@@ -132,7 +132,7 @@ def test_float64_layers_of_one_size_each_own_their_new_weights():
 def test_a_bn_channel_that_is_a_block_of_layer_channels_folds(cls, shape, direction):
     model = randomize_bn(cls(), seed=8).eval()
     inputs = random_inputs(shape)
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     [pair] = report.plan.pairs
     assert pair.direction == direction and isinstance(folded.bn, nn.Identity)
     assert_computes_original(folded, model, inputs)
@@ -143,7 +143,7 @@ def test_a_bn_channel_that_is_a_block_of_layer_channels_folds(cls, shape, direct
     (LinearTransposedToBN, (5, 8), "(`transpose`) stands between")])
 def test_a_reshape_that_splits_or_interleaves_channels_is_refused(cls, shape, fragment):
     model = randomize_bn(cls(), seed=8).eval()
-    folded, report = bntool.fold(model, random_inputs(shape))
+    folded, report = bntool.fold(model, example_inputs=random_inputs(shape))
     assert report.plan.pairs == () and fragment in report.plan.skips[0].reason, report.plan.skips[0].reason
     assert isinstance(folded.bn, nn.BatchNorm1d)
 

@@ -22,7 +22,7 @@ def test_bn_on_input_folds_forward_into_its_reader(model):
     randomize_bn(model, seed=4)
     shape = (9, 12) if isinstance(model, BNThenLinear) else (3, 6, 7, 7)
     inputs = random_inputs(shape)
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     [pair] = report.plan.pairs
     assert (pair.direction, pair.into) == ("forward", "fc" if isinstance(model, BNThenLinear) else "conv")
     assert isinstance(folded.bn, nn.Identity)
@@ -31,7 +31,7 @@ def test_bn_on_input_folds_forward_into_its_reader(model):
 
 def test_bn_before_zero_padded_conv_is_left_with_reason():
     model = randomize_bn(BNThenConv(padding=1), seed=4)
-    folded, report = bntool.fold(model, random_inputs((3, 6, 7, 7)))
+    folded, report = bntool.fold(model, example_inputs=random_inputs((3, 6, 7, 7)))
     assert report.plan.pairs == ()
     [skip] = report.plan.skips
     assert "model input" in skip.reason and "zero-pads" in skip.reason
@@ -57,7 +57,7 @@ def test_a_forward_fold_through_kept_scalar_steps_is_exact():
     running (a wrong account is a fold verification rejects)."""
     model = randomize_bn(BNScalarsConv(), seed=6).eval()
     inputs = random_inputs((2, 3, 5, 5))
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert [(p.bn, p.into, p.direction) for p in report.plan.pairs] == [("bn", "conv", "forward")]
     assert report.rejected == () and report.comparison.passed
     assert_computes_original(folded, model, inputs)

@@ -92,7 +92,7 @@ def test_random_chains_fold_without_a_rejected_fold(seed, inplace):
     m64 = copy.deepcopy(model).double()
     with torch.no_grad():
         expected = m64(x.double())
-    folded, report = bntool.fold(model, (x,), inplace=inplace)
+    folded, report = bntool.fold(model, example_inputs=(x,), inplace=inplace)
     assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
     assert report.comparison.passed
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_random_networks_with_heads_fold_without_a_rejected_fold(seed):
     m64 = copy.deepcopy(model).double()
     with torch.no_grad():
         expected = m64(x.double())
-    folded, report = bntool.fold(model, (x,))
+    folded, report = bntool.fold(model, example_inputs=(x,))
     assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
     with torch.no_grad():
         torch.testing.assert_close(folded(x).double(), expected, rtol=1e-4, atol=1e-4)
@@ -214,7 +214,7 @@ def test_random_networks_fold_the_same_from_a_recorded_forward_pass(seed, family
     m64 = copy.deepcopy(model).double()
     with torch.no_grad():
         expected = m64(x.double())
-    folded, report = bntool.fold(model, (x,))
+    folded, report = bntool.fold(model, example_inputs=(x,))
     assert report.plan.method == "recorded"
     assert report.rejected == (), [(s.bn, s.reason) for s in report.rejected]
     with torch.no_grad():

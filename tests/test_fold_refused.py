@@ -30,7 +30,7 @@ def test_unsafe_patterns_are_left_alone_with_a_reason(name):
     torch.manual_seed(0)
     model = randomize_bn(cls(), seed=7)
     inputs = random_inputs(shape)
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert report.plan.pairs == ()
     assert [s.bn for s in report.plan.skips] == ["bn"]
     assert fragment in report.plan.skips[0].reason, report.plan.skips[0].reason
@@ -67,7 +67,7 @@ def test_layer_with_recomputed_weight_is_left_with_a_reason(kind, side):
     inputs = random_inputs((2, 3, 7, 7))
     with torch.no_grad():
         expected = model(*inputs)
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert report.plan.pairs == ()
     [skip] = report.plan.skips
     assert "is recomputed at every call" in skip.reason, skip.reason
@@ -79,14 +79,14 @@ def test_layer_with_recomputed_weight_is_left_with_a_reason(kind, side):
 def test_bn_without_running_stats_is_left_and_points_to_recalibrate():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     randomize_bn(model, seed=1)
-    _, report = bntool.fold(model, random_inputs((2, 3, 6, 6)))
+    _, report = bntool.fold(model, example_inputs=random_inputs((2, 3, 6, 6)))
     [skip] = report.plan.skips
     assert "track_running_stats=False" in skip.reason and "bntool recalibrate" in skip.reason
 
 
 def test_bn_on_model_input_with_no_foldable_reader():
     model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3)), seed=2)
-    _, report = bntool.fold(model, random_inputs((2, 3, 6, 6)))
+    _, report = bntool.fold(model, example_inputs=random_inputs((2, 3, 6, 6)))
     [skip] = report.plan.skips
     assert "model input" in skip.reason and "`1`" in skip.reason
 
@@ -95,7 +95,7 @@ def test_bn_on_model_input_with_no_foldable_reader():
 def test_a_layer_whose_weight_the_forward_also_reads_is_left(untraceable):
     model = randomize_bn(ReadsConvWeight(untraceable), seed=3).eval()
     inputs = random_inputs((2, 3, 5, 5))
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert report.plan.method == ("recorded" if untraceable else "fx") and report.plan.pairs == ()
     assert "`conv.weight` is also read by `mean`" in report.plan.skips[0].reason
     assert report.comparison.passed
@@ -109,7 +109,7 @@ def test_a_fold_that_breaks_the_forward_is_rejected_and_the_rest_is_folded(inpla
     model = randomize_bn(ReadsBNAttribute(), seed=3).eval()
     inputs = random_inputs((2, 3, 5, 5))
     original = copy.deepcopy(model)
-    folded, report = bntool.fold(model, inputs, inplace=inplace)
+    folded, report = bntool.fold(model, example_inputs=inputs, inplace=inplace)
     assert [p.bn for p in report.plan.pairs] == ["bn2"] and [s.bn for s in report.rejected] == ["bn1"]
     assert "failed to run (AttributeError" in report.plan.reason_for("bn1")
     assert isinstance(folded.bn1, nn.BatchNorm2d) and isinstance(folded.bn2, nn.Identity)
@@ -118,7 +118,7 @@ def test_a_fold_that_breaks_the_forward_is_rejected_and_the_rest_is_folded(inpla
     strict = randomize_bn(ReadsBNAttribute(), seed=3).eval()
     before = copy.deepcopy(strict.state_dict())
     with pytest.raises(VerificationError, match="the folded model failed to run on inputs the original runs on"):
-        bntool.fold(strict, inputs, inplace=inplace, strict=True)
+        bntool.fold(strict, example_inputs=inputs, inplace=inplace, strict=True)
     assert isinstance(strict.bn1, nn.BatchNorm2d) and isinstance(strict.bn2, nn.BatchNorm2d)
     assert all(torch.equal(v, before[k]) for k, v in strict.state_dict().items())
 
@@ -126,7 +126,7 @@ def test_a_fold_that_breaks_the_forward_is_rejected_and_the_rest_is_folded(inpla
 def test_a_bn_only_a_training_branch_calls_is_left_and_says_so():
     model = randomize_bn(AuxHead(), seed=4).train()
     inputs = random_inputs((2, 3, 6, 6))
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert [p.bn for p in report.plan.pairs] == ["bn"]
     assert report.plan.reason_for("aux_bn") == ("is never called in the model's eval-mode forward (a training-only "
                                                 "branch, or unused)")

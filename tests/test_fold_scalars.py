@@ -102,7 +102,7 @@ def test_torch_jit_freeze_case_conv_mul_add_bn_folds_and_verifies(tmp_path):
     # catches: the 0.2 refusal ("an operation (`add`) stands between"); a fold that ignores a or s
     model = build(ConvMulAddBn)
     args = inputs((2, 3, 16, 16))
-    folded, report = bntool.fold(model, args)
+    folded, report = bntool.fold(model, example_inputs=args)
     assert [(p.bn, p.into, p.direction) for p in report.done] == [("bn", "conv", "backward")]
     assert report.skipped == () and report.rejected == () and report.passed
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -120,7 +120,7 @@ def test_each_constant_scalar_tensor_folds_in_both_builders_and_survives_save_an
     if kind == "buffer":  # a buffer is in the state dict: a value set after construction is what a load restores
         model.scale.fill_(-1.3)
     args = inputs()
-    folded, report = bntool.fold(model, args)
+    folded, report = bntool.fold(model, example_inputs=args)
     assert report.plan.method == ("fx" if traceable else "recorded")
     assert [(p.bn, p.into) for p in report.done] == [("bn", "conv")] and report.passed
     assert_computes(folded, model, args)
@@ -135,7 +135,7 @@ def test_each_constant_scalar_tensor_folds_in_both_builders_and_survives_save_an
 def test_a_forward_fold_goes_through_tensor_scalars_too():
     model = build(ForwardSteps)
     args = inputs((2, 3, 5, 5))
-    folded, report = bntool.fold(model, args)
+    folded, report = bntool.fold(model, example_inputs=args)
     assert [(p.bn, p.into, p.direction) for p in report.done] == [("bn", "conv", "forward")] and report.passed
     assert_computes(folded, model, args)
 
@@ -152,7 +152,7 @@ REFUSED = {  # kind -> the operation the refusal names
 @pytest.mark.parametrize("kind", list(REFUSED))
 def test_a_parameter_a_vector_or_a_computed_value_keeps_the_refusal_and_its_reason(kind, traceable):
     model = build(lambda: Steps(kind, traceable))
-    folded, report = bntool.fold(model, inputs())
+    folded, report = bntool.fold(model, example_inputs=inputs())
     assert report.done == () and report.passed
     assert report.plan.reason_for("bn").startswith(STANDS_BETWEEN.format(REFUSED[kind]))
     assert isinstance(folded.bn, nn.BatchNorm2d)
@@ -171,18 +171,18 @@ def test_forcing_a_vector_through_breaks_the_model_and_verification_rejects_it(m
     # the refusal is what keeps the fold exact: a per-channel scale taken as one number folds wrongly
     model = build(lambda: Steps("vector"))
     _forced(monkeypatch, lambda t: t.numel() == 4)
-    folded, report = bntool.fold(model, inputs())
+    folded, report = bntool.fold(model, example_inputs=inputs())
     assert report.done == () and [s.name for s in report.rejected] == ["bn"] and isinstance(folded.bn, nn.BatchNorm2d)
     assert report.rejected[0].reason.startswith("rejected by verification: folded into `conv`, layer `bn` differed")
     with pytest.raises(bntool.VerificationError):
-        bntool.fold(model, inputs(), strict=True)
+        bntool.fold(model, example_inputs=inputs(), strict=True)
 
 
 def test_forcing_a_parameter_through_breaks_the_model_once_it_trains(monkeypatch):
     # exact on the day, but the fold baked the parameter's value: a training step on it leaves the folded model behind
     model = build(lambda: Steps("parameter"))
     _forced(monkeypatch, lambda t: isinstance(t, nn.Parameter))
-    folded, report = bntool.fold(model, inputs())
+    folded, report = bntool.fold(model, example_inputs=inputs())
     assert [p.bn for p in report.done] == ["bn"]
     with torch.no_grad():
         model.scale.add_(0.5)
@@ -195,7 +195,7 @@ def test_forcing_a_value_computed_from_the_input_breaks_the_model_on_other_input
     model = build(lambda: Steps("computed", traceable=False))
     monkeypatch.setattr(graph_recorded._Recorder, "scalar", lambda self, t, others: (
         float(t) if isinstance(t, torch.Tensor) and t.numel() == 1 and t.dim() == 0 else None))
-    folded, report = bntool.fold(model, inputs())
+    folded, report = bntool.fold(model, example_inputs=inputs())
     assert [p.bn for p in report.done] == ["bn"] and report.passed  # the verification input cannot tell
     other = (inputs(seed=5)[0] * 3 + 1,)
     with torch.no_grad():
@@ -235,6 +235,6 @@ def test_every_spelling_of_a_scalar_step_folds_through_a_tensor_scalar(form, tra
     # catches: a builder that knows the tensor only as the second argument, or only torch.mul / torch.add
     model = build(lambda: Spellings(form, traceable))
     args = inputs()
-    folded, report = bntool.fold(model, args)
+    folded, report = bntool.fold(model, example_inputs=args)
     assert [p.bn for p in report.done] == ["bn"] and report.passed and report.rejected == ()
     assert_computes(folded, model, args)

@@ -89,7 +89,7 @@ def test_a_bn_held_at_two_places_goes_from_both_and_the_original_keeps_it_at_bot
     BN is never touched through the copy."""
     model = randomize_bn(Aliased(), seed=1).eval()
     before = copy.deepcopy(model.state_dict())
-    folded, report = bntool.fold(model, (torch.randn(1, 3, 8, 8),), verify=False)
+    folded, report = bntool.fold(model, example_inputs=(torch.randn(1, 3, 8, 8),), verify=False)
     assert [p.bn for p in report.done] == ["bn"]
     assert isinstance(folded.bn, nn.Identity) and folded.alias is folded.bn
     assert isinstance(model.bn, nn.BatchNorm2d) and model.alias is model.bn
@@ -102,7 +102,7 @@ def test_a_block_held_at_two_places_folds_once_and_leaves_no_bn_at_either(inplac
     model = randomize_bn(reused_block(), seed=4).eval()
     inputs = random_inputs((2, 3, 6, 6))
     original = copy.deepcopy(model)
-    folded, report = bntool.fold(model, inputs, inplace=inplace)
+    folded, report = bntool.fold(model, example_inputs=inputs, inplace=inplace)
     assert [(p.bn, p.into) for p in report.plan.pairs] == [("2", "1")] and report.plan.skips == ()
     assert isinstance(folded[2], nn.Identity) and folded[5] is folded[2] and folded[4] is folded[1]
     assert_computes_original(folded, original, inputs)
@@ -113,7 +113,7 @@ def test_a_block_held_at_two_places_folds_once_and_leaves_no_bn_at_either(inplac
 def test_a_block_held_at_two_places_reloads_and_undoes_at_both(monkeypatch, tmp_path):
     model = randomize_bn(reused_block(), seed=4).eval()
     inputs = random_inputs((2, 3, 6, 6))
-    folded, _ = bntool.fold(copy.deepcopy(model), inputs)
+    folded, _ = bntool.fold(copy.deepcopy(model), example_inputs=inputs)
     bntool.save(folded, tmp_path / "f.safetensors")
     fresh = bntool.load(tmp_path / "f.safetensors", reused_block()).eval()
     assert isinstance(fresh[2], nn.Identity) and fresh[5] is fresh[2]
@@ -123,7 +123,7 @@ def test_a_block_held_at_two_places_reloads_and_undoes_at_both(monkeypatch, tmp_
     before = copy.deepcopy(model.state_dict())
     corrupt_nth_fold(monkeypatch, 1)
     with pytest.raises(VerificationError):
-        bntool.fold(model, inputs, inplace=True, strict=True)
+        bntool.fold(model, example_inputs=inputs, inplace=True, strict=True)
     assert type(model[2]) is nn.BatchNorm2d and model[5] is model[2]  # back at both places
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -132,7 +132,7 @@ def test_a_block_held_at_two_places_reloads_and_undoes_at_both(monkeypatch, tmp_
 def test_inputs_nested_in_lists_and_dicts_fold_freeze_and_inspect(untraceable):
     model = randomize_bn(ListOfImages(untraceable), seed=2).eval()
     inputs = ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)], {"scale": torch.tensor(1.5)})
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert report.plan.method == ("recorded" if untraceable else "fx")
     assert [p.bn for p in report.plan.pairs] == ["bn"] and report.comparison.passed
     assert_computes_original(folded, model, inputs)
@@ -140,4 +140,4 @@ def test_inputs_nested_in_lists_and_dicts_fold_freeze_and_inspect(untraceable):
     assert freeze_report.check.passed
     assert [r.name for r in bntool.inspect(model, inputs).rows] == ["bn"]
     with pytest.raises(bntool.InputError, match="an example input is a list; an ONNX graph takes tensors"):
-        bntool.export_onnx(model, inputs, "never-written.onnx")
+        bntool.export_onnx(model, "never-written.onnx", example_inputs=inputs)

@@ -26,7 +26,7 @@ from tests.fold_models import (
 def test_bn_subclass_with_extra_work_keeps_only_the_extra_work():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), BNReLU(6), nn.Conv2d(6, 2, 1)), seed=9)
     inputs = random_inputs((2, 3, 8, 8))
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     [pair] = report.plan.pairs
     assert pair.bn_becomes == "rewritten"
     assert not isinstance(folded[1], nn.modules.batchnorm._BatchNorm)  # the normalization no longer runs
@@ -50,7 +50,7 @@ def test_bn_subclass_is_traced_once_and_what_is_left_is_the_folded_models_own(in
     inputs = random_inputs((2, 3, 8, 8))
     with torch.no_grad():
         expected = model(*inputs)
-    folded, report = bntool.fold(model, inputs, inplace=inplace)
+    folded, report = bntool.fold(model, example_inputs=inputs, inplace=inplace)
     assert len(traced) == 1 and [p.bn_becomes for p in report.plan.pairs] == ["rewritten"]
     assert not isinstance(folded[1], nn.modules.batchnorm._BatchNorm)
     slope = folded[1].act.weight
@@ -81,7 +81,7 @@ def test_bn_subclasses_built_alike_share_one_trace_and_each_keeps_its_own_tensor
         for i in (1, 3, 5):
             model[i].act.weight.uniform_(-0.9, 0.9)
     inputs = random_inputs((2, 3, 8, 8))
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert report.passed and report.rejected == () and len(report.plan.pairs) == 6
     assert [type(m).__name__ for m in traced] == ["BNPReLU", "BNPReLU", "FlaggedBNAct", "FlaggedBNAct", "FlaggedBNAct"]
     for i in (1, 3, 5):
@@ -89,7 +89,7 @@ def test_bn_subclasses_built_alike_share_one_trace_and_each_keeps_its_own_tensor
         assert folded[i].act.weight.data_ptr() != model[i].act.weight.data_ptr()
     assert_computes_original(folded, model, inputs)
     monkeypatch.setattr(bntool.folding.bnform_trace, "structure", lambda module, rank: None)  # every module traced on its own
-    alone, _ = bntool.fold(model, inputs)
+    alone, _ = bntool.fold(model, example_inputs=inputs)
     for key, value in alone.state_dict().items():
         assert torch.equal(folded.state_dict()[key], value), key
 
@@ -105,7 +105,7 @@ def test_a_trace_that_read_its_buffers_values_or_a_signed_zero_is_not_shared(mon
                                        BNClip(4, -100.0, 20.0, sign=0.0, from_buffer=False), nn.Conv2d(4, 4, 1),
                                        BNClip(4, -100.0, 20.0, sign=-0.0, from_buffer=False)), seed=2).eval()
     inputs = random_inputs((2, 3, 8, 8))
-    folded, report = bntool.fold(model, inputs, verify=False)
+    folded, report = bntool.fold(model, example_inputs=inputs, verify=False)
     assert [p.bn_becomes for p in report.plan.pairs] == ["identity", "identity", "rewritten", "rewritten"]
     assert len(traced) == 6  # 5 and 7 apart; 1 and 3 each traced, then traced again with other values
     wide = (inputs[0] * 200,)  # beyond every clamp
@@ -124,7 +124,7 @@ def test_what_is_left_never_holds_values_a_rebuilt_model_would_not_have(tmp_path
     model = randomize_bn(build(), seed=5).eval()
     model[1].act_range.copy_(torch.tensor([-100.0, 0.5]))  # calibrated after construction
     inputs = random_inputs((2, 3, 8, 8))
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert [p.bn_becomes for p in report.plan.pairs] == ["identity"] and report.passed
     out = bntool.save(folded, tmp_path / "folded.safetensors", build=build)
     loaded = bntool.load(out, build()).eval()
@@ -139,7 +139,7 @@ def test_a_bool_buffer_read_into_python_keeps_the_layer_running_exactly():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), MaskedBN(4)), seed=1).eval()
     model[1].mask[1] = False
     inputs = random_inputs((2, 3, 8, 8))
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     assert [p.bn_becomes for p in report.plan.pairs] == ["identity"] and report.passed
     assert_computes_original(folded, model, inputs)
 
@@ -147,7 +147,7 @@ def test_a_bool_buffer_read_into_python_keeps_the_layer_running_exactly():
 def test_untraceable_bn_subclass_keeps_running_as_an_exact_identity():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), UntraceableBNReLU(6), nn.Conv2d(6, 2, 1)), seed=9)
     inputs = random_inputs((2, 3, 8, 8))
-    folded, report = bntool.fold(model, inputs)
+    folded, report = bntool.fold(model, example_inputs=inputs)
     [pair] = report.plan.pairs
     assert pair.bn_becomes == "identity"
     assert isinstance(folded[1], UntraceableBNReLU)  # kept, so its ReLU still runs

@@ -62,7 +62,7 @@ def test_an_inplace_fold_undoes_a_rejected_pair_and_a_failed_strict_fold(monkeyp
     inputs = zoo_inputs(model)
     original = copy.deepcopy(model)
     corrupt_nth_fold(monkeypatch, 2)  # the fold of `5` into `4`, in the first round only
-    folded, report = bntool.fold(model, inputs, inplace=True)
+    folded, report = bntool.fold(model, example_inputs=inputs, inplace=True)
     assert folded is model and [s.bn for s in report.rejected] == ["5"]
     assert type(model[5]) is nn.BatchNorm2d and isinstance(model[1], nn.Identity)
     for key in ("4.weight", "4.bias", "5.running_mean", "5.running_var", "5.weight", "5.bias"):
@@ -73,7 +73,7 @@ def test_an_inplace_fold_undoes_a_rejected_pair_and_a_failed_strict_fold(monkeyp
     before = copy.deepcopy(strict.state_dict())
     corrupt_nth_fold(monkeypatch, 1)
     with pytest.raises(VerificationError):
-        bntool.fold(strict, inputs, inplace=True, strict=True)
+        bntool.fold(strict, example_inputs=inputs, inplace=True, strict=True)
     assert [type(m) for m in strict] == [type(m) for m in original]
     assert strict.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in strict.state_dict().items())

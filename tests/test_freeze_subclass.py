@@ -224,7 +224,7 @@ def test_fold_of_a_frozen_bn_act_model_runs_no_normalization_keeps_the_activatio
     frozen, _ = freeze(model)
     frozen.train()
     inputs = (images(),)
-    folded, report = bntool.fold(frozen, inputs)
+    folded, report = bntool.fold(frozen, example_inputs=inputs)
     assert report.passed and not report.skipped
     assert requested_mode(frozen.bn1) is True and frozen.bn1.drop.training is True  # flags given back
     kept = folded.get_submodule("bn1")  # what is left of bn1: its drop and act, in the mode the model was asked for
@@ -264,7 +264,7 @@ def test_fold_keeps_a_frozen_layers_affine_values_buffers_when_it_can_only_make_
     model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 3), DataDependentBNAct(4)), 0)
     inputs = (images(),)
     frozen, _ = freeze(model, example_inputs=inputs)
-    folded, report = bntool.fold(frozen, inputs)
+    folded, report = bntool.fold(frozen, example_inputs=inputs)
     assert report.passed and [p.bn_becomes for p in report.plan.pairs] == ["identity"]
     bn = folded[1]
     assert is_bntool_frozen(bn) and {"weight", "bias"} <= set(bn._buffers) and not bn._parameters.get("weight")

@@ -114,7 +114,7 @@ KINDS = {
 def test_each_branch_kind_merges_into_one_exact_conv(kind):
     model = _prepare(Branches(*KINDS[kind]()))
     x = torch.randn(model.input_shape)
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     assert report.merge is not None and len(report.merge.merges) == 1 and report.merge.passed
     block = merged.block
     assert isinstance(block, torch.fx.GraphModule)
@@ -159,7 +159,7 @@ def _conv_bn_form(seq):
 
 
 def _refused(model, x, *fragments):
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     assert report.merge.merges == ()
     reasons = " ".join(s.reason for s in report.merge.skipped)
     for fragment in fragments:
@@ -197,7 +197,7 @@ def test_a_kernel_centred_only_by_padding_on_one_side_merges_exactly():
     model = _prepare(Branches(nn.Sequential(nn.Conv2d(8, 8, 4, 2, padding=1), _bn(8)),
                               nn.Sequential(nn.Conv2d(8, 8, 1, 2, padding=0), _bn(8))))
     x = torch.randn(model.input_shape)
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     assert report.merge.merges[0].kernel == (4, 4) and report.merge.merges[0].padding == (1, 1)
     _assert_same(model, merged, x)
 
@@ -234,7 +234,7 @@ class ReadElsewhere(nn.Module):
 def test_a_branch_read_elsewhere_is_refused():
     model = _prepare(nn.Sequential(nn.Conv2d(3, 8, 1), ReadElsewhere()))
     x = torch.randn(2, 3, 8, 8)
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     assert report.merge.merges == ()
     assert any("is also read by" in s.reason for s in report.merge.skipped)
     assert not any(isinstance(m, torch.fx.GraphModule) for m in merged.modules())
@@ -245,7 +245,7 @@ def test_a_bn_not_in_eval_form_is_refused_and_merging_it_with_identity_statistic
     b = nn.Sequential(nn.Conv2d(8, 8, 1), _bn(8))
     model = _prepare(Branches(a, b))
     x = torch.randn(model.input_shape)
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     assert report.merge.merges == () and isinstance(merged.block, Block)
     assert any("not in eval form" in s.reason or "more than normalize" in s.reason for s in report.merge.skipped)
     fa = merge_math.conv_module(a[0])
@@ -255,7 +255,7 @@ def test_a_bn_not_in_eval_form_is_refused_and_merging_it_with_identity_statistic
 
 def test_no_merge_branches_leaves_the_branches_to_the_fold():
     model = _prepare(Branches(*KINDS["bn alone"]()))
-    merged, report = bntool.fold(model, torch.randn(model.input_shape), merge_branches=False)
+    merged, report = bntool.fold(model, example_inputs=torch.randn(model.input_shape), merge_branches=False)
     assert report.merge is None and not isinstance(merged.block, torch.fx.GraphModule)
     assert [s.bn for s in report.skipped] == ["block.branches.1"]
 
@@ -276,7 +276,7 @@ def test_a_merge_that_verification_blames_is_left_out_and_the_rest_kept(monkeypa
     monkeypatch.setattr(reparam_module, "merge_region", corrupt_the_second)
     model = _prepare(reparam.yolov6_net())
     x = torch.randn(model.input_shape)
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     assert [m.block for m in report.merge.merges] == ["0", "1"]
     assert [s.name for s in report.merge.rejected] == ["`2`"] and "rejected by verification" in \
         report.merge.rejected[0].reason
@@ -292,7 +292,7 @@ def test_the_merged_model_round_trips_through_save_and_load(tmp_path):
     build = lambda: reparam.fastvit_t8(pos_emb=True, layers=(1, 1, 1, 1))
     model = _prepare(build())
     x = torch.randn(model.input_shape)
-    merged, _ = bntool.fold(model, x)
+    merged, _ = bntool.fold(model, example_inputs=x)
     out = bntool.save(merged, tmp_path / "merged.safetensors", build=build)
     loaded = bntool.load(out, build()).eval()
     assert _counts(loaded) == _counts(merged) and _counts(loaded)[1] == 0
@@ -302,7 +302,7 @@ def test_the_merged_model_round_trips_through_save_and_load(tmp_path):
 
 def test_a_file_whose_blocks_do_not_add_up_the_same_way_is_refused(tmp_path):
     model = _prepare(reparam.yolov6_net())
-    merged, _ = bntool.fold(model, torch.randn(model.input_shape))
+    merged, _ = bntool.fold(model, example_inputs=torch.randn(model.input_shape))
     out = bntool.save(merged, tmp_path / "merged.safetensors")
     with pytest.raises(bntool.errors.InputError, match="build the model from the code"):
         bntool.load(out, reparam.acnet_net())
@@ -311,7 +311,7 @@ def test_a_file_whose_blocks_do_not_add_up_the_same_way_is_refused(tmp_path):
 def test_onnx_export_of_a_merged_model_has_one_conv_per_block(tmp_path):
     model = _prepare(reparam.yolov6_net())
     x = torch.randn(model.input_shape)
-    report = bntool.export_onnx(model, x, tmp_path / "m.onnx")
+    report = bntool.export_onnx(model, tmp_path / "m.onnx", example_inputs=x)
     ops = [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node]
     assert ops.count("Conv") == 3 and "BatchNormalization" not in ops and "Add" not in ops
     assert len(report.fold.merge.merges) == 3
@@ -336,7 +336,7 @@ NETS = {
 def test_each_look_alike_merges_to_no_more_convs_than_its_own_method_and_no_bn(name):
     model = _prepare(NETS[name]())
     x = torch.randn(model.input_shape)
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     own = reparam.reparameterize_model(model).eval()
     convs, bns = _counts(merged)
     own_convs, _ = _counts(own)
@@ -357,7 +357,7 @@ def test_a_block_fx_cannot_trace_keeps_its_branches_with_the_reason():
 
     model = _prepare(archs.dbb_net())
     x = torch.randn(model.input_shape)
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     assert report.merge.merges == () and {s.name for s in report.merge.skipped} == {"`0`", "`1`"}
     assert all("torch.fx cannot trace" in s.reason for s in report.merge.skipped)
     with torch.no_grad():
@@ -398,7 +398,7 @@ def test_a_1x1_then_kxk_branch_merges_when_exact_and_is_refused_when_a_shift_mee
     seq = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.Conv2d(16, 8, 3, padding=1, groups=2, bias=False), _bn(8))
     model = _prepare(Branches(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _bn(8)), seq, _bn(8)))
     x = torch.randn(model.input_shape)
-    merged, report = bntool.fold(model, x)
+    merged, report = bntool.fold(model, example_inputs=x)
     assert len(report.merge.merges) == 1 and _counts(merged.block) == (1, 0)
     _assert_same(model, merged, x)
     shifted = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), _bn(16), nn.Conv2d(16, 8, 3, padding=1, bias=False))

@@ -55,14 +55,16 @@ def test_non_finite_only_in_the_candidate_fails_with_its_own_message():
 
 def test_fold_of_a_model_with_nan_statistics_is_never_verified():
     with pytest.raises(VerificationError, match="non-finite"):
-        bntool.fold(_lenet(**{"1.running_var": (0, float("nan"))}), (torch.randn(2, 1, 28, 28),), device="cpu")
+        bntool.fold(_lenet(**{"1.running_var": (0, float("nan"))}), example_inputs=(torch.randn(2, 1, 28, 28),),
+                    device="cpu")
 
 
 def test_export_of_a_model_with_nan_statistics_writes_nothing(tmp_path):
     """The issue's case: an all-NaN ONNX file reported as 'Verified at batch size(s) 2'."""
     model = _lenet(**{"5.running_var": (1, float("nan"))})
     with pytest.raises(VerificationError, match="non-finite"):
-        bntool.export_onnx(model, (torch.randn(2, 1, 28, 28),), tmp_path / "m.onnx", fold=False, device="cpu")
+        bntool.export_onnx(model, tmp_path / "m.onnx", example_inputs=(torch.randn(2, 1, 28, 28),), fold=False,
+                           device="cpu")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -72,7 +72,7 @@ def test_save_does_not_replace_a_file_that_appears_while_it_writes(tmp_path):
         out.write_bytes(b"the other result")
 
     with pytest.raises(InputError, match="appeared while bntool was working"):
-        bntool.save(model, out, recipe=[], check=another_writer)
+        bntool.persist.write(model, out, recipe=[], check=another_writer)
     assert out.read_bytes() == b"the other result"
     assert bntool_temporaries(tmp_path) == []
     bntool.save(model, out, recipe=[], force=True)  # with force it is replaced, as asked
@@ -295,11 +295,21 @@ def test_write_errno_reads_every_writer_s_way_of_saying_it():
 # ----------------------------------------------------------------------------- ONNX external data
 
 
-@pytest.fixture
-def exported(checkpoint, tmp_path):
-    """``a.onnx`` with its weights in ``a.onnx.data``, and ``b.onnx`` a copy that uses the same weights file."""
+@pytest.fixture(scope="module")
+def exported_once(tmp_path_factory) -> Path:
+    """A folder holding ``a.onnx`` with its weights in ``a.onnx.data`` (exported once; tests get copies)."""
+    folder = tmp_path_factory.mktemp("exported")
     model = randomize_bn(zoo.lenet(), seed=3)
-    bntool.export_onnx(model, (torch.randn(2, 1, 28, 28),), tmp_path / "a.onnx", external_data=True, device="cpu")
+    bntool.export_onnx(model, folder / "a.onnx", example_inputs=(torch.randn(2, 1, 28, 28),), external_data=True,
+                       device="cpu")
+    return folder
+
+
+@pytest.fixture
+def exported(checkpoint, tmp_path, exported_once):
+    """``a.onnx`` with its weights in ``a.onnx.data``, and ``b.onnx`` a copy that uses the same weights file."""
+    for name in ("a.onnx", "a.onnx.data"):
+        (tmp_path / name).write_bytes((exported_once / name).read_bytes())
     (tmp_path / "b.onnx").write_bytes((tmp_path / "a.onnx").read_bytes())
     return tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "a.onnx.data"
 
@@ -331,7 +341,7 @@ def test_export_force_never_deletes_a_file_the_replaced_onnx_names(cli, checkpoi
     """A crafted .onnx naming the checkpoint (and any file) as its external data: nothing of it is removed."""
     model = randomize_bn(zoo.lenet(), seed=3)
     out = tmp_path / "c.onnx"
-    bntool.export_onnx(model, (torch.randn(2, 1, 28, 28),), out, external_data=True, device="cpu")
+    bntool.export_onnx(model, out, example_inputs=(torch.randn(2, 1, 28, 28),), external_data=True, device="cpu")
     proto = onnx.load(str(out), load_external_data=False)
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
@@ -349,7 +359,7 @@ def test_export_force_never_deletes_a_file_the_replaced_onnx_names(cli, checkpoi
 def test_export_force_removes_its_own_unreferenced_weights(cli, checkpoint, tmp_path):
     model = randomize_bn(zoo.lenet(), seed=3)
     out = tmp_path / "c.onnx"
-    bntool.export_onnx(model, (torch.randn(2, 1, 28, 28),), out, external_data=True, device="cpu")
+    bntool.export_onnx(model, out, example_inputs=(torch.randn(2, 1, 28, 28),), external_data=True, device="cpu")
     result = cli("export", checkpoint, "--model", LENET, "--out", out, "--force")
     assert result.code == 0, result.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx", "ck.pt"] and _runs(out)

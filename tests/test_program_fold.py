@@ -282,7 +282,7 @@ def test_non_finite_never_verifies():
     x[0, 0, 0, 0] = float("nan")
     program = export(Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
     with pytest.raises(bntool.VerificationError, match="non-finite"):
-        bntool.fold(program, (x,))
+        bntool.fold(program, example_inputs=(x,))
 
 
 def test_inputs_from_shapes_when_the_program_stores_none():
@@ -314,7 +314,7 @@ def test_look_alikes_fold_no_worse_than_the_module_fold(arch, ir):
     x = torch.randn(*model.input_shape)
     program = export(model, x, ir=ir)
     folded, report = bntool.fold(program)
-    module_folded, _ = bntool.fold(model, (x,))
+    module_folded, _ = bntool.fold(model, example_inputs=(x,))
     module_left = bn_nodes(torch.export.export(module_folded, (x,)))
     assert bn_nodes(folded) <= module_left
     assert bn_nodes(folded) == len(report.skipped) and all(s.reason for s in report.skipped)

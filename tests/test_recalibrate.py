@@ -278,13 +278,13 @@ def test_track_running_stats_false_is_converted_and_replayed():
         replay(build(), {"op": "recalibrate", "tracking_enabled": ["0"]})
 
 
-def test_only_and_exclude_select_layers_and_leave_the_rest_in_eval():
+def test_include_and_exclude_select_layers_and_leave_the_rest_in_eval():
     torch.manual_seed(0)
     model = randomize_bn_(resnet_small(), seed=7)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     training = []
     model.layer1[0].bn2.register_forward_pre_hook(lambda m, a: training.append(m.training))
-    report = recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 3)), only=["layer1"], exclude=["*.bn2"])
+    report = recalibrate(model, uneven_batches((3, 16, 16), sizes=(4, 3)), include=["layer1"], exclude=["*.bn2"])
     assert [layer.name for layer in report.layers] == ["layer1.0.bn1", "layer1.1.bn1"]
     assert training and not any(training)  # an excluded BN normalises with its stored statistics
     after = model.state_dict()
@@ -296,7 +296,7 @@ def test_only_and_exclude_select_layers_and_leave_the_rest_in_eval():
     assert "excluded by the exclude pattern `*.bn2`" in reasons["layer1.0.bn2"]
     assert "not selected by the include patterns" in reasons["bn1"]
     with pytest.raises(InputError, match=r"include pattern `layer9\*` matches no BatchNorm layer.*`bn1`"):
-        recalibrate(model, [torch.randn(2, 3, 8, 8)], only=["layer9*"])
+        recalibrate(model, [torch.randn(2, 3, 8, 8)], include=["layer9*"])
 
 
 class SharedAndUnused(nn.Module):
