@@ -281,10 +281,8 @@ def run_on(
     dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> list[tuple[str, torch.Tensor]]:
-    """``run_model`` with the model on ``device`` (and in ``dtype``): lent layer by layer, else a whole copy.
-
-    In float64 on the CPU, convolutions run as ``float64.exact_float64`` computes them (exact in float64,
-    without PyTorch's slow float64 kernels)."""
+    """``run_model`` with the model on ``device`` (and in ``dtype``): lent layer by layer, else a whole copy. In
+    float64 on the CPU, convolutions run as ``float64.exact_float64`` computes them (exact, without torch's slow path)."""
     dtype = dtype or model_dtype(model)
     exact = dtype == torch.float64 and device.type == "cpu"
     if model_device(model) == device and model_dtype(model) == dtype:
