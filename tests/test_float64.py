@@ -104,10 +104,13 @@ def _args(channels, out, groups, kernel, size, dtype=torch.float64, stride=1, pa
 
 def test_route_takes_the_slow_float64_convolutions_and_leaves_the_rest():
     # catches: a float32 call, a 1x1 or grouped conv, or a strided 'same' (torch's own refusal) taken
-    assert route(*_args(3, 8, 1, 7, 64, stride=2, padding=3)) is shifted_conv  # a stem
-    assert route(*_args(16, 16, 1, 3, 32)) is shifted_conv
+    assert route(*_args(3, 8, 1, 7, 128, stride=2, padding=3)) is shifted_conv  # a narrow stem
+    assert route(*_args(3, 32, 1, 3, 224, stride=2)) is None  # a wide one: torch's one unfolded product
+    assert route(*_args(16, 16, 1, 3, 64)) is shifted_conv
     assert route(*_args(64, 64, 64, 3, 56)) is shifted_conv  # depthwise, a large map
-    assert route(*_args(64, 64, 64, 5, 7)) is depthwise_conv  # depthwise, a small map
+    assert route(*_args(64, 64, 64, 3, 14)) is shifted_conv
+    assert route(*_args(64, 64, 64, 5, 14)) is depthwise_conv  # depthwise, a small map for its kernel
+    assert route(*_args(64, 64, 64, 3, 7)) is depthwise_conv
     assert route(*_args(16, 16, 1, 3, 8)) is None  # a small map: torch's own is as fast
     assert route(*_args(16, 32, 1, 1, 64, padding=0)) is None  # 1x1: one product already
     assert route(*_args(16, 16, 4, 3, 64)) is None  # grouped
@@ -140,7 +143,7 @@ def test_every_float64_run_on_the_cpu_takes_the_exact_kernels(name, monkeypatch)
     # catches: a path of run_on (lent, whole copy, a model already in float64) without the mode, the mode on in
     # float32 runs, or left on after the run
     model = randomize_bn_(MODELS[name](), seed=1).eval()
-    x = torch.randn(2, 3, 40, 40)
+    x = torch.randn(2, 3, 48, 48)
     calls = []
     real = float64.shifted_conv
     monkeypatch.setattr(float64, "shifted_conv", lambda **k: calls.append(k["input"].dtype) or real(**k))
@@ -188,7 +191,7 @@ def test_the_commands_float64_references_take_the_exact_kernels(monkeypatch):
     monkeypatch.setattr(float64, "shifted_conv", lambda **k: calls.append(k["input"].dtype) or real(**k))
     model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                         nn.Conv2d(8, 4, 3, padding=1)), seed=2).eval()
-    x = torch.randn(1, 3, 36, 36)
+    x = torch.randn(1, 3, 48, 48)
     bntool.fold(model, example_inputs=(x,))
     assert torch.float64 in calls
     calls.clear()

@@ -86,19 +86,21 @@ def shifted_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     flat = weight.reshape(out_channels, weight.shape[1], len(taps))
     if groups == channels and weight.shape[1] == 1:  # depthwise: a per-channel multiply-add per tap
         multiplier = out_channels // channels
-        out = input.new_zeros(batch, channels, multiplier, run)
         per_tap = flat.reshape(channels, multiplier, len(taps)).unsqueeze(-2)  # (C, m, 1, taps)
+        out = None
         for index, (phase, offset) in enumerate(taps):
-            out.addcmul_(phases[:, :, phase, offset:offset + run].unsqueeze(2), per_tap[..., index])
+            window = phases[:, :, phase, offset:offset + run].unsqueeze(2)
+            out = window * per_tap[..., index] if out is None else out.addcmul_(window, per_tap[..., index])
     else:
         per_group = channels // groups
         grouped = phases.reshape(batch * groups, per_group, phases.shape[2], phases.shape[3])
         per_tap = flat.reshape(groups, out_channels // groups, per_group, len(taps)).movedim(-1, 0)
         if batch > 1:
             per_tap = per_tap.repeat(1, batch, 1, 1)
-        out = input.new_zeros(batch * groups, out_channels // groups, run)
+        out = None
         for index, (phase, offset) in enumerate(taps):  # one product per tap, accumulated in place
-            out.baddbmm_(per_tap[index], grouped[:, :, phase, offset:offset + run])
+            window = grouped[:, :, phase, offset:offset + run]
+            out = torch.bmm(per_tap[index], window) if out is None else out.baddbmm_(per_tap[index], window)
     out = out.reshape(batch, out_channels, size[0], *grid[1:])
     if tuple(grid[1:]) != tuple(size[1:]):
         out = out[(slice(None),) * 3 + tuple(slice(0, s) for s in size[1:])]

@@ -11,7 +11,7 @@ call on float64 CPU tensors that ``route`` picks runs as
   depthwise conv on maps of at most ``DEPTHWISE_MAP`` positions;
 * ``exactconv.shifted_conv`` (one product per tap over a flat, shifted run
   of the padded input) for a dense conv with a kernel of more than one tap
-  and at least ``DENSE_MAP`` output positions per channel.
+  and at least ``DENSE_MAP`` output positions per channel (see there).
 
 Both compute every product and sum in float64, as the convolution itself does;
 only the order of the sums differs, which is what any two float64
@@ -36,10 +36,15 @@ from .exactconv import shifted_conv
 
 _CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
-#: depthwise convolutions on maps up to this many positions per channel run as ``depthwise_conv``
+#: depthwise convolutions on maps up to this many positions per channel (four times as many with a kernel of 25
+#: taps or more) run as ``depthwise_conv``
 DEPTHWISE_MAP = 64
-#: dense convolutions with at least this many output positions per channel run as ``shifted_conv``
-DENSE_MAP = 1024
+#: dense convolutions with at least this many output positions per channel run as ``shifted_conv``, unless
+#: they have fewer than ``FEW_CHANNELS`` input channels and more than ``CACHED_OUTPUTS`` outputs: a product
+#: per tap that short rereads all the outputs each time, where torch's one unfolded product does not
+DENSE_MAP = 2048
+FEW_CHANNELS = 16
+CACHED_OUTPUTS = 1 << 18
 
 
 def _float64_cpu(tensor: object) -> bool:
@@ -59,11 +64,13 @@ def route(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         return None  # torch's own refusal
     channels, positions = input.shape[1], math.prod(input.shape[2:])
     if groups > 1 and groups == channels and weight.shape[1] == 1 and weight.shape[0] % groups == 0:
-        return depthwise_conv if positions <= DEPTHWISE_MAP else shifted_conv
+        small = positions <= DEPTHWISE_MAP or (positions <= 4 * DEPTHWISE_MAP and weight[0].numel() >= 25)
+        return depthwise_conv if small else shifted_conv
     if groups != 1 or weight.shape[1] != channels or all(k == 1 for k in weight.shape[2:]):
         return None
-    steps = math.prod((stride,) * (input.dim() - 2) if isinstance(stride, int) else stride)
-    return shifted_conv if positions >= DENSE_MAP * steps else None
+    outputs = positions // math.prod((stride,) * (input.dim() - 2) if isinstance(stride, int) else stride)
+    few_inputs = channels < FEW_CHANNELS and weight.shape[0] * outputs > CACHED_OUTPUTS
+    return shifted_conv if outputs >= DENSE_MAP and not few_inputs else None
 
 
 def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict:
