@@ -107,7 +107,8 @@ def test_route_takes_the_slow_float64_convolutions_and_leaves_the_rest():
     assert route(*_args(3, 8, 1, 7, 128, stride=2, padding=3)) is shifted_conv  # a narrow stem
     assert route(*_args(3, 32, 1, 3, 224, stride=2)) is None  # a wide one: torch's one unfolded product
     assert route(*_args(16, 16, 1, 3, 64)) is shifted_conv
-    assert route(*_args(64, 64, 64, 3, 56)) is shifted_conv  # depthwise, a large map
+    assert route(*_args(64, 64, 64, 3, 56)) is shifted_conv  # depthwise, a medium map
+    assert route(*_args(32, 32, 32, 3, 112)) is None  # a large one: torch's own, a channel at a time
     assert route(*_args(64, 64, 64, 3, 14)) is shifted_conv
     assert route(*_args(64, 64, 64, 5, 14)) is depthwise_conv  # depthwise, a small map for its kernel
     assert route(*_args(64, 64, 64, 3, 7)) is depthwise_conv

@@ -110,3 +110,4 @@ def shifted_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     else:
         out = out.contiguous()
     return out.add_(bias.reshape(1, -1, *(1,) * dims)) if bias is not None else out
+

@@ -8,16 +8,18 @@ stem, costs many times its float32 forward. ``exact_float64()`` is a
 call on float64 CPU tensors that ``route`` picks runs as
 
 * ``depthwise.depthwise_conv`` (taps over channels-innermost windows) for a
-  depthwise conv on maps of at most ``DEPTHWISE_MAP`` positions;
-* ``exactconv.shifted_conv`` (one product per tap over a flat, shifted run
-  of the padded input) for a dense conv with a kernel of more than one tap
-  and at least ``DENSE_MAP`` output positions per channel (see there).
+  depthwise conv on small maps (``DEPTHWISE_MAP``);
+* ``exactconv.shifted_conv`` (one product, or multiply-add, per tap over a
+  flat, shifted run of the padded input) for a depthwise conv on maps up to
+  ``LARGE_MAP`` positions, and for a dense conv with a kernel of more than one
+  tap and at least ``DENSE_MAP`` output positions per channel (see there).
 
 Both compute every product and sum in float64, as the convolution itself does;
 only the order of the sums differs, which is what any two float64
-convolution kernels differ by. Every other call (1x1 and small dense convs,
-where torch's own kernel is as fast; other groups; transposed convs; other
-dtypes and devices) runs as it is.
+convolution kernels differ by. Every other call runs as it is: 1x1 and small
+dense convs and depthwise convs on large maps, where torch's own kernel was
+measured as fast or faster inside a model's forward; other groups; transposed
+convs; other dtypes and devices.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ _CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 #: depthwise convolutions on maps up to this many positions per channel (four times as many with a kernel of 25
 #: taps or more) run as ``depthwise_conv``
 DEPTHWISE_MAP = 64
+#: depthwise convolutions on maps of more positions run as torch's own (one channel at a time: each channel's
+#: work is large enough there, and the shifted products' copies of the whole map would cost more)
+LARGE_MAP = 3136
 #: dense convolutions with at least this many output positions per channel run as ``shifted_conv``, unless
 #: they have fewer than ``FEW_CHANNELS`` input channels and more than ``CACHED_OUTPUTS`` outputs: a product
 #: per tap that short rereads all the outputs each time, where torch's one unfolded product does not
@@ -64,6 +69,8 @@ def route(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         return None  # torch's own refusal
     channels, positions = input.shape[1], math.prod(input.shape[2:])
     if groups > 1 and groups == channels and weight.shape[1] == 1 and weight.shape[0] % groups == 0:
+        if positions > LARGE_MAP:
+            return None
         small = positions <= DEPTHWISE_MAP or (positions <= 4 * DEPTHWISE_MAP and weight[0].numel() >= 25)
         return depthwise_conv if small else shifted_conv
     if groups != 1 or weight.shape[1] != channels or all(k == 1 for k in weight.shape[2:]):
