@@ -198,3 +198,56 @@ def test_the_commands_float64_references_take_the_exact_kernels(monkeypatch):
     calls.clear()
     bntool.freeze(model, example_inputs=(x,))
     assert torch.float64 in calls
+
+
+def test_aten_convolutions_of_a_program_take_the_exact_kernels(monkeypatch):
+    # catches: the aten ops an exported graph calls left to torch's slow path, or a transposed one taken
+    calls = []
+    real = float64.shifted_conv
+    monkeypatch.setattr(float64, "shifted_conv", lambda **k: calls.append(k["input"].dtype) or real(**k))
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    weight, bias = torch.randn(5, 3, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    with exact_float64(nn.Module(), throughout=True):
+        got = torch.ops.aten.convolution.default(x, weight, bias, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        also = torch.ops.aten.conv2d.default(x, weight, bias, [1, 1], [0, 0])
+        up = torch.ops.aten.convolution.default(x, weight.transpose(0, 1), None, [1, 1], [0, 0], [1, 1], True,
+                                                [0, 0], 1)
+    assert calls == [torch.float64, torch.float64]
+    assert_float64_exact(got, x, weight, bias, 1, 1, 1, 1)
+    assert_float64_exact(also, x, weight, bias, 1, 0, 1, 1)
+    torch.testing.assert_close(up, F.conv_transpose2d(x, weight.transpose(0, 1)), atol=1e-12, rtol=1e-12)
+
+
+def test_the_onnx_folds_float64_reference_takes_the_exact_kernels(monkeypatch):
+    # catches: the ONNX graph's float64 run (torch convs inside onnx.reference) computed by torch's slow path
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bntool.folding.onnx_fold import fold_onnx
+
+    calls = []
+    real = float64.shifted_conv
+    monkeypatch.setattr(float64, "shifted_conv", lambda **k: calls.append(k["input"].dtype) or real(**k))
+    gen = torch.Generator().manual_seed(4)
+    tensors = {"w": torch.randn(8, 3, 3, 3, generator=gen), "scale": torch.rand(8, generator=gen) + 0.5,
+               "shift": torch.randn(8, generator=gen), "mean": torch.randn(8, generator=gen),
+               "var": torch.rand(8, generator=gen) + 0.5}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["y"], name="bn")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 48, 48])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 48, 48])],
+        [numpy_helper.from_array(t.numpy(), name) for name, t in tensors.items()])
+    _, report = fold_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert report.passed and torch.float64 in calls
+
+
+def test_the_program_folds_float64_reference_takes_the_exact_kernels(monkeypatch):
+    # catches: the program's float64 run (its module() through an fx interpreter) computed by torch's slow path
+    calls = []
+    real = float64.shifted_conv
+    monkeypatch.setattr(float64, "shifted_conv", lambda **k: calls.append(k["input"].dtype) or real(**k))
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)), seed=5).eval()
+    x = torch.randn(1, 3, 48, 48)
+    _, report = bntool.fold(torch.export.export(model, (x,)), example_inputs=(x,))
+    assert report.passed and torch.float64 in calls

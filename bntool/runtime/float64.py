@@ -85,20 +85,49 @@ def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups
             "dilation": dilation, "groups": groups}
 
 
+def _aten_convolution_args(input, weight, bias, stride, padding, dilation, transposed, output_padding,
+                           groups) -> dict | None:
+    if transposed:
+        return None
+    return _conv_args(input, weight, bias, stride, padding, dilation, groups)
+
+
+_ATEN = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3}
+
+
+def _exact(bound: dict | None, dims: int | None) -> torch.Tensor | None:
+    """The call computed by the kernel ``route`` picks, or None where torch's own runs it."""
+    input = bound["input"] if bound else None
+    if not isinstance(input, torch.Tensor) or (dims is not None and input.dim() != dims + 2):
+        return None
+    kernel = route(input, bound["weight"], bound["bias"], bound["stride"], bound["padding"], bound["groups"])
+    if kernel is depthwise_conv:
+        del bound["groups"]
+    return kernel(**bound) if kernel is not None else None
+
+
+def convolution(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+                padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """``F.conv{1,2,3}d`` by the exact kernel ``route`` picks, else torch's own (for callers outside a mode)."""
+    out = _exact(_conv_args(input, weight, bias, stride, padding, dilation, groups), None)
+    if out is not None:
+        return out
+    return (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3](input, weight, bias, stride, padding, dilation, groups)
+
+
 class _ExactFloat64(TorchFunctionMode):
+    """Routes ``F.conv{1,2,3}d`` calls, and the aten convolutions a ``torch.export`` graph calls."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        dims = _CONVS.get(func)
-        if dims is not None:
-            bound = _conv_args(*args, **kwargs)
-            input = bound["input"]
-            if isinstance(input, torch.Tensor) and input.dim() == dims + 2:
-                kernel = route(input, bound["weight"], bound["bias"], bound["stride"], bound["padding"],
-                               bound["groups"])
-                if kernel is depthwise_conv:
-                    del bound["groups"]
-                if kernel is not None:
-                    return kernel(**bound)
+        if func in _CONVS or func in _ATEN:
+            out = _exact(_conv_args(*args, **kwargs), _CONVS.get(func) or _ATEN[func])
+            if out is not None:
+                return out
+        elif func is torch.ops.aten.convolution.default:
+            out = _exact(_aten_convolution_args(*args, **kwargs), None)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 
