@@ -65,7 +65,7 @@ def shifted_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         # the padded input split into its stride phases: phase a holds padded positions a, a + s, a + 2s, ...;
         # grid[i] positions per dimension, one more along the first so the last tap's run stays inside
         grid = [-(-padded_size[i] // stride[i]) + (i == 0) for i in range(dims)]
-        phases = input.new_zeros(batch, channels, math.prod(stride), *grid)
+        phases = input.new_empty(batch, channels, math.prod(stride), *grid)
         for index, phase in enumerate(itertools.product(*(range(s) for s in stride))):
             source, target = [slice(None)] * 2, [slice(None), slice(None), index]
             for i in range(dims):  # input position h sits at padded position h + before, in phase (h + before) % s
@@ -74,6 +74,11 @@ def shifted_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                 source.append(slice(first, None, stride[i]))
                 target.append(slice(row, row + len(range(first, input.shape[2 + i], stride[i]))))
             phases[tuple(target)].copy_(input[tuple(source)])
+            for i in range(dims):  # the zeros around the input: before and after it along each dimension
+                inside = target[3 + i]
+                for zeros in (slice(0, inside.start), slice(inside.stop, None)):
+                    phases[(*target[:3 + i], zeros)].zero_()
+                target[3 + i] = slice(None)
         phases = phases.reshape(batch, channels, math.prod(stride), -1)
         steps = [math.prod(grid[i + 1:]) for i in range(dims)]
         taps = []
