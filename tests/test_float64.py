@@ -13,7 +13,7 @@ from torch.nn import functional as F
 import bntool
 from bntool.runtime import float64
 from bntool.runtime.depthwise import depthwise_conv
-from bntool.runtime.exactconv import shifted_conv
+from bntool.runtime.exactconv import Scratch, shifted_conv
 from bntool.runtime.float64 import exact_float64, route
 from bntool.runtime.running import run_on
 from examples.models import randomize_bn_
@@ -251,3 +251,22 @@ def test_the_program_folds_float64_reference_takes_the_exact_kernels(monkeypatch
     x = torch.randn(1, 3, 48, 48)
     _, report = bntool.fold(torch.export.export(model, (x,)), example_inputs=(x,))
     assert report.passed and torch.float64 in calls
+
+
+def test_outputs_never_live_in_the_reused_scratch():
+    # catches: a result left in a working buffer the next convolution overwrites (a one-row output, whose
+    # trimmed sums are contiguous, included)
+    scratch = Scratch()
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(2, 4, 9, 9), (1, 1, 3, 40), (2, 4, 9, 9)]  # a single output row between two that reuse its buffer
+    results = []
+    for shape in shapes:
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        weight = torch.randn(3, shape[1], 3, 3, generator=gen, dtype=torch.float64)
+        results.append((shifted_conv(x, weight, None, 1, 0, 1, 1, scratch=scratch), x, weight))
+        depthwise = torch.randn(shape[1], 1, 3, 3, generator=gen, dtype=torch.float64)
+        results.append((shifted_conv(x, depthwise, None, 1, 0, 1, shape[1], scratch=scratch), x, depthwise))
+    assert scratch.buffers  # the buffers were used
+    for got, x, weight in results:
+        groups = x.shape[1] if weight.shape[1] == 1 else 1
+        assert_float64_exact(got, x, weight, None, 1, 0, 1, groups)

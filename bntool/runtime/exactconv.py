@@ -44,11 +44,28 @@ def padding_of(padding: int | str | Sequence[int], kernel: Sequence[int],
     return _tuple(padding, dims), _tuple(padding, dims)
 
 
+class Scratch:
+    """Working buffers that a run of convolutions reuses, one per use, each as large as its largest use so far:
+    the memory's first touch is paid once, not once per layer. Nothing returned to a caller lives in one."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, use: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(use)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self.buffers[use] = like.new_empty(numel)
+        return buffer[:numel].view(*shape)
+
+
 def shifted_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  stride: int | Sequence[int] = 1, padding: int | str | Sequence[int] = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1) -> torch.Tensor:
+                 dilation: int | Sequence[int] = 1, groups: int = 1, scratch: Scratch | None = None) -> torch.Tensor:
     """``F.conv{1,2,3}d(input, weight, bias, stride, padding, dilation, groups)`` for a batched input, as a sum
-    over the kernel's taps of shifted float64 products (see the module's docstring)."""
+    over the kernel's taps of shifted float64 products (see the module's docstring); its working copies in
+    ``scratch``'s buffers where given."""
+    scratch = scratch or Scratch()
     dims = weight.dim() - 2
     kernel = tuple(weight.shape[2:])
     stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
@@ -65,7 +82,7 @@ def shifted_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         # the padded input split into its stride phases: phase a holds padded positions a, a + s, a + 2s, ...;
         # grid[i] positions per dimension, one more along the first so the last tap's run stays inside
         grid = [-(-padded_size[i] // stride[i]) + (i == 0) for i in range(dims)]
-        phases = input.new_empty(batch, channels, math.prod(stride), *grid)
+        phases = scratch.take("phases", (batch, channels, math.prod(stride), *grid), input)
         for index, phase in enumerate(itertools.product(*(range(s) for s in stride))):
             source, target = [slice(None)] * 2, [slice(None), slice(None), index]
             for i in range(dims):  # input position h sits at padded position h + before, in phase (h + before) % s
@@ -89,30 +106,39 @@ def shifted_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     run = size[0] * math.prod(grid[1:])  # the outputs, each row over the phase's whole width
     out_channels = weight.shape[0]
     flat = weight.reshape(out_channels, weight.shape[1], len(taps))
+    # the extra columns are dropped by a copy: the sums are working memory then, else they are the result
+    trimmed = tuple(grid[1:]) != tuple(size[1:])
     if groups == channels and weight.shape[1] == 1:  # depthwise: a per-channel multiply-add per tap
         multiplier = out_channels // channels
         per_tap = flat.reshape(channels, multiplier, len(taps)).unsqueeze(-2)  # (C, m, 1, taps)
-        out = None
+        shape = (batch, channels, multiplier, run)
+        out = scratch.take("sums", shape, input) if trimmed else input.new_empty(shape)
         for index, (phase, offset) in enumerate(taps):
             window = phases[:, :, phase, offset:offset + run].unsqueeze(2)
-            out = window * per_tap[..., index] if out is None else out.addcmul_(window, per_tap[..., index])
+            if index == 0:
+                torch.mul(window, per_tap[..., 0], out=out)
+            else:
+                out.addcmul_(window, per_tap[..., index])
     else:
         per_group = channels // groups
         grouped = phases.reshape(batch * groups, per_group, phases.shape[2], phases.shape[3])
         per_tap = flat.reshape(groups, out_channels // groups, per_group, len(taps)).movedim(-1, 0)
         if batch > 1:
             per_tap = per_tap.repeat(1, batch, 1, 1)
-        out = None
+        shape = (batch * groups, out_channels // groups, run)
+        out = scratch.take("sums", shape, input) if trimmed else input.new_empty(shape)
         for index, (phase, offset) in enumerate(taps):  # one product per tap, accumulated in place
             window = grouped[:, :, phase, offset:offset + run]
-            out = torch.bmm(per_tap[index], window) if out is None else out.baddbmm_(per_tap[index], window)
+            if index == 0:
+                torch.bmm(per_tap[0], window, out=out)
+            else:
+                out.baddbmm_(per_tap[index], window)
     out = out.reshape(batch, out_channels, size[0], *grid[1:])
-    if tuple(grid[1:]) != tuple(size[1:]):
+    if trimmed:
         out = out[(slice(None),) * 3 + tuple(slice(0, s) for s in size[1:])]
-    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
-    if channels_last is not None and not input.is_contiguous() and input.is_contiguous(memory_format=channels_last):
-        out = out.contiguous(memory_format=channels_last)
-    else:
-        out = out.contiguous()
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    if layout is None or input.is_contiguous() or not input.is_contiguous(memory_format=layout):
+        layout = torch.contiguous_format
+    out = out.clone(memory_format=layout) if trimmed else out.contiguous(memory_format=layout)  # never scratch
     return out.add_(bias.reshape(1, -1, *(1,) * dims)) if bias is not None else out
 

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .depthwise import depthwise_conv
-from .exactconv import shifted_conv
+from .exactconv import Scratch, shifted_conv
 
 _CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
@@ -95,7 +95,7 @@ def _aten_convolution_args(input, weight, bias, stride, padding, dilation, trans
 _ATEN = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3}
 
 
-def _exact(bound: dict | None, dims: int | None) -> torch.Tensor | None:
+def _exact(bound: dict | None, dims: int | None, scratch: Scratch | None = None) -> torch.Tensor | None:
     """The call computed by the kernel ``route`` picks, or None where torch's own runs it."""
     input = bound["input"] if bound else None
     if not isinstance(input, torch.Tensor) or (dims is not None and input.dim() != dims + 2):
@@ -103,6 +103,8 @@ def _exact(bound: dict | None, dims: int | None) -> torch.Tensor | None:
     kernel = route(input, bound["weight"], bound["bias"], bound["stride"], bound["padding"], bound["groups"])
     if kernel is depthwise_conv:
         del bound["groups"]
+    elif kernel is shifted_conv and scratch is not None:
+        bound["scratch"] = scratch
     return kernel(**bound) if kernel is not None else None
 
 
@@ -116,16 +118,21 @@ def convolution(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 class _ExactFloat64(TorchFunctionMode):
-    """Routes ``F.conv{1,2,3}d`` calls, and the aten convolutions a ``torch.export`` graph calls."""
+    """Routes ``F.conv{1,2,3}d`` calls, and the aten convolutions a ``torch.export`` graph calls; the shifted
+    products' working copies reuse one ``Scratch`` for the mode's lifetime."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scratch = Scratch()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _CONVS or func in _ATEN:
-            out = _exact(_conv_args(*args, **kwargs), _CONVS.get(func) or _ATEN[func])
+            out = _exact(_conv_args(*args, **kwargs), _CONVS.get(func) or _ATEN[func], self.scratch)
             if out is not None:
                 return out
         elif func is torch.ops.aten.convolution.default:
-            out = _exact(_aten_convolution_args(*args, **kwargs), None)
+            out = _exact(_aten_convolution_args(*args, **kwargs), None, self.scratch)
             if out is not None:
                 return out
         return func(*args, **kwargs)
