@@ -117,6 +117,10 @@ def test_route_takes_the_slow_float64_convolutions_and_leaves_the_rest():
     assert route(*_args(16, 16, 4, 3, 64)) is None  # grouped
     assert route(*_args(16, 16, 1, 3, 64, dtype=torch.float32)) is None
     assert route(*_args(16, 16, 1, 3, 64, stride=2, padding="same")) is None
+    x, weight, *rest = _args(16, 16, 1, 3, 64)
+    assert route(x.requires_grad_(), weight, *rest) is None  # a graph for autograd: torch's own
+    with torch.no_grad():
+        assert route(x, weight, *rest) is shifted_conv
 
 
 class _Shared(nn.Module):

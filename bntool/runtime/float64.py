@@ -62,8 +62,8 @@ def route(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     None for torch's own."""
     if not (type(input) is torch.Tensor and _float64_cpu(input) and _float64_cpu(weight)
             and (bias is None or _float64_cpu(bias)) and input.dim() == weight.dim() and input.dim() >= 3
-            and input.numel() > 0):
-        return None
+            and input.numel() > 0 and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))):
+        return None  # (the kernels write in place: a graph for autograd stays torch's)
     if isinstance(padding, str) and (padding not in ("same", "valid")
                                      or any(s != 1 for s in ((stride,) if isinstance(stride, int) else stride))):
         return None  # torch's own refusal
