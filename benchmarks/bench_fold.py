@@ -264,10 +264,11 @@ def cpu_seconds(fn) -> float:
     return time.process_time() - began
 
 
-def reference_cost(repeats: int) -> list[tuple[str, str, float, float]]:
+def reference_cost(repeats: int) -> list[tuple[str, str, float, float, float]]:
     """The float64 reference (``run_on`` in float64: lent layer by layer, what every verified command runs) beside
     one float32 forward, at the model's declared (small) shape and at full resolution: medians of paired runs,
-    in CPU time of this process (a busy machine's waits do not count; with --threads 1 it is the work itself)."""
+    in CPU time of this process (a busy machine's waits do not count; with --threads 1 it is the work itself),
+    and the median of the pairs' ratios (each pair saw the same machine: the figure a drifting load moves least)."""
     from bntool.runtime.running import run_model, run_on
 
     rows = []
@@ -284,7 +285,70 @@ def reference_cost(repeats: int) -> list[tuple[str, str, float, float]]:
             for _ in range(repeats):  # paired: both see the same machine
                 low.append(cpu_seconds(lambda model=model, x=x: run_model(model, [x])))
                 high.append(cpu_seconds(lambda model=model, x=x: run_on(model, [x], cpu, torch.float64)))
-            rows.append((label, "x".join(map(str, shape)), statistics.median(low), statistics.median(high)))
+            rows.append((label, "x".join(map(str, shape)), statistics.median(low), statistics.median(high),
+                         statistics.median(h / lo for lo, h in zip(low, high))))
+    return rows
+
+
+def conv_kind(module: nn.Module) -> str | None:
+    """Which float64 kernel family a conv module's call falls in (None: not a conv)."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    if module.groups > 1 and module.groups == module.in_channels:
+        return "depthwise"
+    return "1x1" if module.kernel_size == (1, 1) and module.groups == 1 else "dense kxk"
+
+
+def timed_by_kind(model: nn.Module, spent: Counter[str]) -> list:
+    """Hooks that add each conv module's call, in CPU seconds, to ``spent`` under its kind."""
+    began: list[float] = []
+
+    def enter(module, args):
+        began.append(time.process_time())
+
+    def leave(module, args, output):
+        kind = conv_kind(module)
+        if kind == "depthwise":
+            kind += " up to 56x56" if args[0][0, 0].numel() <= 3136 else " over 56x56"
+        spent[kind] += time.process_time() - began.pop()
+
+    return [h for m in model.modules() if conv_kind(m)
+            for h in (m.register_forward_pre_hook(enter, prepend=True), m.register_forward_hook(leave))]
+
+
+#: the architectures whose float64 reference is broken down by kind of layer
+BREAKDOWN = ("EfficientNet-B0 (BatchNormAct2d)", "MobileNetV2 (BatchNormAct2d)", "ResNet, FrozenBN (detectron2)")
+
+
+def reference_breakdown(repeats: int) -> list[tuple[str, str, float, float]]:
+    """Where the float64 reference's time goes at full resolution, by kind of layer: CPU time inside the conv
+    modules' calls (by kind, depthwise split at 56x56 maps), and the rest (norms, activations, pooling, the
+    lending of each layer's tensors), float32 forward beside float64 reference, medians of paired runs."""
+    from bntool.runtime.running import run_model, run_on
+
+    rows = []
+    cpu = torch.device("cpu")
+    for label, build, _, full in [arch for arch in REFERENCE_ARCHS if arch[0] in BREAKDOWN]:
+        model = zoo.randomize_bn_(build(), seed=0).eval()
+        x = torch.randn(full)
+        spent: Counter[str] = Counter()
+        handles = timed_by_kind(model, spent)
+        step(f"float64 reference by layer kind: {label}")
+        seen: dict[str, dict[str, list[float]]] = {"float32": {}, "float64": {}}
+        for index in range(repeats + 1):  # the first round warms up
+            for name, run in (("float32", lambda model=model, x=x: run_model(model, [x])),
+                              ("float64", lambda model=model, x=x: run_on(model, [x], cpu, torch.float64))):
+                spent.clear()
+                total = cpu_seconds(run)
+                if index:
+                    for kind, seconds in [*spent.items(), ("the rest", total - sum(spent.values())),
+                                          ("total", total)]:
+                        seen[name].setdefault(kind, []).append(seconds)
+        for handle in handles:
+            handle.remove()
+        for kind in seen["float32"]:
+            rows.append((label, kind, statistics.median(seen["float32"][kind]),
+                         statistics.median(seen["float64"][kind])))
     return rows
 
 
@@ -326,10 +390,16 @@ def main() -> None:
             print(f"| {label} | {before} | {ours} | {fx_text} |")
     if args.only in (None, "reference"):
         print()
-        print("| architecture | input | float32 forward (CPU) | float64 reference (CPU) | ratio |")
+        print("| architecture | input | float32 forward (CPU) | float64 reference (CPU) | ratio (paired) | ≤ 3× |")
+        print("|---|---|---|---|---|---|")
+        for label, shape, low, high, ratio in reference_cost(args.repeats):
+            print(f"| {label} | {shape} | {low * 1e3:.1f} ms | {high * 1e3:.1f} ms | {ratio:.2f}× | "
+                  f"{'yes' if ratio <= 3 else 'no'} |")
+        print()
+        print("| architecture (full resolution) | layers | float32 forward (CPU) | float64 reference (CPU) | ratio |")
         print("|---|---|---|---|---|")
-        for label, shape, low, high in reference_cost(args.repeats):
-            print(f"| {label} | {shape} | {low * 1e3:.1f} ms | {high * 1e3:.1f} ms | {high / low:.1f}× |")
+        for label, kind, low, high in reference_breakdown(args.repeats):
+            print(f"| {label} | {kind} | {low * 1e3:.1f} ms | {high * 1e3:.1f} ms | {high / low:.1f}× |")
     if args.only in (None, "cli"):
         extra = tuple(int(mb) << 20 for mb in args.mmap_thresholds.split(",") if mb)
         cli_table(max(3, args.repeats // 4), (None, *extra))

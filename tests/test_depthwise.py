@@ -1,15 +1,14 @@
-"""The float64 reference's depthwise convolutions: exact in float64, whatever the layout of the call."""
+"""The float64 reference's depthwise convolutions on small maps: exact in float64, whatever the layout of the call.
+
+Which calls take them, and that every float64 reference run does: tests/test_float64.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from bntool.runtime import depthwise
-from bntool.runtime.depthwise import depthwise_conv, exact_depthwise, is_slow_depthwise
-from bntool.runtime.running import run_on
+from bntool.runtime.depthwise import depthwise_conv
 
 CASES = [  # channels, multiplier, kernel, stride, padding, dilation, map
     (1152, 1, 5, 1, 2, 1, 3), (32, 1, 3, 2, 1, 1, 15), (16, 2, 3, 1, "same", 2, 9), (8, 1, 4, 1, "same", 1, 7),
@@ -44,24 +43,3 @@ def test_conv1d_and_conv3d_too():
     w3 = torch.randn(5, 1, 3, 3, 3, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(depthwise_conv(x3, w3, None, 1, 1), F.conv3d(x3, w3, None, 1, 1, 1, 5),
                                atol=1e-12, rtol=1e-12)
-
-
-def test_the_float64_run_takes_the_exact_path_only_for_float64_depthwise_calls(monkeypatch):
-    # catches: the mode not active where the float64 reference runs, or taking float32 and dense convs
-    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 5, padding=2, groups=64),
-                          nn.Conv2d(64, 8, 1)).eval()
-    x = torch.randn(2, 3, 6, 6)
-    calls = []
-    real = depthwise.depthwise_conv
-    monkeypatch.setattr(depthwise, "depthwise_conv", lambda **k: calls.append(k["input"].dtype) or real(**k))
-    (high,) = [t for _, t in run_on(model, [x], torch.device("cpu"), torch.float64)]
-    assert calls == [torch.float64]
-    with torch.no_grad():
-        plain = model.double()(x.double())  # the plain float64 convolution, outside the mode
-    torch.testing.assert_close(high, plain, atol=1e-12, rtol=1e-12)
-    calls.clear()
-    run_on(model.float(), [x], torch.device("cpu"))
-    assert calls == []
-    with exact_depthwise():
-        big = torch.randn(1, 4, 20, 20, dtype=torch.float64)
-        assert not is_slow_depthwise(big, torch.randn(4, 1, 3, 3, dtype=torch.float64), 4)  # a large map: torch's

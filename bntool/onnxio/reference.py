@@ -5,9 +5,11 @@ onnxruntime has no float64 kernel for Conv and many other ops, so the
 float64 run is ``onnx.reference`` on a float64 copy of the graph
 (``as_float64``: every floating initializer, constant, input, output and cast
 target made float64), with Conv and ConvTranspose computed by torch in
-float64 (the reference's own are pure Python loops). ``with_outputs``
-exposes intermediate values as extra graph outputs, for a layer-by-layer
-comparison; the copy is for running only, never written.
+float64 (the reference's own are pure Python loops; Conv through
+``runtime.float64.convolution``, exact without torch's slow float64
+kernels). ``with_outputs`` exposes intermediate values as extra graph
+outputs, for a layer-by-layer comparison; the copy is for running only,
+never written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from onnx.reference.op_run import OpRun
 from onnx.reference.ops import op_conv, op_conv_transpose, op_loop, op_max_pool
 
 from ..errors import InputError, first_line
+from ..runtime.float64 import convolution
 from .check import iter_nodes
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -150,10 +153,9 @@ class Conv(op_conv.Conv):
         x = torch.from_numpy(np.array(X, dtype=np.float64))
         pad = [p for i in reversed(range(n)) for p in (explicit[i], explicit[i + n])]
         x = torch.nn.functional.pad(x, pad)
-        fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[n - 1]
-        y = fn(x, torch.from_numpy(np.array(W, dtype=np.float64)),
-               torch.from_numpy(np.asarray(B, dtype=np.float64)) if B is not None else None,
-               stride=list(strides or [1] * n), dilation=list(dilations or [1] * n), groups=int(group or 1))
+        y = convolution(x, torch.from_numpy(np.array(W, dtype=np.float64)),  # exact float64, without the slow path
+                        torch.from_numpy(np.asarray(B, dtype=np.float64)) if B is not None else None,
+                        stride=list(strides or [1] * n), dilation=list(dilations or [1] * n), groups=int(group or 1))
         return (y.numpy().astype(X.dtype),)
 
 

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from ..errors import InputError, first_line, out_of_memory, out_of_memory_message
 from ..norms import requested_mode
 from .cloning import clone
-from .depthwise import exact_depthwise, has_grouped_convolutions
+from .float64 import exact_float64
 
 # ----------------------------------------------------------------------------- devices
 
@@ -281,20 +281,19 @@ def run_on(
     dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> list[tuple[str, torch.Tensor]]:
-    """``run_model`` with the model on ``device`` (and in ``dtype``): lent layer by layer, else a whole copy.
-
-    In float64, depthwise convolutions on small maps run as ``depthwise.exact_depthwise`` computes them
-    (exact in float64, without PyTorch's slow float64 path for them), in a model with grouped convolutions."""
+    """``run_model`` with the model on ``device`` (and in ``dtype``): lent layer by layer, else a whole copy. In
+    float64 on the CPU, convolutions run as ``float64.exact_float64`` computes them (exact, without torch's slow path)."""
     dtype = dtype or model_dtype(model)
-    with exact_depthwise(dtype == torch.float64 and has_grouped_convolutions(model)):
-        if model_device(model) == device and model_dtype(model) == dtype:
+    exact = dtype == torch.float64 and device.type == "cpu"
+    if model_device(model) == device and model_dtype(model) == dtype:
+        with exact_float64(model, exact):
             return run_model(model, inputs, device=device, dtype=dtype, **kwargs)
-        try:
-            with lent(model, device, dtype):
-                return run_model(model, inputs, device=device, dtype=dtype, **kwargs)
-        except Exception:  # noqa: BLE001 - the forward reads tensors across modules: use a whole copy
-            whole = clone(model).to(device=device)
-            if dtype != model_dtype(whole):
-                whole = whole.to(dtype)
+    try:
+        with lent(model, device, dtype), exact_float64(model, exact):
+            return run_model(model, inputs, device=device, dtype=dtype, **kwargs)
+    except Exception:  # noqa: BLE001 - the forward reads tensors across modules: use a whole copy
+        whole = clone(model).to(device=device)
+        if dtype != model_dtype(whole):
+            whole = whole.to(dtype)
+        with exact_float64(whole, exact, throughout=True):
             return run_model(whole, inputs, device=device, dtype=dtype, **kwargs)
-

@@ -23,6 +23,7 @@ import torch.fx
 from torch.export import ExportedProgram
 
 from ..errors import InputError, first_line
+from ..runtime.float64 import exact_float64
 from ..runtime.running import tf32_disabled
 from .compare import Comparison
 from .tolerance import compare_one, rounding_factor
@@ -76,7 +77,8 @@ def run_program(program: ExportedProgram, flat: Sequence[Any], keep: set[str] = 
     if device is not None:
         values = [x.to(device) if isinstance(x, torch.Tensor) else x for x in values]
     recorder = _Recorder(module, set(keep), double)
-    with torch.no_grad(), tf32_disabled():
+    exact = double and (device is None or device.type == "cpu")  # float64 convolutions without torch's slow path
+    with torch.no_grad(), tf32_disabled(), exact_float64(module, exact, throughout=True):
         outputs = recorder.run(*values)
     if not isinstance(outputs, (list, tuple)):
         outputs = [outputs]
