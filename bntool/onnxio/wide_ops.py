@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from ..runtime.depthwise import depthwise_conv, is_slow_depthwise
+from ..runtime.float64 import convolution
 
 
 class Unsupported(Exception):
@@ -200,10 +200,7 @@ def _conv(inputs, attrs, opset, outputs):
     pads = _explicit_pads(x, list(w.shape[2:]), attrs, dilations, strides)
     x = F.pad(x, [p for i in reversed(range(n)) for p in (pads[i], pads[i + n])])
     groups = int(attrs.get("group", 1))
-    if is_slow_depthwise(x, w, groups):
-        return (depthwise_conv(x, w, b, strides, 0, dilations),)
-    fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-    return (fn(x, w, b, stride=strides, dilation=dilations, groups=groups),)
+    return (convolution(x, w, b, strides, 0, dilations, groups),)  # (exact float64 kernels where torch's are slow)
 
 
 @op("ConvTranspose")
