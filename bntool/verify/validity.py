@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..runtime.pages import release
 
 STATISTICS = ("running_mean", "running_var")
 #: Trailing key names taken as parameters in a bare state dict (where parameters and buffers look alike).
@@ -86,7 +87,9 @@ def problems(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[Bad
             continue
         statistic = _kind(name) in STATISTICS
         values = tensor.detach()
-        if all_finite(values):
+        finite = all_finite(values)
+        release((values,))  # (a memory-mapped tensor's pages, read for the scan, go back to the page cache)
+        if finite:
             non_negative = negative_matters and bool((values >= 0).all())
             if non_negative or not negative_matters:
                 _remember(tensor, now, non_negative)  # (non_negative: known only where it was asked)
