@@ -113,3 +113,15 @@ def test_a_released_mapping_record_goes_with_its_mapping(tmp_path):
     assert len(pages._MAPPED) > before
     del tensors
     assert len(pages._MAPPED) == before  # no stale address left to release
+
+
+def test_a_snapshot_of_a_mapped_model_leaves_no_page_resident_and_still_sees_a_change(tmp_path):
+    from bntool.verify.bits import Snapshot
+
+    _, model = _loaded(tmp_path)
+    snapshot = Snapshot(model)
+    assert all(pages.resident(t) == 0 for t in _mapped_weights(model))
+    assert snapshot.changed(model) == []
+    with torch.no_grad():
+        model[3].weight.view(-1)[3] += 1.0
+    assert snapshot.changed(model) == ["3.weight"]
