@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import struct
+import os
 import sys
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,11 +39,12 @@ PAGE = mmap.PAGESIZE
 #: mappings smaller than this are not worth a system call (BatchNorm statistics: a page or two)
 SMALLEST = 4 * PAGE
 _MADV_DONTNEED = 4
-_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
+_PRESENT, _SWAPPED, _FILE = 63, 62, 61  # bits of a pagemap entry
 
 #: data pointer of a mapped storage -> (start, length) of its mapping; an entry goes with its mapping
 _MAPPED: dict[int, tuple[int, int]] = {}
 _madvise: Any = None
+_pagemap: int | None = None
 
 
 def register(storage_pointer: int, mapping: mmap.mmap, start: int) -> None:
@@ -54,7 +56,8 @@ def register(storage_pointer: int, mapping: mmap.mmap, start: int) -> None:
 
 
 def _libc_madvise() -> Any:
-    global _madvise
+    """``madvise`` from the C library, with ``/proc/self/pagemap`` opened once; False where either is missing."""
+    global _madvise, _pagemap
     if _madvise is None:
         _madvise = False
         if sys.platform.startswith("linux"):
@@ -64,26 +67,27 @@ def _libc_madvise() -> Any:
                 libc = ctypes.CDLL("libc.so.6", use_errno=True)
                 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
                 libc.madvise.restype = ctypes.c_int
-                with open("/proc/self/pagemap", "rb"):
-                    pass
+                _pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 _madvise = libc.madvise
             except (OSError, AttributeError):
                 pass
     return _madvise
 
 
-def _page_flags(start: int, length: int) -> tuple[int, ...] | None:
+def _page_flags(start: int, length: int) -> np.ndarray | None:
     """The pagemap entry of every page of ``[start, start + length)``, or None where it cannot be read."""
     count = (length + PAGE - 1) // PAGE
     try:
-        with open("/proc/self/pagemap", "rb", buffering=0) as f:
-            f.seek(start // PAGE * 8)
-            data = f.read(count * 8)
-    except OSError:
+        data = os.pread(_pagemap, count * 8, start // PAGE * 8)
+    except (OSError, TypeError):
         return None
     if len(data) != count * 8:
         return None
-    return struct.unpack(f"<{count}Q", data)
+    return np.frombuffer(data, dtype="<u8")
+
+
+def _bit(flags: np.ndarray, bit: int) -> np.ndarray:
+    return (flags >> np.uint64(bit)) & np.uint64(1) == 1
 
 
 def _mapping_of(tensor: torch.Tensor) -> tuple[int, int] | None:
@@ -104,7 +108,7 @@ def resident(tensor: torch.Tensor) -> int | None:
     """Bytes of ``tensor``'s mapping in the process's memory now; None for a tensor not mapped (or unknown)."""
     found = _mapping_of(tensor)
     flags = _page_flags(*found) if found is not None and _libc_madvise() else None
-    return None if flags is None else sum(PAGE for f in flags if f & _PRESENT)
+    return None if flags is None else int(_bit(flags, _PRESENT).sum()) * PAGE
 
 
 def release(tensors: Iterable[torch.Tensor]) -> int:
@@ -120,9 +124,10 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
             continue
         start, length = found
         flags = _page_flags(start, length)
-        if flags is None or any((f & _PRESENT and not f & _FILE) or f & _SWAPPED for f in flags):
+        present = _bit(flags, _PRESENT) if flags is not None else None
+        if present is None or bool((present & ~_bit(flags, _FILE)).any() or _bit(flags, _SWAPPED).any()):
             continue  # a page written in place (the process's own now), or one we cannot tell: kept
-        present = sum(1 for f in flags if f & _PRESENT)
+        present = int(present.sum())
         if present and madvise(start, length, _MADV_DONTNEED) == 0:
             dropped += present * PAGE
     return dropped
