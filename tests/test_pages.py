@@ -125,3 +125,24 @@ def test_a_snapshot_of_a_mapped_model_leaves_no_page_resident_and_still_sees_a_c
     with torch.no_grad():
         model[3].weight.view(-1)[3] += 1.0
     assert snapshot.changed(model) == ["3.weight"]
+
+
+def test_a_forked_child_reads_its_own_page_map(tmp_path):
+    import os
+
+    _, model = _loaded(tmp_path)
+    weight = model[3].weight
+    weight.detach().sum()  # read in the parent: its pages are clean file pages here
+    assert pages.resident(weight) > 0  # (the parent's page map is open)
+    pid = os.fork()
+    if pid == 0:  # the child writes a page (its own copy now) and must not drop it
+        code = 1
+        try:
+            with torch.no_grad():
+                weight.view(-1)[0] = 12345.0
+            code = 0 if pages.release([weight]) == 0 and float(weight.detach().view(-1)[0]) == 12345.0 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert float(weight.detach().view(-1)[0]) != 12345.0

@@ -44,7 +44,7 @@ _PRESENT, _SWAPPED, _FILE = 63, 62, 61  # bits of a pagemap entry
 #: data pointer of a mapped storage -> (start, length) of its mapping; an entry goes with its mapping
 _MAPPED: dict[int, tuple[int, int]] = {}
 _madvise: Any = None
-_pagemap: int | None = None
+_pagemap: tuple[int, int] | None = None  # (process id, file descriptor)
 
 
 def register(storage_pointer: int, mapping: mmap.mmap, start: int) -> None:
@@ -56,8 +56,8 @@ def register(storage_pointer: int, mapping: mmap.mmap, start: int) -> None:
 
 
 def _libc_madvise() -> Any:
-    """``madvise`` from the C library, with ``/proc/self/pagemap`` opened once; False where either is missing."""
-    global _madvise, _pagemap
+    """``madvise`` from the C library (False where it or ``/proc/self/pagemap`` is missing)."""
+    global _madvise
     if _madvise is None:
         _madvise = False
         if sys.platform.startswith("linux"):
@@ -67,18 +67,33 @@ def _libc_madvise() -> Any:
                 libc = ctypes.CDLL("libc.so.6", use_errno=True)
                 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
                 libc.madvise.restype = ctypes.c_int
-                _pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                _madvise = libc.madvise
+                if _pagemap_fd() is not None:
+                    _madvise = libc.madvise
             except (OSError, AttributeError):
                 pass
     return _madvise
 
 
+def _pagemap_fd() -> int | None:
+    """This process's ``/proc/self/pagemap``, opened once per process (a forked child opens its own: the one it
+    inherits describes its parent's pages)."""
+    global _pagemap
+    if _pagemap is None or _pagemap[0] != os.getpid():
+        try:
+            _pagemap = (os.getpid(), os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        except OSError:
+            return None
+    return _pagemap[1]
+
+
 def _page_flags(start: int, length: int) -> np.ndarray | None:
     """The pagemap entry of every page of ``[start, start + length)``, or None where it cannot be read."""
     count = (length + PAGE - 1) // PAGE
+    fd = _pagemap_fd()
+    if fd is None:
+        return None
     try:
-        data = os.pread(_pagemap, count * 8, start // PAGE * 8)
+        data = os.pread(fd, count * 8, start // PAGE * 8)
     except (OSError, TypeError):
         return None
     if len(data) != count * 8:
