@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..runtime import pages
 from ..runtime.spill import TensorStore
 from . import bnform
 from .arithmetic import (
@@ -32,16 +33,21 @@ from .plan import TRANSPOSED, FoldPlan
 
 class Journal:
     """What folding in place replaced, so that it can be undone: old parameters and buffers (their values in a
-    ``TensorStore``, on disk when large) and old modules."""
+    ``TensorStore``, on disk when large; a tensor memory-mapped from the checkpoint is kept itself, its pages
+    handed back: the file holds its values) and old modules."""
 
     def __init__(self) -> None:
         self.store = TensorStore()
+        self.mapped: dict[str, torch.Tensor] = {}
         self.entries: list[tuple] = []
 
     def tensor(self, module: nn.Module, name: str) -> None:
         old = getattr(module, name)
         key = str(len(self.entries))
-        if old is not None:
+        if old is not None and pages.is_mapped(old):
+            self.mapped[key] = old.detach()
+            pages.release((old,))
+        elif old is not None:
             self.store.put(key, old)
         is_parameter = name in module._parameters
         self.entries.append(("tensor", module, name, key if old is not None else None, is_parameter,
@@ -57,12 +63,13 @@ class Journal:
                 entry[1]._modules[entry[2]] = entry[3]
                 continue
             _, module, name, key, is_parameter, grad = entry
-            value = self.store.get(key) if key is not None else None
+            value = self.mapped.get(key) if key in self.mapped else self.store.get(key) if key is not None else None
             if is_parameter:
                 setattr(module, name, None if value is None else nn.Parameter(value, requires_grad=grad))
             else:
                 module.register_buffer(name, value)
         self.entries.clear()
+        self.mapped.clear()
         self.store.close()
         self.store = TensorStore()
 
@@ -99,10 +106,12 @@ def apply_plan(model: nn.Module, plan: FoldPlan, journal: Journal | None = None,
             k, c = through_after(k, c, a, s)
             k, c = _per_channel(k, c, _channels(target, output=False))
             weight, bias = scale_consumer(target.weight, target.bias, k, c, groups=getattr(target, "groups", 1))
+        replaced = [t for t in (target.weight, target.bias) if t is not None]
         if journal is not None:
             journal.tensor(target, "weight")
             journal.tensor(target, "bias")
         _set_weight_and_bias(target, weight, bias)
+        pages.release(replaced)  # (read for the fold: a memory-mapped original's pages go back to the page cache)
     becomes = {p.bn: p.bn_becomes for p in plan.pairs}
     for name, form in forms.items():
         bn = lookup[name]

@@ -26,7 +26,7 @@ from ..graph.dataflow import Dataflow
 from ..graph.ops import Op
 from ..norms import is_batchnorm
 from ..report import Skip
-from . import bnform, merge_math
+from . import bnform, liveness, merge_math
 from .merge_math import Linear, NotMergeable
 
 _ADD = frozenset({"add", "add_", "__add__", "__iadd__", "iadd", "__radd__"})
@@ -88,21 +88,21 @@ def _near_sums(flow: Dataflow, depth: int = 8) -> set[int]:
 
 
 def _walk(model, flow, modules, cut, prefix, context):
-    ops = flow.ops
     forms: dict[int, tuple[int, Linear, frozenset[int], tuple[str, ...]]] = {}  # op -> source, form, members, branches
-    broken, skips = context[4], {}
-    nd_hint: list[int] = []
+    ops, broken, skips, nd_hint = flow.ops, context[4], {}, []
 
     def operand(i: int) -> tuple[int, Linear | None, frozenset[int], tuple[str, ...]]:
         if i in forms and i not in cut:
             return forms[i]
         op = ops[i]
-        if op.affine == (1.0, 0.0) and len(op.inputs) == 1 and op.kind == "module":  # nn.Identity, dropout
+        if liveness.passes_through(op):  # nn.Identity, dropout
             source, form, members, branches = operand(op.inputs[0])
             return source, form, members | {i}, branches
         return i, None, frozenset(), ("identity",)
 
+    expiry = liveness.Expiry(flow, keep=lambda entry: any(is_sum(ops[m]) for m in entry[2]))
     for op in ops:
+        expiry.forget(forms, op.index)  # (forms no later op reads: their float64 kernels go)
         try:
             result = _linear(op, flow, modules, forms, operand, nd_hint, context)
         except NotMergeable as exc:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..runtime import pages
+
 
 class NotMergeable(Exception):
     """Why two branches (or a branch and a step) cannot be one convolution; the message is the reason."""
@@ -57,7 +59,9 @@ def f64(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor's values in float64 on the CPU (zeros for a tensor on the meta device, which has no values)."""
     if tensor.is_meta:
         return torch.zeros(tensor.shape, dtype=torch.float64)
-    return tensor.detach().to("cpu", torch.float64)
+    values = tensor.detach().to("cpu", torch.float64)
+    pages.release((tensor,))  # (a memory-mapped weight, read for its form: its pages go back to the page cache)
+    return values
 
 
 def identity(channels: int) -> Linear:

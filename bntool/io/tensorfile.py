@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..runtime import pages
 from ..verify.bits import same_bits_in_file
 
 #: torch dtype -> safetensors dtype name
@@ -71,6 +72,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata
             data = _bytes(tensor)
             if data.numel():
                 f.write(memoryview(data.numpy()))
+            pages.release((tensor,))  # (a memory-mapped tensor's pages, read for the write, go back)
         f.flush()
         os.fsync(f.fileno())
 
@@ -100,6 +102,8 @@ def read_mapped(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - page)
             if begin % torch.empty((), dtype=dtype).element_size():
                 raw = raw.clone()
+            else:  # (its pages can be handed back once read: ``pages.release``)
+                pages.register(raw.untyped_storage().data_ptr(), mapped, raw.data_ptr() - (begin - page))
             tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
 
@@ -132,4 +136,5 @@ def differences(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) ->
                 continue
             if not same_bits_in_file(f, start + begin, data, buffer):
                 different.append(name)
+            pages.release((tensor,))
     return different

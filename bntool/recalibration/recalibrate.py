@@ -60,6 +60,7 @@ from ..data.batches import batch_size_of, model_input
 from ..deprecation import UNSET, positional, renamed
 from ..errors import InputError, VerificationError, require_module
 from ..report import Skip, with_step
+from ..runtime.pages import released_after_calls
 from ..runtime.running import model_device, model_dtype, restore_modes, saved_modes, tf32
 from ..verify.bits import Snapshot
 from .collect import Collector, gather, merge_ranks, write_back
@@ -164,7 +165,8 @@ def recalibrate(
             entries.append((name, bn, plain))
         collectors = make_collectors(entries, merge_every)
         totals = [0, 0, 0]  # batches, samples, empty batches
-        error = _pass(model, selected, collectors, batches, num_batches, run, callback, totals, group, allow_tf32)
+        with released_after_calls(model):  # (memory-mapped weights: one layer's pages held at a time)
+            error = _pass(model, selected, collectors, batches, num_batches, run, callback, totals, group, allow_tf32)
         flat = gather(collectors)  # one transfer; from here on plain float64 arithmetic on the CPU
         if group is not None:
             flat, totals = merge_ranks(flat, totals, group, world_size, failed=error is not None)

@@ -3,14 +3,13 @@
 ``resolve_device`` turns ``auto`` / ``cpu`` / ``cuda:N`` into a device;
 ``tf32`` switches TF32 on or off for a block and restores the caller's
 settings. ``run_model`` runs a model on inputs with no grad, in train or eval
-mode (each module's own flag restored: ``training_flags``), and hands back
-every output tensor by name (``flatten_outputs``) plus the outputs of probed
-layers. ``run_on`` runs it on another device or dtype without a copy: each
-module's tensors are ``lent`` there for the duration of its own call. A
-model that fails on its inputs becomes one ``InputError`` (``inputs_must_fit``).
-
-Judging what a run computed is ``verify.py``'s; drawing inputs of a shape is
-``shapes.py``'s.
+mode (each module's own flag restored: ``training_flags``; its memory-mapped
+weights read one layer at a time: ``pages``), and hands back every output
+tensor by name (``flatten_outputs``) plus the outputs of probed layers.
+``run_on`` runs it on another device or dtype without a copy: each module's
+tensors are ``lent`` there for the duration of its own call. A model that
+fails on its inputs becomes one ``InputError`` (``inputs_must_fit``). Judging
+what a run computed is ``verify.py``'s; drawing inputs is ``shapes.py``'s.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from ..errors import InputError, first_line, out_of_memory, out_of_memory_messag
 from ..norms import requested_mode
 from .cloning import clone
 from .float64 import exact_float64
+from .pages import released_after_calls
 
 # ----------------------------------------------------------------------------- devices
 
@@ -187,7 +187,7 @@ def run_model(
 
     handles = [model.get_submodule(name).register_forward_hook(probe(name)) for name in dict.fromkeys(probes)]
     try:
-        with torch.no_grad(), training_flags(model, train), inputs_must_fit(model, moved):
+        with torch.no_grad(), training_flags(model, train), inputs_must_fit(model, moved), released_after_calls(model):
             out = forward(model, moved) if forward else model(*moved)
     finally:
         for handle in handles:

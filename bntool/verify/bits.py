@@ -36,6 +36,8 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from ..runtime.pages import release
+
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 #: device types whose tensors are compared one by one in place (no synchronisation to save there)
 COMPARE_IN_PLACE = ("cpu",)
@@ -91,7 +93,9 @@ def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
 def digest(tensor: torch.Tensor) -> bytes:
     """A 256-bit BLAKE2b digest of a CPU tensor's bytes (its bits, whatever its dtype)."""
     flat = bits(tensor.detach().contiguous().reshape(-1))
-    return hashlib.blake2b(memoryview(flat.numpy()) if flat.numel() else b"", digest_size=32).digest()
+    found = hashlib.blake2b(memoryview(flat.numpy()) if flat.numel() else b"", digest_size=32).digest()
+    release((tensor,))  # (a memory-mapped tensor's pages, read for the digest, go back to the page cache)
+    return found
 
 
 class Snapshot:

@@ -73,32 +73,35 @@ def compare_one(
         return OutputComparison(name, tuple(orig.shape), 0.0 if equal else float("inf"), 0.0, 0.0, equal)
     found = nonfinite(orig, cand)
     finite = found is None
-    o64, c64 = orig.double(), cand.double()
-    both = None if finite else torch.isfinite(c64) & torch.isfinite(o64)  # the non-finite fail the output already
-    if both is not None:  # compare where both are finite
-        o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
-    difference = c64 - o64
-    diff = difference.abs()
-    scale = o64.abs().max().item() if o64.numel() else 0.0
-    max_abs = diff.max().item() if diff.numel() else 0.0
+    a, r = atol or 0.0, rtol or 0.0
+    max_abs = scale = 0.0
+    original_error = candidate_error = None if ref is None and delta is None else 0.0
+    within = True
+    for o64, c64, r64, d64 in _chunks(orig, cand, ref, delta):  # (float64 copies of one chunk at a time)
+        both = None if finite else torch.isfinite(c64) & torch.isfinite(o64)  # the non-finite fail the output already
+        if both is not None:  # compare where both are finite
+            o64, c64 = torch.where(both, o64, 0.0), torch.where(both, c64, 0.0)
+        difference = c64 - o64
+        max_abs = max(max_abs, difference.abs().max().item())
+        scale = max(scale, o64.abs().max().item())
+        if ref is None and delta is not None:  # the reference is orig + delta: its errors are |delta|, |c - o - delta|
+            d64 = _where_finite(d64, both)
+            original_error = max(original_error, d64.abs().max().item())
+            candidate_error = max(candidate_error, difference.sub_(d64).abs_().max().item())
+        elif ref is not None:
+            r64 = _where_finite(r64, both)
+            original_error = max(original_error, (o64 - r64).abs().max().item())
+            candidate_error = max(candidate_error, (c64 - r64).abs().max().item())
+        else:
+            within = within and bool((difference.abs_() <= a + r * o64.abs()).all())
     max_rel = max_abs / scale if scale > 0 else max_abs
-    original_error = candidate_error = None
-    if ref is None and delta is not None:  # the reference is orig + delta: its errors are |delta|, |c - o - delta|
-        d64 = _where_finite(delta.to(o64.device, torch.float64), both)
-        original_error = d64.abs().max().item() if o64.numel() else 0.0
-        candidate_error = difference.sub_(d64).abs_().max().item() if c64.numel() else 0.0
-    elif ref is not None:
-        r64 = _where_finite(ref.double().to(o64.device), both)
-        original_error = (o64 - r64).abs().max().item() if o64.numel() else 0.0
-        candidate_error = (c64 - r64).abs().max().item() if c64.numel() else 0.0
     if original_error is not None:
         floor = FLOOR_EPS.get(orig.dtype, 8.0) * torch.finfo(orig.dtype).eps * max(scale, 1e-30)
         tolerance = widen * max(SLACK * original_error, floor)
         passed = finite and candidate_error <= tolerance
     else:
-        a, r = atol or 0.0, rtol or 0.0
         tolerance = a + r * scale
-        passed = finite and bool((diff <= a + r * o64.abs()).all())
+        passed = finite and within
     agreement = None
     if orig.dim() == 2 and orig.shape[1] > 1:
         agreement = (orig.argmax(dim=1) == cand.argmax(dim=1)).double().mean().item()
@@ -114,6 +117,21 @@ def compare_one(
         argmax_agreement=agreement,
         nonfinite=found,
     )
+
+
+#: elements of an output compared at a time (each comparison holds a few float64 copies of a chunk)
+CHUNK = 1 << 18
+
+
+def _chunks(orig: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor | None, delta: torch.Tensor | None):
+    """``orig``, ``cand``, ``ref`` and ``delta`` in float64 on ``orig``'s device, a chunk of elements at a time
+    (whole where a shape differs from ``orig``'s)."""
+    whole = any(t is not None and t.shape != orig.shape for t in (ref, delta))
+    tensors = [t if t is None or whole else t.reshape(-1) for t in (orig, cand, ref, delta)]
+    step = orig.numel() if whole else CHUNK
+    for start in range(0, orig.numel(), max(step, 1)):
+        yield tuple(None if t is None else (t if whole else t[start:start + step]).to(orig.device, torch.float64)
+                    for t in tensors)
 
 
 def _where_finite(values: torch.Tensor, both: torch.Tensor | None) -> torch.Tensor:

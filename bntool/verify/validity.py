@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..runtime.pages import release
 
 STATISTICS = ("running_mean", "running_var")
 #: Trailing key names taken as parameters in a bare state dict (where parameters and buffers look alike).
@@ -58,12 +59,20 @@ def _remember(tensor: torch.Tensor, now: tuple[int, int], non_negative: bool) ->
     _CLEAN[key] = (weakref.ref(tensor, lambda _, key=key: _CLEAN.pop(key, None)), now, non_negative)
 
 
+#: elements summed at a time: ``sum(dtype=float64)`` makes a float64 copy of what it sums
+CHUNK = 1 << 20
+
+
 def all_finite(values: torch.Tensor) -> bool:
     """No NaN and no inf: a NaN or an inf makes the sum NaN or inf, so a finite sum proves it in one
-    reduction; a sum that overflows (or a non-finite one) is settled element by element."""
+    reduction (in float64, a chunk at a time); a sum that overflows (or a non-finite one) is settled element
+    by element."""
     if values.numel() == 0:
         return True
-    total = values.sum() if values.is_complex() or values.dtype == torch.float64 else values.sum(dtype=torch.float64)
+    if values.is_complex() or values.dtype == torch.float64:
+        total = values.sum()
+    else:
+        total = sum(chunk.sum(dtype=torch.float64) for chunk in values.reshape(-1).split(CHUNK))
     return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
 
 
@@ -86,7 +95,9 @@ def problems(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[Bad
             continue
         statistic = _kind(name) in STATISTICS
         values = tensor.detach()
-        if all_finite(values):
+        finite = all_finite(values)
+        release((values,))  # (a memory-mapped tensor's pages, read for the scan, go back to the page cache)
+        if finite:
             non_negative = negative_matters and bool((values >= 0).all())
             if non_negative or not negative_matters:
                 _remember(tensor, now, non_negative)  # (non_negative: known only where it was asked)
