@@ -60,10 +60,12 @@ def _remember(tensor: torch.Tensor, now: tuple[int, int], non_negative: bool) ->
 
 def all_finite(values: torch.Tensor) -> bool:
     """No NaN and no inf: a NaN or an inf makes the sum NaN or inf, so a finite sum proves it in one
-    reduction; a sum that overflows (or a non-finite one) is settled element by element."""
+    reduction; a sum that overflows (or a non-finite one) is settled element by element. The sum is taken in
+    the tensor's own dtype: a float64 accumulation of a float32 tensor runs some 30x slower on the CPU, and an
+    overflow only sends the tensor to the element-by-element check."""
     if values.numel() == 0:
         return True
-    total = values.sum() if values.is_complex() or values.dtype == torch.float64 else values.sum(dtype=torch.float64)
+    total = values.sum()
     return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
 
 
