@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import importlib.machinery
 import os
 import sys
@@ -161,6 +162,17 @@ class Operation:
 
 
 def run_operation(op: Operation) -> dict[str, Any]:
+    """``_run_operation`` with what exists before it (the imports: torch's ~170k objects) kept out of the garbage
+    collector's walks until it returns: each collection of the command (the operations' own ``gc.collect()``,
+    and the automatic ones) then walks only what the command made, ~1 ms instead of 0.15-0.3 s."""
+    gc.freeze()
+    try:
+        return _run_operation(op)
+    finally:
+        gc.unfreeze()  # (in a process that goes on, as under tests, older garbage is collectable again)
+
+
+def _run_operation(op: Operation) -> dict[str, Any]:
     """The body every writing command shares; returns the JSON result it rendered.
 
     Humans read stderr when --json owns stdout; the output path is checked
