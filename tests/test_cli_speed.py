@@ -1,0 +1,92 @@
+"""What keeps `bntool fold` / `freeze` quick, checked as mechanisms, not timings: a command imports what it uses
+(no ONNX exporter, onnxruntime or torch._dynamo for a fold or a freeze), the original runs once in its own dtype
+and once in float64 and the candidate once, and the garbage collector leaves what the imports built alone while
+the operation runs."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from collections import Counter
+
+import torch
+from conftest import ROOT, randomize_bn, run_python
+
+import bntool
+from examples import models as zoo
+
+LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
+#: what only `bntool export` (or an .onnx file) needs: about 2 s of imports together
+EXPORT_ONLY = ("onnx", "onnxruntime", "onnxscript", "onnx_ir", "torch._dynamo", "torch.onnx._internal.exporter",
+               "sympy")
+
+
+def test_fold_and_freeze_commands_import_no_onnx_and_no_dynamo(lenet_checkpoint, tmp_path):
+    # catches: a module-level `import onnx` (or of bntool.export / bntool.onnxio) reached from cli.common, persist,
+    # folding or freezing, or a torch.export / torch.compile call on the way of a fold
+    code = (
+        "import json, sys\n"
+        "import bntool.cli as c\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        c.main(args)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, (args[0], exc.code)\n"
+        f"print(json.dumps([m for m in {EXPORT_ONLY!r} if m in sys.modules]))\n"
+    )
+    commands = [[name, str(lenet_checkpoint), "--model", LENET, "--out", str(tmp_path / f"{name}.safetensors"),
+                 "--device", "cpu"] for name in ("fold", "freeze")]
+    out = run_python(code, json.dumps(commands))
+    assert json.loads(out.splitlines()[-1]) == []
+    assert (tmp_path / "fold.safetensors").exists() and (tmp_path / "freeze.safetensors").exists()
+
+
+def _forwards(model: torch.nn.Module) -> Counter:
+    """Forward calls of ``model`` and of the copies that carry its hook, by (the model itself?, input dtype)."""
+    calls: Counter = Counter()
+    model.register_forward_pre_hook(lambda module, args: calls.update([(module is model, args[0].dtype)]))
+    return calls
+
+
+def test_fold_runs_the_original_once_per_dtype_and_the_folded_model_once():
+    # catches: a second full forward of the original (outputs computed apart from the layer-by-layer run), or a
+    # verification that runs the folded model twice; in place, as the CLI folds: the folded model is the model
+    model = randomize_bn(zoo.resnet_small(), seed=1)
+    x = torch.randn(*model.input_shape)
+    calls = _forwards(model)
+    folded, report = bntool.fold(model, example_inputs=(x,), inplace=True)
+    assert report.passed and report.done and folded is model
+    assert calls == {(True, torch.float32): 2, (True, torch.float64): 1}
+
+
+def test_freeze_runs_the_original_once_per_dtype_and_the_frozen_model_once():
+    # catches: freeze's check running the original again beside the reference it computed first, or the frozen
+    # model twice
+    model = randomize_bn(zoo.resnet_small(), seed=2)
+    x = torch.randn(*model.input_shape)
+    calls = _forwards(model)
+    frozen, report = bntool.freeze(model, example_inputs=(x,))
+    assert report.passed and frozen is not model
+    assert calls == {(True, torch.float32): 1, (True, torch.float64): 1, (False, torch.float32): 1}
+
+
+def test_the_operation_runs_with_the_imports_kept_out_of_the_garbage_collector(cli, lenet_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    # catches: run_operation without gc.freeze (each gc.collect() of a command walks torch's ~170k objects again),
+    # or one that leaves them frozen (a process that goes on, tests included, would never collect them)
+    from bntool.folding import fold as folding
+
+    seen = []
+    real = folding.fold
+
+    def fold(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(folding, "fold", fold)
+    assert gc.get_freeze_count() == 0
+    result = cli("fold", lenet_checkpoint, "--model", LENET, "--out", tmp_path / "f.safetensors", "--device", "cpu")
+    assert result.code == 0, result.err
+    assert len(seen) == 1 and seen[0] > 10_000 and gc.get_freeze_count() == 0
+    assert "torch" in sys.modules
