@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 
 import torch
-from conftest import ROOT, randomize_bn, run_python
+from tests.conftest import ROOT, randomize_bn, run_python
 
 import bntool
 from examples import models as zoo
