@@ -11,10 +11,10 @@ import sys
 from collections import Counter
 
 import torch
-from tests.conftest import ROOT, randomize_bn, run_python
 
 import bntool
 from examples import models as zoo
+from tests.conftest import ROOT, randomize_bn, run_python
 
 LENET = f"{ROOT / 'examples' / 'models.py'}:lenet"
 #: what only `bntool export` (or an .onnx file) needs: about 2 s of imports together
@@ -71,22 +71,32 @@ def test_freeze_runs_the_original_once_per_dtype_and_the_frozen_model_once():
     assert calls == {(True, torch.float32): 1, (True, torch.float64): 1, (False, torch.float32): 1}
 
 
-def test_the_operation_runs_with_the_imports_kept_out_of_the_garbage_collector(cli, lenet_checkpoint, tmp_path,
+def test_the_imports_run_without_full_collections_and_the_operation_with_the_imports_frozen(cli, lenet_checkpoint, tmp_path,
                                                                                 monkeypatch):
     # catches: run_operation without gc.freeze (each gc.collect() of a command walks torch's ~170k objects again),
-    # or one that leaves them frozen (a process that goes on, tests included, would never collect them)
+    # or one that leaves them frozen (a process that goes on, tests included, would never collect them); full
+    # collections not held off while the command imports, or held off during the operation or after it
+    from bntool.cli import common
     from bntool.folding import fold as folding
 
-    seen = []
-    real = folding.fold
+    seen, importing = [], []
+    real, real_resolve = folding.fold, common.resolve_device
 
     def fold(*args, **kwargs):
-        seen.append(gc.get_freeze_count())
+        seen.append((gc.get_freeze_count(), gc.get_threshold()))
         return real(*args, **kwargs)
 
+    def resolve_device(*args, **kwargs):  # (called before the operation, once the output is checked)
+        importing.append(gc.get_threshold())
+        return real_resolve(*args, **kwargs)
+
     monkeypatch.setattr(folding, "fold", fold)
+    monkeypatch.setattr(common, "resolve_device", resolve_device)
+    before = gc.get_threshold()
     assert gc.get_freeze_count() == 0
     result = cli("fold", lenet_checkpoint, "--model", LENET, "--out", tmp_path / "f.safetensors", "--device", "cpu")
     assert result.code == 0, result.err
-    assert len(seen) == 1 and seen[0] > 10_000 and gc.get_freeze_count() == 0
+    assert len(seen) == 1 and seen[0][0] > 10_000 and seen[0][1] == before
+    assert importing and importing[0][:2] == before[:2] and importing[0][2] > 1000 * before[2]
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
     assert "torch" in sys.modules

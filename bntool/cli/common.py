@@ -192,6 +192,7 @@ def _run_operation(op: Operation, freeze: bool = False) -> dict[str, Any]:
         target = op.prepare(target)
     if freeze:  # (after `output`, which may import what the operation will: `export`'s exporter)
         gc.freeze()
+    gc.set_threshold(*state.get("gc_threshold", gc.get_threshold()))  # full collections again (``cli.main``)
     source = op.loading.load(op.valid)
     inputs = op.inputs(source, target) if op.inputs is not None else verification_inputs(
         source.model, op.input_shape, op.seed)
