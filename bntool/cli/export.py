@@ -113,7 +113,6 @@ def export(
     """
     from ..errors import InputError
     from ..export.export_onnx import EXPORTERS, export_onnx
-    from ..export.write import load_exporter
     from ..io.outputs import check_output_path
     from ..runtime.running import resolve_device
     from .common import (
@@ -166,7 +165,6 @@ def export(
         if input_shape and data:
             raise InputError("pass --input-shape or --data, not both")
         sizes = parse_numbers(verify_batch_sizes, "--verify-batch-sizes", int)
-        load_exporter(exporter)  # imported with the rest, before the operation (``run_operation``)
         return path
 
     def inputs(source, target):

@@ -91,17 +91,6 @@ class Written(NamedTuple):
     rewritten: tuple[str, ...] = ()
 
 
-def load_exporter(exporter: str) -> None:
-    """Import now what ``torch.onnx.export`` imports for ``exporter`` on its first call (the dynamo exporter:
-    onnxscript, onnx, torch.export's tracer and torch._dynamo, ~1.5 s), for a caller that wants it done before
-    its work begins (the CLI, before it sets aside what exists from the garbage collector's walks)."""
-    if exporter != "dynamo":
-        return
-    with contextlib.suppress(ImportError):  # (torch's private module paths: without them, the call imports it all)
-        import torch.export._trace  # noqa: F401
-        from torch.onnx._internal.exporter import _compat  # noqa: F401
-
-
 def write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, spec: ExportSpec) -> Written:
     """Run the exporter on ``model`` (in eval mode for the call, on the CPU) and write ``path``. The dynamo
     exporter's weights go to the file one tensor at a time (``save_onnx``)."""
