@@ -190,7 +190,7 @@ def _run_operation(op: Operation, freeze: bool = False) -> dict[str, Any]:
     target = resolve_device(op.device)
     if op.prepare is not None:
         target = op.prepare(target)
-    if freeze:  # (after `output`, which may import what the operation will: `export`'s exporter)
+    if freeze:  # (what exists now is the imports: the model is loaded next)
         gc.freeze()
     gc.set_threshold(*state.get("gc_threshold", gc.get_threshold()))  # full collections again (``cli.main``)
     source = op.loading.load(op.valid)
