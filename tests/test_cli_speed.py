@@ -1,7 +1,7 @@
 """What keeps `bntool fold` / `freeze` quick, checked as mechanisms, not timings: a command imports what it uses
 (no ONNX exporter, onnxruntime or torch._dynamo for a fold or a freeze), the original runs once in its own dtype
 and once in float64 and the candidate once, and the garbage collector leaves what the imports built alone while
-the operation runs."""
+the operation runs; a probed layer is judged from one float64 tensor with the figures of the full path."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import sys
 from collections import Counter
 
+import pytest
 import torch
 
 import bntool
@@ -100,3 +101,23 @@ def test_the_imports_run_without_full_collections_and_the_operation_with_the_imp
     assert importing and importing[0][:2] == before[:2] and importing[0][2] > 1000 * before[2]
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
     assert "torch" in sys.modules
+
+
+def test_a_probed_layer_judged_from_one_float64_tensor_gives_the_reference_figures():
+    # catches: the fast path of compare_one (finite layer outputs against orig + delta) losing the delta, its sign
+    # or a maximum of magnitudes (min/max taken for max |x|), or passing a corrupted channel
+    from bntool.verify.tolerance import compare_one
+
+    torch.manual_seed(0)
+    orig = torch.randn(1, 8, 5, 5) * 3
+    delta = (torch.randn_like(orig) * 1e-6).to(torch.bfloat16)
+    ref = orig.double() + delta.double()
+    for cand in (orig + torch.randn_like(orig) * 1e-6, -orig.abs() - 1e-5):
+        fast = compare_one("layer `x`", orig, cand, None, None, None, delta=delta, widen=1.5)
+        full = compare_one("layer `x`", orig, cand, ref, None, None, widen=1.5)
+        for name in ("max_abs_error", "max_rel_error", "tolerance", "original_error", "candidate_error"):
+            assert getattr(fast, name) == pytest.approx(getattr(full, name), rel=1e-6), name
+        assert fast.passed == full.passed and fast.max_abs_error == (cand.double() - orig).abs().max().item()
+    broken = orig.clone()
+    broken[0, 3] *= 1.001
+    assert not compare_one("layer `x`", orig, broken, None, None, None, delta=delta).passed
