@@ -137,12 +137,15 @@ def bench(name: str, batch: int, repeats: int) -> dict:
     return row
 
 
-def _run(cmd: list[str]) -> dict[str, float]:
+def _run(cmd: list[str], pycache: Path) -> dict[str, float]:
     """One child process: wall seconds, user and system CPU seconds, peak RSS in MB (a forked child's peak starts
-    at this process's own size: below it, the figure says nothing; ``bench_memory.py`` measures memory)."""
+    at this process's own size: below it, the figure says nothing; ``bench_memory.py`` measures memory).
+    Bytecode is cached under ``pycache`` (an installed bntool has its .pyc files, as torch has: a checkout run
+    with PYTHONDONTWRITEBYTECODE would compile bntool's sources at every run)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**env, "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(pycache)})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - began
     if status != 0:
@@ -154,8 +157,9 @@ def _run(cmd: list[str]) -> dict[str, float]:
 def command_times(model: nn.Module, spec: str, spec_args: str, shape: str, commands: tuple[str, ...],
                   repeats: int, mmap_threshold: int | None = None) -> dict[str, dict[str, float]]:
     """``python -c "import torch"`` and each ``bntool`` command on a checkpoint of ``model``, run in turn
-    ``repeats`` times (paired: every round runs each once), each figure the median of its runs.
-    ``mmap_threshold`` replaces the CLI's glibc mmap threshold for the run."""
+    ``repeats`` times (paired: every round runs each once), each figure the median of its runs, after one
+    round that is not counted (it fills the bytecode cache and the page cache). ``mmap_threshold`` replaces the
+    CLI's glibc mmap threshold for the run."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.safetensors"
         from safetensors.torch import save_file
@@ -172,9 +176,12 @@ def command_times(model: nn.Module, spec: str, spec_args: str, shape: str, comma
                              "--model-args", spec_args, "--input-shape", shape, "--out", str(out), "--force",
                              "--device", "cpu"] + (["--strict"] if command == "fold" else [])
         seen: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-        for _ in range(repeats):
+        pycache = Path(tmp) / "pycache"
+        for counted in [False] + [True] * repeats:
             for name, cmd in runs.items():
-                seen[name].append(_run(cmd))
+                result = _run(cmd, pycache)
+                if counted:
+                    seen[name].append(result)
     return {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
             for name, results in seen.items()}
 
@@ -184,16 +191,19 @@ def cli_table(repeats: int, thresholds: tuple[int | None, ...]) -> None:
     spec, spec_args, build = MODELS["resnet50"]
     model = zoo.randomize_bn_(build(), seed=0).eval()
     print()
-    print("| glibc mmap threshold | command | wall | × `import torch` | user | system | peak RSS |")
-    print("|---|---|---|---|---|---|---|")
+    print("| glibc mmap threshold | command | wall | × `import torch` | user | system | CPU × `import torch` | "
+          "peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
     for threshold in thresholds:
         step(f"commands, mmap threshold {threshold or 'as the CLI sets it'}")
         times = command_times(model, spec, spec_args, "1,3,224,224", ("fold", "freeze", "export"), repeats, threshold)
-        base = times["import torch"]["wall"]
+        base = times["import torch"]
         label = "CLI's own" if threshold is None else f"{threshold >> 20} MB"
         for name, t in times.items():
-            print(f"| {label} | {name} | {t['wall']:.2f} s | {t['wall'] / base:.2f}× | {t['user']:.2f} s | "
-                  f"{t['sys']:.2f} s | {t['rss_mb']:.0f} MB |")
+            cpu = (t["user"] + t["sys"]) / (base["user"] + base["sys"])
+            print(f"| {label} | {name} | {t['wall']:.2f} s | {t['wall'] / base['wall']:.2f}× | {t['user']:.2f} s | "
+                  f"{t['sys']:.2f} s | {cpu:.2f}× | {t['rss_mb']:.0f} MB |")
+    print(f"(load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores)")
 
 
 COVERAGE = [

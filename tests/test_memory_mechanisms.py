@@ -82,16 +82,19 @@ class _Sums(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def test_the_finiteness_scan_sums_in_float64_a_chunk_at_a_time(monkeypatch):
-    monkeypatch.setattr(validity, "CHUNK", 1000)
+def test_the_finiteness_scan_makes_no_float64_copy_and_settles_an_overflow_element_by_element():
     values = torch.randn(10_500)
     with _Sums() as sums:
         assert validity.all_finite(values)
-    assert max(sums.float64_sums) <= 1000 and sum(sums.float64_sums) == values.numel()
-    values[-1] = float("nan")  # in the last, partial chunk
+    assert sums.float64_sums == []  # (a float64 sum of a float32 tensor copies it whole)
+    values[-1] = float("nan")
     assert not validity.all_finite(values)
     values[-1] = float("inf")
     assert not validity.all_finite(values)
+    big = torch.full((64,), 6e4, dtype=torch.float16)  # finite, but its float16 sum overflows to inf
+    assert validity.all_finite(big)
+    big[3] = float("inf")
+    assert not validity.all_finite(big)
 
 
 def _mapped_model(tmp_path) -> nn.Module:

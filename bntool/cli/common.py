@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import importlib.machinery
 import os
 import sys
@@ -161,6 +162,19 @@ class Operation:
 
 
 def run_operation(op: Operation) -> dict[str, Any]:
+    """``_run_operation``, with what exists once the output is checked (the imports: torch's ~170k objects) kept
+    out of the garbage collector's walks until it returns: each collection of the command (the operations' own
+    ``gc.collect()``, and the automatic ones) then walks only what the command made, ~1 ms instead of 0.15-0.3 s.
+    (A process that froze objects itself keeps them as it froze them.)"""
+    ours = gc.get_freeze_count() == 0
+    try:
+        return _run_operation(op, ours)
+    finally:
+        if ours:
+            gc.unfreeze()  # (in a process that goes on, as under tests, older garbage is collectable again)
+
+
+def _run_operation(op: Operation, freeze: bool = False) -> dict[str, Any]:
     """The body every writing command shares; returns the JSON result it rendered.
 
     Humans read stderr when --json owns stdout; the output path is checked
@@ -176,6 +190,9 @@ def run_operation(op: Operation) -> dict[str, Any]:
     target = resolve_device(op.device)
     if op.prepare is not None:
         target = op.prepare(target)
+    if freeze:  # (what exists now is the imports: the model is loaded next)
+        gc.freeze()
+    gc.set_threshold(*state.get("gc_threshold", gc.get_threshold()))  # full collections again (``cli.main``)
     source = op.loading.load(op.valid)
     inputs = op.inputs(source, target) if op.inputs is not None else verification_inputs(
         source.model, op.input_shape, op.seed)

@@ -113,7 +113,7 @@ class Reference:
         def measure(label: str, output: torch.Tensor) -> None:
             mine = layers.get(label) if label in layers else None
             if mine is not None and mine.shape == output.shape and mine.is_floating_point():
-                deltas.put(label, (output - mine.double()).to(torch.bfloat16))
+                deltas.put(label, output.double().sub(mine).to(torch.bfloat16))  # (one float64 tensor, not two)
 
         with tf32_disabled():
             outputs = run_on(original, inputs, device, probes=probes, on_probe=keep)
