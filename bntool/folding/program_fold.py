@@ -25,11 +25,11 @@ from ..graph.program import ProgramGraph
 from ..verify.program import ProgramReference, compare_program, flat_inputs
 from . import reasons
 from .plan import FoldPlan
+from .program import ProgramFold, ProgramPlan, plan_program
+from .program_apply import apply_program
 
 #: Rounds of "drop the folds verification blames, plan again" before giving up.
 MAX_ROUNDS = 16
-from .program import ProgramFold, ProgramPlan, plan_program
-from .program_apply import apply_program
 
 
 def fold_program(program: ExportedProgram, example_inputs: Any = None, *, report_type: type, verify: bool = True,
