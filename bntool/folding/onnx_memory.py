@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 
 import onnx_ir as ir
 
 from ..errors import InputError
 from ..graph.onnxflow import OnnxFlow
+from ..runtime.shapes import available_memory
 
-__all__ = ["available_memory", "fits_in_memory"]
+__all__ = ["fits_in_memory"]
 
 
 def fits_in_memory(flow: OnnxFlow) -> None:
@@ -30,17 +30,3 @@ def fits_in_memory(flow: OnnxFlow) -> None:
                                  f"{size / 2**30:.1f} GiB, more than half the memory available "
                                  f"({available / 2**30:.1f} "
                                  "GiB); bntool verifies a fold by running the graph, so it cannot fold this one here")
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None

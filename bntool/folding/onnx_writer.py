@@ -78,20 +78,10 @@ class Initializers:
         self.listed_as_inputs = len(scope) == 1 and bool(own) and all(name in inputs for name in own)
 
     def fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.names.values:
-            n += 1
-            name = f"{base}_{n}"
-        self.names.values.add(name)
-        return name
+        return _fresh(base, self.names.values)
 
     def fresh_node(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.names.nodes:
-            n += 1
-            name = f"{base}_{n}"
-        self.names.nodes.add(name)
-        return name
+        return _fresh(base, self.names.nodes)
 
     def add(self, name: str, array: np.ndarray) -> str:
         self.graph.initializer.append(numpy_helper.from_array(array, name))
@@ -136,3 +126,13 @@ def drop_unread(model: Any, candidates: set[str]) -> None:
             del graph.initializer[index]
     for index in reversed([i for i, v in enumerate(model.graph.input) if v.name in listed]):
         del model.graph.input[index]  # (an initializer listed as an input: gone with it)
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``, ... : the first name not in ``taken``, which then holds it."""
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
