@@ -2,7 +2,7 @@
 
 ``OnnxFlow.of(model)`` reads a ``ModelProto``'s main graph with ``onnx_ir``
 (shapes from onnx's shape inference, run on the structure without the
-weights); node ``i`` of the flow is node ``i`` of the proto, so a plan made
+weights: ``onnx_shapes``); node ``i`` of the flow is node ``i`` of the proto, so a plan made
 here is applied to the proto itself, leaving every other node and
 initializer as it was. A node is named by its ``name``, or, when it has
 none, by its type and first output (``label``), as in every report.
@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
+from .onnx_shapes import infer_shapes
 
 #: ops through which a value computed from initializers alone is still a constant (never DequantizeLinear: a
 #: Q/DQ-wrapped weight stays quantized)
@@ -60,12 +62,7 @@ class OnnxFlow:
         again."""
         arrays = split.arrays if split is not None else {}
         model = ir.serde.deserialize_model(split.structure if split is not None else proto)
-        try:
-            from onnx_ir.passes.common import ShapeInferencePass
-
-            model = ShapeInferencePass(strict_mode=False)(model).model
-        except Exception:  # noqa: BLE001, S110 - shapes stay unknown: the rules that need one say so
-            pass
+        infer_shapes(model, split.structure if split is not None else proto)  # (unknown where inference fails)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         taken: set[str] = set()
         main = cls._of_graph(model, model.graph, opset, taken)
