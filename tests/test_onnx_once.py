@@ -137,3 +137,45 @@ def test_the_written_model_is_serialized_once_and_is_its_bytes(tmp_path):
                                    prove=lambda tmp: proved.append(tmp.read_bytes()))
     assert counted.calls == 1
     assert out.read_bytes() == model.SerializeToString() == proved[0]
+
+
+def _if_model():
+    """A dynamic batch through a Conv (a weight over the size limit), a Reshape, and an If whose branches read it."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([0, 16, 64], np.int64), "shape")
+    flag = numpy_helper.from_array(np.array(True), "flag")
+
+    def branch(op, name):
+        return helper.make_graph([helper.make_node(op, ["r"], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.UNDEFINED, None)])
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "shape"], ["r"]),
+             helper.make_node("If", ["flag"], ["y"], then_branch=branch("Relu", "then"),
+                              else_branch=branch("Neg", "else"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", F, None)], [w, shape, flag])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _typed(model):
+    return {(g.name, v.name): (v.dtype, v.shape) for g in model.graphs()
+            for v in [*g.inputs, *(o for n in g for o in n.outputs)]}
+
+
+def test_shape_inference_types_every_value_as_onnx_irs_pass_does_without_deserializing_its_result(monkeypatch):
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    from bntool.graph.onnx_shapes import infer_shapes
+
+    proto = _if_model()
+    want = ShapeInferencePass(strict_mode=False)(ir.serde.deserialize_model(proto)).model
+    got = ir.serde.deserialize_model(proto)
+    calls = []
+    monkeypatch.setattr(ir.serde, "deserialize_model", lambda p: calls.append(p))
+    infer_shapes(got, proto)
+    assert not calls
+    assert _typed(got) == _typed(want)
+    assert _typed(got)[("then", "then_out")] == (ir.DataType.FLOAT, ir.Shape(["N", 16, 64]))  # (inside a branch)
+    assert _typed(got)[("g", "c")][1] == ir.Shape(["N", 16, 8, 8])
