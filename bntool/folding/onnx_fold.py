@@ -92,7 +92,7 @@ def fold_onnx(
     else:
         raise InputError(f"fold_onnx takes an onnx.ModelProto or a path, got a {type(model_or_path).__name__}")
     original = _check_original(proto)
-    flow = OnnxFlow.of(proto)
+    flow = OnnxFlow.of(proto, original)
     feeds = make_feeds(proto, example_inputs, input_shapes, seed) if verify else {}
     before = sum(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in iter_nodes(proto))
     check = None
@@ -192,7 +192,7 @@ class _Check:
                   if s.direction == "forward" and not s.graph]  # (a subgraph's values are checked at the outputs)
         self.points: list[str] = []
         self.original: dict[str, np.ndarray] = {}
-        self.high: dict[str, Any] = {}
+        self.delta: dict[str, torch.Tensor] = {}  # float64 reference - original, per value, computed once
         self._run_original(names)
         proto = original.model
         self.branches = Branches(proto, flow, self.feeds, self.derived)  # (folds inside If branches)
@@ -208,7 +208,9 @@ class _Check:
             raise InputError(f"onnxruntime cannot run the original graph ({first_line(exc, 200)}); bntool proves a "
                              "fold by running both graphs, so it cannot fold this one") from None
         if self.derived:
-            self.high = run_wide(self.skeleton.model, self.feeds, self.points, arrays=self.skeleton.arrays)
+            high = run_wide(self.skeleton.model, self.feeds, self.points, arrays=self.skeleton.arrays)
+            self.delta = {name: _delta(self.original[name], ref) for name, ref in high.items()
+                          if name in self.original}
 
     def value_of(self, label: str) -> str:
         return self.flow.nodes[self.flow.position(label)].outputs[0].name
@@ -237,26 +239,28 @@ class _Check:
         results = []
         widest = max(sizes.values(), default=0)
         for name in self.outputs:
-            results.append(self._one(name, name, self.original[name], out[name], self.high.get(name), widest))
+            results.append(self._one(name, name, self.original[name], out[name], self.delta.get(name), widest))
         for value, label in values.items():
             if value not in out or value not in self.original:
                 continue
             size = max((sizes[p.bn] for p in plan.pairs_checked_at(label)), default=0)
             results.append(self._one(f"layer `{label}`", value, self.original[value], out[value],
-                                     self.high.get(value), size))
+                                     self.delta.get(value), size))
         if points:
             results += self.branches.compare(
                 plan, sites, lambda variant: apply_onnx(variant, self.flow, plan, sites),
-                lambda label, orig, cand, high: self._one(label, label, orig, cand, high, widest))
+                lambda label, orig, cand, high: self._one(label, label, orig, cand, high, widest, wide=True))
             results += self.trips.compare(plan, folded, lambda label, orig, cand, high: self._one(
                 label, label, orig, cand, high, max((sizes[p.bn] for p in plan.pairs_checked_at(label.split("`")[1])),
-                                                    default=widest)))
+                                                    default=widest), wide=True))
         rule = "derived" if self.derived else f"atol={self.atol or 0.0:g} rtol={self.rtol or 0.0:g}"
         return Comparison(tuple(results), "cpu (onnxruntime)", rule)
 
-    def _one(self, label: str, name: str, orig, cand, high, size: int):
-        ref = _torch(high) if high is not None else None
-        return _compare_one(label, _torch(orig), _torch(cand), ref, self.atol, self.rtol,
+    def _one(self, label: str, name: str, orig, cand, reference, size: int, wide: bool = False):
+        """One value judged: ``reference`` is its float64 run (``wide``) or that less the original (``delta``)."""
+        ref = _torch(reference) if wide and reference is not None else None
+        delta = reference if not wide else None
+        return _compare_one(label, _torch(orig), _torch(cand), ref, self.atol, self.rtol, delta=delta,
                             widen=rounding_factor(size))
 
 
@@ -271,6 +275,15 @@ def _value_types(flow: OnnxFlow) -> dict[str, int]:
         if value.dtype is not None:
             types[value.name] = int(value.dtype)
     return types
+
+
+def _delta(orig: Any, high: Any) -> torch.Tensor | None:
+    """The float64 reference less the original (the one float64 tensor each comparison reads), or None where they
+    are not floating values of one shape (then there is no derived reference)."""
+    orig, high = _torch(orig), _torch(high)
+    if orig.shape != high.shape or not orig.is_floating_point() or not high.is_floating_point():
+        return None
+    return high.double().sub_(orig)  # (in place on the float64 run's own result, which nothing else reads)
 
 
 def _torch(array: Any) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 ``OnnxFlow.of(model)`` reads a ``ModelProto``'s main graph with ``onnx_ir``
 (shapes from onnx's shape inference, run on the structure without the
-weights); node ``i`` of the flow is node ``i`` of the proto, so a plan made
+weights: ``onnx_shapes``); node ``i`` of the flow is node ``i`` of the proto, so a plan made
 here is applied to the proto itself, leaving every other node and
 initializer as it was. A node is named by its ``name``, or, when it has
 none, by its type and first output (``label``), as in every report.
@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
+from .onnx_shapes import infer_shapes
 
 #: ops through which a value computed from initializers alone is still a constant (never DequantizeLinear: a
 #: Q/DQ-wrapped weight stays quantized)
@@ -50,16 +52,17 @@ class OnnxFlow:
     route: tuple[tuple[int, str, int | None], ...] = ()
     parent: OnnxFlow | None = None
     subflows: dict[str, OnnxFlow] = field(default_factory=dict)
+    #: main-graph initializer values kept apart from the structure (``Skeleton.arrays``), by name, read-only
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, proto: Any) -> OnnxFlow:
-        model = ir.serde.deserialize_model(proto)
-        try:
-            from onnx_ir.passes.common import ShapeInferencePass
-
-            model = ShapeInferencePass(strict_mode=False)(model).model
-        except Exception:  # noqa: BLE001, S110 - shapes stay unknown: the rules that need one say so
-            pass
+    def of(cls, proto: Any, split: Any = None) -> OnnxFlow:
+        """The flow of ``proto``; or, given ``split`` (its ``onnxio.skeleton.Skeleton``), the flow of its structure,
+        each large initializer's value the split's array (read-only): the weights are neither read nor copied
+        again."""
+        arrays = split.arrays if split is not None else {}
+        model = ir.serde.deserialize_model(split.structure if split is not None else proto)
+        infer_shapes(model, split.structure if split is not None else proto)  # (unknown where inference fails)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         taken: set[str] = set()
         main = cls._of_graph(model, model.graph, opset, taken)
@@ -77,6 +80,7 @@ class OnnxFlow:
                                             flow)
                         main.subflows[path] = sub
                         pending.append(sub)
+        main.arrays = dict(arrays)
         return main
 
     @classmethod
@@ -97,6 +101,10 @@ class OnnxFlow:
     def flows(self) -> list[OnnxFlow]:
         """This graph's flow and every subgraph's (main graph), bodies after the graphs that hold them."""
         return [self, *self.subflows.values()]
+
+    def main(self) -> OnnxFlow:
+        """The main graph's flow."""
+        return self if self.parent is None else self.parent.main()
 
     def graph_flow(self, path: str) -> OnnxFlow:
         """The flow of the graph at ``path`` (``""``: the main graph's)."""
@@ -159,6 +167,9 @@ class OnnxFlow:
         if value is None or value.name in self.inputs:
             return None
         if value.is_initializer():
+            main = self.main()
+            if value.name in main.arrays and main.model.graph.initializers.get(value.name) is value:
+                return main.arrays[value.name]  # (a weight kept apart: read by this graph or a body in it)
             return value.const_value.numpy() if value.const_value is not None else None
         producer = self.producer(value)
         if producer is None and self.parent is not None and value.producer() is not None:

@@ -29,7 +29,9 @@ def save_onnx(model: Any, out: str | os.PathLike, *, force: bool, external: bool
               prove: Callable[[Path], None], inputs: Iterable = ()) -> tuple[Path, list[str]]:
     """Write ``model`` to ``out`` (checked and proven first); returns the path and notes from the commit."""
     out = Path(out)
-    external = external or model.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
+    payload = None if external else _serialized(model)  # (serialized once: ByteSize would serialize it too)
+    external = external or payload is None or len(payload) > PROTOBUF_LIMIT - (64 << 20)
+    payload = None if external else payload
     with staging_folder(out) as stage:
         tmp = stage / out.name
         if external:
@@ -39,7 +41,9 @@ def save_onnx(model: Any, out: str | os.PathLike, *, force: bool, external: bool
                             location=external_data_name(out), size_threshold=0)
             del copy
         else:
-            onnx.save_model(model, str(tmp))
+            with open(tmp, "wb") as handle:  # (what onnx.save_model writes for a model with no external data)
+                handle.write(payload)
+            del payload
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
@@ -48,3 +52,16 @@ def save_onnx(model: Any, out: str | os.PathLike, *, force: bool, external: bool
         prove(tmp)
         notes = commit(stage, tmp, out, force)
     return out, notes
+
+
+def _serialized(model: Any) -> bytes | None:
+    """``model``'s bytes, or None when it must be written with external data: over protobuf's 2 GB, or with
+    tensors still marked external (``onnx.save_model`` writes those out)."""
+    from onnx import external_data_helper
+
+    if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)):
+        return None
+    try:
+        return model.SerializeToString()
+    except ValueError:  # (over 2 GB)
+        return None
