@@ -37,6 +37,7 @@ from ..runtime.shapes import make_inputs, parse_shape
 from ..verify.validity import require_valid
 from . import console
 from .app import state
+from .sourcehash import hash_meanwhile
 from .tables import comparison_rows, render_comparison, worst, worst_summary  # noqa: F401 (their old home)
 
 
@@ -194,6 +195,7 @@ def _run_operation(op: Operation, freeze: bool = False) -> dict[str, Any]:
         gc.freeze()
     gc.set_threshold(*state.get("gc_threshold", gc.get_threshold()))  # full collections again (``cli.main``)
     source = op.loading.load(op.valid)
+    hashing = hash_meanwhile(source) if op.writes and op.rank == 0 and not op.dry_run else None
     inputs = op.inputs(source, target) if op.inputs is not None else verification_inputs(
         source.model, op.input_shape, op.seed)
     result: dict[str, Any] = {"command": op.command, **source.describe(), **op.lead}
@@ -217,6 +219,8 @@ def _run_operation(op: Operation, freeze: bool = False) -> dict[str, Any]:
     result.update(report.to_dict())
     source.model = None  # the original is not needed any more: its memory goes before the write
     if op.writes and lead and not op.dry_run:
+        if hashing is not None:
+            hashing.join()  # (the hash is cached on ``source.loaded``; a failed one is computed again, and raises, here)
         try:
             written = write_verified(source, model, out, force=op.force)
         except VerificationError:
