@@ -179,3 +179,13 @@ def test_shape_inference_types_every_value_as_onnx_irs_pass_does_without_deseria
     assert _typed(got) == _typed(want)
     assert _typed(got)[("then", "then_out")] == (ir.DataType.FLOAT, ir.Shape(["N", 16, 64]))  # (inside a branch)
     assert _typed(got)[("g", "c")][1] == ir.Shape(["N", 16, 8, 8])
+
+
+def test_fold_and_inspect_take_a_model_or_a_path_and_name_themselves_on_anything_else():
+    # catches: the shared reading of `model_or_path` losing the operation's name, or letting another type through
+    from bntool.errors import InputError
+    from bntool.inspection.onnx_inspect import inspect_onnx
+
+    for op, call in (("fold_onnx", fold_onnx), ("inspect_onnx", inspect_onnx)):
+        with pytest.raises(InputError, match=rf"^{op} takes an onnx.ModelProto or a path, got a bytes$"):
+            call(b"not a model")

@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
 from ..errors import InputError, VerificationError, first_line
 from ..graph.onnxflow import OnnxFlow
 from ..onnxio.check import iter_nodes
 from ..onnxio.feeds import make_feeds
-from ..onnxio.load import read_onnx
+from ..onnxio.load import onnx_model
 from ..onnxio.reference import run_ort
 from ..onnxio.skeleton import Skeleton
 from ..onnxio.wide import run_wide
@@ -84,13 +83,7 @@ def fold_onnx(
     with dynamic dimensions. A fold verification blames is left (the
     report's ``rejected``) unless ``strict``: then ``VerificationError``.
     """
-    external = False
-    if isinstance(model_or_path, (str, os.PathLike)):
-        proto, external = read_onnx(model_or_path)
-    elif isinstance(model_or_path, onnx.ModelProto):
-        proto = model_or_path
-    else:
-        raise InputError(f"fold_onnx takes an onnx.ModelProto or a path, got a {type(model_or_path).__name__}")
+    proto, external = onnx_model(model_or_path, "fold_onnx")
     original = _check_original(proto)
     flow = OnnxFlow.of(proto, original)
     feeds = make_feeds(proto, example_inputs, input_shapes, seed) if verify else {}

@@ -7,18 +7,16 @@ is named as such."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
-from ..errors import InputError
 from ..folding.onnx_layers import PARAMETERS
 from ..folding.onnx_rules import plan_onnx
 from ..graph.onnxflow import OnnxFlow
-from ..onnxio.load import read_onnx
+from ..onnxio.load import onnx_model
 from .findings import by_severity, nonfinite_weights, statistics_findings
 from .inspect import InspectReport, _row
 
@@ -26,12 +24,7 @@ from .inspect import InspectReport, _row
 def inspect_onnx(model_or_path: Any) -> InspectReport:
     """One row per BatchNormalization node (of the main graph, then of each subgraph), with fold's plan and the
     statistics findings."""
-    if isinstance(model_or_path, (str, os.PathLike)):
-        proto, _ = read_onnx(model_or_path)
-    elif isinstance(model_or_path, onnx.ModelProto):
-        proto = model_or_path
-    else:
-        raise InputError(f"inspect_onnx takes an onnx.ModelProto or a path, got a {type(model_or_path).__name__}")
+    proto, _ = onnx_model(model_or_path, "inspect_onnx")
     flow = OnnxFlow.of(proto)
     plan, _ = plan_onnx(flow)
     rows, own = [], set()

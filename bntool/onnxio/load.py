@@ -52,6 +52,18 @@ def read_onnx(path: str | os.PathLike, what: str = "the ONNX file") -> tuple[Any
     return model, bool(external)
 
 
+def onnx_model(model_or_path: Any, op: str) -> tuple[Any, bool]:
+    """``model_or_path`` as a ``ModelProto`` (a path read by ``read_onnx``, a ``ModelProto`` as it is) and whether
+    it had external data; anything else is an ``InputError`` naming ``op``."""
+    import onnx
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return read_onnx(model_or_path)
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, False
+    raise InputError(f"{op} takes an onnx.ModelProto or a path, got a {type(model_or_path).__name__}")
+
+
 def check_external(tensor: Any, model_path: Path) -> None:
     """Refuse an external-data entry that leaves the model's folder, is missing, or is shorter than it claims."""
     info = {e.key: e.value for e in tensor.external_data}
