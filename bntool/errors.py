@@ -88,6 +88,16 @@ def require_module(value: object, parameter: str = "model") -> None:
     raise InputError(f"`{parameter}` must be a torch.nn.Module, not a {type(value).__name__}")
 
 
+def require_initialized(model: object, doing: str) -> None:
+    """Raise ``InputError`` naming the first lazy module of ``model`` whose parameters are not yet created (its
+    shapes are unknown until a forward pass runs); ``doing`` ends the message ("converting", "freezing")."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise InputError(f"`{lazy[0]}` is an uninitialized lazy module; run one forward pass before {doing}")
+
+
 def shorten(text: str, limit: int = 200) -> str:
     """``text`` cut to about ``limit`` characters at a word boundary, marked with "..." when cut."""
     text = " ".join(str(text).split())

@@ -311,3 +311,11 @@ def test_on_the_gpu_both_ways_verified():
     assert report.passed and report.train_check.passed and report.train_check.device.startswith("cuda")
     back, report = convert(synced, "batchnorm", example_inputs=x, device="cuda")
     assert report.passed and torch.equal(back(x), model(x))
+
+
+def test_an_uninitialized_lazy_module_is_refused_by_name_before_converting():
+    # catches: convert running on a lazy BN whose statistics do not exist yet, or a message naming the wrong layer
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(bntool.InputError, match=r"^`1` is an uninitialized lazy module; run one forward pass before "
+                                                r"converting$"):
+        bntool.convert(model, to="syncbatchnorm")

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..errors import InputError, VerificationError, require_module
+from ..errors import InputError, VerificationError, require_initialized, require_module
 from ..norms import has_fixed_statistics, is_bntool_frozen, is_foreign_batchnorm
 from ..report import Skip, contract, with_step
 from ..runtime.cloning import clone
@@ -128,9 +127,7 @@ def convert(model: nn.Module, to: str, *, process_group: Any = None, include: st
     require_module(model)
     if to not in TARGETS:
         raise InputError(f"`to` must be `batchnorm` or `syncbatchnorm`, got {to!r}")
-    lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
-    if lazy:
-        raise InputError(f"`{lazy[0]}` is an uninitialized lazy module; run one forward pass before converting")
+    require_initialized(model, "converting")
     candidates = [n for n, m in model.named_modules()
                   if isinstance(m, _BatchNorm) or has_fixed_statistics(m) or is_foreign_batchnorm(m)]
     selected, unselected = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..errors import InputError, VerificationError, require_module
+from ..errors import InputError, VerificationError, require_initialized, require_module
 from ..frozen import AFFINE_MODES, frozen_type_for, why_not_freezable
 from ..norms import has_fixed_statistics, is_bntool_frozen
 from ..report import Skip, contract, with_step
@@ -158,9 +157,7 @@ def freeze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     require_module(model)
     if affine not in AFFINE_MODES:
         raise InputError(f"affine must be `frozen` or `trainable`, got {affine!r}")
-    lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
-    if lazy:
-        raise InputError(f"`{lazy[0]}` is an uninitialized lazy module; run one forward pass before freezing")
+    require_initialized(model, "freezing")
     candidates = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) or has_fixed_statistics(m)]
     selected, unselected = select(candidates, include, exclude, what="BatchNorm", owner=type(model).__name__)
     chosen = set(selected)
